@@ -1,0 +1,70 @@
+//! # rak-codegen: the rak compiler
+//!
+//! Turns a cell written in rak's DSL into a checked, differentiated IR, in passes that each
+//! live in their own module:
+//!
+//! 1. [`parse`]: tokens (from `rak::cell!` or a `.rak` file) → [`syntax`] tree;
+//! 2. [`lower`]: syntax tree → [`ir`], resolving names and index scopes;
+//! 3. [`check`]: index dim inference and the cell's semantic rules;
+//! 4. [`autodiff`]: the backward step ([`ir::BackwardStep`]) by symbolic reverse-mode
+//!    differentiation;
+//! 5. schedule and emit (fused GPU kernels): to come.
+//!
+//! Around them: [`diagnostic`] (errors spanned to the user's tokens), [`interpret`] (the f64
+//! reference interpreter, forward and backward, the oracle of every kernel test) and
+//! [`display`] (the IR in the DSL's notation). This crate has no GPU dependency.
+
+pub mod autodiff;
+pub mod check;
+pub mod diagnostic;
+pub mod display;
+pub mod interpret;
+pub mod ir;
+pub mod lower;
+pub mod parse;
+pub mod syntax;
+
+pub use diagnostic::{Diagnostic, Diagnostics};
+
+use proc_macro2::TokenStream;
+
+/// A cell that passed every check, with its derived backward step.
+#[derive(Clone, Debug)]
+pub struct CompiledCell {
+    pub cell: ir::Cell,
+    pub backward: ir::BackwardStep,
+}
+
+/// Runs the front end and autodiff on a parsed cell.
+pub fn compile_syntax(syntax: &syntax::CellSyntax) -> Result<CompiledCell, Diagnostics> {
+    let mut cell = lower::lower(syntax)?;
+    check::check(&mut cell)?;
+    let backward = autodiff::differentiate(&cell);
+    Ok(CompiledCell { cell, backward })
+}
+
+/// Compiles the tokens of a cell (what `rak::cell!` receives).
+pub fn compile(tokens: TokenStream) -> Result<CompiledCell, Diagnostics> {
+    compile_syntax(&parse::parse_cell(tokens)?)
+}
+
+/// Compiles cell source text (the contents of a `.rak` file).
+pub fn compile_str(source: &str) -> Result<CompiledCell, Diagnostics> {
+    compile_syntax(&parse::parse_cell_str(source)?)
+}
+
+/// Implemented by every type that `rak::cell!` declares.
+pub trait CellDefinition {
+    /// The cell's name, as declared.
+    const NAME: &'static str;
+    /// The cell's source, as the macro received it.
+    const SOURCE: &'static str;
+
+    /// Compiles the cell again from its source (microseconds; the macro already checked it).
+    fn compile() -> CompiledCell {
+        match compile_str(Self::SOURCE) {
+            Ok(compiled) => compiled,
+            Err(errors) => panic!("`rak::cell!` accepted {} but it no longer compiles: {errors}", Self::NAME),
+        }
+    }
+}
