@@ -17,10 +17,16 @@ use std::collections::HashMap;
 
 /// Derives the backward step of a checked cell.
 pub fn differentiate(cell: &Cell) -> BackwardStep {
-    let mut differentiator = Differentiator { cell: cell.clone(), contributions: HashMap::new() };
+    let mut differentiator = Differentiator {
+        cell: cell.clone(),
+        contributions: HashMap::new(),
+    };
     differentiator.backprop_statements();
     let definitions = differentiator.definitions();
-    BackwardStep { cell: differentiator.cell, definitions }
+    BackwardStep {
+        cell: differentiator.cell,
+        definitions,
+    }
 }
 
 /// `Σ_{scope∖indices} adjoint`, to be added to the gradient of the value accessed as
@@ -83,13 +89,25 @@ impl Differentiator {
         let cell = &self.cell;
         let mut roots: Vec<(Grad, Vec<IndexId>, ExprId)> = Vec::new();
         for (id, output) in cell.outputs.iter().enumerate() {
-            roots.push((Grad::Output(OutputId(id)), output.indices.clone(), output.expr));
+            roots.push((
+                Grad::Output(OutputId(id)),
+                output.indices.clone(),
+                output.expr,
+            ));
         }
         for update in &cell.updates {
-            roots.push((Grad::State(update.state), update.indices.clone(), update.expr));
+            roots.push((
+                Grad::State(update.state),
+                update.indices.clone(),
+                update.expr,
+            ));
         }
         for (id, definition) in cell.lets.iter().enumerate() {
-            roots.push((Grad::Let(LetId(id)), definition.indices.clone(), definition.expr));
+            roots.push((
+                Grad::Let(LetId(id)),
+                definition.indices.clone(),
+                definition.expr,
+            ));
         }
         for (grad, indices, expr) in roots {
             let adjoint = self.cell.exprs.load(Value::Grad(grad), indices.clone());
@@ -119,7 +137,10 @@ impl Differentiator {
                     }
                 }
                 let entry = self.contributions.entry(grad).or_default();
-                entry.push(Contribution { indices, expr: contribution });
+                entry.push(Contribution {
+                    indices,
+                    expr: contribution,
+                });
             }
             Expr::Unary(op, a) => {
                 let local = derivative(exprs, op, a, expr);
@@ -166,22 +187,47 @@ impl Differentiator {
         let shape = self.cell.grad_shape(grad).clone();
         let contributions = self.contributions.remove(&grad).unwrap_or_default();
         let names: Vec<String> = match contributions.first() {
-            Some(first) => first.indices.iter().map(|i| self.cell.indices[i.0].name.clone()).collect(),
-            None => ["i", "j", "l", "m", "n", "p"].iter().cycle().take(shape.len()).map(|s| s.to_string()).collect(),
+            Some(first) => first
+                .indices
+                .iter()
+                .map(|i| self.cell.indices[i.0].name.clone())
+                .collect(),
+            None => ["i", "j", "l", "m", "n", "p"]
+                .iter()
+                .cycle()
+                .take(shape.len())
+                .map(|s| s.to_string())
+                .collect(),
         };
-        let indices: Vec<IndexId> =
-            names.iter().zip(&shape).map(|(name, &dim)| self.cell.fresh_index(name, dim)).collect();
+        let indices: Vec<IndexId> = names
+            .iter()
+            .zip(&shape)
+            .map(|(name, &dim)| self.cell.fresh_index(name, dim))
+            .collect();
         let mut total = match base {
             Some(base) => self.cell.exprs.load(Value::Grad(base), indices.clone()),
             None => self.cell.exprs.constant_expr(0.0),
         };
         for contribution in contributions {
-            let renaming: HashMap<IndexId, IndexId> =
-                contribution.indices.iter().copied().zip(indices.iter().copied()).collect();
-            let renamed = substitute(&mut self.cell.exprs, contribution.expr, &renaming, &mut HashMap::new());
+            let renaming: HashMap<IndexId, IndexId> = contribution
+                .indices
+                .iter()
+                .copied()
+                .zip(indices.iter().copied())
+                .collect();
+            let renamed = substitute(
+                &mut self.cell.exprs,
+                contribution.expr,
+                &renaming,
+                &mut HashMap::new(),
+            );
             total = self.cell.exprs.add(total, renamed);
         }
-        GradDefinition { grad, indices, expr: total }
+        GradDefinition {
+            grad,
+            indices,
+            expr: total,
+        }
     }
 
     fn definitions(&mut self) -> Vec<GradDefinition> {
@@ -199,7 +245,8 @@ impl Differentiator {
             let activated = self.gather(Grad::InputActivated(input), None);
             let indices = activated.indices.clone();
             let exprs = &mut self.cell.exprs;
-            let grad_activated = exprs.load(Value::Grad(Grad::InputActivated(input)), indices.clone());
+            let grad_activated =
+                exprs.load(Value::Grad(Grad::InputActivated(input)), indices.clone());
             let expr = match self.cell.inputs[id].activation {
                 None => grad_activated,
                 Some(op) => {
@@ -210,7 +257,11 @@ impl Differentiator {
                 }
             };
             definitions.push(activated);
-            definitions.push(GradDefinition { grad: Grad::Input(input), indices, expr });
+            definitions.push(GradDefinition {
+                grad: Grad::Input(input),
+                indices,
+                expr,
+            });
         }
         for id in 0..self.cell.params.len() {
             definitions.push(self.gather(Grad::Param(ParamId(id)), None));
@@ -236,7 +287,10 @@ pub fn substitute(
         Expr::Const(_) => expr,
         Expr::Load { value, indices } => {
             if indices.iter().any(|i| renaming.contains_key(i)) {
-                let renamed = indices.iter().map(|i| *renaming.get(i).unwrap_or(i)).collect();
+                let renamed = indices
+                    .iter()
+                    .map(|i| *renaming.get(i).unwrap_or(i))
+                    .collect();
                 exprs.load(value, renamed)
             } else {
                 expr
@@ -244,12 +298,20 @@ pub fn substitute(
         }
         Expr::Unary(op, a) => {
             let new_a = substitute(exprs, a, renaming, memo);
-            if new_a == a { expr } else { exprs.unary(op, new_a) }
+            if new_a == a {
+                expr
+            } else {
+                exprs.unary(op, new_a)
+            }
         }
         Expr::Binary(op, a, b) => {
             let new_a = substitute(exprs, a, renaming, memo);
             let new_b = substitute(exprs, b, renaming, memo);
-            if (new_a, new_b) == (a, b) { expr } else { exprs.binary(op, new_a, new_b) }
+            if (new_a, new_b) == (a, b) {
+                expr
+            } else {
+                exprs.binary(op, new_a, new_b)
+            }
         }
         Expr::Sum { index, body } => {
             // A derivative can hold a copy of a forward `sum` over an index that is also free
@@ -261,7 +323,11 @@ pub fn substitute(
             } else {
                 substitute(exprs, body, renaming, memo)
             };
-            if new_body == body { expr } else { exprs.sum(index, new_body) }
+            if new_body == body {
+                expr
+            } else {
+                exprs.sum(index, new_body)
+            }
         }
     };
     memo.insert(expr, result);

@@ -10,7 +10,10 @@ use crate::ir::*;
 
 /// Checks a lowered cell and completes its index dims and shapes.
 pub fn check(cell: &mut Cell) -> Result<(), Diagnostics> {
-    let mut checker = Checker { evidence: vec![None; cell.indices.len()], errors: Vec::new() };
+    let mut checker = Checker {
+        evidence: vec![None; cell.indices.len()],
+        errors: Vec::new(),
+    };
     // Update indices get their dims from the state at lowering; note where.
     for update in &cell.updates {
         for &index in &update.indices {
@@ -70,7 +73,8 @@ impl Checker {
                 match cell.indices[index.0].dim {
                     None => {
                         cell.indices[index.0].dim = Some(dim);
-                        self.evidence[index.0] = Some(format!("`{}`", access_text(cell, value, &indices)));
+                        self.evidence[index.0] =
+                            Some(format!("`{}`", access_text(cell, value, &indices)));
                     }
                     Some(bound) if bound != dim => {
                         let var = &cell.indices[index.0].name;
@@ -92,7 +96,10 @@ impl Checker {
     }
 
     fn shape_of(&self, cell: &Cell, indices: &[IndexId]) -> Shape {
-        indices.iter().filter_map(|index| cell.indices[index.0].dim).collect()
+        indices
+            .iter()
+            .filter_map(|index| cell.indices[index.0].dim)
+            .collect()
     }
 
     fn report_uninferred(&mut self, cell: &Cell) {
@@ -118,7 +125,12 @@ impl Checker {
             match updates.as_slice() {
                 [] => self.error(
                     state.range,
-                    format!("state `{}` is never updated: add `update {}...`", state.name, state.name),
+                    format!(
+                        "state `{}` is never updated: add `update {}{} = ...;`",
+                        state.name,
+                        state.name,
+                        example_indices(state.shape.len())
+                    ),
                 ),
                 [_] => {}
                 [_, again, ..] => self.error(
@@ -154,6 +166,20 @@ impl Checker {
     }
 }
 
+/// `[i, j]` for a rank-2 value, nothing for a scalar.
+fn example_indices(rank: usize) -> String {
+    if rank == 0 {
+        return String::new();
+    }
+    let names: Vec<&str> = ["i", "j", "l", "m", "n", "p"]
+        .iter()
+        .cycle()
+        .take(rank)
+        .copied()
+        .collect();
+    format!("[{}]", names.join(", "))
+}
+
 /// `name[i, j]` as the user wrote it.
 fn access_text(cell: &Cell, value: Value, indices: &[IndexId]) -> String {
     let name = match value {
@@ -166,6 +192,9 @@ fn access_text(cell: &Cell, value: Value, indices: &[IndexId]) -> String {
     if indices.is_empty() {
         return name.to_string();
     }
-    let names: Vec<&str> = indices.iter().map(|i| cell.indices[i.0].name.as_str()).collect();
+    let names: Vec<&str> = indices
+        .iter()
+        .map(|i| cell.indices[i.0].name.as_str())
+        .collect();
     format!("{name}[{}]", names.join(", "))
 }

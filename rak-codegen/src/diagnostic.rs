@@ -24,12 +24,18 @@ impl SourceRange {
 
     /// A range covering one token.
     pub fn token(span: Span) -> Self {
-        SourceRange { start: span, end: span }
+        SourceRange {
+            start: span,
+            end: span,
+        }
     }
 
     /// The range from the start of `self` to the end of `other`.
     pub fn to(self, other: SourceRange) -> Self {
-        SourceRange { start: self.start, end: other.end }
+        SourceRange {
+            start: self.start,
+            end: other.end,
+        }
     }
 }
 
@@ -59,7 +65,10 @@ pub struct Diagnostic {
 
 impl Diagnostic {
     pub fn new(range: impl Into<SourceRange>, message: impl Into<String>) -> Self {
-        Diagnostic { range: range.into(), message: message.into() }
+        Diagnostic {
+            range: range.into(),
+            message: message.into(),
+        }
     }
 
     pub fn to_syn_error(&self) -> syn::Error {
@@ -114,7 +123,12 @@ impl Diagnostics {
             let start = diagnostic.range.start.start();
             let end = diagnostic.range.end.end();
             out.push_str(&format!("error: {}\n", diagnostic.message));
-            out.push_str(&format!(" --> {}:{}:{}\n", file_name, start.line, start.column + 1));
+            out.push_str(&format!(
+                " --> {}:{}:{}\n",
+                file_name,
+                start.line,
+                start.column + 1
+            ));
             let Some(line) = start.line.checked_sub(1).and_then(|i| lines.get(i)) else {
                 continue;
             };

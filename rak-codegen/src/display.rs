@@ -20,8 +20,16 @@ pub fn cell_to_string(cell: &Cell) -> String {
         let _ = writeln!(out, "    dims {};", dims.join(", "));
     }
     for input in &cell.inputs {
-        let activation = input.activation.map(|op| format!(" = {}", op.name())).unwrap_or_default();
-        let _ = writeln!(out, "    input {}{}{activation};", input.name, shape_text(cell, &input.shape));
+        let activation = input
+            .activation
+            .map(|op| format!(" = {}", op.name()))
+            .unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "    input {}{}{activation};",
+            input.name,
+            shape_text(cell, &input.shape)
+        );
     }
     for param in &cell.params {
         let init = match param.init {
@@ -29,21 +37,38 @@ pub fn cell_to_string(cell: &Cell) -> String {
             ParamInit::Normal { mean, std } => format!("normal({mean:?}, {std:?})"),
             ParamInit::Uniform { low, high } => format!("uniform({low:?}, {high:?})"),
         };
-        let _ = writeln!(out, "    param {}{} = {init};", param.name, shape_text(cell, &param.shape));
+        let _ = writeln!(
+            out,
+            "    param {}{} = {init};",
+            param.name,
+            shape_text(cell, &param.shape)
+        );
     }
     for state in &cell.states {
-        let _ = writeln!(out, "    state {}{} = {:?};", state.name, shape_text(cell, &state.shape), state.init);
+        let _ = writeln!(
+            out,
+            "    state {}{} = {:?};",
+            state.name,
+            shape_text(cell, &state.shape),
+            state.init
+        );
     }
     for definition in &cell.lets {
-        let statement = statement_text(cell, &definition.name, &definition.indices, definition.expr);
+        let statement =
+            statement_text(cell, &definition.name, &definition.indices, definition.expr);
         let _ = writeln!(out, "    let {statement};");
     }
     for update in &cell.updates {
         let name = &cell.states[update.state.0].name;
-        let _ = writeln!(out, "    update {};", statement_text(cell, name, &update.indices, update.expr));
+        let _ = writeln!(
+            out,
+            "    update {};",
+            statement_text(cell, name, &update.indices, update.expr)
+        );
     }
     for definition in &cell.outputs {
-        let statement = statement_text(cell, &definition.name, &definition.indices, definition.expr);
+        let statement =
+            statement_text(cell, &definition.name, &definition.indices, definition.expr);
         let _ = writeln!(out, "    output {statement};");
     }
     out.push_str("}\n");
@@ -56,7 +81,11 @@ pub fn backward_to_string(step: &BackwardStep) -> String {
     let mut out = format!("backward {} {{\n", cell.name);
     for definition in &step.definitions {
         let name = value_name(cell, Value::Grad(definition.grad));
-        let _ = writeln!(out, "    {};", statement_text(cell, &name, &definition.indices, definition.expr));
+        let _ = writeln!(
+            out,
+            "    {};",
+            statement_text(cell, &name, &definition.indices, definition.expr)
+        );
     }
     out.push_str("}\n");
     out
@@ -96,7 +125,10 @@ pub fn value_name(cell: &Cell, value: Value) -> String {
 
 /// `name[i, j] = expr`
 fn statement_text(cell: &Cell, name: &str, indices: &[IndexId], expr: ExprId) -> String {
-    let mut printer = Printer { cell, names: HashMap::new() };
+    let mut printer = Printer {
+        cell,
+        names: HashMap::new(),
+    };
     for &index in indices {
         printer.name_of(index);
     }
@@ -165,12 +197,24 @@ impl Printer<'_> {
             Expr::Unary(op, a) => format!("{}({})", op.name(), self.expr(a, 0)),
             Expr::Binary(op @ (BinaryOp::Add | BinaryOp::Sub), a, b) => {
                 let symbol = if op == BinaryOp::Add { "+" } else { "-" };
-                let right = if op == BinaryOp::Sub { MULTIPLICATIVE } else { ADDITIVE };
-                format!("{} {symbol} {}", self.expr(a, ADDITIVE), self.expr(b, right))
+                let right = if op == BinaryOp::Sub {
+                    MULTIPLICATIVE
+                } else {
+                    ADDITIVE
+                };
+                format!(
+                    "{} {symbol} {}",
+                    self.expr(a, ADDITIVE),
+                    self.expr(b, right)
+                )
             }
             Expr::Binary(op @ (BinaryOp::Mul | BinaryOp::Div), a, b) => {
                 let symbol = if op == BinaryOp::Mul { "*" } else { "/" };
-                let right = if op == BinaryOp::Div { PREFIX } else { MULTIPLICATIVE };
+                let right = if op == BinaryOp::Div {
+                    PREFIX
+                } else {
+                    MULTIPLICATIVE
+                };
                 // A `sum` as a factor is always parenthesised: its body would swallow the rest.
                 let left = self.factor(a, MULTIPLICATIVE);
                 let right = self.factor(b, right);
@@ -189,7 +233,11 @@ impl Printer<'_> {
                 format!("sum({name}) {}", self.expr(body, MULTIPLICATIVE))
             }
         };
-        if self.precedence(expr) < context { format!("({text})") } else { text }
+        if self.precedence(expr) < context {
+            format!("({text})")
+        } else {
+            text
+        }
     }
 
     fn factor(&mut self, expr: ExprId, context: u8) -> String {

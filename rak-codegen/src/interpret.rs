@@ -24,12 +24,18 @@ pub struct Tensor {
 impl Tensor {
     pub fn zeros(shape: Vec<usize>) -> Self {
         let len = shape.iter().product();
-        Tensor { shape, data: vec![0.0; len] }
+        Tensor {
+            shape,
+            data: vec![0.0; len],
+        }
     }
 
     pub fn filled(shape: Vec<usize>, value: f64) -> Self {
         let len = shape.iter().product();
-        Tensor { shape, data: vec![value; len] }
+        Tensor {
+            shape,
+            data: vec![value; len],
+        }
     }
 
     /// The contiguous run of the last axis at the given leading coordinates.
@@ -76,20 +82,46 @@ impl ScanShape {
     ) -> Result<Self, InterpretError> {
         let mut sizes = Vec::new();
         for dim in &cell.dims {
-            let size = dims.iter().find(|(name, _)| *name == dim.name).map(|(_, s)| *s);
+            let size = dims
+                .iter()
+                .find(|(name, _)| *name == dim.name)
+                .map(|(_, s)| *s);
             match size {
                 Some(size) if size > 0 => sizes.push(size),
-                Some(_) => return Err(InterpretError(format!("dim `{}` must be at least 1", dim.name))),
-                None => return Err(InterpretError(format!("no size given for dim `{}`", dim.name))),
+                Some(_) => {
+                    return Err(InterpretError(format!(
+                        "dim `{}` must be at least 1",
+                        dim.name
+                    )));
+                }
+                None => {
+                    return Err(InterpretError(format!(
+                        "no size given for dim `{}`",
+                        dim.name
+                    )));
+                }
             }
         }
-        if let Some((name, _)) = dims.iter().find(|(n, _)| !cell.dims.iter().any(|d| d.name == *n)) {
-            return Err(InterpretError(format!("cell `{}` has no dim `{name}`", cell.name)));
+        if let Some((name, _)) = dims
+            .iter()
+            .find(|(n, _)| !cell.dims.iter().any(|d| d.name == *n))
+        {
+            return Err(InterpretError(format!(
+                "cell `{}` has no dim `{name}`",
+                cell.name
+            )));
         }
         if batch == 0 || heads == 0 {
-            return Err(InterpretError("batch and heads must be at least 1".to_string()));
+            return Err(InterpretError(
+                "batch and heads must be at least 1".to_string(),
+            ));
         }
-        Ok(ScanShape { batch, time, heads, dims: sizes })
+        Ok(ScanShape {
+            batch,
+            time,
+            heads,
+            dims: sizes,
+        })
     }
 
     pub fn input(&self, cell: &Cell, input: InputId) -> Vec<usize> {
@@ -98,11 +130,18 @@ impl ScanShape {
     }
 
     pub fn param(&self, cell: &Cell, param: ParamId) -> Vec<usize> {
-        vec![self.heads, Cell::numel(&cell.params[param.0].shape, &self.dims)]
+        vec![
+            self.heads,
+            Cell::numel(&cell.params[param.0].shape, &self.dims),
+        ]
     }
 
     pub fn state(&self, cell: &Cell, state: StateId) -> Vec<usize> {
-        vec![self.batch, self.heads, Cell::numel(&cell.states[state.0].shape, &self.dims)]
+        vec![
+            self.batch,
+            self.heads,
+            Cell::numel(&cell.states[state.0].shape, &self.dims),
+        ]
     }
 
     pub fn output(&self, cell: &Cell, output: OutputId) -> Vec<usize> {
@@ -135,9 +174,18 @@ pub struct ScanGradients {
     pub initial_states: Vec<Tensor>,
 }
 
-fn expect_shapes(what: &str, names: &[String], tensors: &[Tensor], shapes: &[Vec<usize>]) -> Result<(), InterpretError> {
+fn expect_shapes(
+    what: &str,
+    names: &[String],
+    tensors: &[Tensor],
+    shapes: &[Vec<usize>],
+) -> Result<(), InterpretError> {
     if tensors.len() != shapes.len() {
-        return Err(InterpretError(format!("expected {} {what} tensors, got {}", shapes.len(), tensors.len())));
+        return Err(InterpretError(format!(
+            "expected {} {what} tensors, got {}",
+            shapes.len(),
+            tensors.len()
+        )));
     }
     for ((tensor, shape), name) in tensors.iter().zip(shapes).zip(names) {
         if tensor.shape != *shape || tensor.data.len() != shape.iter().product::<usize>() {
@@ -153,13 +201,34 @@ fn expect_shapes(what: &str, names: &[String], tensors: &[Tensor], shapes: &[Vec
 
 fn validate(cell: &Cell, shape: &ScanShape, inputs: &ScanInputs) -> Result<(), InterpretError> {
     let names = |list: Vec<&String>| list.into_iter().cloned().collect::<Vec<_>>();
-    let input_shapes: Vec<_> = (0..cell.inputs.len()).map(|i| shape.input(cell, InputId(i))).collect();
-    expect_shapes("input", &names(cell.inputs.iter().map(|i| &i.name).collect()), &inputs.inputs, &input_shapes)?;
-    let param_shapes: Vec<_> = (0..cell.params.len()).map(|p| shape.param(cell, ParamId(p))).collect();
-    expect_shapes("parameter", &names(cell.params.iter().map(|p| &p.name).collect()), &inputs.params, &param_shapes)?;
+    let input_shapes: Vec<_> = (0..cell.inputs.len())
+        .map(|i| shape.input(cell, InputId(i)))
+        .collect();
+    expect_shapes(
+        "input",
+        &names(cell.inputs.iter().map(|i| &i.name).collect()),
+        &inputs.inputs,
+        &input_shapes,
+    )?;
+    let param_shapes: Vec<_> = (0..cell.params.len())
+        .map(|p| shape.param(cell, ParamId(p)))
+        .collect();
+    expect_shapes(
+        "parameter",
+        &names(cell.params.iter().map(|p| &p.name).collect()),
+        &inputs.params,
+        &param_shapes,
+    )?;
     if let Some(initial) = &inputs.initial_states {
-        let state_shapes: Vec<_> = (0..cell.states.len()).map(|s| shape.state(cell, StateId(s))).collect();
-        expect_shapes("initial state", &names(cell.states.iter().map(|s| &s.name).collect()), initial, &state_shapes)?;
+        let state_shapes: Vec<_> = (0..cell.states.len())
+            .map(|s| shape.state(cell, StateId(s)))
+            .collect();
+        expect_shapes(
+            "initial state",
+            &names(cell.states.iter().map(|s| &s.name).collect()),
+            initial,
+            &state_shapes,
+        )?;
     }
     Ok(())
 }
@@ -213,7 +282,11 @@ struct Evaluator<'a> {
 
 impl<'a> Evaluator<'a> {
     fn new(cell: &'a Cell, dims: &'a [usize]) -> Self {
-        Evaluator { cell, dims, env: vec![0; cell.indices.len()] }
+        Evaluator {
+            cell,
+            dims,
+            env: vec![0; cell.indices.len()],
+        }
     }
 
     fn size(&self, index: IndexId) -> usize {
@@ -294,7 +367,14 @@ fn load_inputs(values: &mut StepValues, inputs: &ScanInputs, b: usize, t: usize,
     }
 }
 
-fn initial_state(cell: &Cell, shape: &ScanShape, inputs: &ScanInputs, state: usize, b: usize, h: usize) -> Vec<f64> {
+fn initial_state(
+    cell: &Cell,
+    shape: &ScanShape,
+    inputs: &ScanInputs,
+    state: usize,
+    b: usize,
+    h: usize,
+) -> Vec<f64> {
     match &inputs.initial_states {
         Some(initial) => initial[state].data[initial[state].row(&[b, h])].to_vec(),
         None => vec![cell.states[state].init; Cell::numel(&cell.states[state].shape, &shape.dims)],
@@ -302,12 +382,18 @@ fn initial_state(cell: &Cell, shape: &ScanShape, inputs: &ScanInputs, state: usi
 }
 
 /// Runs the forward scan: every output at every step, and the final states.
-pub fn forward(cell: &Cell, shape: &ScanShape, inputs: &ScanInputs) -> Result<ScanOutputs, InterpretError> {
+pub fn forward(
+    cell: &Cell,
+    shape: &ScanShape,
+    inputs: &ScanInputs,
+) -> Result<ScanOutputs, InterpretError> {
     validate(cell, shape, inputs)?;
-    let mut outputs: Vec<Tensor> =
-        (0..cell.outputs.len()).map(|o| Tensor::zeros(shape.output(cell, OutputId(o)))).collect();
-    let mut final_states: Vec<Tensor> =
-        (0..cell.states.len()).map(|s| Tensor::zeros(shape.state(cell, StateId(s)))).collect();
+    let mut outputs: Vec<Tensor> = (0..cell.outputs.len())
+        .map(|o| Tensor::zeros(shape.output(cell, OutputId(o))))
+        .collect();
+    let mut final_states: Vec<Tensor> = (0..cell.states.len())
+        .map(|s| Tensor::zeros(shape.state(cell, StateId(s))))
+        .collect();
     let mut evaluator = Evaluator::new(cell, &shape.dims);
     let mut values = StepValues::new(cell);
     for b in 0..shape.batch {
@@ -333,7 +419,10 @@ pub fn forward(cell: &Cell, shape: &ScanShape, inputs: &ScanInputs) -> Result<Sc
             }
         }
     }
-    Ok(ScanOutputs { outputs, final_states })
+    Ok(ScanOutputs {
+        outputs,
+        final_states,
+    })
 }
 
 /// Runs the backward scan of `step` given ∂L/∂outputs and ∂L/∂final states.
@@ -347,16 +436,32 @@ pub fn backward(
     let cell = &step.cell;
     validate(cell, shape, inputs)?;
     let output_names: Vec<String> = cell.outputs.iter().map(|o| o.name.clone()).collect();
-    let output_shapes: Vec<_> = (0..cell.outputs.len()).map(|o| shape.output(cell, OutputId(o))).collect();
+    let output_shapes: Vec<_> = (0..cell.outputs.len())
+        .map(|o| shape.output(cell, OutputId(o)))
+        .collect();
     expect_shapes("output gradient", &output_names, d_outputs, &output_shapes)?;
     let state_names: Vec<String> = cell.states.iter().map(|s| s.name.clone()).collect();
-    let state_shapes: Vec<_> = (0..cell.states.len()).map(|s| shape.state(cell, StateId(s))).collect();
-    expect_shapes("final state gradient", &state_names, d_final_states, &state_shapes)?;
+    let state_shapes: Vec<_> = (0..cell.states.len())
+        .map(|s| shape.state(cell, StateId(s)))
+        .collect();
+    expect_shapes(
+        "final state gradient",
+        &state_names,
+        d_final_states,
+        &state_shapes,
+    )?;
 
     let mut gradients = ScanGradients {
-        inputs: (0..cell.inputs.len()).map(|i| Tensor::zeros(shape.input(cell, InputId(i)))).collect(),
-        params: (0..cell.params.len()).map(|p| Tensor::zeros(shape.param(cell, ParamId(p)))).collect(),
-        initial_states: state_shapes.iter().map(|s| Tensor::zeros(s.clone())).collect(),
+        inputs: (0..cell.inputs.len())
+            .map(|i| Tensor::zeros(shape.input(cell, InputId(i))))
+            .collect(),
+        params: (0..cell.params.len())
+            .map(|p| Tensor::zeros(shape.param(cell, ParamId(p))))
+            .collect(),
+        initial_states: state_shapes
+            .iter()
+            .map(|s| Tensor::zeros(s.clone()))
+            .collect(),
     };
     let mut evaluator = Evaluator::new(cell, &shape.dims);
     let mut values = StepValues::new(cell);
@@ -376,8 +481,10 @@ pub fn backward(
                 evaluator.step(&mut values);
                 std::mem::swap(&mut values.previous, &mut values.current);
             }
-            let mut carry: Vec<Vec<f64>> =
-                d_final_states.iter().map(|g| g.data[g.row(&[b, h])].to_vec()).collect();
+            let mut carry: Vec<Vec<f64>> = d_final_states
+                .iter()
+                .map(|g| g.data[g.row(&[b, h])].to_vec())
+                .collect();
             for t in (0..shape.time).rev() {
                 // Recompute the step's primal values from S_{t−1}.
                 values.previous = previous_states[t].clone();
@@ -385,10 +492,15 @@ pub fn backward(
                 evaluator.step(&mut values);
                 values.grads.clear();
                 for (o, tensor) in d_outputs.iter().enumerate() {
-                    values.grads.insert(Grad::Output(OutputId(o)), tensor.data[tensor.row(&[b, t, h])].to_vec());
+                    values.grads.insert(
+                        Grad::Output(OutputId(o)),
+                        tensor.data[tensor.row(&[b, t, h])].to_vec(),
+                    );
                 }
                 for (s, gradient) in carry.iter().enumerate() {
-                    values.grads.insert(Grad::StateFromNext(StateId(s)), gradient.clone());
+                    values
+                        .grads
+                        .insert(Grad::StateFromNext(StateId(s)), gradient.clone());
                 }
                 for definition in &step.definitions {
                     let result = evaluator.assign(&values, &definition.indices, definition.expr);
@@ -400,7 +512,10 @@ pub fn backward(
                 }
                 for (p, tensor) in gradients.params.iter_mut().enumerate() {
                     let row = tensor.row(&[h]);
-                    for (total, step_grad) in tensor.data[row].iter_mut().zip(&values.grads[&Grad::Param(ParamId(p))]) {
+                    for (total, step_grad) in tensor.data[row]
+                        .iter_mut()
+                        .zip(&values.grads[&Grad::Param(ParamId(p))])
+                    {
                         *total += step_grad;
                     }
                 }

@@ -112,7 +112,11 @@ impl UnaryOp {
             UnaryOp::Neg => "neg",
             UnaryOp::Step => "step",
             UnaryOp::Sign => "sign",
-            op => UnaryOp::CALLABLE.iter().find(|(_, o)| *o == op).map(|(n, _)| *n).unwrap_or("?"),
+            op => UnaryOp::CALLABLE
+                .iter()
+                .find(|(_, o)| *o == op)
+                .map(|(n, _)| *n)
+                .unwrap_or("?"),
         }
     }
 
@@ -161,7 +165,8 @@ fn softplus(x: f64) -> f64 {
 
 impl BinaryOp {
     /// The functions a cell may call with two arguments, by their DSL name.
-    pub const CALLABLE: [(&'static str, BinaryOp); 2] = [("max", BinaryOp::Max), ("min", BinaryOp::Min)];
+    pub const CALLABLE: [(&'static str, BinaryOp); 2] =
+        [("max", BinaryOp::Max), ("min", BinaryOp::Min)];
 
     pub fn apply(self, a: f64, b: f64) -> f64 {
         match self {
@@ -239,11 +244,17 @@ impl Hash for Constant {
 pub enum Expr {
     Const(Constant),
     /// `value[indices]`; `indices.len()` equals the value's rank, no index twice.
-    Load { value: Value, indices: Vec<IndexId> },
+    Load {
+        value: Value,
+        indices: Vec<IndexId>,
+    },
     Unary(UnaryOp, ExprId),
     Binary(BinaryOp, ExprId, ExprId),
     /// Σ over `index` of `body`.
-    Sum { index: IndexId, body: ExprId },
+    Sum {
+        index: IndexId,
+        body: ExprId,
+    },
 }
 
 /// The result of simplifying a node before interning it.
@@ -339,15 +350,6 @@ impl ExprArena {
                 if let (Some(x), Some(y)) = (ca, cb) {
                     return New(Expr::Const(Constant(op.apply(x, y))));
                 }
-                match (op, self.get(b)) {
-                    (BinaryOp::Add, Expr::Unary(UnaryOp::Neg, negated)) => {
-                        return New(Expr::Binary(BinaryOp::Sub, a, *negated));
-                    }
-                    (BinaryOp::Sub, Expr::Unary(UnaryOp::Neg, negated)) => {
-                        return New(Expr::Binary(BinaryOp::Add, a, *negated));
-                    }
-                    _ => {}
-                }
                 match (op, ca, cb) {
                     (BinaryOp::Add, Some(z), _) if z == 0.0 => Existing(b),
                     (BinaryOp::Add | BinaryOp::Sub, _, Some(z)) if z == 0.0 => Existing(a),
@@ -358,7 +360,15 @@ impl ExprArena {
                     (BinaryOp::Mul, Some(m), _) if m == -1.0 => New(Expr::Unary(UnaryOp::Neg, b)),
                     (BinaryOp::Mul, _, Some(m)) if m == -1.0 => New(Expr::Unary(UnaryOp::Neg, a)),
                     (BinaryOp::Div, Some(z), _) if z == 0.0 => zero(),
-                    _ => New(Expr::Binary(op, a, b)),
+                    _ => match (op, self.get(b)) {
+                        (BinaryOp::Add, Expr::Unary(UnaryOp::Neg, negated)) => {
+                            New(Expr::Binary(BinaryOp::Sub, a, *negated))
+                        }
+                        (BinaryOp::Sub, Expr::Unary(UnaryOp::Neg, negated)) => {
+                            New(Expr::Binary(BinaryOp::Add, a, *negated))
+                        }
+                        _ => New(Expr::Binary(op, a, b)),
+                    },
                 }
             }
             Expr::Sum { index, body } => match self.constant(body) {
@@ -495,7 +505,9 @@ pub struct Cell {
 impl Cell {
     /// The dim an index variable ranges over. Every index has one once the cell is checked.
     pub fn index_dim(&self, index: IndexId) -> DimId {
-        self.indices[index.0].dim.expect("index dims are inferred by the check pass")
+        self.indices[index.0]
+            .dim
+            .expect("index dims are inferred by the check pass")
     }
 
     /// The shape of any value the step can read.
@@ -512,7 +524,9 @@ impl Cell {
     pub fn grad_shape(&self, grad: Grad) -> &Shape {
         match grad {
             Grad::Output(o) => &self.outputs[o.0].shape,
-            Grad::StateFromNext(s) | Grad::State(s) | Grad::StatePrevious(s) => &self.states[s.0].shape,
+            Grad::StateFromNext(s) | Grad::State(s) | Grad::StatePrevious(s) => {
+                &self.states[s.0].shape
+            }
             Grad::Let(l) => &self.lets[l.0].shape,
             Grad::InputActivated(i) | Grad::Input(i) => &self.inputs[i.0].shape,
             Grad::Param(p) => &self.params[p.0].shape,
@@ -521,7 +535,10 @@ impl Cell {
 
     /// The update that assigns `state` (a checked cell has exactly one).
     pub fn update_of(&self, state: StateId) -> &Update {
-        self.updates.iter().find(|u| u.state == state).expect("every state is updated once")
+        self.updates
+            .iter()
+            .find(|u| u.state == state)
+            .expect("every state is updated once")
     }
 
     /// A fresh index variable (for derived statements).
@@ -530,7 +547,11 @@ impl Cell {
             || SourceRange::token(proc_macro2::Span::call_site()),
             |first| first.range,
         );
-        self.indices.push(IndexVar { name: name.to_string(), dim: Some(dim), range });
+        self.indices.push(IndexVar {
+            name: name.to_string(),
+            dim: Some(dim),
+            range,
+        });
         IndexId(self.indices.len() - 1)
     }
 

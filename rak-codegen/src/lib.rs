@@ -64,7 +64,10 @@ pub trait CellDefinition {
     fn compile() -> CompiledCell {
         match compile_str(Self::SOURCE) {
             Ok(compiled) => compiled,
-            Err(errors) => panic!("`rak::cell!` accepted {} but it no longer compiles: {errors}", Self::NAME),
+            Err(errors) => panic!(
+                "`rak::cell!` accepted {} but it no longer compiles: {errors}",
+                Self::NAME
+            ),
         }
     }
 }

@@ -10,7 +10,7 @@ use crate::diagnostic::{Diagnostic, Diagnostics, SourceRange};
 use crate::ir::*;
 use crate::syntax::*;
 use proc_macro2::Ident;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 /// What a name declared in the cell refers to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -63,6 +63,7 @@ pub fn lower(syntax: &CellSyntax) -> Result<Cell, Diagnostics> {
         },
         symbols: HashMap::new(),
         let_ranks: Vec::new(),
+        poisoned: HashSet::new(),
         errors: Vec::new(),
     };
     lowering.declare(syntax);
@@ -79,6 +80,9 @@ struct Lowering {
     /// The number of indices on each let's left-hand side (its rank, known before its
     /// definition is lowered).
     let_ranks: Vec<usize>,
+    /// Declarations whose shape names an unknown dim: already reported, so their uses are
+    /// not checked again (that would only repeat the same mistake).
+    poisoned: HashSet<String>,
     errors: Vec<Diagnostic>,
 }
 
@@ -96,7 +100,10 @@ impl Lowering {
         let key = name.to_string();
         if let Some((previous, _)) = self.symbols.get(&key) {
             let kind = previous.kind();
-            self.error(name.span(), format!("`{key}` is already declared as {kind}"));
+            self.error(
+                name.span(),
+                format!("`{key}` is already declared as {kind}"),
+            );
             return;
         }
         self.symbols.insert(key, (symbol, range_of(name)));
@@ -109,7 +116,10 @@ impl Lowering {
             if let Item::Dims(dims) = item {
                 for name in dims {
                     let id = DimId(self.cell.dims.len());
-                    self.cell.dims.push(Dim { name: name.to_string(), range: range_of(name) });
+                    self.cell.dims.push(Dim {
+                        name: name.to_string(),
+                        range: range_of(name),
+                    });
                     self.bind_name(name, Symbol::Dim(id));
                 }
             }
@@ -119,9 +129,11 @@ impl Lowering {
                 Item::Dims(_) => {}
                 Item::Inputs(inputs) => {
                     for input in inputs {
-                        let shape = self.shape(&input.shape);
-                        let activation =
-                            input.activation.as_ref().and_then(|name| self.activation(name));
+                        let shape = self.shape(&input.name, &input.shape);
+                        let activation = input
+                            .activation
+                            .as_ref()
+                            .and_then(|name| self.activation(name));
                         let id = InputId(self.cell.inputs.len());
                         self.cell.inputs.push(Input {
                             name: input.name.to_string(),
@@ -134,10 +146,11 @@ impl Lowering {
                 }
                 Item::Params(params) => {
                     for param in params {
-                        let shape = self.shape(&param.shape);
-                        let init = param.init.as_ref().map_or(ParamInit::Constant(0.0), |init| {
-                            self.param_init(init)
-                        });
+                        let shape = self.shape(&param.name, &param.shape);
+                        let init = param
+                            .init
+                            .as_ref()
+                            .map_or(ParamInit::Constant(0.0), |init| self.param_init(init));
                         let id = ParamId(self.cell.params.len());
                         self.cell.params.push(Param {
                             name: param.name.to_string(),
@@ -150,7 +163,7 @@ impl Lowering {
                 }
                 Item::States(states) => {
                     for state in states {
-                        let shape = self.shape(&state.shape);
+                        let shape = self.shape(&state.name, &state.shape);
                         let id = StateId(self.cell.states.len());
                         self.cell.states.push(State {
                             name: state.name.to_string(),
@@ -177,7 +190,7 @@ impl Lowering {
         }
     }
 
-    fn shape(&mut self, dims: &[Ident]) -> Shape {
+    fn shape(&mut self, owner: &Ident, dims: &[Ident]) -> Shape {
         let mut shape = Vec::new();
         for name in dims {
             match self.symbols.get(&name.to_string()) {
@@ -191,6 +204,7 @@ impl Lowering {
                         format!("the declared dims are {declared}")
                     };
                     self.error(name.span(), format!("unknown dim `{name}`: {hint}"));
+                    self.poisoned.insert(owner.to_string());
                 }
             }
         }
@@ -207,7 +221,10 @@ impl Lowering {
         }
         self.error(
             name.span(),
-            format!("unknown activation `{key}`: expected `identity` or one of {}", unary_names()),
+            format!(
+                "unknown activation `{key}`: expected `identity` or one of {}",
+                unary_names()
+            ),
         );
         None
     }
@@ -215,15 +232,21 @@ impl Lowering {
     fn param_init(&mut self, init: &InitSyntax) -> ParamInit {
         match init {
             InitSyntax::Constant(number) => ParamInit::Constant(number.value),
-            InitSyntax::Call { function, args, range } => {
+            InitSyntax::Call {
+                function,
+                args,
+                range,
+            } => {
                 let values: Vec<f64> = args.iter().map(|a| a.value).collect();
                 match (function.to_string().as_str(), values.as_slice()) {
-                    ("normal", [mean, std]) if *std >= 0.0 => {
-                        ParamInit::Normal { mean: *mean, std: *std }
-                    }
-                    ("uniform", [low, high]) if low <= high => {
-                        ParamInit::Uniform { low: *low, high: *high }
-                    }
+                    ("normal", [mean, std]) if *std >= 0.0 => ParamInit::Normal {
+                        mean: *mean,
+                        std: *std,
+                    },
+                    ("uniform", [low, high]) if low <= high => ParamInit::Uniform {
+                        low: *low,
+                        high: *high,
+                    },
                     ("normal", [_, _]) => {
                         self.error(*range, "`normal(mean, std)` needs std >= 0");
                         ParamInit::Constant(0.0)
@@ -292,9 +315,16 @@ impl Lowering {
                         }
                     };
                     let (indices, expr) = self.statement(assign, StatementKind::Update);
-                    if let Some(state) = state {
+                    if let Some(state) = state
+                        && !self.poisoned.contains(&target)
+                    {
                         self.check_target_rank(assign, &self.cell.states[state.0].shape.clone());
-                        self.cell.updates.push(Update { state, indices, expr, range: assign.range });
+                        self.cell.updates.push(Update {
+                            state,
+                            indices,
+                            expr,
+                            range: assign.range,
+                        });
                     }
                 }
                 Item::Dims(_) | Item::Inputs(_) | Item::Params(_) | Item::States(_) => {}
@@ -308,13 +338,20 @@ impl Lowering {
             let dims = self.dim_list(shape);
             self.error(
                 assign.target_range,
-                format!("`{name}` has {want} dims {dims} but is assigned with {got} indices"),
+                format!(
+                    "`{name}` has {} {dims} but is assigned with {}",
+                    count(want, "dim"),
+                    count(got, "index")
+                ),
             );
         }
     }
 
     fn dim_list(&self, shape: &Shape) -> String {
-        let names: Vec<&str> = shape.iter().map(|d| self.cell.dims[d.0].name.as_str()).collect();
+        let names: Vec<&str> = shape
+            .iter()
+            .map(|d| self.cell.dims[d.0].name.as_str())
+            .collect();
         format!("[{}]", names.join(", "))
     }
 
@@ -329,7 +366,9 @@ impl Lowering {
         };
         for (position, name) in assign.indices.iter().enumerate() {
             // An update's indices range over the state's dims; the others are inferred.
-            let dim = state_shape.as_ref().and_then(|shape| shape.get(position).copied());
+            let dim = state_shape
+                .as_ref()
+                .and_then(|shape| shape.get(position).copied());
             if let Some(id) = self.bind_index(name, dim, &scope) {
                 scope.push((name.to_string(), id));
             }
@@ -350,17 +389,22 @@ impl Lowering {
         if let Some((Symbol::Dim(_), _)) = self.symbols.get(&key) {
             self.error(
                 name.span(),
-                format!(
-                    "`{key}` is a dim; index with a variable that ranges over it, such as `i`"
-                ),
+                format!("`{key}` is a dim; index with a variable that ranges over it, such as `i`"),
             );
             return None;
         }
         if scope.iter().any(|(n, _)| *n == key) {
-            self.error(name.span(), format!("index `{key}` appears twice on the left-hand side"));
+            self.error(
+                name.span(),
+                format!("index `{key}` appears twice on the left-hand side"),
+            );
             return None;
         }
-        self.cell.indices.push(IndexVar { name: key, dim, range: range_of(name) });
+        self.cell.indices.push(IndexVar {
+            name: key,
+            dim,
+            range: range_of(name),
+        });
         Some(IndexId(self.cell.indices.len() - 1))
     }
 
@@ -409,14 +453,22 @@ impl Lowering {
                 let mut result = self.expr(body, kind, scope);
                 scope.truncate(depth);
                 for index in bound.into_iter().rev() {
-                    result = self.cell.exprs.push(Expr::Sum { index, body: result }, range);
+                    result = self.cell.exprs.push(
+                        Expr::Sum {
+                            index,
+                            body: result,
+                        },
+                        range,
+                    );
                 }
                 return result;
             }
             ExprSyntax::Call { function, args, .. } => self.call(function, args, kind, scope),
-            ExprSyntax::Access { name, indices, range } => {
-                self.access(name, indices, *range, kind, scope)
-            }
+            ExprSyntax::Access {
+                name,
+                indices,
+                range,
+            } => self.access(name, indices, *range, kind, scope),
         };
         self.cell.exprs.push(expr, range)
     }
@@ -430,8 +482,14 @@ impl Lowering {
     ) -> Expr {
         let lowered: Vec<ExprId> = args.iter().map(|a| self.expr(a, kind, scope)).collect();
         let key = function.to_string();
-        let unary = UnaryOp::CALLABLE.iter().find(|(n, _)| *n == key).map(|(_, op)| *op);
-        let binary = BinaryOp::CALLABLE.iter().find(|(n, _)| *n == key).map(|(_, op)| *op);
+        let unary = UnaryOp::CALLABLE
+            .iter()
+            .find(|(n, _)| *n == key)
+            .map(|(_, op)| *op);
+        let binary = BinaryOp::CALLABLE
+            .iter()
+            .find(|(n, _)| *n == key)
+            .map(|(_, op)| *op);
         let expected = match (unary, binary) {
             (Some(op), _) if lowered.len() == 1 => return Expr::Unary(op, lowered[0]),
             (_, Some(op)) if lowered.len() == 2 => {
@@ -450,7 +508,10 @@ impl Lowering {
             }
         };
         let found = lowered.len();
-        self.error(function.span(), format!("`{key}` takes {expected}, found {found}"));
+        self.error(
+            function.span(),
+            format!("`{key}` takes {expected}, found {found}"),
+        );
         Expr::Const(Constant(0.0))
     }
 
@@ -464,6 +525,11 @@ impl Lowering {
     ) -> Expr {
         let fallback = Expr::Const(Constant(0.0));
         let key = name.to_string();
+        if self.poisoned.contains(&key) {
+            // Its shape is unknown: check only that the indices are bound.
+            self.resolve_indices(indices, scope);
+            return fallback;
+        }
         let value = match self.symbols.get(&key).map(|(symbol, _)| *symbol) {
             Some(Symbol::Input(id)) => Value::Input(id),
             Some(Symbol::Param(id)) => Value::Param(id),
@@ -479,7 +545,9 @@ impl Lowering {
                     let message = if id == current {
                         format!("`{key}` is used in its own definition")
                     } else {
-                        format!("`{key}` is used before its `let`; a `let` can use only lets above it")
+                        format!(
+                            "`{key}` is used before its `let`; a `let` can use only lets above it"
+                        )
                     };
                     self.error(name.span(), message);
                     return fallback;
@@ -487,7 +555,10 @@ impl Lowering {
                 _ => Value::Let(id),
             },
             Some(Symbol::Output(_)) => {
-                self.error(name.span(), format!("`{key}` is an output; outputs cannot be read"));
+                self.error(
+                    name.span(),
+                    format!("`{key}` is an output; outputs cannot be read"),
+                );
                 return fallback;
             }
             Some(Symbol::Dim(_)) => {
@@ -520,14 +591,30 @@ impl Lowering {
             } else {
                 let example = ["i", "j", "l", "m", "n"][..shape.len().min(5)].join(", ");
                 format!(
-                    "`{key}` has {} dims{dims} but is indexed with {}; write `{key}[{example}]`",
-                    shape.len(),
-                    indices.len()
+                    "`{key}` has {}{dims} but is indexed with {}; write `{key}[{example}]`",
+                    count(shape.len(), "dim"),
+                    count(indices.len(), "index")
                 )
             };
             self.error(range, message);
             return fallback;
         }
+        match self.resolve_indices(indices, scope) {
+            Some(ids) => Expr::Load {
+                value,
+                indices: ids,
+            },
+            None => fallback,
+        }
+    }
+
+    /// The index variables named in an access, or `None` (reported) if one is not bound or
+    /// appears twice.
+    fn resolve_indices(
+        &mut self,
+        indices: &[Ident],
+        scope: &[(String, IndexId)],
+    ) -> Option<Vec<IndexId>> {
         let mut ids = Vec::new();
         for index in indices {
             let index_name = index.to_string();
@@ -539,18 +626,18 @@ impl Lowering {
                          nor by an enclosing `sum({index_name})`"
                     ),
                 );
-                return fallback;
+                return None;
             };
             if ids.contains(id) {
                 self.error(
                     index.span(),
                     format!("index `{index_name}` appears twice in one access; diagonals are not supported"),
                 );
-                return fallback;
+                return None;
             }
             ids.push(*id);
         }
-        Expr::Load { value, indices: ids }
+        Some(ids)
     }
 }
 
@@ -564,7 +651,19 @@ fn placeholder_definition(assign: &AssignSyntax) -> Definition {
     }
 }
 
+/// `1 dim`, `2 dims`, `0 indices`.
+fn count(n: usize, noun: &str) -> String {
+    match (n, noun) {
+        (1, _) => format!("1 {noun}"),
+        (_, "index") => format!("{n} indices"),
+        _ => format!("{n} {noun}s"),
+    }
+}
+
 fn unary_names() -> String {
-    let names: Vec<String> = UnaryOp::CALLABLE.iter().map(|(n, _)| format!("`{n}`")).collect();
+    let names: Vec<String> = UnaryOp::CALLABLE
+        .iter()
+        .map(|(n, _)| format!("`{n}`"))
+        .collect();
     names.join(", ")
 }

@@ -30,7 +30,7 @@ use quote::ToTokens;
 use syn::ext::IdentExt;
 use syn::parse::{Parse, ParseStream};
 use syn::punctuated::Punctuated;
-use syn::{Ident, Token, bracketed, braced, parenthesized, token};
+use syn::{Ident, Token, braced, bracketed, parenthesized, token};
 
 /// Deepest expression nesting accepted (parentheses, calls, unary minus, sums).
 const MAX_NESTING: usize = 64;
@@ -43,7 +43,9 @@ pub fn parse_cell(tokens: TokenStream) -> Result<CellSyntax, Diagnostics> {
 /// Parses cell source text: the contents of a `.rak` file.
 pub fn parse_cell_str(source: &str) -> Result<CellSyntax, Diagnostics> {
     let tokens: TokenStream = source.parse().map_err(|error: proc_macro2::LexError| {
-        Diagnostics::from(syn::Error::new(error.span(), format!("cannot tokenize the cell: {error}")))
+        Diagnostics::from(syn::Error::new(
+            error.span(),
+            "cannot split the cell into tokens: is a `(`, `[` or `{` left open, or a quote unclosed?"))
     })?;
     parse_cell(tokens)
 }
@@ -57,7 +59,11 @@ impl Parse for CellSyntax {
             match &attribute.meta {
                 syn::Meta::NameValue(syn::MetaNameValue {
                     path,
-                    value: syn::Expr::Lit(syn::ExprLit { lit: syn::Lit::Str(text), .. }),
+                    value:
+                        syn::Expr::Lit(syn::ExprLit {
+                            lit: syn::Lit::Str(text),
+                            ..
+                        }),
                     ..
                 }) if path.is_ident("doc") => docs.push(text.value()),
                 _ => {
@@ -69,11 +75,14 @@ impl Parse for CellSyntax {
             }
         }
         let visibility: syn::Visibility = input.parse()?;
-        let keyword = input.call(Ident::parse_any).map_err(|error| {
-            syn::Error::new(error.span(), "expected `cell Name { ... }`")
-        })?;
+        let keyword = input
+            .call(Ident::parse_any)
+            .map_err(|error| syn::Error::new(error.span(), "expected `cell Name { ... }`"))?;
         if keyword != "cell" {
-            return Err(syn::Error::new(keyword.span(), "expected `cell Name { ... }`"));
+            return Err(syn::Error::new(
+                keyword.span(),
+                "expected `cell Name { ... }`",
+            ));
         }
         let name: Ident = input.parse()?;
         let body;
@@ -85,7 +94,12 @@ impl Parse for CellSyntax {
         if !input.is_empty() {
             return Err(input.error("unexpected tokens after the cell's closing brace"));
         }
-        Ok(CellSyntax { docs, visibility: visibility.into_token_stream(), name, items })
+        Ok(CellSyntax {
+            docs,
+            visibility: visibility.into_token_stream(),
+            name,
+            items,
+        })
     }
 }
 
@@ -141,7 +155,11 @@ fn parse_input(input: ParseStream) -> syn::Result<InputSyntax> {
     } else {
         None
     };
-    Ok(InputSyntax { name, shape, activation })
+    Ok(InputSyntax {
+        name,
+        shape,
+        activation,
+    })
 }
 
 fn parse_param(input: ParseStream) -> syn::Result<ParamSyntax> {
@@ -159,7 +177,11 @@ fn parse_param(input: ParseStream) -> syn::Result<ParamSyntax> {
                 parse_number,
             )?;
             let range = SourceRange::new(function.span(), parens.span.close());
-            InitSyntax::Call { function, args: args.into_iter().collect(), range }
+            InitSyntax::Call {
+                function,
+                args: args.into_iter().collect(),
+                range,
+            }
         } else {
             InitSyntax::Constant(parse_number(input)?)
         });
@@ -203,7 +225,10 @@ fn parse_number(input: ParseStream) -> syn::Result<NumberSyntax> {
     let end = literal.span();
     let start = minus.map_or(end, |minus| minus.span);
     let value = if minus.is_some() { -value } else { value };
-    Ok(NumberSyntax { value, range: SourceRange::new(start, end) })
+    Ok(NumberSyntax {
+        value,
+        range: SourceRange::new(start, end),
+    })
 }
 
 fn parse_assign(input: ParseStream, keyword: &Ident) -> syn::Result<AssignSyntax> {
@@ -235,7 +260,9 @@ fn parse_indices(input: ParseStream) -> syn::Result<(Vec<Ident>, Option<proc_mac
 
 fn nested(input: ParseStream, depth: usize) -> syn::Result<usize> {
     if depth >= MAX_NESTING {
-        return Err(input.error(format!("expression nested more than {MAX_NESTING} levels deep")));
+        return Err(input.error(format!(
+            "expression nested more than {MAX_NESTING} levels deep"
+        )));
     }
     Ok(depth + 1)
 }
@@ -276,7 +303,12 @@ fn parse_term(input: ParseStream, depth: usize) -> syn::Result<ExprSyntax> {
 
 fn binary(op: BinarySyntaxOp, lhs: ExprSyntax, rhs: ExprSyntax) -> ExprSyntax {
     let range = lhs.range().to(rhs.range());
-    ExprSyntax::Binary { op, lhs: Box::new(lhs), rhs: Box::new(rhs), range }
+    ExprSyntax::Binary {
+        op,
+        lhs: Box::new(lhs),
+        rhs: Box::new(rhs),
+        range,
+    }
 }
 
 fn parse_unary(input: ParseStream, depth: usize) -> syn::Result<ExprSyntax> {
@@ -285,7 +317,10 @@ fn parse_unary(input: ParseStream, depth: usize) -> syn::Result<ExprSyntax> {
         let minus = input.parse::<Token![-]>()?;
         let operand = parse_unary(input, depth)?;
         let range = SourceRange::token(minus.span).to(operand.range());
-        return Ok(ExprSyntax::Neg { operand: Box::new(operand), range });
+        return Ok(ExprSyntax::Neg {
+            operand: Box::new(operand),
+            range,
+        });
     }
     if input.peek(Ident) && input.peek2(token::Paren) {
         let fork = input.fork();
@@ -303,7 +338,11 @@ fn parse_unary(input: ParseStream, depth: usize) -> syn::Result<ExprSyntax> {
             let body = parse_term(input, depth)?;
             let range = SourceRange::token(keyword.span()).to(body.range());
             let indices = indices.into_iter().collect();
-            return Ok(ExprSyntax::Sum { indices, body: Box::new(body), range });
+            return Ok(ExprSyntax::Sum {
+                indices,
+                body: Box::new(body),
+                range,
+            });
         }
     }
     parse_primary(input, depth)
@@ -321,7 +360,10 @@ fn parse_primary(input: ParseStream, depth: usize) -> syn::Result<ExprSyntax> {
             return Err(content.error("expected an operator or `)`"));
         }
         let range = SourceRange::new(parens.span.open(), parens.span.close());
-        return Ok(ExprSyntax::Paren { inner: Box::new(inner), range });
+        return Ok(ExprSyntax::Paren {
+            inner: Box::new(inner),
+            range,
+        });
     }
     if input.peek(Ident) {
         let name: Ident = input.parse()?;
@@ -337,11 +379,19 @@ fn parse_primary(input: ParseStream, depth: usize) -> syn::Result<ExprSyntax> {
                 content.parse::<Token![,]>()?;
             }
             let range = SourceRange::new(name.span(), parens.span.close());
-            return Ok(ExprSyntax::Call { function: name, args, range });
+            return Ok(ExprSyntax::Call {
+                function: name,
+                args,
+                range,
+            });
         }
         let (indices, end) = parse_indices(input)?;
         let range = SourceRange::new(name.span(), end.unwrap_or(name.span()));
-        return Ok(ExprSyntax::Access { name, indices, range });
+        return Ok(ExprSyntax::Access {
+            name,
+            indices,
+            range,
+        });
     }
     Err(input.error("expected a number, a name, a function call or `(`"))
 }

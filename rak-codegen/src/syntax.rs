@@ -57,7 +57,11 @@ pub struct ParamSyntax {
 #[derive(Clone, Debug)]
 pub enum InitSyntax {
     Constant(NumberSyntax),
-    Call { function: Ident, args: Vec<NumberSyntax>, range: SourceRange },
+    Call {
+        function: Ident,
+        args: Vec<NumberSyntax>,
+        range: SourceRange,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -98,16 +102,39 @@ pub enum BinarySyntaxOp {
 pub enum ExprSyntax {
     Number(NumberSyntax),
     /// `x`, `x[]` or `x[i, j]`
-    Access { name: Ident, indices: Vec<Ident>, range: SourceRange },
+    Access {
+        name: Ident,
+        indices: Vec<Ident>,
+        range: SourceRange,
+    },
     /// `f(a, b)`
-    Call { function: Ident, args: Vec<ExprSyntax>, range: SourceRange },
+    Call {
+        function: Ident,
+        args: Vec<ExprSyntax>,
+        range: SourceRange,
+    },
     /// `-a`
-    Neg { operand: Box<ExprSyntax>, range: SourceRange },
-    Binary { op: BinarySyntaxOp, lhs: Box<ExprSyntax>, rhs: Box<ExprSyntax>, range: SourceRange },
+    Neg {
+        operand: Box<ExprSyntax>,
+        range: SourceRange,
+    },
+    Binary {
+        op: BinarySyntaxOp,
+        lhs: Box<ExprSyntax>,
+        rhs: Box<ExprSyntax>,
+        range: SourceRange,
+    },
     /// `sum(i, j) term`: the body is the multiplicative term that follows.
-    Sum { indices: Vec<Ident>, body: Box<ExprSyntax>, range: SourceRange },
+    Sum {
+        indices: Vec<Ident>,
+        body: Box<ExprSyntax>,
+        range: SourceRange,
+    },
     /// `( e )`, kept for precise ranges.
-    Paren { inner: Box<ExprSyntax>, range: SourceRange },
+    Paren {
+        inner: Box<ExprSyntax>,
+        range: SourceRange,
+    },
 }
 
 impl ExprSyntax {

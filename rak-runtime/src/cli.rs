@@ -10,7 +10,11 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 #[derive(Debug, Parser)]
-#[command(name = "rak", version, about = "A compiler for recurrent neural network cells")]
+#[command(
+    name = "rak",
+    version,
+    about = "A compiler for recurrent neural network cells"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -68,7 +72,11 @@ pub fn run(cli: Cli) -> ExitCode {
                     }
                 }
             }
-            if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS }
+            if failed {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            }
         }
         Command::Show { cell, backward } => match compile_file(&cell) {
             Ok(compiled) => {

@@ -1,0 +1,10 @@
+//! Tests of the compiler: the seven reference cells, the reference interpreter against the
+//! formulas and against finite differences, error reports, snapshots of the IR, and fuzzing of
+//! the front end. One test binary for the whole crate.
+
+mod common;
+mod errors;
+mod fuzz;
+mod gradients;
+mod reference;
+mod snapshots;
