@@ -351,15 +351,15 @@ impl ExprArena {
                     return New(Expr::Const(Constant(op.apply(x, y))));
                 }
                 match (op, ca, cb) {
-                    (BinaryOp::Add, Some(z), _) if z == 0.0 => Existing(b),
-                    (BinaryOp::Add | BinaryOp::Sub, _, Some(z)) if z == 0.0 => Existing(a),
-                    (BinaryOp::Sub, Some(z), _) if z == 0.0 => New(Expr::Unary(UnaryOp::Neg, b)),
-                    (BinaryOp::Mul, Some(z), _) | (BinaryOp::Mul, _, Some(z)) if z == 0.0 => zero(),
-                    (BinaryOp::Mul, Some(one), _) if one == 1.0 => Existing(b),
-                    (BinaryOp::Mul | BinaryOp::Div, _, Some(one)) if one == 1.0 => Existing(a),
-                    (BinaryOp::Mul, Some(m), _) if m == -1.0 => New(Expr::Unary(UnaryOp::Neg, b)),
-                    (BinaryOp::Mul, _, Some(m)) if m == -1.0 => New(Expr::Unary(UnaryOp::Neg, a)),
-                    (BinaryOp::Div, Some(z), _) if z == 0.0 => zero(),
+                    (BinaryOp::Add, Some(0.0), _) => Existing(b),
+                    (BinaryOp::Add | BinaryOp::Sub, _, Some(0.0)) => Existing(a),
+                    (BinaryOp::Sub, Some(0.0), _) => New(Expr::Unary(UnaryOp::Neg, b)),
+                    (BinaryOp::Mul, Some(0.0), _) | (BinaryOp::Mul, _, Some(0.0)) => zero(),
+                    (BinaryOp::Mul, Some(1.0), _) => Existing(b),
+                    (BinaryOp::Mul | BinaryOp::Div, _, Some(1.0)) => Existing(a),
+                    (BinaryOp::Mul, Some(-1.0), _) => New(Expr::Unary(UnaryOp::Neg, b)),
+                    (BinaryOp::Mul, _, Some(-1.0)) => New(Expr::Unary(UnaryOp::Neg, a)),
+                    (BinaryOp::Div, Some(0.0), _) => zero(),
                     _ => match (op, self.get(b)) {
                         (BinaryOp::Add, Expr::Unary(UnaryOp::Neg, negated)) => {
                             New(Expr::Binary(BinaryOp::Sub, a, *negated))
@@ -372,7 +372,7 @@ impl ExprArena {
                 }
             }
             Expr::Sum { index, body } => match self.constant(body) {
-                Some(z) if z == 0.0 => zero(),
+                Some(0.0) => zero(),
                 _ => New(Expr::Sum { index, body }),
             },
             other => New(other),

@@ -1,0 +1,7 @@
+rak_macros::cell! {
+    struct Bad {
+        dims K;
+    }
+}
+
+fn main() {}

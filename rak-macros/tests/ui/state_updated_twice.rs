@@ -1,0 +1,12 @@
+rak_macros::cell! {
+    cell Bad {
+        dims K, V;
+        input q[K], k[K], v[V];
+        state S[K, V];
+        update S[i, j] = S[i, j] + k[i] * v[j];
+        update S[i, j] = 0.5 * S[i, j];
+        output o[j] = sum(i) q[i] * S[i, j];
+    }
+}
+
+fn main() {}

@@ -1,0 +1,11 @@
+rak_macros::cell! {
+    cell Bad {
+        dims K, V;
+        input q[K], k[K], v[V];
+        state S[K, V];
+        update S[i, j] = S[i, j] + kk[i] * v[j];
+        output o[j] = sum(i) q[i] * S[i, j];
+    }
+}
+
+fn main() {}
