@@ -1,5 +1,6 @@
-//! Cells declared with `rak::cell!`: the expansion compiles, carries the cell's source, and
-//! compiles to the same IR as the `.rak` file it mirrors.
+//! The front end as users meet it: cells declared with `rak::cell!` (the expansion compiles,
+//! carries the cell's source, and compiles to the same IR as the `.rak` file it mirrors), and the
+//! `rak` command line on `.rak` files.
 
 use rak::CellDefinition;
 use rak::codegen::display::{backward_to_string, cell_to_string};
@@ -77,4 +78,65 @@ fn the_expansion_is_a_unit_struct_with_metadata() {
     assert_eq!(nested::Mlstm::NAME, "Mlstm");
     let _copy: SimpleRnn = SimpleRnn;
     assert_eq!(SimpleRnn::compile().cell.docs.len(), 2);
+}
+
+/// Runs the `rak` binary; returns (success, stdout, stderr).
+fn rak(args: &[&str]) -> (bool, String, String) {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_rak"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("run rak");
+    let text = |bytes: Vec<u8>| String::from_utf8(bytes).unwrap();
+    (
+        output.status.success(),
+        text(output.stdout),
+        text(output.stderr),
+    )
+}
+
+#[test]
+fn cli_checks_every_reference_cell() {
+    let cells: Vec<String> = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/cells"))
+        .unwrap()
+        .map(|entry| entry.unwrap().path().display().to_string())
+        .collect();
+    let mut args = vec!["check"];
+    args.extend(cells.iter().map(String::as_str));
+    let (ok, stdout, stderr) = rak(&args);
+    assert!(ok, "{stderr}");
+    assert_eq!(
+        stdout.lines().filter(|l| l.starts_with("ok: ")).count(),
+        7,
+        "{stdout}"
+    );
+}
+
+#[test]
+fn cli_shows_the_backward_step() {
+    let (ok, stdout, _) = rak(&["show", "cells/simple_rnn.rak", "--backward"]);
+    assert!(ok);
+    assert!(
+        stdout.contains("dg[i] = sum(j) dS[i, j] * S_prev[i, j];"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn cli_reports_errors_with_file_line_and_column() {
+    let dir = std::env::temp_dir().join(format!("rak-cli-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad = dir.join("bad.rak");
+    std::fs::write(&bad, "cell Bad {\n    dims K;\n    input x[K];\n    state h[K];\n    update h[i] = h[i] + y[i];\n    output o[i] = h[i];\n}\n").unwrap();
+    let (ok, _, stderr) = rak(&["check", bad.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("error: unknown name `y`: not an input, parameter, state or let"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("bad.rak:5:26"), "{stderr}");
+    let (ok, _, stderr) = rak(&["check", dir.join("missing.rak").to_str().unwrap()]);
+    assert!(!ok);
+    assert!(stderr.contains("cannot read"), "{stderr}");
+    std::fs::remove_dir_all(&dir).unwrap();
 }
