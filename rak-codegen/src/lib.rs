@@ -8,23 +8,28 @@
 //! 3. [`check`]: index dim inference and the cell's semantic rules;
 //! 4. [`autodiff`]: the backward step ([`ir::BackwardStep`]) by symbolic reverse-mode
 //!    differentiation;
-//! 5. schedule and emit (fused GPU kernels): to come.
+//! 5. [`schedule`]: how the scans map onto the device (cubes, workspace, chunks);
+//! 6. [`emit`]: cubecl `#[cube]` kernels for the forward and backward scans, as Rust tokens.
 //!
 //! Around them: [`diagnostic`] (errors spanned to the user's tokens), [`interpret`] (the f64
 //! reference interpreter, forward and backward, the oracle of every kernel test) and
-//! [`display`] (the IR in the DSL's notation). This crate has no GPU dependency.
+//! [`display`] (the IR in the DSL's notation). This crate has no GPU dependency: it emits kernel
+//! source, which the `rak::cell!` macro hands to cubecl.
 
 pub mod autodiff;
 pub mod check;
 pub mod diagnostic;
 pub mod display;
+pub mod emit;
 pub mod interpret;
 pub mod ir;
 pub mod lower;
 pub mod parse;
+pub mod schedule;
 pub mod syntax;
 
 pub use diagnostic::{Diagnostic, Diagnostics};
+pub use interpret::ScanShape;
 
 use proc_macro2::TokenStream;
 

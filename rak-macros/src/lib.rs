@@ -1,8 +1,9 @@
 //! The `rak::cell!` macro: declares an RNN cell in rak's DSL.
 //!
-//! The macro runs rak's compiler front end ([`rak_codegen`]) on its input at compile time.
-//! Every mistake becomes a compile error spanned to the offending tokens; a correct cell
-//! expands to a unit struct implementing `rak::CellDefinition`. Use it through the `rak`
+//! The macro runs rak's compiler ([`rak_codegen`]) on its input at compile time. Every mistake
+//! becomes a compile error spanned to the offending tokens; a correct cell expands to a unit
+//! struct implementing `rak::CellDefinition` and `rak::kernels::CellKernels`, and a module
+//! `<snake_name>_kernels` with its generated cubecl kernels. Use it through the `rak`
 //! crate (`rak::cell! { ... }`): the expansion names `::rak` paths. See `docs/dsl.md`.
 
 use proc_macro::TokenStream;
@@ -47,11 +48,16 @@ pub fn cell(input: TokenStream) -> TokenStream {
 fn expand(input: proc_macro2::TokenStream) -> Result<proc_macro2::TokenStream, Diagnostics> {
     let source = input.to_string();
     let syntax = rak_codegen::parse::parse_cell(input)?;
-    rak_codegen::compile_syntax(&syntax)?;
+    let compiled = rak_codegen::compile_syntax(&syntax)?;
     let name = &syntax.name;
     let name_text = name.to_string();
     let visibility = &syntax.visibility;
     let docs = &syntax.docs;
+    let module = quote::format_ident!("{}_kernels", snake_case(&name_text));
+    let module_doc = format!("The kernels `rak::cell!` generated for [`{name_text}`].");
+    let kernels = rak_codegen::emit::emit_kernels(&compiled.backward);
+    let cubecl = quote!(::rak::cubecl::prelude);
+    let array = quote!(::rak::kernels::DeviceArray);
     Ok(quote! {
         #(#[doc = #docs])*
         #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -61,5 +67,53 @@ fn expand(input: proc_macro2::TokenStream) -> Result<proc_macro2::TokenStream, D
             const NAME: &'static str = #name_text;
             const SOURCE: &'static str = #source;
         }
+
+        #[doc = #module_doc]
+        #[allow(non_snake_case, unused, clippy::all)]
+        #visibility mod #module {
+            use ::rak::cubecl;
+            use cubecl::prelude::*;
+            #kernels
+        }
+
+        impl ::rak::kernels::CellKernels for #name {
+            fn launch_forward<F: #cubecl::Float + #cubecl::CubeElement, R: #cubecl::Runtime>(
+                client: &#cubecl::ComputeClient<R>,
+                shape: &::rak::codegen::ScanShape,
+                schedule: ::rak::codegen::schedule::Schedule,
+                buffers: &::rak::kernels::ForwardBuffers,
+                workspace: &#array,
+                placeholder: &#array,
+            ) {
+                #module::launch_forward::<F, R>(client, shape, schedule, buffers, workspace, placeholder)
+            }
+
+            fn launch_backward<F: #cubecl::Float + #cubecl::CubeElement, R: #cubecl::Runtime>(
+                client: &#cubecl::ComputeClient<R>,
+                shape: &::rak::codegen::ScanShape,
+                schedule: ::rak::codegen::schedule::Schedule,
+                buffers: &::rak::kernels::BackwardBuffers,
+                param_partials: &[#array],
+                workspace: &#array,
+            ) {
+                #module::launch_backward::<F, R>(client, shape, schedule, buffers, param_partials, workspace)
+            }
+        }
     })
+}
+
+/// `SimpleRnn` → `simple_rnn`.
+fn snake_case(name: &str) -> String {
+    let mut out = String::new();
+    for (position, c) in name.chars().enumerate() {
+        if c.is_uppercase() {
+            if position > 0 && !out.ends_with('_') {
+                out.push('_');
+            }
+            out.extend(c.to_lowercase());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }

@@ -20,6 +20,13 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// What `rak emit` prints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Target {
+    /// The `#[cube]` Rust source of the forward and backward kernels.
+    Rust,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Compile cells (`.rak` files) and report any error.
@@ -27,6 +34,14 @@ pub enum Command {
         /// The `.rak` files to check.
         #[arg(required = true)]
         cells: Vec<PathBuf>,
+    },
+    /// Print the kernels generated for a cell.
+    Emit {
+        /// A `.rak` file.
+        cell: PathBuf,
+        /// What to print: the generated cubecl Rust source.
+        #[arg(long, value_enum, default_value_t = Target::Rust)]
+        target: Target,
     },
     /// Print a cell's IR, in the DSL's notation.
     Show {
@@ -78,6 +93,19 @@ pub fn run(cli: Cli) -> ExitCode {
                 ExitCode::SUCCESS
             }
         }
+        Command::Emit {
+            cell,
+            target: Target::Rust,
+        } => match compile_file(&cell) {
+            Ok(compiled) => {
+                print!("{}", rak_codegen::emit::kernels_source(&compiled.backward));
+                ExitCode::SUCCESS
+            }
+            Err(report) => {
+                eprint!("{report}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Show { cell, backward } => match compile_file(&cell) {
             Ok(compiled) => {
                 print!("{}", cell_to_string(&compiled.cell));

@@ -1,0 +1,132 @@
+//! Schedule pass: how a cell's scans are laid out on the device.
+//!
+//! This first schedule is the general one, valid for every cell: one cube per sequence
+//! (batch element × head) runs the whole time loop; its units share the elements of every
+//! statement; every per-step value lives in an f32 workspace owned by the cube, and units
+//! synchronise between statements. The forward scan writes a checkpoint of the states every
+//! [`Schedule::chunk`] steps; the backward scan walks the chunks in reverse, recomputes the
+//! states inside each chunk from its checkpoint into the workspace, then runs the backward step
+//! for each time step of the chunk in reverse.
+//!
+//! The [`WorkspaceLayout`] lists the buffers of a cube's workspace; the kernel emitter
+//! ([`crate::emit`]) and the host (which allocates the workspace) both derive offsets from it.
+
+use crate::ir::*;
+
+/// Choices a launch can override (tests and benchmarks do).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Schedule {
+    /// Units per cube.
+    pub cube_dim: u32,
+    /// Time steps between state checkpoints (C); the backward scan recomputes at most C states.
+    pub chunk: usize,
+}
+
+impl Default for Schedule {
+    fn default() -> Self {
+        Schedule {
+            cube_dim: 64,
+            chunk: 64,
+        }
+    }
+}
+
+/// One buffer of a cube's workspace.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Buffer {
+    /// An input after its activation.
+    Input(InputId),
+    /// An input before its activation (backward only).
+    InputPreActivation(InputId),
+    /// S_{t−1} (then, after the step, S_t).
+    State(StateId),
+    /// S_t while the step computes it.
+    NewState(StateId),
+    Let(LetId),
+    Grad(Grad),
+    /// The running sum over time of a parameter's gradient (backward only).
+    ParamGradSum(ParamId),
+    /// The states S_{t0} .. S_{t0+C} of the chunk being differentiated (backward only).
+    ChunkStates,
+}
+
+/// Which scan a workspace serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pass {
+    Forward,
+    Backward,
+}
+
+/// The buffers of one cube's workspace, in order.
+#[derive(Clone, Debug)]
+pub struct WorkspaceLayout {
+    pub buffers: Vec<Buffer>,
+}
+
+impl WorkspaceLayout {
+    pub fn new(step: &BackwardStep, pass: Pass) -> Self {
+        let cell = &step.cell;
+        let mut buffers = Vec::new();
+        for id in 0..cell.inputs.len() {
+            if pass == Pass::Backward {
+                buffers.push(Buffer::InputPreActivation(InputId(id)));
+            }
+            buffers.push(Buffer::Input(InputId(id)));
+        }
+        for id in 0..cell.states.len() {
+            buffers.push(Buffer::State(StateId(id)));
+            buffers.push(Buffer::NewState(StateId(id)));
+        }
+        buffers.extend((0..cell.lets.len()).map(|l| Buffer::Let(LetId(l))));
+        if pass == Pass::Backward {
+            for id in 0..cell.outputs.len() {
+                buffers.push(Buffer::Grad(Grad::Output(OutputId(id))));
+            }
+            for id in 0..cell.states.len() {
+                buffers.push(Buffer::Grad(Grad::StateFromNext(StateId(id))));
+            }
+            buffers.extend(step.definitions.iter().map(|d| Buffer::Grad(d.grad)));
+            buffers.extend((0..cell.params.len()).map(|p| Buffer::ParamGradSum(ParamId(p))));
+            buffers.push(Buffer::ChunkStates);
+        }
+        WorkspaceLayout { buffers }
+    }
+
+    /// The dims whose product is the buffer's size (before the chunk factor, see
+    /// [`Self::chunk_factor`]); `ChunkStates` holds every state once per chunk slot.
+    pub fn shapes(cell: &Cell, buffer: Buffer) -> Vec<Shape> {
+        match buffer {
+            Buffer::Input(i) | Buffer::InputPreActivation(i) => {
+                vec![cell.inputs[i.0].shape.clone()]
+            }
+            Buffer::State(s) | Buffer::NewState(s) => vec![cell.states[s.0].shape.clone()],
+            Buffer::Let(l) => vec![cell.lets[l.0].shape.clone()],
+            Buffer::Grad(g) => vec![cell.grad_shape(g).clone()],
+            Buffer::ParamGradSum(p) => vec![cell.params[p.0].shape.clone()],
+            Buffer::ChunkStates => cell.states.iter().map(|s| s.shape.clone()).collect(),
+        }
+    }
+
+    /// How many copies of its shapes a buffer holds: C + 1 for the chunk's states, else 1.
+    pub fn chunk_factor(buffer: Buffer, chunk: usize) -> usize {
+        if buffer == Buffer::ChunkStates {
+            chunk + 1
+        } else {
+            1
+        }
+    }
+
+    /// Elements of f32 one cube needs, for the given dim sizes.
+    pub fn size(&self, cell: &Cell, dims: &[usize], chunk: usize) -> usize {
+        self.buffers
+            .iter()
+            .map(|&b| {
+                let elements: usize = Self::shapes(cell, b)
+                    .iter()
+                    .map(|s| Cell::numel(s, dims))
+                    .sum();
+                elements * Self::chunk_factor(b, chunk)
+            })
+            .sum()
+    }
+}

@@ -1,0 +1,407 @@
+//! Running a cell's generated kernels from host code: buffers, shape validation, workspace,
+//! and the second pass that sums parameter gradients over the batch.
+//!
+//! Layouts (row-major, contiguous, element type `F` unless noted): input and its gradient
+//! `[B, T, H, numel]` (before activation), parameter and its gradient `[H, numel]`, initial and
+//! final states and their gradients `[B, H, numel]`, output and its gradient `[B, T, H, numel]`,
+//! checkpoints `[B, H, ceil(T / C), numel]` in f32.
+
+use crate::CellDefinition;
+use crate::codegen::schedule::{Pass, Schedule, WorkspaceLayout};
+use crate::codegen::{CompiledCell, ScanShape};
+use cubecl::prelude::*;
+use cubecl::server::Handle;
+use std::fmt;
+
+/// A device buffer of `len` elements (its handle may be larger: allocations are padded).
+#[derive(Clone, Debug)]
+pub struct DeviceArray {
+    pub handle: Handle,
+    pub len: usize,
+}
+
+impl DeviceArray {
+    pub fn new(handle: Handle, len: usize) -> Self {
+        DeviceArray { handle, len }
+    }
+
+    /// A zero-initialised buffer of `len` elements of `bytes` each.
+    pub fn zeros<R: Runtime>(client: &ComputeClient<R>, len: usize, bytes: usize) -> Self {
+        DeviceArray {
+            handle: client.create_from_slice(&vec![0u8; (len * bytes).max(4)]),
+            len,
+        }
+    }
+}
+
+/// Implemented by `rak::cell!` for every cell: launches its generated kernels. Use
+/// [`CellRunner`], which validates the buffers first.
+pub trait CellKernels: CellDefinition {
+    #[doc(hidden)]
+    fn launch_forward<F: Float + CubeElement, R: Runtime>(
+        client: &ComputeClient<R>,
+        shape: &ScanShape,
+        schedule: Schedule,
+        buffers: &ForwardBuffers,
+        workspace: &DeviceArray,
+        placeholder: &DeviceArray,
+    );
+
+    #[doc(hidden)]
+    fn launch_backward<F: Float + CubeElement, R: Runtime>(
+        client: &ComputeClient<R>,
+        shape: &ScanShape,
+        schedule: Schedule,
+        buffers: &BackwardBuffers,
+        param_partials: &[DeviceArray],
+        workspace: &DeviceArray,
+    );
+}
+
+/// What the forward scan reads and writes, one handle per input, parameter, state, output.
+#[derive(Clone, Debug)]
+pub struct ForwardBuffers {
+    pub inputs: Vec<DeviceArray>,
+    pub params: Vec<DeviceArray>,
+    /// `None`: every state starts from its declared value.
+    pub initial_states: Option<Vec<DeviceArray>>,
+    pub outputs: Vec<DeviceArray>,
+    pub final_states: Vec<DeviceArray>,
+    /// `Some`: write a checkpoint of the states every `schedule.chunk` steps (f32), which the
+    /// backward scan needs.
+    pub checkpoints: Option<Vec<DeviceArray>>,
+}
+
+/// What the backward scan reads and writes.
+#[derive(Clone, Debug)]
+pub struct BackwardBuffers {
+    pub inputs: Vec<DeviceArray>,
+    pub params: Vec<DeviceArray>,
+    /// Written by the forward scan with the same schedule.
+    pub checkpoints: Vec<DeviceArray>,
+    pub grad_outputs: Vec<DeviceArray>,
+    pub grad_final_states: Vec<DeviceArray>,
+    /// Written: gradients of the inputs before their activation.
+    pub grad_inputs: Vec<DeviceArray>,
+    /// Written: gradients of the parameters, summed over batch and time.
+    pub grad_params: Vec<DeviceArray>,
+    pub grad_initial_states: Vec<DeviceArray>,
+}
+
+/// A launch refused before it started; the message names the offending buffer or value.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KernelError(pub String);
+
+impl fmt::Display for KernelError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for KernelError {}
+
+/// Number of checkpoints the forward scan writes per sequence.
+pub fn checkpoint_count(time: usize, schedule: Schedule) -> usize {
+    time.div_ceil(schedule.chunk)
+}
+
+/// A cell's kernels with the metadata needed to check buffers against a shape.
+pub struct CellRunner<C: CellKernels> {
+    compiled: CompiledCell,
+    cell: std::marker::PhantomData<C>,
+}
+
+impl<C: CellKernels> Default for CellRunner<C> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Expected sizes of a list of buffers.
+struct Expect<'a> {
+    what: &'a str,
+    names: Vec<&'a str>,
+    elements: Vec<usize>,
+    element_bytes: usize,
+}
+
+impl Expect<'_> {
+    fn check(&self, arrays: &[DeviceArray]) -> Result<(), KernelError> {
+        if arrays.len() != self.elements.len() {
+            return Err(KernelError(format!(
+                "expected {} {} buffers ({}), got {}",
+                self.elements.len(),
+                self.what,
+                self.names.join(", "),
+                arrays.len()
+            )));
+        }
+        for ((array, name), &elements) in arrays.iter().zip(&self.names).zip(&self.elements) {
+            if array.len != elements {
+                return Err(KernelError(format!(
+                    "{} `{name}`: expected {elements} elements, got {}",
+                    self.what, array.len
+                )));
+            }
+            let needed = (elements * self.element_bytes) as u64;
+            if array.handle.size() < needed {
+                return Err(KernelError(format!(
+                    "{} `{name}`: {elements} elements need {needed} bytes, its handle has {}",
+                    self.what,
+                    array.handle.size()
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<C: CellKernels> CellRunner<C> {
+    pub fn new() -> Self {
+        CellRunner {
+            compiled: C::compile(),
+            cell: std::marker::PhantomData,
+        }
+    }
+
+    pub fn compiled(&self) -> &CompiledCell {
+        &self.compiled
+    }
+
+    fn check_shape(&self, shape: &ScanShape, schedule: Schedule) -> Result<(), KernelError> {
+        let cell = &self.compiled.cell;
+        if shape.dims.len() != cell.dims.len() {
+            return Err(KernelError(format!(
+                "cell `{}` has {} dims, the shape gives {}",
+                cell.name,
+                cell.dims.len(),
+                shape.dims.len()
+            )));
+        }
+        if shape.time == 0 {
+            return Err(KernelError("time must be at least 1".into()));
+        }
+        if schedule.chunk == 0 || schedule.cube_dim == 0 {
+            return Err(KernelError(format!(
+                "schedule {schedule:?}: chunk and cube_dim must be at least 1"
+            )));
+        }
+        Ok(())
+    }
+
+    fn expect<'a>(
+        &'a self,
+        what: &'a str,
+        names: Vec<&'a str>,
+        elements: Vec<usize>,
+        element_bytes: usize,
+    ) -> Expect<'a> {
+        Expect {
+            what,
+            names,
+            elements,
+            element_bytes,
+        }
+    }
+
+    fn inputs(&self, shape: &ScanShape, what: &'static str, bytes: usize) -> Expect<'_> {
+        let cell = &self.compiled.cell;
+        let elements = (0..cell.inputs.len())
+            .map(|i| {
+                shape
+                    .input(cell, crate::codegen::ir::InputId(i))
+                    .iter()
+                    .product()
+            })
+            .collect();
+        self.expect(
+            what,
+            cell.inputs.iter().map(|i| i.name.as_str()).collect(),
+            elements,
+            bytes,
+        )
+    }
+
+    fn params(&self, shape: &ScanShape, what: &'static str, bytes: usize) -> Expect<'_> {
+        let cell = &self.compiled.cell;
+        let elements = (0..cell.params.len())
+            .map(|p| {
+                shape
+                    .param(cell, crate::codegen::ir::ParamId(p))
+                    .iter()
+                    .product()
+            })
+            .collect();
+        self.expect(
+            what,
+            cell.params.iter().map(|p| p.name.as_str()).collect(),
+            elements,
+            bytes,
+        )
+    }
+
+    fn states(
+        &self,
+        shape: &ScanShape,
+        what: &'static str,
+        bytes: usize,
+        copies: usize,
+    ) -> Expect<'_> {
+        let cell = &self.compiled.cell;
+        let elements = (0..cell.states.len())
+            .map(|s| {
+                shape
+                    .state(cell, crate::codegen::ir::StateId(s))
+                    .iter()
+                    .product::<usize>()
+                    * copies
+            })
+            .collect();
+        self.expect(
+            what,
+            cell.states.iter().map(|s| s.name.as_str()).collect(),
+            elements,
+            bytes,
+        )
+    }
+
+    fn outputs(&self, shape: &ScanShape, what: &'static str, bytes: usize) -> Expect<'_> {
+        let cell = &self.compiled.cell;
+        let elements = (0..cell.outputs.len())
+            .map(|o| {
+                shape
+                    .output(cell, crate::codegen::ir::OutputId(o))
+                    .iter()
+                    .product()
+            })
+            .collect();
+        self.expect(
+            what,
+            cell.outputs.iter().map(|o| o.name.as_str()).collect(),
+            elements,
+            bytes,
+        )
+    }
+
+    fn workspace<R: Runtime>(
+        &self,
+        client: &ComputeClient<R>,
+        shape: &ScanShape,
+        schedule: Schedule,
+        pass: Pass,
+    ) -> DeviceArray {
+        let layout = WorkspaceLayout::new(&self.compiled.backward, pass);
+        let per_sequence = layout.size(&self.compiled.backward.cell, &shape.dims, schedule.chunk);
+        let len = shape.batch * shape.heads * per_sequence;
+        DeviceArray::new(client.empty(len.max(1) * 4), len)
+    }
+
+    /// Runs the forward scan.
+    pub fn forward<F: Float + CubeElement, R: Runtime>(
+        &self,
+        client: &ComputeClient<R>,
+        shape: &ScanShape,
+        schedule: Schedule,
+        buffers: &ForwardBuffers,
+    ) -> Result<(), KernelError> {
+        self.check_shape(shape, schedule)?;
+        let bytes = size_of::<F>();
+        self.inputs(shape, "input", bytes).check(&buffers.inputs)?;
+        self.params(shape, "parameter", bytes)
+            .check(&buffers.params)?;
+        if let Some(initial) = &buffers.initial_states {
+            self.states(shape, "initial state", bytes, 1)
+                .check(initial)?;
+        }
+        self.outputs(shape, "output", bytes)
+            .check(&buffers.outputs)?;
+        self.states(shape, "final state", bytes, 1)
+            .check(&buffers.final_states)?;
+        if let Some(checkpoints) = &buffers.checkpoints {
+            self.states(
+                shape,
+                "checkpoint",
+                4,
+                checkpoint_count(shape.time, schedule),
+            )
+            .check(checkpoints)?;
+        }
+        let workspace = self.workspace(client, shape, schedule, Pass::Forward);
+        let placeholder = DeviceArray::new(client.empty(4), 1);
+        C::launch_forward::<F, R>(client, shape, schedule, buffers, &workspace, &placeholder);
+        Ok(())
+    }
+
+    /// Runs the backward scan, then sums the parameter gradients over the batch.
+    pub fn backward<F: Float + CubeElement, R: Runtime>(
+        &self,
+        client: &ComputeClient<R>,
+        shape: &ScanShape,
+        schedule: Schedule,
+        buffers: &BackwardBuffers,
+    ) -> Result<(), KernelError> {
+        self.check_shape(shape, schedule)?;
+        let bytes = size_of::<F>();
+        self.inputs(shape, "input", bytes).check(&buffers.inputs)?;
+        self.params(shape, "parameter", bytes)
+            .check(&buffers.params)?;
+        self.states(
+            shape,
+            "checkpoint",
+            4,
+            checkpoint_count(shape.time, schedule),
+        )
+        .check(&buffers.checkpoints)?;
+        self.outputs(shape, "output gradient", bytes)
+            .check(&buffers.grad_outputs)?;
+        self.states(shape, "final state gradient", bytes, 1)
+            .check(&buffers.grad_final_states)?;
+        self.inputs(shape, "input gradient", bytes)
+            .check(&buffers.grad_inputs)?;
+        self.params(shape, "parameter gradient", bytes)
+            .check(&buffers.grad_params)?;
+        self.states(shape, "initial state gradient", bytes, 1)
+            .check(&buffers.grad_initial_states)?;
+
+        let cell = &self.compiled.cell;
+        let partials: Vec<DeviceArray> = (0..cell.params.len())
+            .map(|p| {
+                let len = shape.batch
+                    * shape
+                        .param(cell, crate::codegen::ir::ParamId(p))
+                        .iter()
+                        .product::<usize>();
+                DeviceArray::new(client.empty(len * 4), len)
+            })
+            .collect();
+        let workspace = self.workspace(client, shape, schedule, Pass::Backward);
+        C::launch_backward::<F, R>(client, shape, schedule, buffers, &partials, &workspace);
+        for (partial, total) in partials.iter().zip(&buffers.grad_params) {
+            let width = total.len;
+            sum_over_batch::launch::<F, R>(
+                client,
+                CubeCount::Static(width.div_ceil(64) as u32, 1, 1),
+                CubeDim::new_1d(64),
+                unsafe { ArrayArg::from_raw_parts(partial.handle.clone(), partial.len) },
+                unsafe { ArrayArg::from_raw_parts(total.handle.clone(), width) },
+                shape.batch as u32,
+                width as u32,
+            );
+        }
+        Ok(())
+    }
+}
+
+/// `total[e] = Σ_b partials[b, e]`, in a fixed order (bitwise reproducible).
+#[cube(launch)]
+fn sum_over_batch<F: Float>(partials: &Array<f32>, total: &mut Array<F>, batch: u32, width: u32) {
+    let e = ABSOLUTE_POS as usize;
+    let width = width as usize;
+    if e < width {
+        let mut sum = 0f32;
+        for b in 0..batch as usize {
+            sum += partials[b * width + e];
+        }
+        total[e] = F::cast_from(sum);
+    }
+}
