@@ -42,6 +42,7 @@ pub trait CellKernels: CellDefinition {
         client: &ComputeClient<R>,
         shape: &ScanShape,
         schedule: Schedule,
+        steps: std::ops::Range<usize>,
         buffers: &ForwardBuffers,
         workspace: &DeviceArray,
         placeholder: &DeviceArray,
@@ -52,6 +53,7 @@ pub trait CellKernels: CellDefinition {
         client: &ComputeClient<R>,
         shape: &ScanShape,
         schedule: Schedule,
+        chunks_from_end: std::ops::Range<usize>,
         buffers: &BackwardBuffers,
         param_partials: &[DeviceArray],
         workspace: &DeviceArray,
@@ -181,9 +183,9 @@ impl<C: CellKernels> CellRunner<C> {
         if shape.time == 0 {
             return Err(KernelError("time must be at least 1".into()));
         }
-        if schedule.chunk == 0 || schedule.cube_dim == 0 {
+        if schedule.chunk == 0 || schedule.cube_dim == 0 || schedule.chunks_per_launch == Some(0) {
             return Err(KernelError(format!(
-                "schedule {schedule:?}: chunk and cube_dim must be at least 1"
+                "schedule {schedule:?}: chunk, cube_dim and chunks_per_launch must be at least 1"
             )));
         }
         Ok(())
@@ -328,7 +330,19 @@ impl<C: CellKernels> CellRunner<C> {
         }
         let workspace = self.workspace(client, shape, schedule, Pass::Forward);
         let placeholder = DeviceArray::new(client.empty(4), 1);
-        C::launch_forward::<F, R>(client, shape, schedule, buffers, &workspace, &placeholder);
+        for chunks in schedule.launches(shape.time) {
+            let steps =
+                chunks.start * schedule.chunk..(chunks.end * schedule.chunk).min(shape.time);
+            C::launch_forward::<F, R>(
+                client,
+                shape,
+                schedule,
+                steps,
+                buffers,
+                &workspace,
+                &placeholder,
+            );
+        }
         Ok(())
     }
 
@@ -375,7 +389,17 @@ impl<C: CellKernels> CellRunner<C> {
             })
             .collect();
         let workspace = self.workspace(client, shape, schedule, Pass::Backward);
-        C::launch_backward::<F, R>(client, shape, schedule, buffers, &partials, &workspace);
+        for chunks_from_end in schedule.launches(shape.time) {
+            C::launch_backward::<F, R>(
+                client,
+                shape,
+                schedule,
+                chunks_from_end,
+                buffers,
+                &partials,
+                &workspace,
+            );
+        }
         for (partial, total) in partials.iter().zip(&buffers.grad_params) {
             let width = total.len;
             sum_over_batch::launch::<F, R>(
@@ -395,7 +419,7 @@ impl<C: CellKernels> CellRunner<C> {
 /// `total[e] = Σ_b partials[b, e]`, in a fixed order (bitwise reproducible).
 #[cube(launch)]
 fn sum_over_batch<F: Float>(partials: &Array<f32>, total: &mut Array<F>, batch: u32, width: u32) {
-    let e = ABSOLUTE_POS as usize;
+    let e = ABSOLUTE_POS;
     let width = width as usize;
     if e < width {
         let mut sum = 0f32;

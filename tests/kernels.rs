@@ -274,40 +274,206 @@ fn compare<C: CellKernels>(
     }
 }
 
-#[test]
-fn timing_probe() {
-    let client = client();
-    let schedule = Schedule { cube_dim: 64, chunk: 16 };
-    for (batch, time, heads, dim) in [(1, 300, 1, 64), (3, 17, 2, 64)] {
-        let start = std::time::Instant::now();
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| compare::<Elman>(&client, batch, time, heads, dim, schedule, 1)));
-        eprintln!("Elman B {batch} T {time} H {heads} dims {dim}: {:?} ok={}", start.elapsed(), result.is_ok());
+/// Steps between checkpoints in these tests (C).
+const CHUNK: usize = 16;
+
+/// The schedule for the software adapter: one launch per chunk, since Mesa caps every loop at
+/// 65,535 iterations per invocation.
+fn cpu_schedule() -> Schedule {
+    Schedule {
+        cube_dim: 64,
+        chunk: CHUNK,
+        chunks_per_launch: Some(1),
     }
-    for (batch, time, heads, dim) in [(3, 300, 2, 5), (1, 300, 1, 33), (3, 17, 2, 33), (3, 300, 2, 33)] {
-        let start = std::time::Instant::now();
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| compare::<SimpleRnn>(&client, batch, time, heads, dim, schedule, 1)));
-        eprintln!("SimpleRnn B {batch} T {time} H {heads} dims {dim}: {:?} ok={}", start.elapsed(), result.is_ok());
+}
+
+/// Calls `$check::<Cell>($args)` for each of the seven reference cells.
+macro_rules! for_each_cell {
+    ($check:ident($($args:expr),*)) => {
+        $check::<SimpleRnn>($($args),*);
+        $check::<Gla>($($args),*);
+        $check::<RetNet>($($args),*);
+        $check::<Mamba2>($($args),*);
+        $check::<DeltaNet>($($args),*);
+        $check::<Mlstm>($($args),*);
+        $check::<Elman>($($args),*);
+    };
+}
+
+#[test]
+fn kernels_match_the_interpreter_for_every_cell() {
+    let client = client();
+    // (B, T, H, size of every dim): T covers 1, 7, C−1, C, C+1 and 300; dims 5, 33 and 64.
+    let shapes = [
+        (1, 1, 1, 5),
+        (3, 7, 2, 5),
+        (1, CHUNK - 1, 2, 33),
+        (3, CHUNK, 1, 33),
+        (1, CHUNK + 1, 2, 64),
+        (3, 300, 2, 5),
+    ];
+    for (n, (batch, time, heads, dim)) in shapes.into_iter().enumerate() {
+        for_each_cell!(compare(
+            &client,
+            batch,
+            time,
+            heads,
+            dim,
+            cpu_schedule(),
+            100 + n as u64
+        ));
     }
 }
 
 #[test]
-fn debug_elman() {
+fn one_launch_and_many_launches_agree() {
     let client = client();
-    let runner = CellRunner::<Elman>::new();
+    let one_launch = Schedule {
+        chunks_per_launch: None,
+        ..cpu_schedule()
+    };
+    compare::<Mlstm>(&client, 2, 40, 1, 5, one_launch, 7);
+    compare::<Mamba2>(
+        &client,
+        2,
+        40,
+        1,
+        5,
+        Schedule {
+            chunks_per_launch: Some(2),
+            ..cpu_schedule()
+        },
+        7,
+    );
+}
+
+/// Runs forward and backward twice on the same inputs; every result must be bitwise equal.
+fn check_reproducible<C: CellKernels>(client: &ComputeClient<Wgpu>) {
+    let runner = CellRunner::<C>::new();
     let cell = &runner.compiled().cell;
-    for (dim, time, chunk, cube_dim) in [(64, 12, 16, 64)] {
-        let schedule = Schedule { cube_dim, chunk };
-        let shape = ScanShape::new(cell, 1, time, 1, &[("D", dim)]).unwrap();
-        let mut rng = Rng(1);
-        let (inputs, go, gf) = random_problem(cell, &shape, &mut rng, 1.0);
-        let expected = backward(&runner.compiled().backward, &shape, &inputs, &go, &gf).unwrap();
-        let got = run_kernels(&runner, &client, &shape, schedule, &inputs, &go, &gf);
-        let err = relative_error(&got.grad_initial[0], &expected.initial_states[0].data);
-        let err_x = relative_error(&got.grad_inputs[0], &expected.inputs[0].data);
-        eprintln!("dim {dim} T {time} {schedule:?}: dh0 error {err:e} dx error {err_x:e}");
-        for t in 0..time {
-            let range = t * dim..(t + 1) * dim;
-            eprintln!("   t={t}: dx err {:e}", relative_error(&got.grad_inputs[0][range.clone()], &expected.inputs[0].data[range]));
-        }
-    }
+    let dims: Vec<(String, usize)> = cell.dims.iter().map(|d| (d.name.clone(), 7)).collect();
+    let named: Vec<(&str, usize)> = dims.iter().map(|(n, s)| (n.as_str(), *s)).collect();
+    let shape = ScanShape::new(cell, 3, 21, 2, &named).unwrap();
+    let (inputs, go, gf) = random_problem(cell, &shape, &mut Rng(5), 1.0);
+    let bits = |results: KernelResults| -> Vec<u32> {
+        [
+            results.outputs,
+            results.final_states,
+            results.grad_inputs,
+            results.grad_params,
+            results.grad_initial,
+        ]
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(f32::to_bits)
+        .collect()
+    };
+    let first = bits(run_kernels(
+        &runner,
+        client,
+        &shape,
+        cpu_schedule(),
+        &inputs,
+        &go,
+        &gf,
+    ));
+    let second = bits(run_kernels(
+        &runner,
+        client,
+        &shape,
+        cpu_schedule(),
+        &inputs,
+        &go,
+        &gf,
+    ));
+    assert!(first == second, "{}: two runs differ", C::NAME);
+}
+
+#[test]
+fn gradients_are_bitwise_reproducible() {
+    let client = client();
+    for_each_cell!(check_reproducible(&client));
+}
+
+/// T = 2048 with inputs scaled by 30 (sigmoid and log-sigmoid gates saturated near 0 and 1):
+/// everything stays finite and still matches the interpreter.
+fn check_saturated<C: CellKernels>(client: &ComputeClient<Wgpu>) {
+    let runner = CellRunner::<C>::new();
+    let compiled = runner.compiled();
+    let cell = &compiled.cell;
+    let dims: Vec<(String, usize)> = cell.dims.iter().map(|d| (d.name.clone(), 3)).collect();
+    let named: Vec<(&str, usize)> = dims.iter().map(|(n, s)| (n.as_str(), *s)).collect();
+    let shape = ScanShape::new(cell, 1, 2048, 1, &named).unwrap();
+    let (inputs, go, gf) = random_problem(cell, &shape, &mut Rng(11), 30.0);
+    let schedule = Schedule {
+        chunk: 64,
+        chunks_per_launch: Some(4),
+        ..cpu_schedule()
+    };
+    let got = run_kernels(&runner, client, &shape, schedule, &inputs, &go, &gf);
+    let all = [
+        &got.outputs,
+        &got.final_states,
+        &got.grad_inputs,
+        &got.grad_params,
+        &got.grad_initial,
+    ];
+    assert!(
+        all.iter()
+            .all(|list| list.iter().flatten().all(|x| x.is_finite())),
+        "{}: non-finite values",
+        C::NAME
+    );
+    let expected = forward(cell, &shape, &inputs).unwrap();
+    let error = relative_error(&got.outputs[0], &expected.outputs[0].data);
+    assert!(
+        error <= TOLERANCE,
+        "{}: saturated outputs: relative error {error:e}",
+        C::NAME
+    );
+}
+
+#[test]
+fn saturated_gates_and_long_sequences_stay_finite() {
+    let client = client();
+    check_saturated::<SimpleRnn>(&client);
+    check_saturated::<Gla>(&client);
+    check_saturated::<Mlstm>(&client);
+    check_saturated::<Mamba2>(&client);
+}
+
+#[test]
+fn mismatched_buffers_are_refused_with_their_name() {
+    let client = client();
+    let runner = CellRunner::<SimpleRnn>::new();
+    let cell = &runner.compiled().cell;
+    let shape = ScanShape::new(cell, 2, 3, 1, &[("K", 4), ("V", 5)]).unwrap();
+    let (inputs, _, _) = random_problem(cell, &shape, &mut Rng(1), 1.0);
+    let mut buffers = ForwardBuffers {
+        inputs: inputs.inputs.iter().map(|t| upload(&client, t)).collect(),
+        params: Vec::new(),
+        initial_states: None,
+        outputs: vec![zeros(&client, 2 * 3 * 5)],
+        final_states: vec![zeros(&client, 2 * 4 * 5)],
+        checkpoints: None,
+    };
+    runner
+        .forward::<f32, Wgpu>(&client, &shape, cpu_schedule(), &buffers)
+        .expect("valid buffers");
+    buffers.outputs = vec![zeros(&client, 7)];
+    let error = runner
+        .forward::<f32, Wgpu>(&client, &shape, cpu_schedule(), &buffers)
+        .unwrap_err();
+    assert_eq!(error.0, "output `o`: expected 30 elements, got 7");
+    buffers.outputs = Vec::new();
+    let error = runner
+        .forward::<f32, Wgpu>(&client, &shape, cpu_schedule(), &buffers)
+        .unwrap_err();
+    assert_eq!(error.0, "expected 1 output buffers (o), got 0");
+    let zero_time = ScanShape::new(cell, 2, 0, 1, &[("K", 4), ("V", 5)]).unwrap();
+    let error = runner
+        .forward::<f32, Wgpu>(&client, &zero_time, cpu_schedule(), &buffers)
+        .unwrap_err();
+    assert_eq!(error.0, "time must be at least 1");
 }

@@ -20,7 +20,7 @@ use crate::ir::*;
 use crate::schedule::{Buffer, Pass, WorkspaceLayout};
 use proc_macro2::{Ident, Literal, Span, TokenStream};
 use quote::{format_ident, quote};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 /// The kernels and launchers of a cell, as items for a module that has
 /// `use cubecl::prelude::*;` in scope.
@@ -109,6 +109,7 @@ impl<'a> Emitter<'a> {
             Buffer::Let(l) => format_ident!("at_let_{}", cell.lets[l.0].name),
             Buffer::ParamGradSum(p) => format_ident!("at_param_grad_sum_{}", cell.params[p.0].name),
             Buffer::ChunkStates => ident("at_chunk_states"),
+            Buffer::Sum(expr) => format_ident!("at_sum_{}", expr.0),
             Buffer::Grad(grad) => {
                 let (kind, name) = match grad {
                     Grad::Output(o) => ("output", &cell.outputs[o.0].name),
@@ -213,20 +214,64 @@ impl<'a> Emitter<'a> {
         tokens
     }
 
+    /// The row-major position of `indices` in a value of their dims.
+    fn flat_index(&self, indices: &[IndexId]) -> TokenStream {
+        let mut flat = quote!(0usize);
+        for (position, &index) in indices.iter().enumerate() {
+            let var = self.index_var(index);
+            if position == 0 {
+                flat = quote!(#var);
+            } else {
+                let dim = self.dim(self.cell.index_dim(index));
+                flat = quote!((#flat) * #dim + #var);
+            }
+        }
+        flat
+    }
+
     fn index_var(&self, index: IndexId) -> Ident {
         format_ident!("{}_{}", self.cell.indices[index.0].name, index.0)
     }
 
-    /// `target[indices] = expr` for every element: `store(value)` writes one element.
+    /// `target[indices] = expr` for every element: `store(value)` writes one element. First
+    /// materialises the `sum`s inside `expr` that this step has not computed yet (`ready`).
     fn statement(
         &self,
+        ready: &mut HashSet<ExprId>,
+        indices: &[IndexId],
+        expr: ExprId,
+        store: impl Fn(&Ident) -> TokenStream,
+    ) -> TokenStream {
+        let mut tokens = TokenStream::new();
+        for sum in self.cell.sums_under(&[expr]) {
+            if sum != expr && !ready.contains(&sum) {
+                let free: Vec<IndexId> = self.cell.free_indices(sum).into_iter().collect();
+                let at = self.buffer_name(Buffer::Sum(sum));
+                tokens.extend(self.element_loop(
+                    ready,
+                    &free,
+                    sum,
+                    |value| quote!(workspace[base + #at + e] = #value;),
+                ));
+                tokens.extend(quote!(sync_storage();));
+                ready.insert(sum);
+            }
+        }
+        tokens.extend(self.element_loop(ready, indices, expr, store));
+        tokens
+    }
+
+    /// One loop over the elements of `indices`, computing `expr` from materialised sums.
+    fn element_loop(
+        &self,
+        ready: &HashSet<ExprId>,
         indices: &[IndexId],
         expr: ExprId,
         store: impl Fn(&Ident) -> TokenStream,
     ) -> TokenStream {
         let shape: Shape = indices.iter().map(|&i| self.cell.index_dim(i)).collect();
         let decode = self.decode_indices(indices);
-        let mut exprs = ExprEmitter::new(self);
+        let mut exprs = ExprEmitter::new(self, ready.clone());
         let value = exprs.emit(expr);
         let statements = exprs.finish();
         let write = store(&value);
@@ -237,9 +282,16 @@ impl<'a> Emitter<'a> {
     }
 
     /// Writes a workspace buffer from an expression, for every element of its shape.
-    fn define_buffer(&self, buffer: Buffer, indices: &[IndexId], expr: ExprId) -> TokenStream {
+    fn define_buffer(
+        &self,
+        ready: &mut HashSet<ExprId>,
+        buffer: Buffer,
+        indices: &[IndexId],
+        expr: ExprId,
+    ) -> TokenStream {
         let at = self.buffer_name(buffer);
         self.statement(
+            ready,
             indices,
             expr,
             |value| quote!(workspace[base + #at + e] = #value;),
@@ -257,7 +309,7 @@ impl<'a> Emitter<'a> {
             let arg = self.input_arg(id);
             let numel = self.shape_numel(&input.shape);
             let at = self.buffer_name(Buffer::Input(InputId(id)));
-            let mut exprs = ExprEmitter::new(self);
+            let mut exprs = ExprEmitter::new(self, HashSet::new());
             let pre = ident("pre");
             let activated = match input.activation {
                 Some(op) => exprs.apply_unary(op, &pre),
@@ -285,24 +337,32 @@ impl<'a> Emitter<'a> {
     }
 
     /// Lets (each followed by a barrier) and updates into the new states.
-    fn lets_and_updates(&self) -> TokenStream {
-        let mut tokens = TokenStream::new();
-        for (id, definition) in self.cell.lets.iter().enumerate() {
-            tokens.extend(self.define_buffer(
-                Buffer::Let(LetId(id)),
-                &definition.indices,
-                definition.expr,
-            ));
-            tokens.extend(quote!(sync_storage();));
-        }
+    fn lets_and_updates(&self, ready: &mut HashSet<ExprId>) -> TokenStream {
+        let mut tokens = self.lets(ready);
         for update in &self.cell.updates {
             tokens.extend(self.define_buffer(
+                ready,
                 Buffer::NewState(update.state),
                 &update.indices,
                 update.expr,
             ));
         }
         tokens.extend(quote!(sync_storage();));
+        tokens
+    }
+
+    /// The lets, each followed by a barrier.
+    fn lets(&self, ready: &mut HashSet<ExprId>) -> TokenStream {
+        let mut tokens = TokenStream::new();
+        for (id, definition) in self.cell.lets.iter().enumerate() {
+            tokens.extend(self.define_buffer(
+                ready,
+                Buffer::Let(LetId(id)),
+                &definition.indices,
+                definition.expr,
+            ));
+            tokens.extend(quote!(sync_storage();));
+        }
         tokens
     }
 
@@ -396,13 +456,14 @@ impl<'a> Emitter<'a> {
             ));
         }
         let load_inputs = self.load_inputs(false);
-        let lets_and_updates = self.lets_and_updates();
+        let mut ready = HashSet::new();
+        let lets_and_updates = self.lets_and_updates(&mut ready);
         let mut outputs_code = TokenStream::new();
-        for (id, output) in cell.outputs.iter().enumerate() {
+        for output in &cell.outputs {
             let arg = format_ident!("output_{}", output.name);
             let numel = self.shape_numel(&output.shape);
-            let _ = id;
             outputs_code.extend(self.statement(
+                &mut ready,
                 &output.indices,
                 output.expr,
                 |value| quote!(#arg[row * #numel + e] = F::cast_from(#value);),
@@ -434,14 +495,19 @@ impl<'a> Emitter<'a> {
                 #(#checkpoints: &mut Array<f32>,)*
                 workspace: &mut Array<f32>,
                 time: u32,
+                first_step: u32,
+                end_step: u32,
                 #comptime_dims,
                 #[comptime] has_initial: bool,
                 #[comptime] write_checkpoints: bool,
             ) {
                 #prelude
-                #init_states
+                // A later launch of the same scan resumes from the states in the workspace.
+                if first_step == 0 {
+                    #init_states
+                }
                 sync_storage();
-                for t in 0..time_len {
+                for t in first_step as usize..end_step as usize {
                     if comptime![write_checkpoints] {
                         if t % chunk == 0 {
                             #write_checkpoints
@@ -526,7 +592,7 @@ impl<'a> Emitter<'a> {
             ));
         }
         let recompute_inputs = self.load_inputs(false);
-        let recompute_lets_and_updates = self.lets_and_updates();
+        let recompute_lets_and_updates = self.lets_and_updates(&mut HashSet::new());
         let keep_states = {
             let advance = self.copy_states(
                 |s| self.at(Buffer::NewState(s)),
@@ -550,15 +616,8 @@ impl<'a> Emitter<'a> {
             quote!(#previous #current)
         };
         let primal_inputs = self.load_inputs(true);
-        let mut primal_lets = TokenStream::new();
-        for (id, definition) in cell.lets.iter().enumerate() {
-            primal_lets.extend(self.define_buffer(
-                Buffer::Let(LetId(id)),
-                &definition.indices,
-                definition.expr,
-            ));
-            primal_lets.extend(quote!(sync_storage();));
-        }
+        let mut ready = HashSet::new();
+        let primal_lets = self.lets(&mut ready);
         let mut load_output_grads = TokenStream::new();
         for (id, output) in cell.outputs.iter().enumerate() {
             let at = self.at(Buffer::Grad(Grad::Output(OutputId(id))));
@@ -572,6 +631,7 @@ impl<'a> Emitter<'a> {
         let mut definitions = TokenStream::new();
         for definition in &self.step.definitions {
             definitions.extend(self.define_buffer(
+                &mut ready,
                 Buffer::Grad(definition.grad),
                 &definition.indices,
                 definition.expr,
@@ -635,12 +695,17 @@ impl<'a> Emitter<'a> {
                 #(#grad_initial: &mut Array<F>,)*
                 workspace: &mut Array<f32>,
                 time: u32,
+                first_chunk_from_end: u32,
+                end_chunk_from_end: u32,
                 #comptime_dims,
             ) {
                 #prelude
-                #setup
+                // A later launch of the same scan resumes from the gradients in the workspace.
+                if first_chunk_from_end == 0 {
+                    #setup
+                }
                 sync_storage();
-                for chunk_from_end in 0..chunk_count {
+                for chunk_from_end in first_chunk_from_end as usize..end_chunk_from_end as usize {
                     let chunk_index = chunk_count - 1 - chunk_from_end;
                     let t0 = chunk_index * chunk;
                     let remaining = time_len - t0;
@@ -711,11 +776,13 @@ impl<'a> Emitter<'a> {
             let single = element;
         };
         quote! {
-            /// Launches [`forward`]; `buffers` must have been validated against `shape`.
+            /// Launches [`forward`] for the steps `steps`; `buffers` must have been validated
+            /// against `shape`.
             pub fn launch_forward<F: Float + CubeElement, R: Runtime>(
                 client: &ComputeClient<R>,
                 shape: &::rak::codegen::ScanShape,
                 schedule: ::rak::codegen::schedule::Schedule,
+                steps: ::core::ops::Range<usize>,
                 buffers: &::rak::kernels::ForwardBuffers,
                 workspace: &::rak::kernels::DeviceArray,
                 placeholder: &::rak::kernels::DeviceArray,
@@ -734,6 +801,8 @@ impl<'a> Emitter<'a> {
                     #inputs #params #initial #outputs #finals #checkpoints
                     single(workspace),
                     shape.time as u32,
+                    steps.start as u32,
+                    steps.end as u32,
                     shape.heads,
                     #(#dim_args,)*
                     schedule.chunk,
@@ -742,11 +811,13 @@ impl<'a> Emitter<'a> {
                 );
             }
 
-            /// Launches [`backward`]; `buffers` must have been validated against `shape`.
+            /// Launches [`backward`] for the chunks `chunks_from_end` (counted from the last);
+            /// `buffers` must have been validated against `shape`.
             pub fn launch_backward<F: Float + CubeElement, R: Runtime>(
                 client: &ComputeClient<R>,
                 shape: &::rak::codegen::ScanShape,
                 schedule: ::rak::codegen::schedule::Schedule,
+                chunks_from_end: ::core::ops::Range<usize>,
                 buffers: &::rak::kernels::BackwardBuffers,
                 param_partials: &[::rak::kernels::DeviceArray],
                 workspace: &::rak::kernels::DeviceArray,
@@ -762,6 +833,8 @@ impl<'a> Emitter<'a> {
                     #grad_inputs #grad_params #grad_initial
                     single(workspace),
                     shape.time as u32,
+                    chunks_from_end.start as u32,
+                    chunks_from_end.end as u32,
                     shape.heads,
                     #(#dim_args,)*
                     schedule.chunk,
@@ -774,6 +847,8 @@ impl<'a> Emitter<'a> {
 /// Emits the statements computing expressions, one `let` per node, each node once per scope.
 struct ExprEmitter<'e, 'a> {
     emitter: &'e Emitter<'a>,
+    /// Sums already in the workspace: read, not recomputed.
+    materialized: HashSet<ExprId>,
     /// Innermost last: the statements of the loops being emitted.
     blocks: Vec<Vec<TokenStream>>,
     /// Innermost last: what each open scope computed, and the index it binds.
@@ -783,9 +858,10 @@ struct ExprEmitter<'e, 'a> {
 }
 
 impl<'e, 'a> ExprEmitter<'e, 'a> {
-    fn new(emitter: &'e Emitter<'a>) -> Self {
+    fn new(emitter: &'e Emitter<'a>, materialized: HashSet<ExprId>) -> Self {
         ExprEmitter {
             emitter,
+            materialized,
             blocks: vec![Vec::new()],
             frames: vec![(None, HashMap::new())],
             free: HashMap::new(),
@@ -887,6 +963,14 @@ impl<'e, 'a> ExprEmitter<'e, 'a> {
                 self.push(quote!(let #name = #value;));
                 name
             }
+            Expr::Sum { .. } if self.materialized.contains(&expr) => {
+                let name = self.fresh();
+                let free: Vec<IndexId> = emitter.cell.free_indices(expr).into_iter().collect();
+                let flat = emitter.flat_index(&free);
+                let at = emitter.buffer_name(Buffer::Sum(expr));
+                self.push(quote!(let #name = workspace[base + #at + #flat];));
+                name
+            }
             Expr::Sum { index, body } => {
                 let name = self.fresh();
                 let var = emitter.index_var(index);
@@ -940,19 +1024,7 @@ impl<'e, 'a> ExprEmitter<'e, 'a> {
     fn load(&mut self, value: Value, indices: &[IndexId]) -> TokenStream {
         let emitter = self.emitter;
         let cell = emitter.cell;
-        let mut flat = TokenStream::new();
-        for (position, &index) in indices.iter().enumerate() {
-            let var = emitter.index_var(index);
-            if position == 0 {
-                flat = quote!(#var);
-            } else {
-                let dim = emitter.dim(cell.index_dim(index));
-                flat = quote!((#flat) * #dim + #var);
-            }
-        }
-        if indices.is_empty() {
-            flat = quote!(0usize);
-        }
+        let flat = emitter.flat_index(indices);
         let buffer = match value {
             Value::Param(p) => {
                 let arg = format_ident!("param_{}", cell.params[p.0].name);

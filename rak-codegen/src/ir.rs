@@ -555,6 +555,57 @@ impl Cell {
         IndexId(self.indices.len() - 1)
     }
 
+    /// The index variables free in an expression, in id order.
+    pub fn free_indices(&self, expr: ExprId) -> std::collections::BTreeSet<IndexId> {
+        match self.exprs.get(expr) {
+            Expr::Const(_) => Default::default(),
+            Expr::Load { indices, .. } => indices.iter().copied().collect(),
+            Expr::Unary(_, a) => self.free_indices(*a),
+            Expr::Binary(_, a, b) => {
+                let mut free = self.free_indices(*a);
+                free.extend(self.free_indices(*b));
+                free
+            }
+            Expr::Sum { index, body } => {
+                let mut free = self.free_indices(*body);
+                free.remove(index);
+                free
+            }
+        }
+    }
+
+    /// Every `sum` reachable from `roots`, each once, inner sums before the sums that hold
+    /// them.
+    pub fn sums_under(&self, roots: &[ExprId]) -> Vec<ExprId> {
+        fn visit(
+            cell: &Cell,
+            expr: ExprId,
+            seen: &mut std::collections::HashSet<ExprId>,
+            out: &mut Vec<ExprId>,
+        ) {
+            if !seen.insert(expr) {
+                return;
+            }
+            match cell.exprs.get(expr) {
+                Expr::Const(_) | Expr::Load { .. } => {}
+                Expr::Unary(_, a) => visit(cell, *a, seen, out),
+                Expr::Binary(_, a, b) => {
+                    visit(cell, *a, seen, out);
+                    visit(cell, *b, seen, out);
+                }
+                Expr::Sum { body, .. } => {
+                    visit(cell, *body, seen, out);
+                    out.push(expr);
+                }
+            }
+        }
+        let (mut seen, mut out) = (Default::default(), Vec::new());
+        for &root in roots {
+            visit(self, root, &mut seen, &mut out);
+        }
+        out
+    }
+
     /// Number of elements of a shape, given the size of each dim.
     pub fn numel(shape: &Shape, dim_sizes: &[usize]) -> usize {
         shape.iter().map(|d| dim_sizes[d.0]).product()

@@ -8,6 +8,11 @@
 //! states inside each chunk from its checkpoint into the workspace, then runs the backward step
 //! for each time step of the chunk in reverse.
 //!
+//! Every `sum` is materialised: computed once per step into a buffer indexed by its free
+//! indices, right before the first statement that needs it, so that an expression such as
+//! `tanh(Σ_j R[i, j]·h[j] + x[i])` is not recomputed inside every element of a statement that
+//! reads it (the backward of Elman reads it D² times per step).
+//!
 //! The [`WorkspaceLayout`] lists the buffers of a cube's workspace; the kernel emitter
 //! ([`crate::emit`]) and the host (which allocates the workspace) both derive offsets from it.
 
@@ -20,6 +25,11 @@ pub struct Schedule {
     pub cube_dim: u32,
     /// Time steps between state checkpoints (C); the backward scan recomputes at most C states.
     pub chunk: usize,
+    /// Split each scan into launches of this many chunks (the state, its gradient and the
+    /// parameter-gradient sums wait in the workspace between launches); `None`: one launch.
+    /// Mesa's software Vulkan driver caps every loop at 65,535 iterations per invocation in
+    /// total, so long scans there need several launches.
+    pub chunks_per_launch: Option<usize>,
 }
 
 impl Default for Schedule {
@@ -27,7 +37,21 @@ impl Default for Schedule {
         Schedule {
             cube_dim: 64,
             chunk: 64,
+            chunks_per_launch: None,
         }
+    }
+}
+
+impl Schedule {
+    /// The launches of a scan of `time` steps, as ranges of chunks (forward: from the first
+    /// chunk; backward: counted from the last).
+    pub fn launches(&self, time: usize) -> Vec<std::ops::Range<usize>> {
+        let chunks = time.div_ceil(self.chunk);
+        let per_launch = self.chunks_per_launch.unwrap_or(chunks).max(1);
+        (0..chunks)
+            .step_by(per_launch)
+            .map(|first| first..(first + per_launch).min(chunks))
+            .collect()
     }
 }
 
@@ -48,6 +72,20 @@ pub enum Buffer {
     ParamGradSum(ParamId),
     /// The states S_{t0} .. S_{t0+C} of the chunk being differentiated (backward only).
     ChunkStates,
+    /// A materialised `sum`, indexed by its free indices in id order.
+    Sum(ExprId),
+}
+
+/// The statements a pass evaluates in each step, whose `sum`s it materialises.
+pub fn step_roots(step: &BackwardStep, pass: Pass) -> Vec<ExprId> {
+    let cell = &step.cell;
+    let mut roots: Vec<ExprId> = cell.lets.iter().map(|l| l.expr).collect();
+    roots.extend(cell.updates.iter().map(|u| u.expr));
+    match pass {
+        Pass::Forward => roots.extend(cell.outputs.iter().map(|o| o.expr)),
+        Pass::Backward => roots.extend(step.definitions.iter().map(|d| d.expr)),
+    }
+    roots
 }
 
 /// Which scan a workspace serves.
@@ -89,6 +127,11 @@ impl WorkspaceLayout {
             buffers.extend((0..cell.params.len()).map(|p| Buffer::ParamGradSum(ParamId(p))));
             buffers.push(Buffer::ChunkStates);
         }
+        buffers.extend(
+            cell.sums_under(&step_roots(step, pass))
+                .into_iter()
+                .map(Buffer::Sum),
+        );
         WorkspaceLayout { buffers }
     }
 
@@ -104,6 +147,12 @@ impl WorkspaceLayout {
             Buffer::Grad(g) => vec![cell.grad_shape(g).clone()],
             Buffer::ParamGradSum(p) => vec![cell.params[p.0].shape.clone()],
             Buffer::ChunkStates => cell.states.iter().map(|s| s.shape.clone()).collect(),
+            Buffer::Sum(expr) => vec![
+                cell.free_indices(expr)
+                    .iter()
+                    .map(|&i| cell.index_dim(i))
+                    .collect(),
+            ],
         }
     }
 

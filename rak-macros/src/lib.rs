@@ -81,22 +81,24 @@ fn expand(input: proc_macro2::TokenStream) -> Result<proc_macro2::TokenStream, D
                 client: &#cubecl::ComputeClient<R>,
                 shape: &::rak::codegen::ScanShape,
                 schedule: ::rak::codegen::schedule::Schedule,
+                steps: ::core::ops::Range<usize>,
                 buffers: &::rak::kernels::ForwardBuffers,
                 workspace: &#array,
                 placeholder: &#array,
             ) {
-                #module::launch_forward::<F, R>(client, shape, schedule, buffers, workspace, placeholder)
+                #module::launch_forward::<F, R>(client, shape, schedule, steps, buffers, workspace, placeholder)
             }
 
             fn launch_backward<F: #cubecl::Float + #cubecl::CubeElement, R: #cubecl::Runtime>(
                 client: &#cubecl::ComputeClient<R>,
                 shape: &::rak::codegen::ScanShape,
                 schedule: ::rak::codegen::schedule::Schedule,
+                chunks_from_end: ::core::ops::Range<usize>,
                 buffers: &::rak::kernels::BackwardBuffers,
                 param_partials: &[#array],
                 workspace: &#array,
             ) {
-                #module::launch_backward::<F, R>(client, shape, schedule, buffers, param_partials, workspace)
+                #module::launch_backward::<F, R>(client, shape, schedule, chunks_from_end, buffers, param_partials, workspace)
             }
         }
     })
