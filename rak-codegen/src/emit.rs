@@ -769,6 +769,18 @@ impl<'a> Emitter<'a> {
         let grad_params = arrays("single", quote!(param_partials), cell.params.len());
         let grad_initial = arrays("element", quote!(buffers.grad_initial_states), states);
         let backward_checkpoints = arrays("single", quote!(buffers.checkpoints), states);
+        // One compilation argument per runtime parameter of each kernel: its arrays, then the
+        // workspace and three scalars (time and the launch's range).
+        let (inputs_n, params_n, outputs_n) = (cell.inputs.len(), cell.params.len(), cell.outputs.len());
+        let forward_runtime = inputs_n + params_n + 3 * states + outputs_n + 1 + 3;
+        let backward_runtime = 2 * inputs_n + 2 * params_n + 3 * states + outputs_n + 1 + 3;
+        let compilation_args = |runtime: usize| {
+            let mut args = vec![quote!(ArrayCompilationArg { inplace: None }); runtime - 3];
+            args.extend(vec![quote!(Default::default()); 3]);
+            args
+        };
+        let forward_compilation_args = compilation_args(forward_runtime);
+        let backward_compilation_args = compilation_args(backward_runtime);
         let views = quote! {
             let element = |array: &::rak::kernels::DeviceArray| unsafe {
                 ArrayArg::from_raw_parts(array.handle.clone(), array.len)
@@ -809,6 +821,48 @@ impl<'a> Emitter<'a> {
                     buffers.initial_states.is_some(),
                     buffers.checkpoints.is_some(),
                 );
+            }
+
+            /// The definition of [`forward`] at these sizes (to print its CUDA or WGSL source).
+            pub fn forward_definition<F: Float + CubeElement, R: Runtime>(
+                client: &ComputeClient<R>,
+                dims: &[usize],
+                heads: usize,
+                schedule: ::rak::codegen::schedule::Schedule,
+            ) -> cubecl::prelude::KernelDefinition {
+                #(#dims)*
+                let settings = KernelSettings::default().cube_dim(CubeDim::new_1d(schedule.cube_dim));
+                forward::Forward::<F, R>::new(
+                    settings,
+                    client.clone(),
+                    #(#forward_compilation_args,)*
+                    heads,
+                    #(#dim_args,)*
+                    schedule.chunk,
+                    true,
+                    true,
+                )
+                .define()
+            }
+
+            /// The definition of [`backward`] at these sizes (to print its CUDA or WGSL source).
+            pub fn backward_definition<F: Float + CubeElement, R: Runtime>(
+                client: &ComputeClient<R>,
+                dims: &[usize],
+                heads: usize,
+                schedule: ::rak::codegen::schedule::Schedule,
+            ) -> cubecl::prelude::KernelDefinition {
+                #(#dims)*
+                let settings = KernelSettings::default().cube_dim(CubeDim::new_1d(schedule.cube_dim));
+                backward::Backward::<F, R>::new(
+                    settings,
+                    client.clone(),
+                    #(#backward_compilation_args,)*
+                    heads,
+                    #(#dim_args,)*
+                    schedule.chunk,
+                )
+                .define()
             }
 
             /// Launches [`backward`] for the chunks `chunks_from_end` (counted from the last);

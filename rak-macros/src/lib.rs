@@ -89,6 +89,24 @@ fn expand(input: proc_macro2::TokenStream) -> Result<proc_macro2::TokenStream, D
                 #module::launch_forward::<F, R>(client, shape, schedule, steps, buffers, workspace, placeholder)
             }
 
+            fn forward_definition<F: #cubecl::Float + #cubecl::CubeElement, R: #cubecl::Runtime>(
+                client: &#cubecl::ComputeClient<R>,
+                dims: &[usize],
+                heads: usize,
+                schedule: ::rak::codegen::schedule::Schedule,
+            ) -> #cubecl::KernelDefinition {
+                #module::forward_definition::<F, R>(client, dims, heads, schedule)
+            }
+
+            fn backward_definition<F: #cubecl::Float + #cubecl::CubeElement, R: #cubecl::Runtime>(
+                client: &#cubecl::ComputeClient<R>,
+                dims: &[usize],
+                heads: usize,
+                schedule: ::rak::codegen::schedule::Schedule,
+            ) -> #cubecl::KernelDefinition {
+                #module::backward_definition::<F, R>(client, dims, heads, schedule)
+            }
+
             fn launch_backward<F: #cubecl::Float + #cubecl::CubeElement, R: #cubecl::Runtime>(
                 client: &#cubecl::ComputeClient<R>,
                 shape: &::rak::codegen::ScanShape,

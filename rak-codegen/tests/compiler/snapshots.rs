@@ -1,5 +1,7 @@
-//! Snapshots of every reference cell's IR and of the backward step autodiff derives from it
-//! (`snapshots/*.snap`; review changes with `cargo insta review`).
+//! Snapshots of every reference cell's IR, of the backward step autodiff derives from it, and
+//! of the cubecl kernels the emitter generates (`snapshots/*.snap`; review changes with
+//! `cargo insta review`). The CUDA and WGSL those kernels compile to are snapshotted in the
+//! root crate's kernel tests.
 
 use crate::common::*;
 use rak_codegen::display::{backward_to_string, cell_to_string};
@@ -14,6 +16,15 @@ fn ir_and_backward_step_of_every_cell() {
             backward_to_string(&compiled.backward)
         );
         insta::assert_snapshot!(name, text);
+    }
+}
+
+#[test]
+fn generated_kernels_of_every_cell() {
+    for name in CELL_NAMES {
+        let compiled = compile_cell(name);
+        let source = rak_codegen::emit::kernels_source(&compiled.backward);
+        insta::assert_snapshot!(format!("{name}_kernels"), source);
     }
 }
 

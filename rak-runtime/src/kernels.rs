@@ -8,6 +8,7 @@
 
 use crate::CellDefinition;
 use crate::codegen::schedule::{Pass, Schedule, WorkspaceLayout};
+use cubecl::prelude::KernelDefinition;
 use crate::codegen::{CompiledCell, ScanShape};
 use cubecl::prelude::*;
 use cubecl::server::Handle;
@@ -47,6 +48,22 @@ pub trait CellKernels: CellDefinition {
         workspace: &DeviceArray,
         placeholder: &DeviceArray,
     );
+
+    /// The forward kernel's definition at these sizes, for printing its source.
+    fn forward_definition<F: Float + CubeElement, R: Runtime>(
+        client: &ComputeClient<R>,
+        dims: &[usize],
+        heads: usize,
+        schedule: Schedule,
+    ) -> KernelDefinition;
+
+    /// The backward kernel's definition at these sizes, for printing its source.
+    fn backward_definition<F: Float + CubeElement, R: Runtime>(
+        client: &ComputeClient<R>,
+        dims: &[usize],
+        heads: usize,
+        schedule: Schedule,
+    ) -> KernelDefinition;
 
     #[doc(hidden)]
     fn launch_backward<F: Float + CubeElement, R: Runtime>(
@@ -413,6 +430,51 @@ impl<C: CellKernels> CellRunner<C> {
             );
         }
         Ok(())
+    }
+}
+
+/// Which source `kernel_source` prints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SourceTarget {
+    /// CUDA C++, as cubecl-cpp's compiler produces it for NVRTC (no GPU needed).
+    Cuda,
+    /// WGSL, as cubecl-wgpu produces it.
+    Wgsl,
+}
+
+/// The CUDA C++ or WGSL source of a cell's forward or backward kernel for f32 inputs, at the
+/// given dim sizes (the kernels are specialised on them). Needs a wgpu adapter (the CPU one
+/// will do) to build the kernel definition.
+#[cfg(feature = "wgpu")]
+pub fn kernel_source<C: CellKernels>(
+    dims: &[usize],
+    heads: usize,
+    schedule: Schedule,
+    pass: Pass,
+    target: SourceTarget,
+) -> Result<String, KernelError> {
+    use cubecl::Compiler;
+    use cubecl::ir::{ElemType, StorageType, UIntKind};
+    type Wgpu = cubecl::wgpu::WgpuRuntime;
+    let client = Wgpu::client(&Default::default());
+    let definition = match pass {
+        Pass::Forward => C::forward_definition::<f32, Wgpu>(&client, dims, heads, schedule),
+        Pass::Backward => C::backward_definition::<f32, Wgpu>(&client, dims, heads, schedule),
+    };
+    let address = StorageType::Scalar(ElemType::UInt(UIntKind::U32));
+    let failed = |error: &dyn fmt::Debug| KernelError(format!("cannot compile {} {pass:?}: {error:?}", C::NAME));
+    match target {
+        SourceTarget::Cuda => {
+            type CudaCompiler = cubecl_cpp::shared::CppCompiler<cubecl_cpp::cuda::CudaDialect<cubecl_cpp::cuda::mma::CudaWmmaCompiler>>;
+            CudaCompiler::default()
+                .compile(definition, &Default::default(), ExecutionMode::Checked, address)
+                .map(|source| source.to_string())
+                .map_err(|e| failed(&e))
+        }
+        SourceTarget::Wgsl => cubecl::wgpu::WgslCompiler::default()
+            .compile(definition, &Default::default(), ExecutionMode::Checked, address)
+            .map(|source| source.to_string())
+            .map_err(|e| failed(&e)),
     }
 }
 
