@@ -23,20 +23,29 @@ fn main() {
             path.display()
         )
         .unwrap();
-        let stem = path.file_stem().and_then(|s| s.to_str()).expect("a UTF-8 file name");
+        let stem = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .expect("a UTF-8 file name");
         // The declaration line: `cell Name {`, after an optional visibility.
         let name = source
             .lines()
             .filter(|line| !line.trim_start().starts_with("//"))
             .find_map(|line| {
                 let mut words = line.split_whitespace().skip_while(|w| w.starts_with("pub"));
-                (words.next() == Some("cell")).then(|| words.next()).flatten()
+                (words.next() == Some("cell"))
+                    .then(|| words.next())
+                    .flatten()
             })
             .map(|name| name.trim_end_matches('{'))
             .expect("a `cell Name` declaration in the .rak file");
         writeln!(table, "    Builtin::new::<{name}>({stem:?}),").unwrap();
     }
-    writeln!(generated, "/// Every built-in cell.\npub fn all() -> Vec<Builtin> {{\n    vec![\n{table}    ]\n}}").unwrap();
+    writeln!(
+        generated,
+        "/// Every built-in cell.\npub fn all() -> Vec<Builtin> {{\n    vec![\n{table}    ]\n}}"
+    )
+    .unwrap();
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR"));
     std::fs::write(out.join("builtin_cells.rs"), generated).expect("write builtin_cells.rs");
 }

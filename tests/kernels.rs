@@ -482,13 +482,29 @@ fn mismatched_buffers_are_refused_with_their_name() {
 fn cuda_and_wgsl_sources_of_every_cell() {
     use rak::codegen::schedule::Pass;
     use rak::kernels::SourceTarget;
-    let schedule = Schedule { cube_dim: 32, chunk: 8, chunks_per_launch: None };
+    let schedule = Schedule {
+        cube_dim: 32,
+        chunk: 8,
+        chunks_per_launch: None,
+    };
     for builtin in rak::cells::all() {
-        let dims = vec![4; rak::codegen::compile_str(builtin.source).unwrap().cell.dims.len()];
+        let dims = vec![
+            4;
+            rak::codegen::compile_str(builtin.source)
+                .unwrap()
+                .cell
+                .dims
+                .len()
+        ];
         for (pass, pass_name) in [(Pass::Forward, "forward"), (Pass::Backward, "backward")] {
             for (target, extension) in [(SourceTarget::Cuda, "cu"), (SourceTarget::Wgsl, "wgsl")] {
-                let source = builtin.kernel_source(&dims, 2, schedule, pass, target).unwrap();
-                insta::assert_snapshot!(format!("{}_{pass_name}_{extension}", builtin.file), source);
+                let source = builtin
+                    .kernel_source(&dims, 2, schedule, pass, target)
+                    .unwrap();
+                insta::assert_snapshot!(
+                    format!("{}_{pass_name}_{extension}", builtin.file),
+                    source
+                );
             }
         }
     }

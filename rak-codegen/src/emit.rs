@@ -771,7 +771,8 @@ impl<'a> Emitter<'a> {
         let backward_checkpoints = arrays("single", quote!(buffers.checkpoints), states);
         // One compilation argument per runtime parameter of each kernel: its arrays, then the
         // workspace and three scalars (time and the launch's range).
-        let (inputs_n, params_n, outputs_n) = (cell.inputs.len(), cell.params.len(), cell.outputs.len());
+        let (inputs_n, params_n, outputs_n) =
+            (cell.inputs.len(), cell.params.len(), cell.outputs.len());
         let forward_runtime = inputs_n + params_n + 3 * states + outputs_n + 1 + 3;
         let backward_runtime = 2 * inputs_n + 2 * params_n + 3 * states + outputs_n + 1 + 3;
         let compilation_args = |runtime: usize| {

@@ -17,11 +17,23 @@ pub struct Builtin {
 
 impl Builtin {
     fn new<C: CellKernels>(file: &'static str) -> Self {
-        Builtin { file, name: C::NAME, source: C::SOURCE, kernel_source: source_of::<C> }
+        Builtin {
+            file,
+            name: C::NAME,
+            source: C::SOURCE,
+            kernel_source: source_of::<C>,
+        }
     }
 
     /// The CUDA C++ or WGSL source of one of its kernels (see [`crate::kernels::kernel_source`]).
-    pub fn kernel_source(&self, dims: &[usize], heads: usize, schedule: Schedule, pass: Pass, target: SourceTarget) -> Result<String, KernelError> {
+    pub fn kernel_source(
+        &self,
+        dims: &[usize],
+        heads: usize,
+        schedule: Schedule,
+        pass: Pass,
+        target: SourceTarget,
+    ) -> Result<String, KernelError> {
         (self.kernel_source)(dims, heads, schedule, pass, target)
     }
 
@@ -32,13 +44,28 @@ impl Builtin {
 }
 
 #[cfg(feature = "wgpu")]
-fn source_of<C: CellKernels>(dims: &[usize], heads: usize, schedule: Schedule, pass: Pass, target: SourceTarget) -> Result<String, KernelError> {
+fn source_of<C: CellKernels>(
+    dims: &[usize],
+    heads: usize,
+    schedule: Schedule,
+    pass: Pass,
+    target: SourceTarget,
+) -> Result<String, KernelError> {
     crate::kernels::kernel_source::<C>(dims, heads, schedule, pass, target)
 }
 
 #[cfg(not(feature = "wgpu"))]
-fn source_of<C: CellKernels>(_: &[usize], _: usize, _: Schedule, _: Pass, _: SourceTarget) -> Result<String, KernelError> {
-    Err(KernelError(format!("printing the kernels of {} needs rak built with the `wgpu` feature", C::NAME)))
+fn source_of<C: CellKernels>(
+    _: &[usize],
+    _: usize,
+    _: Schedule,
+    _: Pass,
+    _: SourceTarget,
+) -> Result<String, KernelError> {
+    Err(KernelError(format!(
+        "printing the kernels of {} needs rak built with the `wgpu` feature",
+        C::NAME
+    )))
 }
 
 include!(concat!(env!("OUT_DIR"), "/builtin_cells.rs"));

@@ -145,7 +145,12 @@ pub fn run(cli: Cli) -> ExitCode {
                 ExitCode::SUCCESS
             }
         }
-        Command::Emit { cell, target, pass, dim } => match emit(&cell, target, pass, dim) {
+        Command::Emit {
+            cell,
+            target,
+            pass,
+            dim,
+        } => match emit(&cell, target, pass, dim) {
             Ok(source) => {
                 print!("{source}");
                 ExitCode::SUCCESS

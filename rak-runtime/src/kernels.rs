@@ -8,8 +8,8 @@
 
 use crate::CellDefinition;
 use crate::codegen::schedule::{Pass, Schedule, WorkspaceLayout};
-use cubecl::prelude::KernelDefinition;
 use crate::codegen::{CompiledCell, ScanShape};
+use cubecl::prelude::KernelDefinition;
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 use std::fmt;
@@ -462,20 +462,56 @@ pub fn kernel_source<C: CellKernels>(
         Pass::Backward => C::backward_definition::<f32, Wgpu>(&client, dims, heads, schedule),
     };
     let address = StorageType::Scalar(ElemType::UInt(UIntKind::U32));
-    let failed = |error: &dyn fmt::Debug| KernelError(format!("cannot compile {} {pass:?}: {error:?}", C::NAME));
-    match target {
+    let failed = |error: &dyn fmt::Debug| {
+        KernelError(format!("cannot compile {} {pass:?}: {error:?}", C::NAME))
+    };
+    let source = match target {
         SourceTarget::Cuda => {
-            type CudaCompiler = cubecl_cpp::shared::CppCompiler<cubecl_cpp::cuda::CudaDialect<cubecl_cpp::cuda::mma::CudaWmmaCompiler>>;
+            type CudaCompiler = cubecl_cpp::shared::CppCompiler<
+                cubecl_cpp::cuda::CudaDialect<cubecl_cpp::cuda::mma::CudaWmmaCompiler>,
+            >;
             CudaCompiler::default()
-                .compile(definition, &Default::default(), ExecutionMode::Checked, address)
+                .compile(
+                    definition,
+                    &Default::default(),
+                    ExecutionMode::Checked,
+                    address,
+                )
                 .map(|source| source.to_string())
                 .map_err(|e| failed(&e))
         }
         SourceTarget::Wgsl => cubecl::wgpu::WgslCompiler::default()
-            .compile(definition, &Default::default(), ExecutionMode::Checked, address)
+            .compile(
+                definition,
+                &Default::default(),
+                ExecutionMode::Checked,
+                address,
+            )
             .map(|source| source.to_string())
             .map_err(|e| failed(&e)),
+    }?;
+    Ok(sort_declarations(&source))
+}
+
+/// cubecl declares a kernel's mutable variables in hash order; sorting each run of such
+/// declarations (`float l_mut_7;`, `var l_mut_7: f32;`) makes printed sources reproducible.
+fn sort_declarations(source: &str) -> String {
+    let is_declaration = |line: &str| {
+        let line = line.trim();
+        line.ends_with(';') && line.contains("l_mut_") && !line.contains('=') && !line.contains('(')
+    };
+    let mut lines: Vec<&str> = source.lines().collect();
+    let mut start = 0;
+    while start < lines.len() {
+        let end = (start..lines.len())
+            .find(|&i| !is_declaration(lines[i]))
+            .unwrap_or(lines.len());
+        lines[start..end].sort_unstable();
+        start = end + 1;
     }
+    let mut sorted = lines.join("\n");
+    sorted.push('\n');
+    sorted
 }
 
 /// `total[e] = Σ_b partials[b, e]`, in a fixed order (bitwise reproducible).
