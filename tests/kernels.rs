@@ -46,20 +46,46 @@ impl Rng {
     }
 }
 
-fn upload(client: &ComputeClient<Wgpu>, tensor: &Tensor) -> DeviceArray {
-    let values: Vec<f32> = tensor.data.iter().map(|&x| x as f32).collect();
-    DeviceArray::new(
-        client.create_from_slice(f32::as_bytes(&values)),
-        values.len(),
-    )
+/// The element types the kernels are tested with (inputs, parameters and outputs).
+trait TestElement: Float + CubeElement {
+    fn from_f64(x: f64) -> Self;
+    fn to_f32(self) -> f32;
 }
 
-fn zeros(client: &ComputeClient<Wgpu>, elements: usize) -> DeviceArray {
-    DeviceArray::zeros(client, elements, 4)
+impl TestElement for f32 {
+    fn from_f64(x: f64) -> Self {
+        x as f32
+    }
+    fn to_f32(self) -> f32 {
+        self
+    }
 }
 
-fn download(client: &ComputeClient<Wgpu>, array: &DeviceArray) -> Vec<f32> {
-    f32::from_bytes(&client.read_one_unchecked(array.handle.clone()))[..array.len].to_vec()
+impl TestElement for half::f16 {
+    fn from_f64(x: f64) -> Self {
+        half::f16::from_f64(x)
+    }
+    fn to_f32(self) -> f32 {
+        half::f16::to_f32(self)
+    }
+}
+
+fn upload<E: TestElement>(client: &ComputeClient<Wgpu>, tensor: &Tensor) -> DeviceArray {
+    let values: Vec<E> = tensor.data.iter().map(|&x| E::from_f64(x)).collect();
+    DeviceArray::new(client.create_from_slice(E::as_bytes(&values)), values.len())
+}
+
+/// Zeroed buffer of `elements` values of `E`.
+fn zeros<E: TestElement>(client: &ComputeClient<Wgpu>, elements: usize) -> DeviceArray {
+    DeviceArray::zeros(client, elements, size_of::<E>())
+}
+
+fn download<E: TestElement>(client: &ComputeClient<Wgpu>, array: &DeviceArray) -> Vec<f32> {
+    let bytes = client.read_one_unchecked(array.handle.clone());
+    E::from_bytes(&bytes)[..array.len]
+        .iter()
+        .map(|&x| x.to_f32())
+        .collect()
 }
 
 fn relative_error(kernel: &[f32], reference: &[f64]) -> f64 {
@@ -97,23 +123,48 @@ fn run_kernels<C: CellKernels>(
     grad_outputs: &[Tensor],
     grad_finals: &[Tensor],
 ) -> KernelResults {
+    run_kernels_as::<C, f32>(
+        runner,
+        client,
+        shape,
+        schedule,
+        inputs,
+        grad_outputs,
+        grad_finals,
+    )
+}
+
+/// Runs forward then backward with inputs, parameters and outputs of type `E`.
+fn run_kernels_as<C: CellKernels, E: TestElement>(
+    runner: &CellRunner<C>,
+    client: &ComputeClient<Wgpu>,
+    shape: &ScanShape,
+    schedule: Schedule,
+    inputs: &ScanInputs,
+    grad_outputs: &[Tensor],
+    grad_finals: &[Tensor],
+) -> KernelResults {
     let cell = &runner.compiled().cell;
-    let upload_all = |list: &[Tensor]| list.iter().map(|t| upload(client, t)).collect::<Vec<_>>();
+    let upload_all = |list: &[Tensor]| {
+        list.iter()
+            .map(|t| upload::<E>(client, t))
+            .collect::<Vec<_>>()
+    };
     let states = cell.states.len();
     let forward_buffers = ForwardBuffers {
         inputs: upload_all(&inputs.inputs),
         params: upload_all(&inputs.params),
         initial_states: inputs.initial_states.as_deref().map(upload_all),
         outputs: (0..cell.outputs.len())
-            .map(|o| zeros(client, numel(&shape.output(cell, OutputId(o)))))
+            .map(|o| zeros::<E>(client, numel(&shape.output(cell, OutputId(o)))))
             .collect(),
         final_states: (0..states)
-            .map(|s| zeros(client, numel(&shape.state(cell, StateId(s)))))
+            .map(|s| zeros::<E>(client, numel(&shape.state(cell, StateId(s)))))
             .collect(),
         checkpoints: Some(
             (0..states)
                 .map(|s| {
-                    zeros(
+                    zeros::<f32>(
                         client,
                         numel(&shape.state(cell, StateId(s)))
                             * checkpoint_count(shape.time, schedule),
@@ -123,7 +174,7 @@ fn run_kernels<C: CellKernels>(
         ),
     };
     runner
-        .forward::<f32, Wgpu>(client, shape, schedule, &forward_buffers)
+        .forward::<E, Wgpu>(client, shape, schedule, &forward_buffers)
         .expect("forward launch");
     let backward_buffers = BackwardBuffers {
         inputs: forward_buffers.inputs.clone(),
@@ -132,20 +183,23 @@ fn run_kernels<C: CellKernels>(
         grad_outputs: upload_all(grad_outputs),
         grad_final_states: upload_all(grad_finals),
         grad_inputs: (0..cell.inputs.len())
-            .map(|i| zeros(client, numel(&shape.input(cell, InputId(i)))))
+            .map(|i| zeros::<E>(client, numel(&shape.input(cell, InputId(i)))))
             .collect(),
         grad_params: (0..cell.params.len())
-            .map(|p| zeros(client, numel(&shape.param(cell, ParamId(p)))))
+            .map(|p| zeros::<E>(client, numel(&shape.param(cell, ParamId(p)))))
             .collect(),
         grad_initial_states: (0..states)
-            .map(|s| zeros(client, numel(&shape.state(cell, StateId(s)))))
+            .map(|s| zeros::<E>(client, numel(&shape.state(cell, StateId(s)))))
             .collect(),
     };
     runner
-        .backward::<f32, Wgpu>(client, shape, schedule, &backward_buffers)
+        .backward::<E, Wgpu>(client, shape, schedule, &backward_buffers)
         .expect("backward launch");
-    let read_all =
-        |list: &[DeviceArray]| list.iter().map(|h| download(client, h)).collect::<Vec<_>>();
+    let read_all = |list: &[DeviceArray]| {
+        list.iter()
+            .map(|h| download::<E>(client, h))
+            .collect::<Vec<_>>()
+    };
     KernelResults {
         outputs: read_all(&forward_buffers.outputs),
         final_states: read_all(&forward_buffers.final_states),
@@ -451,17 +505,21 @@ fn mismatched_buffers_are_refused_with_their_name() {
     let shape = ScanShape::new(cell, 2, 3, 1, &[("K", 4), ("V", 5)]).unwrap();
     let (inputs, _, _) = random_problem(cell, &shape, &mut Rng(1), 1.0);
     let mut buffers = ForwardBuffers {
-        inputs: inputs.inputs.iter().map(|t| upload(&client, t)).collect(),
+        inputs: inputs
+            .inputs
+            .iter()
+            .map(|t| upload::<f32>(&client, t))
+            .collect(),
         params: Vec::new(),
         initial_states: None,
-        outputs: vec![zeros(&client, 2 * 3 * 5)],
-        final_states: vec![zeros(&client, 2 * 4 * 5)],
+        outputs: vec![zeros::<f32>(&client, 2 * 3 * 5)],
+        final_states: vec![zeros::<f32>(&client, 2 * 4 * 5)],
         checkpoints: None,
     };
     runner
         .forward::<f32, Wgpu>(&client, &shape, cpu_schedule(), &buffers)
         .expect("valid buffers");
-    buffers.outputs = vec![zeros(&client, 7)];
+    buffers.outputs = vec![zeros::<f32>(&client, 7)];
     let error = runner
         .forward::<f32, Wgpu>(&client, &shape, cpu_schedule(), &buffers)
         .unwrap_err();
@@ -507,5 +565,76 @@ fn cuda_and_wgsl_sources_of_every_cell() {
                 );
             }
         }
+    }
+}
+
+/// f16 inputs, parameters and outputs (f32 state and arithmetic), where the adapter has f16.
+/// The reference runs on the same f16-rounded inputs, so outputs differ by their f16 rounding
+/// (relative 2⁻¹¹) and f32 arithmetic: tolerance 2e-3.
+#[test]
+fn f16_inputs_and_outputs_where_the_adapter_offers_them() {
+    use cubecl::ir::{ElemType, FloatKind, StorageType};
+    let client = client();
+    let f16 = StorageType::Scalar(ElemType::Float(FloatKind::F16));
+    if !client.properties().supports_type(f16) {
+        eprintln!(
+            "skipped: this adapter does not offer f16 ({:?})",
+            client.properties().hardware
+        );
+        return;
+    }
+    let runner = CellRunner::<SimpleRnn>::new();
+    let compiled = runner.compiled();
+    let cell = &compiled.cell;
+    let shape = ScanShape::new(cell, 2, 19, 2, &[("K", 5), ("V", 7)]).unwrap();
+    let (mut inputs, mut go, mut gf) = random_problem(cell, &shape, &mut Rng(3), 1.0);
+    let round = |t: &mut Tensor| {
+        t.data
+            .iter_mut()
+            .for_each(|x| *x = half::f16::from_f64(*x).to_f64())
+    };
+    inputs
+        .inputs
+        .iter_mut()
+        .chain(inputs.initial_states.iter_mut().flatten())
+        .chain(&mut go)
+        .chain(&mut gf)
+        .for_each(round);
+    let expected = forward(cell, &shape, &inputs).unwrap();
+    let expected_grads = backward(&compiled.backward, &shape, &inputs, &go, &gf).unwrap();
+    let got = run_kernels_as::<SimpleRnn, half::f16>(
+        &runner,
+        &client,
+        &shape,
+        cpu_schedule(),
+        &inputs,
+        &go,
+        &gf,
+    );
+    for (what, kernel, reference) in [
+        ("output", &got.outputs[0], &expected.outputs[0]),
+        (
+            "final state",
+            &got.final_states[0],
+            &expected.final_states[0],
+        ),
+        (
+            "gradient of q",
+            &got.grad_inputs[0],
+            &expected_grads.inputs[0],
+        ),
+        (
+            "gradient of g",
+            &got.grad_inputs[3],
+            &expected_grads.inputs[3],
+        ),
+        (
+            "gradient of the initial state",
+            &got.grad_initial[0],
+            &expected_grads.initial_states[0],
+        ),
+    ] {
+        let error = relative_error(kernel, &reference.data);
+        assert!(error <= 2e-3, "f16 {what}: relative error {error:e}");
     }
 }

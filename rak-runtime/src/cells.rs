@@ -4,6 +4,10 @@
 use crate::codegen::schedule::{Pass, Schedule};
 use crate::kernels::{CellKernels, KernelError, SourceTarget};
 
+/// Prints one kernel of a cell: dims, heads, schedule, which kernel, which language.
+type KernelSourceFn =
+    fn(&[usize], usize, Schedule, Pass, SourceTarget) -> Result<String, KernelError>;
+
 /// A built-in cell, for code that picks one by name (the command line).
 #[derive(Clone, Copy, Debug)]
 pub struct Builtin {
@@ -12,7 +16,7 @@ pub struct Builtin {
     /// The cell's type name, e.g. `SimpleRnn`.
     pub name: &'static str,
     pub source: &'static str,
-    kernel_source: fn(&[usize], usize, Schedule, Pass, SourceTarget) -> Result<String, KernelError>,
+    kernel_source: KernelSourceFn,
 }
 
 impl Builtin {
