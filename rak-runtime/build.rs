@@ -14,6 +14,7 @@ fn main() {
     paths.sort();
     let mut generated = String::new();
     let mut table = String::new();
+    let mut arms = String::new();
     for path in paths {
         println!("cargo::rerun-if-changed={}", path.display());
         let source = std::fs::read_to_string(&path).expect("a readable .rak file");
@@ -39,11 +40,19 @@ fn main() {
             })
             .map(|name| name.trim_end_matches('{'))
             .expect("a `cell Name` declaration in the .rak file");
-        writeln!(table, "    Builtin::new::<{name}>({stem:?}),").unwrap();
+        writeln!(table, "        Builtin::new::<{name}>({stem:?}),").unwrap();
+        writeln!(arms, "        {stem:?} => Some(visitor.visit::<{name}>()),").unwrap();
     }
     writeln!(
         generated,
         "/// Every built-in cell.\npub fn all() -> Vec<Builtin> {{\n    vec![\n{table}    ]\n}}"
+    )
+    .unwrap();
+    writeln!(
+        generated,
+        "/// Calls `visitor` with the built-in cell of this file name.\n\
+         fn visit_file<V: CellVisitor>(file: &str, visitor: V) -> Option<V::Output> {{\n    \
+         match file {{\n{arms}        _ => None,\n    }}\n}}"
     )
     .unwrap();
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR"));

@@ -1,5 +1,6 @@
 //! The generated kernels of every reference cell, run on wgpu (in CI: Mesa's Vulkan software
-//! driver on the CPU), against the f64 reference interpreter.
+//! driver on the CPU) or, built with `--features cuda`, on CUDA, against the f64 reference
+//! interpreter.
 //!
 //! Error measure: for each tensor, max |kernel − reference| / max |reference| (the ∞-norm
 //! relative error), which must be ≤ 1e-4 in f32.
@@ -14,7 +15,11 @@ use rak::kernels::{
     BackwardBuffers, CellKernels, CellRunner, DeviceArray, ForwardBuffers, checkpoint_count,
 };
 
+// Built with `--features cuda`, the same tests run on CUDA (the device script does this).
+#[cfg(not(feature = "cuda"))]
 type Wgpu = cubecl::wgpu::WgpuRuntime;
+#[cfg(feature = "cuda")]
+type Wgpu = cubecl::cuda::CudaRuntime;
 const TOLERANCE: f64 = 1e-4;
 
 fn client() -> ComputeClient<Wgpu> {
@@ -537,6 +542,7 @@ fn mismatched_buffers_are_refused_with_their_name() {
 }
 
 #[test]
+#[cfg(not(feature = "cuda"))]
 fn cuda_and_wgsl_sources_of_every_cell() {
     use rak::codegen::schedule::Pass;
     use rak::kernels::SourceTarget;

@@ -2,7 +2,8 @@
 //!
 //! - `rak check CELL...`: compiles `.rak` files and reports every error with its location;
 //! - `rak show CELL [--backward]`: prints a cell's IR, and the backward step derived from it;
-//! - `rak emit CELL [--target rust|cuda|wgsl]`: prints the kernels generated for a cell.
+//! - `rak emit CELL [--target rust|cuda|wgsl]`: prints the kernels generated for a cell;
+//! - `rak bench`: times a built-in cell's kernels on this machine's device.
 
 use clap::{Parser, Subcommand};
 use rak_codegen::display::{backward_to_string, cell_to_string};
@@ -30,6 +31,176 @@ pub enum Target {
     Cuda,
     /// WGSL (what wgpu runs).
     Wgsl,
+}
+
+/// Element types `rak bench` measures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Dtype {
+    F32,
+    F16,
+    Bf16,
+}
+
+/// Devices `rak bench` runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Device {
+    /// wgpu's default adapter (`CUBECL_WGPU_DEFAULT_DEVICE=Cpu` picks the software one).
+    Wgpu,
+    /// The first CUDA GPU (needs rak built with `--features cuda`).
+    Cuda,
+}
+
+fn parse_bench_shape(text: &str) -> Result<[usize; 4], String> {
+    let values: Vec<usize> = text
+        .split(',')
+        .map(|part| {
+            part.trim()
+                .parse::<usize>()
+                .map_err(|_| format!("`{part}` is not a size"))
+        })
+        .collect::<Result<_, _>>()?;
+    match values.as_slice() {
+        &[b, t, h, d] if b > 0 && t > 0 && h > 0 && d > 0 => Ok([b, t, h, d]),
+        _ => Err(format!(
+            "expected B,T,H,D (four sizes of at least 1), got `{text}`"
+        )),
+    }
+}
+
+/// Times one built-in cell picked by name.
+struct BenchRequest {
+    shape: [usize; 4],
+    dtype: Dtype,
+    device: Device,
+    schedule: rak_codegen::schedule::Schedule,
+    warmup: usize,
+    repetitions: usize,
+}
+
+impl crate::cells::CellVisitor for BenchRequest {
+    type Output = Result<crate::bench::KernelTiming, String>;
+
+    fn visit<C: crate::kernels::CellKernels>(self) -> Self::Output {
+        let compiled = C::compile();
+        let [batch, time, heads, dim] = self.shape;
+        let dims: Vec<(String, usize)> = compiled
+            .cell
+            .dims
+            .iter()
+            .map(|d| (d.name.clone(), dim))
+            .collect();
+        let named: Vec<(&str, usize)> = dims.iter().map(|(n, s)| (n.as_str(), *s)).collect();
+        let shape = rak_codegen::ScanShape::new(&compiled.cell, batch, time, heads, &named)
+            .map_err(|e| e.to_string())?;
+        let (schedule, warmup, repetitions) = (self.schedule, self.warmup, self.repetitions);
+        macro_rules! time_on {
+            ($runtime:ty, $client:expr) => {{
+                let client = $client;
+                match self.dtype {
+                    Dtype::F32 => crate::bench::time_cell::<C, f32, $runtime>(
+                        &client,
+                        &shape,
+                        schedule,
+                        warmup,
+                        repetitions,
+                    ),
+                    Dtype::F16 => crate::bench::time_cell::<C, half::f16, $runtime>(
+                        &client,
+                        &shape,
+                        schedule,
+                        warmup,
+                        repetitions,
+                    ),
+                    Dtype::Bf16 => crate::bench::time_cell::<C, half::bf16, $runtime>(
+                        &client,
+                        &shape,
+                        schedule,
+                        warmup,
+                        repetitions,
+                    ),
+                }
+                .map_err(|e| e.to_string())
+            }};
+        }
+        match self.device {
+            #[cfg(feature = "wgpu")]
+            Device::Wgpu => {
+                use cubecl::Runtime;
+                time_on!(
+                    cubecl::wgpu::WgpuRuntime,
+                    cubecl::wgpu::WgpuRuntime::client(&Default::default())
+                )
+            }
+            #[cfg(feature = "cuda")]
+            Device::Cuda => {
+                use cubecl::Runtime;
+                time_on!(
+                    cubecl::cuda::CudaRuntime,
+                    cubecl::cuda::CudaRuntime::client(&Default::default())
+                )
+            }
+            #[allow(unreachable_patterns)]
+            other => Err(format!(
+                "rak was built without the `{}` feature",
+                format!("{other:?}").to_lowercase()
+            )),
+        }
+    }
+}
+
+/// Runs `rak bench`: one table row (and JSON line) per shape.
+#[allow(clippy::too_many_arguments)]
+fn bench(
+    cell: &str,
+    shapes: &[[usize; 4]],
+    dtype: Dtype,
+    device: Device,
+    schedule: rak_codegen::schedule::Schedule,
+    warmup: usize,
+    repetitions: usize,
+    json: Option<&Path>,
+) -> Result<(), String> {
+    let builtin = crate::cells::Builtin::find(cell)
+        .ok_or_else(|| format!("error: `{cell}` is not a built-in cell"))?;
+    println!("| cell | dtype | device | B | T | H | dims | forward (ms) | forward+backward (ms) |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for &shape in shapes {
+        let request = BenchRequest {
+            shape,
+            dtype,
+            device,
+            schedule,
+            warmup,
+            repetitions,
+        };
+        let timing = builtin.visit(request).map_err(|e| format!("error: {e}"))?;
+        let [b, t, h, d] = shape;
+        let (forward, both) = (
+            timing.forward.as_secs_f64() * 1e3,
+            timing.forward_backward.as_secs_f64() * 1e3,
+        );
+        println!(
+            "| {} | {dtype:?} | {device:?} | {b} | {t} | {h} | {d} | {forward:.3} | {both:.3} |",
+            builtin.file
+        );
+        if let Some(path) = json {
+            let line = serde_json::json!({
+                "cell": builtin.file, "dtype": format!("{dtype:?}").to_lowercase(),
+                "device": format!("{device:?}").to_lowercase(), "batch": b, "time": t, "heads": h, "dim": d,
+                "forward_ms": forward, "forward_backward_ms": both, "repetitions": repetitions,
+                "chunk": schedule.chunk, "cube_dim": schedule.cube_dim,
+            });
+            use std::io::Write;
+            let mut file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|e| format!("error: cannot write `{}`: {e}", path.display()))?;
+            writeln!(file, "{line}")
+                .map_err(|e| format!("error: cannot write `{}`: {e}", path.display()))?;
+        }
+    }
+    Ok(())
 }
 
 /// Which kernel `rak emit` prints.
@@ -61,6 +232,38 @@ pub enum Command {
         /// The size of every dim (CUDA and WGSL kernels are specialised on them).
         #[arg(long, default_value_t = 64)]
         dim: usize,
+    },
+    /// Time a built-in cell's kernels (forward, and forward + backward) on this machine's device:
+    /// medians of device-timed repetitions after warm-up.
+    Bench {
+        /// A built-in cell.
+        #[arg(long, default_value = "simple_rnn")]
+        cell: String,
+        /// `B,T,H,D`: batch, time, heads, and the size of every dim of the cell. Repeatable.
+        #[arg(long = "shape", value_parser = parse_bench_shape, default_values = ["8,2048,8,128"])]
+        shapes: Vec<[usize; 4]>,
+        /// Element type of inputs, parameters and outputs (state and arithmetic are f32).
+        #[arg(long, value_enum, default_value_t = Dtype::F32)]
+        dtype: Dtype,
+        #[arg(long, value_enum, default_value_t = Device::Wgpu)]
+        device: Device,
+        #[arg(long, default_value_t = 3)]
+        warmup: usize,
+        #[arg(long, default_value_t = 20)]
+        repetitions: usize,
+        /// Steps between checkpoints.
+        #[arg(long, default_value_t = 64)]
+        chunk: usize,
+        /// Units per cube.
+        #[arg(long, default_value_t = 128)]
+        cube_dim: u32,
+        /// Split each scan into launches of this many chunks (Mesa's software driver needs it
+        /// for long scans).
+        #[arg(long)]
+        chunks_per_launch: Option<usize>,
+        /// Append one JSON object per shape to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
     },
     /// Print a cell's IR, in the DSL's notation.
     Show {
@@ -109,7 +312,13 @@ fn emit(cell: &str, target: Target, pass: KernelPass, dim: usize) -> Result<Stri
         _ => crate::kernels::SourceTarget::Wgsl,
     };
     builtin
-        .kernel_source(&dims, 1, Default::default(), pass, target)
+        .visit(crate::kernels::SourceOf {
+            dims: &dims,
+            heads: 1,
+            schedule: Default::default(),
+            pass,
+            target,
+        })
         .map_err(|e| format!("error: {e}"))
 }
 
@@ -160,6 +369,40 @@ pub fn run(cli: Cli) -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Bench {
+            cell,
+            shapes,
+            dtype,
+            device,
+            warmup,
+            repetitions,
+            chunk,
+            cube_dim,
+            chunks_per_launch,
+            json,
+        } => {
+            let schedule = rak_codegen::schedule::Schedule {
+                cube_dim,
+                chunk,
+                chunks_per_launch,
+            };
+            match bench(
+                &cell,
+                &shapes,
+                dtype,
+                device,
+                schedule,
+                warmup,
+                repetitions,
+                json.as_deref(),
+            ) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(report) => {
+                    eprintln!("{report}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Show { cell, backward } => match compile_file(&cell) {
             Ok(compiled) => {
                 print!("{}", cell_to_string(&compiled.cell));

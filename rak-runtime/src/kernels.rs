@@ -37,7 +37,7 @@ impl DeviceArray {
 
 /// Implemented by `rak::cell!` for every cell: launches its generated kernels. Use
 /// [`CellRunner`], which validates the buffers first.
-pub trait CellKernels: CellDefinition {
+pub trait CellKernels: CellDefinition + Copy + std::fmt::Debug + Send + Sync + 'static {
     #[doc(hidden)]
     fn launch_forward<F: Float + CubeElement, R: Runtime>(
         client: &ComputeClient<R>,
@@ -323,6 +323,20 @@ impl<C: CellKernels> CellRunner<C> {
         schedule: Schedule,
         buffers: &ForwardBuffers,
     ) -> Result<(), KernelError> {
+        self.prepare_forward::<F, R>(client, shape, schedule, buffers)?
+            .run::<F, R>(client);
+        Ok(())
+    }
+
+    /// Validates the buffers and allocates the workspace of a forward scan, which can then be
+    /// run (and timed) any number of times.
+    pub fn prepare_forward<F: Float + CubeElement, R: Runtime>(
+        &self,
+        client: &ComputeClient<R>,
+        shape: &ScanShape,
+        schedule: Schedule,
+        buffers: &ForwardBuffers,
+    ) -> Result<ForwardLaunch<C>, KernelError> {
         self.check_shape(shape, schedule)?;
         let bytes = size_of::<F>();
         self.inputs(shape, "input", bytes).check(&buffers.inputs)?;
@@ -345,22 +359,14 @@ impl<C: CellKernels> CellRunner<C> {
             )
             .check(checkpoints)?;
         }
-        let workspace = self.workspace(client, shape, schedule, Pass::Forward);
-        let placeholder = DeviceArray::new(client.empty(4), 1);
-        for chunks in schedule.launches(shape.time) {
-            let steps =
-                chunks.start * schedule.chunk..(chunks.end * schedule.chunk).min(shape.time);
-            C::launch_forward::<F, R>(
-                client,
-                shape,
-                schedule,
-                steps,
-                buffers,
-                &workspace,
-                &placeholder,
-            );
-        }
-        Ok(())
+        Ok(ForwardLaunch {
+            shape: shape.clone(),
+            schedule,
+            buffers: buffers.clone(),
+            workspace: self.workspace(client, shape, schedule, Pass::Forward),
+            placeholder: DeviceArray::new(client.empty(4), 1),
+            cell: std::marker::PhantomData,
+        })
     }
 
     /// Runs the backward scan, then sums the parameter gradients over the batch.
@@ -371,6 +377,19 @@ impl<C: CellKernels> CellRunner<C> {
         schedule: Schedule,
         buffers: &BackwardBuffers,
     ) -> Result<(), KernelError> {
+        self.prepare_backward::<F, R>(client, shape, schedule, buffers)?
+            .run::<F, R>(client);
+        Ok(())
+    }
+
+    /// Validates the buffers and allocates the workspace of a backward scan.
+    pub fn prepare_backward<F: Float + CubeElement, R: Runtime>(
+        &self,
+        client: &ComputeClient<R>,
+        shape: &ScanShape,
+        schedule: Schedule,
+        buffers: &BackwardBuffers,
+    ) -> Result<BackwardLaunch<C>, KernelError> {
         self.check_shape(shape, schedule)?;
         let bytes = size_of::<F>();
         self.inputs(shape, "input", bytes).check(&buffers.inputs)?;
@@ -393,9 +412,8 @@ impl<C: CellKernels> CellRunner<C> {
             .check(&buffers.grad_params)?;
         self.states(shape, "initial state gradient", bytes, 1)
             .check(&buffers.grad_initial_states)?;
-
         let cell = &self.compiled.cell;
-        let partials: Vec<DeviceArray> = (0..cell.params.len())
+        let param_partials = (0..cell.params.len())
             .map(|p| {
                 let len = shape.batch
                     * shape
@@ -405,19 +423,75 @@ impl<C: CellKernels> CellRunner<C> {
                 DeviceArray::new(client.empty(len * 4), len)
             })
             .collect();
-        let workspace = self.workspace(client, shape, schedule, Pass::Backward);
+        Ok(BackwardLaunch {
+            shape: shape.clone(),
+            schedule,
+            buffers: buffers.clone(),
+            param_partials,
+            workspace: self.workspace(client, shape, schedule, Pass::Backward),
+            cell: std::marker::PhantomData,
+        })
+    }
+}
+
+/// A validated forward scan with its workspace ([`CellRunner::prepare_forward`]).
+#[derive(Clone, Debug)]
+pub struct ForwardLaunch<C> {
+    shape: ScanShape,
+    schedule: Schedule,
+    buffers: ForwardBuffers,
+    workspace: DeviceArray,
+    placeholder: DeviceArray,
+    cell: std::marker::PhantomData<C>,
+}
+
+impl<C: CellKernels> ForwardLaunch<C> {
+    /// Enqueues the scan's launches.
+    pub fn run<F: Float + CubeElement, R: Runtime>(&self, client: &ComputeClient<R>) {
+        let (shape, schedule) = (&self.shape, self.schedule);
+        for chunks in schedule.launches(shape.time) {
+            let steps =
+                chunks.start * schedule.chunk..(chunks.end * schedule.chunk).min(shape.time);
+            C::launch_forward::<F, R>(
+                client,
+                shape,
+                schedule,
+                steps,
+                &self.buffers,
+                &self.workspace,
+                &self.placeholder,
+            );
+        }
+    }
+}
+
+/// A validated backward scan with its workspace ([`CellRunner::prepare_backward`]).
+#[derive(Clone, Debug)]
+pub struct BackwardLaunch<C> {
+    shape: ScanShape,
+    schedule: Schedule,
+    buffers: BackwardBuffers,
+    param_partials: Vec<DeviceArray>,
+    workspace: DeviceArray,
+    cell: std::marker::PhantomData<C>,
+}
+
+impl<C: CellKernels> BackwardLaunch<C> {
+    /// Enqueues the scan's launches, then the sums of the parameter gradients over the batch.
+    pub fn run<F: Float + CubeElement, R: Runtime>(&self, client: &ComputeClient<R>) {
+        let (shape, schedule) = (&self.shape, self.schedule);
         for chunks_from_end in schedule.launches(shape.time) {
             C::launch_backward::<F, R>(
                 client,
                 shape,
                 schedule,
                 chunks_from_end,
-                buffers,
-                &partials,
-                &workspace,
+                &self.buffers,
+                &self.param_partials,
+                &self.workspace,
             );
         }
-        for (partial, total) in partials.iter().zip(&buffers.grad_params) {
+        for (partial, total) in self.param_partials.iter().zip(&self.buffers.grad_params) {
             let width = total.len;
             sum_over_batch::launch::<F, R>(
                 client,
@@ -429,7 +503,6 @@ impl<C: CellKernels> CellRunner<C> {
                 width as u32,
             );
         }
-        Ok(())
     }
 }
 
@@ -512,6 +585,32 @@ fn sort_declarations(source: &str) -> String {
     let mut sorted = lines.join("\n");
     sorted.push('\n');
     sorted
+}
+
+/// [`kernel_source`] as a [`crate::cells::CellVisitor`], for cells picked by name.
+pub struct SourceOf<'a> {
+    pub dims: &'a [usize],
+    pub heads: usize,
+    pub schedule: Schedule,
+    pub pass: Pass,
+    pub target: SourceTarget,
+}
+
+impl crate::cells::CellVisitor for SourceOf<'_> {
+    type Output = Result<String, KernelError>;
+
+    #[cfg(feature = "wgpu")]
+    fn visit<C: CellKernels>(self) -> Self::Output {
+        kernel_source::<C>(self.dims, self.heads, self.schedule, self.pass, self.target)
+    }
+
+    #[cfg(not(feature = "wgpu"))]
+    fn visit<C: CellKernels>(self) -> Self::Output {
+        Err(KernelError(format!(
+            "printing the kernels of {} needs rak built with the `wgpu` feature",
+            C::NAME
+        )))
+    }
 }
 
 /// `total[e] = Σ_b partials[b, e]`, in a fixed order (bitwise reproducible).

@@ -8,6 +8,7 @@
 // that is this crate, which re-exports what the generated code uses.
 extern crate self as rak;
 
+pub mod bench;
 pub mod cells;
 pub mod cli;
 pub mod kernels;

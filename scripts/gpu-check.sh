@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Prepares issue 6's one device call, here (no GPU needed): builds the CUDA kernel tests and the
+# `rak` binary with `--features cuda`, bundles them (stripped, gzipped) with the wheels the GPU
+# machine lacks into gpu-bundle/ (ignored by git), and prints the device call to make.
+#
+# On the GPU machine, scripts/gpu-run.sh then runs, in one call of about 8 minutes at most:
+# the kernel tests of every cell on CUDA, `rak bench` at the issue's shapes (f32 and bf16), and
+# bench/peers.py (PyTorch loop, flash-linear-attention, compute and memory floors), and writes
+# the logs and bench/table.py's table under $OUT.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bundle=gpu-bundle
+rm -rf "$bundle"
+mkdir -p "$bundle/whl"
+
+# The GPU machine has driver 580 / CUDA 13.
+export CUDARC_CUDA_VERSION=13000
+cargo build --release --features cuda --bin rak
+kernels=$(cargo test --release --features cuda -p rak --test kernels --no-run --message-format=json 2>/dev/null |
+    python3 -c 'import json, sys
+for line in sys.stdin:
+    message = json.loads(line)
+    if message.get("reason") == "compiler-artifact" and message.get("executable") and message["target"]["name"] == "kernels":
+        print(message["executable"])')
+cp target/release/rak "$bundle/rak"
+cp "$kernels" "$bundle/kernels-cuda"
+strip "$bundle/rak" "$bundle/kernels-cuda"
+gzip -9 "$bundle/rak" "$bundle/kernels-cuda"
+
+# flash-linear-attention is pure Python (it needs torch, triton and einops, which are there).
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d "$bundle/whl" fla-core==0.6.0
+
+du -sh "$bundle"/*
+cat <<'TXT'
+Ready. Make one device call:
+  command:   bash scripts/gpu-run.sh
+  carry:     ["gpu-bundle"]
+  timeout_s: 540
+Then copy the table from the returned table.md into BENCHMARKS.md, with the device, date and commit.
+TXT

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Runs on the GPU machine (see scripts/gpu-check.sh, which prepares gpu-bundle/ here).
+# Everything it writes lands in $OUT: device.txt, kernel-tests.log, rak-bench.jsonl,
+# peers.jsonl, peers.log, table.md.
+set -uo pipefail
+out=${OUT:-/tmp/rak-gpu-out}
+mkdir -p "$out"
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
+
+{ nvidia-smi; date -u; } > "$out/device.txt" 2>&1
+gunzip -kf gpu-bundle/rak.gz gpu-bundle/kernels-cuda.gz
+chmod +x gpu-bundle/rak gpu-bundle/kernels-cuda
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site gpu-bundle/whl/*.whl &&
+    export PYTHONPATH=/tmp/site
+
+# 1. Kernel tests of every cell on CUDA against the f64 interpreter (same tolerances as on wgpu).
+timeout 200 gpu-bundle/kernels-cuda --test-threads 1 > "$out/kernel-tests.log" 2>&1
+echo "kernel tests: exit $?" | tee -a "$out/kernel-tests.log"
+
+# 2. rak's kernels at the issue's shapes, f32 and bf16 (state always f32).
+for dtype in f32 bf16; do
+    timeout 100 gpu-bundle/rak bench --device cuda --dtype "$dtype" --repetitions 5 --warmup 1 \
+        --shape 8,2048,8,128 --shape 4,2048,16,128 --shape 16,512,4,64 --shape 1,16384,8,128 \
+        --json "$out/rak-bench.jsonl" 2>&1 | tee -a "$out/kernel-tests.log"
+done
+
+# 3. Peers and floors on the same GPU.
+timeout 180 python3 bench/peers.py --out "$out/peers.jsonl" > "$out/peers.log" 2>&1
+echo "peers: exit $?" >> "$out/peers.log"
+
+python3 bench/table.py "$out/rak-bench.jsonl" "$out/peers.jsonl" > "$out/table.md" 2>&1
+cat "$out/table.md"
