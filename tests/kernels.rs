@@ -562,9 +562,14 @@ fn cuda_and_wgsl_sources_of_every_cell() {
         ];
         for (pass, pass_name) in [(Pass::Forward, "forward"), (Pass::Backward, "backward")] {
             for (target, extension) in [(SourceTarget::Cuda, "cu"), (SourceTarget::Wgsl, "wgsl")] {
-                let source = builtin
-                    .kernel_source(&dims, 2, schedule, pass, target)
-                    .unwrap();
+                let request = rak::kernels::SourceOf {
+                    dims: &dims,
+                    heads: 2,
+                    schedule,
+                    pass,
+                    target,
+                };
+                let source = builtin.visit(request).unwrap();
                 insta::assert_snapshot!(
                     format!("{}_{pass_name}_{extension}", builtin.file),
                     source

@@ -45,6 +45,17 @@ pub fn kernels_source(step: &BackwardStep) -> String {
     }
 }
 
+/// Which way [`Emitter::transfer`] copies.
+#[derive(Clone, Copy)]
+enum Transfer {
+    /// Kernel argument (element type `F`) → workspace.
+    Load,
+    /// Workspace → kernel argument of element type `F`.
+    Store,
+    /// Workspace → kernel argument of f32.
+    StoreF32,
+}
+
 struct Emitter<'a> {
     step: &'a BackwardStep,
     cell: &'a Cell,
@@ -197,6 +208,35 @@ impl<'a> Emitter<'a> {
                 e += units;
             }
         }
+    }
+
+    /// Kernel argument names: `prefix_name` for each name.
+    fn args<'n>(&self, prefix: &str, names: impl IntoIterator<Item = &'n String>) -> Vec<Ident> {
+        names
+            .into_iter()
+            .map(|name| format_ident!("{prefix}_{name}"))
+            .collect()
+    }
+
+    /// A loop over the elements of one row of a value: `arg[row * numel + e]` to or from the
+    /// workspace buffer at `at`.
+    fn transfer(
+        &self,
+        direction: Transfer,
+        arg: &Ident,
+        row: TokenStream,
+        shape: &Shape,
+        at: TokenStream,
+    ) -> TokenStream {
+        let numel = self.shape_numel(shape);
+        let element = quote!(#arg[#row * #numel + e]);
+        let buffer = quote!(workspace[base + #at + e]);
+        let body = match direction {
+            Transfer::Load => quote!(#buffer = f32::cast_from(#element);),
+            Transfer::Store => quote!(#element = F::cast_from(#buffer);),
+            Transfer::StoreF32 => quote!(#element = #buffer;),
+        };
+        self.for_each_element(numel, body)
     }
 
     /// Decodes the element `e` into the statement's index variables (row-major).
@@ -404,27 +444,13 @@ impl<'a> Emitter<'a> {
 
     fn forward_kernel(&self) -> TokenStream {
         let cell = self.cell;
-        let inputs = (0..cell.inputs.len()).map(|i| self.input_arg(i));
-        let params = cell
-            .params
-            .iter()
-            .map(|p| format_ident!("param_{}", p.name));
-        let initial = cell
-            .states
-            .iter()
-            .map(|s| format_ident!("initial_{}", s.name));
-        let outputs = cell
-            .outputs
-            .iter()
-            .map(|o| format_ident!("output_{}", o.name));
-        let finals = cell
-            .states
-            .iter()
-            .map(|s| format_ident!("final_{}", s.name));
-        let checkpoints = cell
-            .states
-            .iter()
-            .map(|s| format_ident!("checkpoint_{}", s.name));
+        let state_names = || cell.states.iter().map(|s| &s.name);
+        let inputs = self.args("input", cell.inputs.iter().map(|i| &i.name));
+        let params = self.args("param", cell.params.iter().map(|p| &p.name));
+        let initial = self.args("initial", state_names());
+        let outputs = self.args("output", cell.outputs.iter().map(|o| &o.name));
+        let finals = self.args("final", state_names());
+        let checkpoints = self.args("checkpoint", state_names());
         let comptime_dims = self.comptime_dim_params();
         let prelude = self.kernel_prelude(Pass::Forward);
 
@@ -448,11 +474,13 @@ impl<'a> Emitter<'a> {
         let mut write_checkpoints = TokenStream::new();
         for (id, state) in cell.states.iter().enumerate() {
             let at = self.at(Buffer::State(StateId(id)));
-            let checkpoint = format_ident!("checkpoint_{}", state.name);
-            let numel = self.shape_numel(&state.shape);
-            write_checkpoints.extend(self.for_each_element(
-                numel.clone(),
-                quote!(#checkpoint[(sequence * chunk_count + t / chunk) * #numel + e] = workspace[base + #at + e];),
+            let row = quote!((sequence * chunk_count + t / chunk));
+            write_checkpoints.extend(self.transfer(
+                Transfer::StoreF32,
+                &checkpoints[id],
+                row,
+                &state.shape,
+                at,
             ));
         }
         let load_inputs = self.load_inputs(false);
@@ -476,11 +504,12 @@ impl<'a> Emitter<'a> {
         let mut finals_code = TokenStream::new();
         for (id, state) in cell.states.iter().enumerate() {
             let at = self.at(Buffer::State(StateId(id)));
-            let arg = format_ident!("final_{}", state.name);
-            let numel = self.shape_numel(&state.shape);
-            finals_code.extend(self.for_each_element(
-                numel.clone(),
-                quote!(#arg[sequence * #numel + e] = F::cast_from(workspace[base + #at + e]);),
+            finals_code.extend(self.transfer(
+                Transfer::Store,
+                &finals[id],
+                quote!(sequence),
+                &state.shape,
+                at,
             ));
         }
         quote! {
@@ -527,35 +556,17 @@ impl<'a> Emitter<'a> {
 
     fn backward_kernel(&self) -> TokenStream {
         let cell = self.cell;
-        let inputs = (0..cell.inputs.len()).map(|i| self.input_arg(i));
-        let params = cell
-            .params
-            .iter()
-            .map(|p| format_ident!("param_{}", p.name));
-        let checkpoints = cell
-            .states
-            .iter()
-            .map(|s| format_ident!("checkpoint_{}", s.name));
-        let grad_outputs = cell
-            .outputs
-            .iter()
-            .map(|o| format_ident!("grad_output_{}", o.name));
-        let grad_finals = cell
-            .states
-            .iter()
-            .map(|s| format_ident!("grad_final_{}", s.name));
-        let grad_inputs = cell
-            .inputs
-            .iter()
-            .map(|i| format_ident!("grad_input_{}", i.name));
-        let grad_params = cell
-            .params
-            .iter()
-            .map(|p| format_ident!("grad_param_{}", p.name));
-        let grad_initial = cell
-            .states
-            .iter()
-            .map(|s| format_ident!("grad_initial_{}", s.name));
+        let state_names = || cell.states.iter().map(|s| &s.name);
+        let input_names = || cell.inputs.iter().map(|i| &i.name);
+        let param_names = || cell.params.iter().map(|p| &p.name);
+        let inputs = self.args("input", input_names());
+        let params = self.args("param", param_names());
+        let checkpoints = self.args("checkpoint", state_names());
+        let grad_outputs = self.args("grad_output", cell.outputs.iter().map(|o| &o.name));
+        let grad_finals = self.args("grad_final", state_names());
+        let grad_inputs = self.args("grad_input", input_names());
+        let grad_params = self.args("grad_param", param_names());
+        let grad_initial = self.args("grad_initial", state_names());
         let comptime_dims = self.comptime_dim_params();
         let prelude = self.kernel_prelude(Pass::Backward);
 
@@ -569,11 +580,12 @@ impl<'a> Emitter<'a> {
         }
         for (id, state) in cell.states.iter().enumerate() {
             let at = self.at(Buffer::Grad(Grad::StateFromNext(StateId(id))));
-            let arg = format_ident!("grad_final_{}", state.name);
-            let numel = self.shape_numel(&state.shape);
-            setup.extend(self.for_each_element(
-                numel.clone(),
-                quote!(workspace[base + #at + e] = f32::cast_from(#arg[sequence * #numel + e]);),
+            setup.extend(self.transfer(
+                Transfer::Load,
+                &grad_finals[id],
+                quote!(sequence),
+                &state.shape,
+                at,
             ));
         }
         let mut restore_checkpoint = TokenStream::new();
@@ -621,11 +633,12 @@ impl<'a> Emitter<'a> {
         let mut load_output_grads = TokenStream::new();
         for (id, output) in cell.outputs.iter().enumerate() {
             let at = self.at(Buffer::Grad(Grad::Output(OutputId(id))));
-            let arg = format_ident!("grad_output_{}", output.name);
-            let numel = self.shape_numel(&output.shape);
-            load_output_grads.extend(self.for_each_element(
-                numel.clone(),
-                quote!(workspace[base + #at + e] = f32::cast_from(#arg[row * #numel + e]);),
+            load_output_grads.extend(self.transfer(
+                Transfer::Load,
+                &grad_outputs[id],
+                quote!(row),
+                &output.shape,
+                at,
             ));
         }
         let mut definitions = TokenStream::new();
@@ -641,11 +654,12 @@ impl<'a> Emitter<'a> {
         let mut sinks = TokenStream::new();
         for (id, input) in cell.inputs.iter().enumerate() {
             let at = self.at(Buffer::Grad(Grad::Input(InputId(id))));
-            let arg = format_ident!("grad_input_{}", input.name);
-            let numel = self.shape_numel(&input.shape);
-            sinks.extend(self.for_each_element(
-                numel.clone(),
-                quote!(#arg[row * #numel + e] = F::cast_from(workspace[base + #at + e]);),
+            sinks.extend(self.transfer(
+                Transfer::Store,
+                &grad_inputs[id],
+                quote!(row),
+                &input.shape,
+                at,
             ));
         }
         for (id, param) in cell.params.iter().enumerate() {
@@ -663,20 +677,22 @@ impl<'a> Emitter<'a> {
         let mut finish = TokenStream::new();
         for (id, state) in cell.states.iter().enumerate() {
             let at = self.at(Buffer::Grad(Grad::StateFromNext(StateId(id))));
-            let arg = format_ident!("grad_initial_{}", state.name);
-            let numel = self.shape_numel(&state.shape);
-            finish.extend(self.for_each_element(
-                numel.clone(),
-                quote!(#arg[sequence * #numel + e] = F::cast_from(workspace[base + #at + e]);),
+            finish.extend(self.transfer(
+                Transfer::Store,
+                &grad_initial[id],
+                quote!(sequence),
+                &state.shape,
+                at,
             ));
         }
         for (id, param) in cell.params.iter().enumerate() {
             let at = self.at(Buffer::ParamGradSum(ParamId(id)));
-            let arg = format_ident!("grad_param_{}", param.name);
-            let numel = self.shape_numel(&param.shape);
-            finish.extend(self.for_each_element(
-                numel.clone(),
-                quote!(#arg[sequence * #numel + e] = workspace[base + #at + e];),
+            finish.extend(self.transfer(
+                Transfer::StoreF32,
+                &grad_params[id],
+                quote!(sequence),
+                &param.shape,
+                at,
             ));
         }
         quote! {
