@@ -796,8 +796,40 @@ impl<'a> Emitter<'a> {
             args.extend(vec![quote!(Default::default()); 3]);
             args
         };
-        let forward_compilation_args = compilation_args(forward_runtime);
-        let backward_compilation_args = compilation_args(backward_runtime);
+        // `name(client, dims, heads, schedule)`: the kernel's definition at these sizes.
+        let definition = |kernel: &str, runtime_args: usize, flags: TokenStream| {
+            let name = format_ident!("{kernel}_definition");
+            let doc = format!(
+                " The definition of [`{kernel}`] at these sizes (to print its CUDA or WGSL source)."
+            );
+            let module = ident(kernel);
+            let kernel_type = format_ident!("{}", kernel[..1].to_uppercase() + &kernel[1..]);
+            let compilation = compilation_args(runtime_args);
+            quote! {
+                #[doc = #doc]
+                pub fn #name<F: Float + CubeElement, R: Runtime>(
+                    client: &ComputeClient<R>,
+                    dims: &[usize],
+                    heads: usize,
+                    schedule: ::rak::codegen::schedule::Schedule,
+                ) -> cubecl::prelude::KernelDefinition {
+                    #(#dims)*
+                    let settings = KernelSettings::default().cube_dim(CubeDim::new_1d(schedule.cube_dim));
+                    #module::#kernel_type::<F, R>::new(
+                        settings,
+                        client.clone(),
+                        #(#compilation,)*
+                        heads,
+                        #(#dim_args,)*
+                        schedule.chunk,
+                        #flags
+                    )
+                    .define()
+                }
+            }
+        };
+        let forward_definition = definition("forward", forward_runtime, quote!(true, true,));
+        let backward_definition = definition("backward", backward_runtime, TokenStream::new());
         let views = quote! {
             let element = |array: &::rak::kernels::DeviceArray| unsafe {
                 ArrayArg::from_raw_parts(array.handle.clone(), array.len)
@@ -840,47 +872,9 @@ impl<'a> Emitter<'a> {
                 );
             }
 
-            /// The definition of [`forward`] at these sizes (to print its CUDA or WGSL source).
-            pub fn forward_definition<F: Float + CubeElement, R: Runtime>(
-                client: &ComputeClient<R>,
-                dims: &[usize],
-                heads: usize,
-                schedule: ::rak::codegen::schedule::Schedule,
-            ) -> cubecl::prelude::KernelDefinition {
-                #(#dims)*
-                let settings = KernelSettings::default().cube_dim(CubeDim::new_1d(schedule.cube_dim));
-                forward::Forward::<F, R>::new(
-                    settings,
-                    client.clone(),
-                    #(#forward_compilation_args,)*
-                    heads,
-                    #(#dim_args,)*
-                    schedule.chunk,
-                    true,
-                    true,
-                )
-                .define()
-            }
+            #forward_definition
 
-            /// The definition of [`backward`] at these sizes (to print its CUDA or WGSL source).
-            pub fn backward_definition<F: Float + CubeElement, R: Runtime>(
-                client: &ComputeClient<R>,
-                dims: &[usize],
-                heads: usize,
-                schedule: ::rak::codegen::schedule::Schedule,
-            ) -> cubecl::prelude::KernelDefinition {
-                #(#dims)*
-                let settings = KernelSettings::default().cube_dim(CubeDim::new_1d(schedule.cube_dim));
-                backward::Backward::<F, R>::new(
-                    settings,
-                    client.clone(),
-                    #(#backward_compilation_args,)*
-                    heads,
-                    #(#dim_args,)*
-                    schedule.chunk,
-                )
-                .define()
-            }
+            #backward_definition
 
             /// Launches [`backward`] for the chunks `chunks_from_end` (counted from the last);
             /// `buffers` must have been validated against `shape`.
