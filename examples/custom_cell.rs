@@ -1,10 +1,15 @@
-//! Declare a brand-new cell with `rak::cell!`, then run it with the f64 reference interpreter,
-//! forward and backward: `cargo run --release --example custom_cell`.
+//! Declare a brand-new cell with `rak::cell!`, run it with the f64 reference interpreter, then
+//! with the kernels the macro generated for it, on wgpu's default device:
+//! `cargo run --release --example custom_cell` (without a GPU, set
+//! `CUBECL_WGPU_DEFAULT_DEVICE=Cpu` to use Mesa's software Vulkan driver).
 
 use rak::CellDefinition;
+use rak::codegen::ScanShape;
 use rak::codegen::display::backward_to_string;
-use rak::codegen::interpret::{ScanInputs, ScanShape, Tensor, backward, forward};
-use rak::codegen::ir::{InputId, OutputId, StateId};
+use rak::codegen::interpret::{ScanInputs, Tensor, forward};
+use rak::codegen::ir::{InputId, OutputId, ParamId, StateId};
+use rak::cubecl::{Runtime, prelude::*};
+use rak::kernels::{CellRunner, DeviceArray, ForwardBuffers};
 
 rak::cell! {
     /// A SimpleRNN variant whose write strength is gated by a learned per-head scalar.
@@ -23,7 +28,8 @@ fn main() {
     let cell = &compiled.cell;
     println!("{}", backward_to_string(&compiled.backward));
 
-    let shape = ScanShape::new(cell, 1, 4, 1, &[("K", 2), ("V", 3)]).expect("valid shape");
+    // The f64 reference interpreter.
+    let shape = ScanShape::new(cell, 2, 50, 2, &[("K", 8), ("V", 16)]).expect("valid shape");
     let ramp = |shape: Vec<usize>| {
         let len: usize = shape.iter().product();
         Tensor {
@@ -35,19 +41,56 @@ fn main() {
         inputs: (0..cell.inputs.len())
             .map(|i| ramp(shape.input(cell, InputId(i))))
             .collect(),
-        params: vec![Tensor::filled(
-            shape.param(cell, rak::codegen::ir::ParamId(0)),
-            0.5,
-        )],
+        params: vec![Tensor::filled(shape.param(cell, ParamId(0)), 0.5)],
         initial_states: None,
     };
-    let result = forward(cell, &shape, &inputs).expect("forward");
-    println!("outputs o[t, j]: {:.4?}", result.outputs[0].data);
+    let reference = forward(cell, &shape, &inputs).expect("forward");
 
-    // L = Σ outputs: gradients with ∂L/∂o = 1 and no gradient on the final state.
-    let d_outputs = vec![Tensor::filled(shape.output(cell, OutputId(0)), 1.0)];
-    let d_final = vec![Tensor::zeros(shape.state(cell, StateId(0)))];
-    let grads =
-        backward(&compiled.backward, &shape, &inputs, &d_outputs, &d_final).expect("backward");
-    println!("dL/dstrength: {:.6}", grads.params[0].data[0]);
+    // The generated kernels, on wgpu's default device.
+    type Wgpu = rak::cubecl::wgpu::WgpuRuntime;
+    let client = Wgpu::client(&Default::default());
+    let upload = |t: &Tensor| {
+        let values: Vec<f32> = t.data.iter().map(|&x| x as f32).collect();
+        DeviceArray::new(
+            client.create_from_slice(f32::as_bytes(&values)),
+            values.len(),
+        )
+    };
+    let numel = |dims: Vec<usize>| dims.iter().product::<usize>();
+    let buffers = ForwardBuffers {
+        inputs: inputs.inputs.iter().map(upload).collect(),
+        params: inputs.params.iter().map(upload).collect(),
+        initial_states: None,
+        outputs: vec![DeviceArray::zeros(
+            &client,
+            numel(shape.output(cell, OutputId(0))),
+            4,
+        )],
+        final_states: vec![DeviceArray::zeros(
+            &client,
+            numel(shape.state(cell, StateId(0))),
+            4,
+        )],
+        checkpoints: None,
+    };
+    // On Mesa's software driver, launch a chunk at a time (it caps loops); on a GPU, one launch.
+    let schedule = rak::codegen::schedule::Schedule {
+        chunk: 16,
+        chunks_per_launch: Some(1),
+        ..Default::default()
+    };
+    CellRunner::<ScaledWrite>::new()
+        .forward::<f32, Wgpu>(&client, &shape, schedule, &buffers)
+        .expect("launch");
+    let bytes = client.read_one_unchecked(buffers.outputs[0].handle.clone());
+    let kernel = &f32::from_bytes(&bytes)[..buffers.outputs[0].len];
+    let largest = reference.outputs[0]
+        .data
+        .iter()
+        .fold(0f64, |m, x| m.max(x.abs()));
+    let error = kernel
+        .iter()
+        .zip(&reference.outputs[0].data)
+        .fold(0f64, |m, (k, r)| m.max((*k as f64 - r).abs()));
+    println!("kernel vs interpreter: max |difference| {error:.2e} (outputs up to {largest:.2})");
 }
