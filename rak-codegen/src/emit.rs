@@ -59,6 +59,8 @@ enum Transfer {
 struct Emitter<'a> {
     step: &'a BackwardStep,
     cell: &'a Cell,
+    /// Each materialised sum's class representative (see [`crate::schedule::sum_classes`]).
+    sum_classes: HashMap<ExprId, ExprId>,
 }
 
 fn ident(name: &str) -> Ident {
@@ -89,6 +91,7 @@ impl<'a> Emitter<'a> {
         Emitter {
             step,
             cell: &step.cell,
+            sum_classes: crate::schedule::sum_classes(step),
         }
     }
 
@@ -254,6 +257,11 @@ impl<'a> Emitter<'a> {
         tokens
     }
 
+    /// The representative of a sum's class: the buffer it is materialised in.
+    fn sum_class(&self, sum: ExprId) -> ExprId {
+        self.sum_classes.get(&sum).copied().unwrap_or(sum)
+    }
+
     /// The row-major position of `indices` in a value of their dims.
     fn flat_index(&self, indices: &[IndexId]) -> TokenStream {
         let mut flat = quote!(0usize);
@@ -284,9 +292,10 @@ impl<'a> Emitter<'a> {
     ) -> TokenStream {
         let mut tokens = TokenStream::new();
         for sum in self.cell.sums_under(&[expr]) {
-            if sum != expr && !ready.contains(&sum) {
+            let class = self.sum_class(sum);
+            if sum != expr && !ready.contains(&class) {
                 let free: Vec<IndexId> = self.cell.free_indices(sum).into_iter().collect();
-                let at = self.buffer_name(Buffer::Sum(sum));
+                let at = self.buffer_name(Buffer::Sum(class));
                 tokens.extend(self.element_loop(
                     ready,
                     &free,
@@ -294,7 +303,7 @@ impl<'a> Emitter<'a> {
                     |value| quote!(workspace[base + #at + e] = #value;),
                 ));
                 tokens.extend(quote!(sync_storage();));
-                ready.insert(sum);
+                ready.insert(class);
             }
         }
         tokens.extend(self.element_loop(ready, indices, expr, store));
@@ -1028,11 +1037,11 @@ impl<'e, 'a> ExprEmitter<'e, 'a> {
                 self.push(quote!(let #name = #value;));
                 name
             }
-            Expr::Sum { .. } if self.materialized.contains(&expr) => {
+            Expr::Sum { .. } if self.materialized.contains(&emitter.sum_class(expr)) => {
                 let name = self.fresh();
                 let free: Vec<IndexId> = emitter.cell.free_indices(expr).into_iter().collect();
                 let flat = emitter.flat_index(&free);
-                let at = emitter.buffer_name(Buffer::Sum(expr));
+                let at = emitter.buffer_name(Buffer::Sum(emitter.sum_class(expr)));
                 self.push(quote!(let #name = workspace[base + #at + #flat];));
                 name
             }

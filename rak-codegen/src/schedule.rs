@@ -11,7 +11,8 @@
 //! Every `sum` is materialised: computed once per step into a buffer indexed by its free
 //! indices, right before the first statement that needs it, so that an expression such as
 //! `tanh(Σ_j R[i, j]·h[j] + x[i])` is not recomputed inside every element of a statement that
-//! reads it (the backward of Elman reads it D² times per step).
+//! reads it (the backward of Elman reads it D² times per step). Sums equal up to renaming of
+//! their indices share one buffer and are computed once.
 //!
 //! The [`WorkspaceLayout`] lists the buffers of a cube's workspace; the kernel emitter
 //! ([`crate::emit`]) and the host (which allocates the workspace) both derive offsets from it.
@@ -72,8 +73,83 @@ pub enum Buffer {
     ParamGradSum(ParamId),
     /// The states S_{t0} .. S_{t0+C} of the chunk being differentiated (backward only).
     ChunkStates,
-    /// A materialised `sum`, indexed by its free indices in id order.
+    /// A materialised `sum` (the representative of its class, see [`sum_classes`]), indexed by
+    /// its free indices in id order.
     Sum(ExprId),
+}
+
+/// The materialised sums that are the same up to renaming of their index variables (autodiff
+/// renames copies of forward sums), mapped to one representative each: the smallest id of the
+/// class. Two sums are the same if their canonical forms ([`canonical_form`]) are equal.
+pub fn sum_classes(step: &BackwardStep) -> std::collections::HashMap<ExprId, ExprId> {
+    let cell = &step.cell;
+    let mut roots = step_roots(step, Pass::Forward);
+    roots.extend(step_roots(step, Pass::Backward));
+    let mut first: std::collections::HashMap<String, ExprId> = Default::default();
+    let mut classes = std::collections::HashMap::new();
+    let mut sums = cell.sums_under(&roots);
+    sums.sort();
+    for sum in sums {
+        let representative = *first.entry(canonical_form(cell, sum)).or_insert(sum);
+        classes.insert(sum, representative);
+    }
+    classes
+}
+
+/// An expression written with its free indices named by position (in id order, with their
+/// dims) and its bound indices by nesting depth: equal forms compute the same values, element
+/// for element, with free indices matched by position.
+pub fn canonical_form(cell: &Cell, expr: ExprId) -> String {
+    fn write(
+        cell: &Cell,
+        expr: ExprId,
+        names: &mut std::collections::HashMap<IndexId, String>,
+        depth: usize,
+        out: &mut String,
+    ) {
+        use std::fmt::Write;
+        match cell.exprs.get(expr) {
+            Expr::Const(Constant(c)) => {
+                let _ = write!(out, "c{:x}", c.to_bits());
+            }
+            Expr::Load { value, indices } => {
+                let indices: Vec<&str> = indices
+                    .iter()
+                    .map(|i| names.get(i).map_or("?", String::as_str))
+                    .collect();
+                let _ = write!(out, "{value:?}[{}]", indices.join(","));
+            }
+            Expr::Unary(op, a) => {
+                let _ = write!(out, "{op:?}(");
+                write(cell, *a, names, depth, out);
+                out.push(')');
+            }
+            Expr::Binary(op, a, b) => {
+                let _ = write!(out, "{op:?}(");
+                write(cell, *a, names, depth, out);
+                out.push(',');
+                write(cell, *b, names, depth, out);
+                out.push(')');
+            }
+            Expr::Sum { index, body } => {
+                let previous = names.insert(*index, format!("b{depth}"));
+                let _ = write!(out, "sum[b{depth}:{:?}](", cell.index_dim(*index));
+                write(cell, *body, names, depth + 1, out);
+                out.push(')');
+                match previous {
+                    Some(name) => names.insert(*index, name),
+                    None => names.remove(index),
+                };
+            }
+        }
+    }
+    let mut names = std::collections::HashMap::new();
+    for (position, index) in cell.free_indices(expr).into_iter().enumerate() {
+        names.insert(index, format!("f{position}:{:?}", cell.index_dim(index)));
+    }
+    let mut out = String::new();
+    write(cell, expr, &mut names, 0, &mut out);
+    out
 }
 
 /// The statements a pass evaluates in each step, whose `sum`s it materialises.
