@@ -7,6 +7,7 @@
 //! checkpoints `[B, H, ceil(T / C), numel]` in f32.
 
 use crate::CellDefinition;
+use crate::codegen::ir::{InputId, OutputId, ParamId, StateId};
 use crate::codegen::schedule::{Pass, Schedule, WorkspaceLayout};
 use crate::codegen::{CompiledCell, ScanShape};
 use cubecl::prelude::KernelDefinition;
@@ -208,96 +209,71 @@ impl<C: CellKernels> CellRunner<C> {
         Ok(())
     }
 
-    fn expect<'a>(
-        &'a self,
+    /// Expected buffers for a list of values: one per `(name, shape)`, `copies` times its
+    /// elements, of `bytes` each.
+    fn per_value<'a>(
         what: &'a str,
-        names: Vec<&'a str>,
-        elements: Vec<usize>,
-        element_bytes: usize,
+        values: impl Iterator<Item = (&'a str, Vec<usize>)>,
+        copies: usize,
+        bytes: usize,
     ) -> Expect<'a> {
+        let (names, elements) = values
+            .map(|(name, dims)| (name, dims.iter().product::<usize>() * copies))
+            .unzip();
         Expect {
             what,
             names,
             elements,
-            element_bytes,
+            element_bytes: bytes,
         }
     }
 
-    fn inputs(&self, shape: &ScanShape, what: &'static str, bytes: usize) -> Expect<'_> {
+    fn inputs<'a>(&'a self, shape: &ScanShape, what: &'a str, bytes: usize) -> Expect<'a> {
         let cell = &self.compiled.cell;
-        let elements = (0..cell.inputs.len())
-            .map(|i| {
-                shape
-                    .input(cell, crate::codegen::ir::InputId(i))
-                    .iter()
-                    .product()
-            })
-            .collect();
-        self.expect(
+        let values = cell.inputs.iter().enumerate();
+        Self::per_value(
             what,
-            cell.inputs.iter().map(|i| i.name.as_str()).collect(),
-            elements,
+            values.map(|(i, x)| (x.name.as_str(), shape.input(cell, InputId(i)))),
+            1,
             bytes,
         )
     }
 
-    fn params(&self, shape: &ScanShape, what: &'static str, bytes: usize) -> Expect<'_> {
+    fn params<'a>(&'a self, shape: &ScanShape, what: &'a str, bytes: usize) -> Expect<'a> {
         let cell = &self.compiled.cell;
-        let elements = (0..cell.params.len())
-            .map(|p| {
-                shape
-                    .param(cell, crate::codegen::ir::ParamId(p))
-                    .iter()
-                    .product()
-            })
-            .collect();
-        self.expect(
+        let values = cell.params.iter().enumerate();
+        Self::per_value(
             what,
-            cell.params.iter().map(|p| p.name.as_str()).collect(),
-            elements,
+            values.map(|(p, x)| (x.name.as_str(), shape.param(cell, ParamId(p)))),
+            1,
             bytes,
         )
     }
 
-    fn states(
-        &self,
+    fn states<'a>(
+        &'a self,
         shape: &ScanShape,
-        what: &'static str,
+        what: &'a str,
         bytes: usize,
         copies: usize,
-    ) -> Expect<'_> {
+    ) -> Expect<'a> {
         let cell = &self.compiled.cell;
-        let elements = (0..cell.states.len())
-            .map(|s| {
-                shape
-                    .state(cell, crate::codegen::ir::StateId(s))
-                    .iter()
-                    .product::<usize>()
-                    * copies
-            })
-            .collect();
-        self.expect(
+        let values = cell.states.iter().enumerate();
+        Self::per_value(
             what,
-            cell.states.iter().map(|s| s.name.as_str()).collect(),
-            elements,
+            values.map(|(s, x)| (x.name.as_str(), shape.state(cell, StateId(s)))),
+            copies,
             bytes,
         )
     }
 
-    fn outputs(&self, shape: &ScanShape, what: &'static str, bytes: usize) -> Expect<'_> {
+    fn outputs<'a>(&'a self, shape: &ScanShape, what: &'a str, bytes: usize) -> Expect<'a> {
         let cell = &self.compiled.cell;
-        let elements = (0..cell.outputs.len())
-            .map(|o| {
-                shape
-                    .output(cell, crate::codegen::ir::OutputId(o))
-                    .iter()
-                    .product()
-            })
-            .collect();
-        self.expect(
+        let values = cell.outputs.iter().enumerate();
+        Self::per_value(
             what,
-            cell.outputs.iter().map(|o| o.name.as_str()).collect(),
-            elements,
+            values.map(|(o, x)| (x.name.as_str(), shape.output(cell, OutputId(o)))),
+            1,
             bytes,
         )
     }
@@ -415,11 +391,7 @@ impl<C: CellKernels> CellRunner<C> {
         let cell = &self.compiled.cell;
         let param_partials = (0..cell.params.len())
             .map(|p| {
-                let len = shape.batch
-                    * shape
-                        .param(cell, crate::codegen::ir::ParamId(p))
-                        .iter()
-                        .product::<usize>();
+                let len = shape.batch * shape.param(cell, ParamId(p)).iter().product::<usize>();
                 DeviceArray::new(client.empty(len * 4), len)
             })
             .collect();
