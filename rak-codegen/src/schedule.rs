@@ -19,6 +19,19 @@
 
 use crate::ir::*;
 
+/// Where the per-step buffers of a cube's workspace live (the chunk's recomputed states of the
+/// backward scan are always in global memory).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Placement {
+    /// Shared memory when the buffers fit the device's shared memory, else global memory.
+    #[default]
+    Auto,
+    /// Shared memory (the launch is refused if it does not fit).
+    Shared,
+    /// Global memory (any size; slower).
+    Global,
+}
+
 /// Choices a launch can override (tests and benchmarks do).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Schedule {
@@ -31,6 +44,12 @@ pub struct Schedule {
     /// Mesa's software Vulkan driver caps every loop at 65,535 iterations per invocation in
     /// total, so long scans there need several launches.
     pub chunks_per_launch: Option<usize>,
+    /// Values of the split axis ([`SplitPlan`]) per cube; `None`: chosen at launch (the whole
+    /// axis, halved while the workspace does not fit or the grid has few cubes). Ignored for
+    /// cells with no split axis.
+    pub tile: Option<usize>,
+    /// Where the per-step buffers live.
+    pub placement: Placement,
 }
 
 impl Default for Schedule {
@@ -39,6 +58,8 @@ impl Default for Schedule {
             cube_dim: 64,
             chunk: 64,
             chunks_per_launch: None,
+            tile: None,
+            placement: Placement::Auto,
         }
     }
 }
@@ -54,6 +75,171 @@ impl Schedule {
             .map(|first| first..(first + per_launch).min(chunks))
             .collect()
     }
+}
+
+/// How a gradient of the backward step is held when the split axis is tiled across cubes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GradSplit {
+    /// Indexed by the split axis: each cube holds its tile, complete.
+    Local,
+    /// Not indexed by the split axis, and computed from a sum over it (or from another partial
+    /// gradient): each cube holds the part of its tile; the parts add up to the gradient
+    /// (gradients are linear in the gradients they read).
+    Partial,
+    /// Not indexed by the split axis and independent of it: every cube holds all of it.
+    Replicated,
+}
+
+/// A state axis whose values evolve independently, so the scans can be split across cubes,
+/// each cube holding a tile of it (SimpleRNN's V axis: column `j` of `S` needs only `v[j]`, and
+/// `o[j]` needs only column `j`). Values without the axis (SimpleRNN's `q`, `k`, `g`) are
+/// computed by every cube. In the backward step, the gradients of values without the axis
+/// are sums over it: each cube computes its tile's part ([`GradSplit::Partial`]), which the
+/// host adds up in a second pass.
+///
+/// An axis qualifies when, in every forward statement, every index variable over it is the
+/// statement's own (no `sum` over it, no two of it in one statement) and, in the backward step,
+/// no gradient with the axis reads a partial gradient or sums over the axis, no partial
+/// gradient also reads a replicated one, and no input, parameter or initial-state gradient is
+/// replicated. Cells with no such axis (Elman: `Σ_j R[i, j]·h[j]` mixes all of `h`) run one
+/// cube per sequence.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SplitPlan {
+    pub dim: DimId,
+    pub grads: std::collections::HashMap<Grad, GradSplit>,
+}
+
+impl SplitPlan {
+    /// The split of a gradient (`Local` for gradients of the axis).
+    pub fn grad(&self, grad: Grad) -> GradSplit {
+        self.grads.get(&grad).copied().unwrap_or(GradSplit::Local)
+    }
+
+    /// Whether a gradient is a per-cube part to be summed over the tiles.
+    pub fn is_partial(&self, grad: Grad) -> bool {
+        self.grad(grad) == GradSplit::Partial
+    }
+}
+
+/// The first dim (in declaration order) along which the cell's scans can be split, with the
+/// split of every gradient; `None` if there is none.
+pub fn split_plan(step: &BackwardStep) -> Option<SplitPlan> {
+    (0..step.cell.dims.len()).find_map(|d| split_along(step, DimId(d)))
+}
+
+/// The index variables an expression mentions (loaded at or summed over).
+fn index_vars(cell: &Cell, expr: ExprId) -> std::collections::BTreeSet<IndexId> {
+    let mut vars = std::collections::BTreeSet::new();
+    cell.exprs.walk(expr, &mut |_, node| match node {
+        Expr::Load { indices, .. } => vars.extend(indices.iter().copied()),
+        Expr::Sum { index, .. } => {
+            vars.insert(*index);
+        }
+        _ => {}
+    });
+    vars
+}
+
+/// The statement's own index over `dim` (`Ok(None)` if it has none); `Err` if it has several,
+/// or if the expression mentions another index over `dim` (a `sum` over it) and `allow_sum` is
+/// false. The flag says whether the expression sums over `dim`.
+fn own_split_index(
+    cell: &Cell,
+    dim: DimId,
+    indices: &[IndexId],
+    expr: ExprId,
+) -> Result<(Option<IndexId>, bool), ()> {
+    let own: Vec<IndexId> = indices
+        .iter()
+        .copied()
+        .filter(|&i| cell.index_dim(i) == dim)
+        .collect();
+    if own.len() > 1 {
+        return Err(());
+    }
+    let own = own.first().copied();
+    let sums_over_dim = index_vars(cell, expr)
+        .into_iter()
+        .any(|i| cell.index_dim(i) == dim && Some(i) != own);
+    Ok((own, sums_over_dim))
+}
+
+fn split_along(step: &BackwardStep, dim: DimId) -> Option<SplitPlan> {
+    let cell = &step.cell;
+    if !cell.states.iter().any(|s| s.shape.contains(&dim)) {
+        return None;
+    }
+    let forward = cell
+        .lets
+        .iter()
+        .map(|l| (&l.indices, l.expr))
+        .chain(cell.updates.iter().map(|u| (&u.indices, u.expr)))
+        .chain(cell.outputs.iter().map(|o| (&o.indices, o.expr)));
+    for (indices, expr) in forward {
+        match own_split_index(cell, dim, indices, expr) {
+            Ok((_, false)) => {}
+            _ => return None,
+        }
+    }
+    let has_dim = |grad: Grad| cell.grad_shape(grad).contains(&dim);
+    let mut grads = std::collections::HashMap::new();
+    for (o, _) in cell.outputs.iter().enumerate() {
+        let grad = Grad::Output(OutputId(o));
+        let split = if has_dim(grad) {
+            GradSplit::Local
+        } else {
+            GradSplit::Replicated
+        };
+        grads.insert(grad, split);
+    }
+    // The gradient a state without the axis carries from step to step is held as per-tile
+    // parts (the host's final-state gradient goes to the first tile, zeros to the others);
+    // the analysis below checks that the step keeps it so.
+    for (s, state) in cell.states.iter().enumerate() {
+        let split = if state.shape.contains(&dim) {
+            GradSplit::Local
+        } else {
+            GradSplit::Partial
+        };
+        grads.insert(Grad::StateFromNext(StateId(s)), split);
+    }
+    for definition in &step.definitions {
+        let (own, sums_over_dim) =
+            own_split_index(cell, dim, &definition.indices, definition.expr).ok()?;
+        let mut reads = Vec::new();
+        cell.exprs.walk(definition.expr, &mut |_, node| {
+            if let Expr::Load {
+                value: Value::Grad(grad),
+                ..
+            } = node
+            {
+                reads.push(grads.get(grad).copied().unwrap_or(GradSplit::Local));
+            }
+        });
+        let reads_partial = reads.contains(&GradSplit::Partial);
+        let split = if own.is_some() {
+            if sums_over_dim || reads_partial {
+                return None;
+            }
+            GradSplit::Local
+        } else if sums_over_dim || reads_partial {
+            if reads.contains(&GradSplit::Replicated) {
+                return None;
+            }
+            GradSplit::Partial
+        } else {
+            GradSplit::Replicated
+        };
+        grads.insert(definition.grad, split);
+    }
+    let sinks = (0..cell.inputs.len())
+        .map(|i| Grad::Input(InputId(i)))
+        .chain((0..cell.params.len()).map(|p| Grad::Param(ParamId(p))))
+        .chain((0..cell.states.len()).map(|s| Grad::StatePrevious(StateId(s))));
+    let replicated_sink = sinks
+        .into_iter()
+        .any(|g| grads.get(&g) == Some(&GradSplit::Replicated));
+    (!replicated_sink).then_some(SplitPlan { dim, grads })
 }
 
 /// One buffer of a cube's workspace.

@@ -385,6 +385,7 @@ pub fn run(cli: Cli) -> ExitCode {
                 cube_dim,
                 chunk,
                 chunks_per_launch,
+                ..Default::default()
             };
             match bench(
                 &cell,

@@ -7,4 +7,5 @@ mod errors;
 mod fuzz;
 mod gradients;
 mod reference;
+mod schedule;
 mod snapshots;

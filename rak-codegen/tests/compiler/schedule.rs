@@ -1,0 +1,82 @@
+//! The schedule pass: which axis each reference cell's scans split along, and how each
+//! gradient is held across the tiles.
+
+use crate::common::{CELL_NAMES, compile_cell};
+use rak_codegen::ir::{Grad, InputId, StateId};
+use rak_codegen::schedule::{GradSplit, split_plan};
+
+/// The split axis of every reference cell, by name (`None`: one cube per sequence).
+#[test]
+fn split_axis_of_every_reference_cell() {
+    let mut found = Vec::new();
+    for name in CELL_NAMES {
+        let compiled = compile_cell(name);
+        let axis =
+            split_plan(&compiled.backward).map(|plan| compiled.cell.dims[plan.dim.0].name.clone());
+        found.push(format!("{name}: {}", axis.as_deref().unwrap_or("none")));
+    }
+    assert_eq!(
+        found,
+        [
+            "simple_rnn: V",
+            "gla: V",
+            "retnet: V",
+            "mamba2: P",
+            "deltanet: V",
+            "mlstm: V",
+            "elman: none",
+        ]
+    );
+}
+
+/// SimpleRNN split along V: the gradients of q, k, g (over K) are per-tile parts, the gradient
+/// of v and of the state are complete in each tile.
+#[test]
+fn simple_rnn_gradients_across_tiles() {
+    let compiled = compile_cell("simple_rnn");
+    let plan = split_plan(&compiled.backward).unwrap();
+    let input = |name: &str| {
+        let id = compiled
+            .cell
+            .inputs
+            .iter()
+            .position(|i| i.name == name)
+            .unwrap();
+        plan.grad(Grad::Input(InputId(id)))
+    };
+    assert_eq!(input("q"), GradSplit::Partial);
+    assert_eq!(input("k"), GradSplit::Partial);
+    assert_eq!(input("g"), GradSplit::Partial);
+    assert_eq!(input("v"), GradSplit::Local);
+    assert_eq!(plan.grad(Grad::StatePrevious(StateId(0))), GradSplit::Local);
+}
+
+/// mLSTM: the normaliser n and the max m have no V axis; their gradients are carried through
+/// time as per-tile parts.
+#[test]
+fn mlstm_carries_partial_state_gradients() {
+    let compiled = compile_cell("mlstm");
+    let plan = split_plan(&compiled.backward).unwrap();
+    let state = |name: &str| {
+        let id = compiled
+            .cell
+            .states
+            .iter()
+            .position(|s| s.name == name)
+            .unwrap();
+        StateId(id)
+    };
+    assert_eq!(plan.grad(Grad::StatePrevious(state("C"))), GradSplit::Local);
+    assert_eq!(
+        plan.grad(Grad::StatePrevious(state("n"))),
+        GradSplit::Partial
+    );
+    assert_eq!(
+        plan.grad(Grad::StateFromNext(state("n"))),
+        GradSplit::Partial
+    );
+    assert_eq!(
+        plan.grad(Grad::StatePrevious(state("m"))),
+        GradSplit::Partial
+    );
+}
