@@ -337,12 +337,13 @@ fn compare<C: CellKernels>(
 const CHUNK: usize = 16;
 
 /// The schedule for the software adapter: one launch per chunk, since Mesa caps every loop at
-/// 65,535 iterations per invocation.
+/// 65,535 iterations per invocation. Tile and placement are chosen at launch.
 fn cpu_schedule() -> Schedule {
     Schedule {
         cube_dim: 64,
         chunk: CHUNK,
         chunks_per_launch: Some(1),
+        ..Default::default()
     }
 }
 
@@ -380,6 +381,39 @@ fn kernels_match_the_interpreter_for_every_cell() {
             dim,
             cpu_schedule(),
             100 + n as u64
+        ));
+    }
+}
+
+/// Every cell under explicit splits, placements and input stages: tiles that do not divide the
+/// axis (33 = 4 × 8 + 1), a tile of one value, the whole axis; the workspace in shared and in
+/// global memory, over several launches (the shared workspace is saved and restored between
+/// them); blocks of staged inputs that do not divide the chunk (3) or the sequence (5).
+#[test]
+fn split_tiles_and_workspace_placements() {
+    use rak::codegen::schedule::Placement;
+    let client = client();
+    let variants = [
+        (Some(8), Placement::Shared, 33, 3),
+        (Some(8), Placement::Global, 33, 8),
+        (Some(1), Placement::Shared, 5, 1),
+        (None, Placement::Global, 5, 5),
+    ];
+    for (n, (tile, placement, dim, stage)) in variants.into_iter().enumerate() {
+        let schedule = Schedule {
+            tile,
+            placement,
+            stage,
+            ..cpu_schedule()
+        };
+        for_each_cell!(compare(
+            &client,
+            2,
+            2 * CHUNK + 3,
+            2,
+            dim,
+            schedule,
+            200 + n as u64
         ));
     }
 }
@@ -550,6 +584,7 @@ fn cuda_and_wgsl_sources_of_every_cell() {
         cube_dim: 32,
         chunk: 8,
         chunks_per_launch: None,
+        ..Default::default()
     };
     for builtin in rak::cells::all() {
         let dims = vec![

@@ -2,22 +2,30 @@
 //!
 //! Two kernels and two host launchers per cell, following [`crate::schedule`]:
 //!
-//! - `forward`: one cube per sequence (batch element × head) runs the time loop; per step it
-//!   activates the inputs, computes the lets, the updates and the outputs, one statement at a
-//!   time, each statement's elements shared among the cube's units; optional initial states;
-//!   final states; a checkpoint of the states every `chunk` steps when asked.
+//! - `forward`: one cube per sequence (batch element × head) and tile of the split axis runs
+//!   the time loop; per step it activates the inputs, computes the lets, the updates and the
+//!   outputs, one statement at a time, each statement's elements shared among the cube's
+//!   units; optional initial states; final states; a checkpoint of the states every `chunk`
+//!   steps when asked.
 //! - `backward`: the same cubes walk the chunks in reverse, recompute the chunk's states from
 //!   its checkpoint, then run the backward step ([`crate::ir::BackwardStep`]) for each step in
 //!   reverse. It writes the gradients of the inputs (before activation) and of the initial
-//!   states, and each sequence's sum over time of the parameter gradients (the host sums those
-//!   over the batch in a second pass: no atomics, bitwise reproducible).
+//!   states, and each sequence's and tile's sum over time of the parameter gradients; gradients
+//!   held as per-tile parts go to f32 buffers (the host sums those over tiles and batch in a
+//!   second pass: no atomics, bitwise reproducible).
+//!
+//! Inside a cube, an index over the split axis counts from `tile_start`; workspace buffers are
+//! `tile` long along it and global arrays are addressed with `tile_start + index`; values past
+//! the end of the axis (the last tile of an axis that `tile` does not divide) are skipped.
+//! Workspace accesses go to `shared` or to the cube's part of `workspace` depending on the
+//! comptime flag `shared_workspace`.
 //!
 //! Kernels are generic over the element type `F` of inputs, parameters and outputs; states,
 //! intermediates and accumulations are f32. Every sub-expression becomes one `let`; a `sum`
 //! becomes a loop; identical sub-expressions are computed once where their indices allow.
 
 use crate::ir::*;
-use crate::schedule::{Buffer, Pass, WorkspaceLayout};
+use crate::schedule::{Buffer, GradSplit, Pass, SplitPlan, WorkspaceLayout};
 use proc_macro2::{Ident, Literal, Span, TokenStream};
 use quote::{format_ident, quote};
 use std::collections::{BTreeSet, HashMap, HashSet};
@@ -45,6 +53,13 @@ pub fn kernels_source(step: &BackwardStep) -> String {
     }
 }
 
+/// Where [`Emitter::copy_states`] reads or writes: a per-step workspace buffer, or a slot of
+/// the chunk's states (always in the cube's global workspace); the offset of the state.
+enum Place {
+    Step(TokenStream),
+    Chunk(TokenStream),
+}
+
 /// Which way [`Emitter::transfer`] copies.
 #[derive(Clone, Copy)]
 enum Transfer {
@@ -61,6 +76,9 @@ struct Emitter<'a> {
     cell: &'a Cell,
     /// Each materialised sum's class representative (see [`crate::schedule::sum_classes`]).
     sum_classes: HashMap<ExprId, ExprId>,
+    /// The axis split across cubes, if any: inside a cube it has `tile` values, from
+    /// `tile_start`.
+    split: Option<SplitPlan>,
 }
 
 fn ident(name: &str) -> Ident {
@@ -92,6 +110,7 @@ impl<'a> Emitter<'a> {
             step,
             cell: &step.cell,
             sum_classes: crate::schedule::sum_classes(step),
+            split: crate::schedule::split_plan(step),
         }
     }
 
@@ -99,14 +118,75 @@ impl<'a> Emitter<'a> {
         format_ident!("dim_{}", self.cell.dims[dim.0].name)
     }
 
-    /// `(dim_K * dim_V)`, or `1usize` for a scalar: the elements of a shape.
-    fn shape_numel(&self, shape: &Shape) -> TokenStream {
-        let mut dims = shape.iter().map(|&d| self.dim(d));
-        match dims.next() {
+    fn is_split(&self, dim: DimId) -> bool {
+        self.split.as_ref().is_some_and(|plan| plan.dim == dim)
+    }
+
+    /// The values of a dim inside one cube: `tile` for the split axis, else the dim.
+    fn extent(&self, dim: DimId) -> Ident {
+        if self.is_split(dim) {
+            ident("tile")
+        } else {
+            self.dim(dim)
+        }
+    }
+
+    fn product(mut factors: impl Iterator<Item = Ident>) -> TokenStream {
+        match factors.next() {
             None => quote!(1usize),
             Some(first) => {
-                let product = dims.fold(quote!(#first), |product, dim| quote!(#product * #dim));
+                let product = factors.fold(quote!(#first), |product, dim| quote!(#product * #dim));
                 quote!((#product))
+            }
+        }
+    }
+
+    /// `(dim_K * dim_V)`, or `1usize` for a scalar: the elements of a value in global memory.
+    fn shape_numel(&self, shape: &Shape) -> TokenStream {
+        Self::product(shape.iter().map(|&d| self.dim(d)))
+    }
+
+    /// `(dim_K * tile)`: the elements of a value in one cube's workspace.
+    fn local_numel(&self, shape: &Shape) -> TokenStream {
+        Self::product(shape.iter().map(|&d| self.extent(d)))
+    }
+
+    /// How a gradient is held across tiles (`Local` when nothing is split).
+    fn grad_split(&self, grad: Grad) -> GradSplit {
+        self.split
+            .as_ref()
+            .map_or(GradSplit::Local, |plan| plan.grad(grad))
+    }
+
+    /// A read of the per-step workspace (shared memory or the cube's global workspace).
+    fn step_read(&self, at: &TokenStream, index: TokenStream) -> TokenStream {
+        quote! {
+            if comptime![shared_workspace] {
+                shared[#at + #index]
+            } else {
+                workspace[base + #at + #index]
+            }
+        }
+    }
+
+    /// A write to the per-step workspace.
+    fn step_write(&self, at: &TokenStream, index: TokenStream, value: TokenStream) -> TokenStream {
+        quote! {
+            if comptime![shared_workspace] {
+                shared[#at + #index] = #value;
+            } else {
+                workspace[base + #at + #index] = #value;
+            }
+        }
+    }
+
+    /// A barrier that makes the cube's writes to its workspace visible to its units.
+    fn barrier(&self) -> TokenStream {
+        quote! {
+            if comptime![shared_workspace] {
+                sync_cube();
+            } else {
+                sync_storage();
             }
         }
     }
@@ -141,18 +221,18 @@ impl<'a> Emitter<'a> {
     }
 
     /// The size of a buffer in elements, as a comptime expression.
-    fn buffer_size(&self, buffer: Buffer) -> TokenStream {
+    fn buffer_size(&self, buffer: Buffer, pass: Pass) -> TokenStream {
         let shapes = WorkspaceLayout::shapes(self.cell, buffer);
-        let sizes: Vec<TokenStream> = shapes.iter().map(|s| self.shape_numel(s)).collect();
+        let sizes: Vec<TokenStream> = shapes.iter().map(|s| self.local_numel(s)).collect();
         let total = if sizes.is_empty() {
             quote!(0usize)
         } else {
             quote!((#(#sizes)+*))
         };
-        if buffer == Buffer::ChunkStates {
-            quote!((#total * (chunk + 1)))
-        } else {
-            total
+        match buffer {
+            Buffer::ChunkStates => quote!((#total * (chunk + 1))),
+            Buffer::Input(_) if pass == Pass::Forward => quote!((#total * stage)),
+            _ => total,
         }
     }
 
@@ -168,19 +248,26 @@ impl<'a> Emitter<'a> {
                 Some((name, size)) => quote!(#name + #size),
             };
             tokens.extend(quote!(let #name = comptime![#offset];));
-            previous = Some((name, self.buffer_size(buffer)));
+            previous = Some((name, self.buffer_size(buffer, pass)));
         }
         let total = match previous {
             None => quote!(0usize),
             Some((name, size)) => quote!(#name + #size),
         };
         tokens.extend(quote!(let workspace_size = comptime![#total];));
+        // The per-step buffers come first; the chunk's states (backward), last, stay global.
+        let step_size = if layout.buffers.contains(&Buffer::ChunkStates) {
+            quote!(at_chunk_states)
+        } else {
+            quote!(workspace_size)
+        };
+        tokens.extend(quote!(let step_size = comptime![#step_size];));
         // The offset of each state inside one slot of the chunk's states.
         let mut slot_offset = quote!(0usize);
         for state in &self.cell.states {
             let name = format_ident!("slot_{}", state.name);
             tokens.extend(quote!(let #name = comptime![#slot_offset];));
-            let size = self.shape_numel(&state.shape);
+            let size = self.local_numel(&state.shape);
             slot_offset = quote!(#name + #size);
         }
         tokens.extend(quote!(let slot_size = comptime![#slot_offset];));
@@ -189,8 +276,22 @@ impl<'a> Emitter<'a> {
 
     fn kernel_prelude(&self, pass: Pass) -> TokenStream {
         let offsets = self.workspace_offsets(pass);
+        let tiles = match &self.split {
+            None => quote!(let sequence = cube;),
+            Some(plan) => {
+                let dim = self.dim(plan.dim);
+                quote! {
+                    // Each sequence's cubes hold `tile` values of the split axis each.
+                    let tiles = comptime![(#dim + tile - 1) / tile];
+                    let sequence = cube / tiles;
+                    let tile_index = cube % tiles;
+                    let tile_start = tile_index * tile;
+                }
+            }
+        };
         quote! {
-            let sequence = CUBE_POS as usize;
+            let cube = CUBE_POS as usize;
+            #tiles
             let batch_index = sequence / heads;
             let head = sequence % heads;
             let time_len = time as usize;
@@ -198,7 +299,12 @@ impl<'a> Emitter<'a> {
             let unit = UNIT_POS as usize;
             let units = CUBE_DIM as usize;
             #offsets
-            let base = sequence * workspace_size;
+            let base = cube * workspace_size;
+            let mut shared = SharedMemory::<f32>::new(comptime![if shared_workspace {
+                step_size
+            } else {
+                1usize
+            }]);
         }
     }
 
@@ -221,8 +327,55 @@ impl<'a> Emitter<'a> {
             .collect()
     }
 
-    /// A loop over the elements of one row of a value: `arg[row * numel + e]` to or from the
-    /// workspace buffer at `at`.
+    /// A loop over the cube's elements of a value of `shape`: `body` sees the element in the
+    /// workspace as `e` and its position in the value's global row as `global`. Along the
+    /// split axis only the cube's tile is visited, and values past the axis' end are skipped.
+    fn shape_loop(&self, shape: &Shape, body: TokenStream) -> TokenStream {
+        let numel = self.local_numel(shape);
+        let Some(split_position) = shape.iter().position(|&d| self.is_split(d)) else {
+            return self.for_each_element(numel, quote!(let global = e; #body));
+        };
+        let coords: Vec<Ident> = (0..shape.len()).map(|n| format_ident!("c_{n}")).collect();
+        let mut decode = quote!(let mut rest = e;);
+        for (n, &dim) in shape.iter().enumerate().rev() {
+            let (coord, extent) = (&coords[n], self.extent(dim));
+            decode.extend(if n == 0 {
+                quote!(let #coord = rest;)
+            } else {
+                quote!(let #coord = rest % #extent; rest /= #extent;)
+            });
+        }
+        let mut global = quote!(0usize);
+        for (n, &dim) in shape.iter().enumerate() {
+            let coord = &coords[n];
+            let coord = if n == split_position {
+                quote!((tile_start + #coord))
+            } else {
+                quote!(#coord)
+            };
+            global = if n == 0 {
+                coord
+            } else {
+                let dim = self.dim(dim);
+                quote!((#global) * #dim + #coord)
+            };
+        }
+        let (last, dim) = (&coords[split_position], self.dim(shape[split_position]));
+        self.for_each_element(
+            numel,
+            quote! {
+                #decode
+                if tile_start + #last < #dim {
+                    let global = #global;
+                    #body
+                }
+            },
+        )
+    }
+
+    /// A loop over the elements of one row of a value: `arg[row * numel + global]` to or from
+    /// the workspace buffer at `at`. Values without the split axis are the same in every tile:
+    /// the first tile stores them.
     fn transfer(
         &self,
         direction: Transfer,
@@ -232,14 +385,21 @@ impl<'a> Emitter<'a> {
         at: TokenStream,
     ) -> TokenStream {
         let numel = self.shape_numel(shape);
-        let element = quote!(#arg[#row * #numel + e]);
-        let buffer = quote!(workspace[base + #at + e]);
+        let element = quote!(#arg[#row * #numel + global]);
+        let buffer = self.step_read(&at, quote!(e));
         let body = match direction {
-            Transfer::Load => quote!(#buffer = f32::cast_from(#element);),
+            Transfer::Load => self.step_write(&at, quote!(e), quote!(f32::cast_from(#element))),
             Transfer::Store => quote!(#element = F::cast_from(#buffer);),
             Transfer::StoreF32 => quote!(#element = #buffer;),
         };
-        self.for_each_element(numel, body)
+        let replicated = self.split.is_some() && !shape.iter().any(|&d| self.is_split(d));
+        let body = match direction {
+            Transfer::Store | Transfer::StoreF32 if replicated => {
+                quote!(if tile_index == 0 { #body })
+            }
+            _ => body,
+        };
+        self.shape_loop(shape, body)
     }
 
     /// Decodes the element `e` into the statement's index variables (row-major).
@@ -247,7 +407,7 @@ impl<'a> Emitter<'a> {
         let mut tokens = quote!(let mut rest = e;);
         for (position, &index) in indices.iter().enumerate().rev() {
             let var = self.index_var(index);
-            let dim = self.dim(self.cell.index_dim(index));
+            let dim = self.extent(self.cell.index_dim(index));
             if position == 0 {
                 tokens.extend(quote!(let #var = rest;));
             } else {
@@ -262,7 +422,7 @@ impl<'a> Emitter<'a> {
         self.sum_classes.get(&sum).copied().unwrap_or(sum)
     }
 
-    /// The row-major position of `indices` in a value of their dims.
+    /// The row-major position of `indices` in a workspace buffer of their dims.
     fn flat_index(&self, indices: &[IndexId]) -> TokenStream {
         let mut flat = quote!(0usize);
         for (position, &index) in indices.iter().enumerate() {
@@ -270,11 +430,43 @@ impl<'a> Emitter<'a> {
             if position == 0 {
                 flat = quote!(#var);
             } else {
-                let dim = self.dim(self.cell.index_dim(index));
+                let dim = self.extent(self.cell.index_dim(index));
                 flat = quote!((#flat) * #dim + #var);
             }
         }
         flat
+    }
+
+    /// The row-major position of `indices` in a value in global memory (an index over the
+    /// split axis counts from the cube's `tile_start`).
+    fn global_index(&self, indices: &[IndexId]) -> TokenStream {
+        let mut flat = quote!(0usize);
+        for (position, &index) in indices.iter().enumerate() {
+            let var = self.index_var(index);
+            let dim = self.cell.index_dim(index);
+            let coord = if self.is_split(dim) {
+                quote!((tile_start + #var))
+            } else {
+                quote!(#var)
+            };
+            if position == 0 {
+                flat = coord;
+            } else {
+                let dim = self.dim(dim);
+                flat = quote!((#flat) * #dim + #coord);
+            }
+        }
+        flat
+    }
+
+    /// `tile_start + j < dim_V` if `indices` include an index over the split axis.
+    fn split_guard(&self, indices: &[IndexId]) -> Option<TokenStream> {
+        let &index = indices
+            .iter()
+            .find(|&&i| self.is_split(self.cell.index_dim(i)))?;
+        let var = self.index_var(index);
+        let dim = self.dim(self.cell.index_dim(index));
+        Some(quote!(tile_start + #var < #dim))
     }
 
     fn index_var(&self, index: IndexId) -> Ident {
@@ -295,14 +487,11 @@ impl<'a> Emitter<'a> {
             let class = self.sum_class(sum);
             if sum != expr && !ready.contains(&class) {
                 let free: Vec<IndexId> = self.cell.free_indices(sum).into_iter().collect();
-                let at = self.buffer_name(Buffer::Sum(class));
-                tokens.extend(self.element_loop(
-                    ready,
-                    &free,
-                    sum,
-                    |value| quote!(workspace[base + #at + e] = #value;),
-                ));
-                tokens.extend(quote!(sync_storage();));
+                let at = self.at(Buffer::Sum(class));
+                tokens.extend(self.element_loop(ready, &free, sum, |value| {
+                    self.step_write(&at, quote!(e), quote!(#value))
+                }));
+                tokens.extend(self.barrier());
                 ready.insert(class);
             }
         }
@@ -324,10 +513,11 @@ impl<'a> Emitter<'a> {
         let value = exprs.emit(expr);
         let statements = exprs.finish();
         let write = store(&value);
-        self.for_each_element(
-            self.shape_numel(&shape),
-            quote!(#decode #(#statements)* #write),
-        )
+        let body = match self.split_guard(indices) {
+            Some(guard) => quote!(if #guard { #(#statements)* #write }),
+            None => quote!(#(#statements)* #write),
+        };
+        self.for_each_element(self.local_numel(&shape), quote!(#decode #body))
     }
 
     /// Writes a workspace buffer from an expression, for every element of its shape.
@@ -338,26 +528,24 @@ impl<'a> Emitter<'a> {
         indices: &[IndexId],
         expr: ExprId,
     ) -> TokenStream {
-        let at = self.buffer_name(buffer);
-        self.statement(
-            ready,
-            indices,
-            expr,
-            |value| quote!(workspace[base + #at + e] = #value;),
-        )
+        let at = self.at(buffer);
+        self.statement(ready, indices, expr, |value| {
+            self.step_write(&at, quote!(e), quote!(#value))
+        })
     }
 
     fn input_arg(&self, id: usize) -> Ident {
         format_ident!("input_{}", self.cell.inputs[id].name)
     }
 
-    /// Loads the inputs of step `row` (activated, and before activation if asked).
+    /// Loads the inputs of step `row` (activated, and before activation if asked) into slot
+    /// `input_step` of the input buffers. No barrier.
     fn load_inputs(&self, keep_pre_activation: bool) -> TokenStream {
         let mut tokens = TokenStream::new();
         for (id, input) in self.cell.inputs.iter().enumerate() {
             let arg = self.input_arg(id);
             let numel = self.shape_numel(&input.shape);
-            let at = self.buffer_name(Buffer::Input(InputId(id)));
+            let at = self.at(Buffer::Input(InputId(id)));
             let mut exprs = ExprEmitter::new(self, HashSet::new());
             let pre = ident("pre");
             let activated = match input.activation {
@@ -366,22 +554,23 @@ impl<'a> Emitter<'a> {
             };
             let statements = exprs.finish();
             let store_pre = if keep_pre_activation {
-                let at_pre = self.buffer_name(Buffer::InputPreActivation(InputId(id)));
-                quote!(workspace[base + #at_pre + e] = pre;)
+                let at_pre = self.at(Buffer::InputPreActivation(InputId(id)));
+                self.step_write(&at_pre, quote!(e), quote!(pre))
             } else {
                 TokenStream::new()
             };
-            tokens.extend(self.for_each_element(
-                numel.clone(),
+            let slot = self.local_numel(&input.shape);
+            let store = self.step_write(&at, quote!(input_step * #slot + e), quote!(#activated));
+            tokens.extend(self.shape_loop(
+                &input.shape,
                 quote! {
-                    let pre = f32::cast_from(#arg[row * #numel + e]);
+                    let pre = f32::cast_from(#arg[row * #numel + global]);
                     #store_pre
                     #(#statements)*
-                    workspace[base + #at + e] = #activated;
+                    #store
                 },
             ));
         }
-        tokens.extend(quote!(sync_storage();));
         tokens
     }
 
@@ -396,7 +585,7 @@ impl<'a> Emitter<'a> {
                 update.expr,
             ));
         }
-        tokens.extend(quote!(sync_storage();));
+        tokens.extend(self.barrier());
         tokens
     }
 
@@ -410,26 +599,88 @@ impl<'a> Emitter<'a> {
                 &definition.indices,
                 definition.expr,
             ));
-            tokens.extend(quote!(sync_storage();));
+            tokens.extend(self.barrier());
         }
         tokens
     }
 
-    /// `workspace[to] = workspace[from]` for every state (element `e`).
+    /// `to = from` for every state (element `e`).
     fn copy_states(
         &self,
-        from: impl Fn(StateId) -> TokenStream,
-        to: impl Fn(StateId) -> TokenStream,
+        from: impl Fn(StateId) -> Place,
+        to: impl Fn(StateId) -> Place,
     ) -> TokenStream {
         let mut tokens = TokenStream::new();
         for (id, state) in self.cell.states.iter().enumerate() {
-            let (source, destination) = (from(StateId(id)), to(StateId(id)));
-            tokens.extend(self.for_each_element(
-                self.shape_numel(&state.shape),
-                quote!(workspace[base + #destination + e] = workspace[base + #source + e];),
-            ));
+            let value = match from(StateId(id)) {
+                Place::Step(at) => self.step_read(&at, quote!(e)),
+                Place::Chunk(at) => quote!(workspace[base + #at + e]),
+            };
+            let write = match to(StateId(id)) {
+                Place::Step(at) => self.step_write(&at, quote!(e), value),
+                Place::Chunk(at) => quote!(workspace[base + #at + e] = #value;),
+            };
+            tokens.extend(self.for_each_element(self.local_numel(&state.shape), write));
         }
         tokens
+    }
+
+    /// Writes a gradient the backward scan outputs: a complete one to its argument (element
+    /// type `F`) at `row`; per-tile parts to their f32 argument, one block of rows per tile
+    /// (`[tiles, rows, numel]`), which the host sums over the tiles.
+    fn write_gradient(
+        &self,
+        grad: Grad,
+        arg: &Ident,
+        row: TokenStream,
+        shape: &Shape,
+    ) -> TokenStream {
+        let at = self.at(Buffer::Grad(grad));
+        if self.grad_split(grad) == GradSplit::Partial {
+            let numel = self.shape_numel(shape);
+            let value = self.step_read(&at, quote!(e));
+            self.for_each_element(
+                numel.clone(),
+                quote!(#arg[tile_index * (#arg.len() / tiles) + #row * #numel + e] = #value;),
+            )
+        } else {
+            self.transfer(Transfer::Store, arg, row, shape, at)
+        }
+    }
+
+    /// The element type of a gradient argument: f32 for per-tile parts, else `F`.
+    fn grad_arg_type(&self, grad: Grad) -> TokenStream {
+        if self.grad_split(grad) == GradSplit::Partial {
+            quote!(f32)
+        } else {
+            quote!(F)
+        }
+    }
+
+    fn step_place(&self, buffer: Buffer) -> Place {
+        Place::Step(self.at(buffer))
+    }
+
+    /// With the workspace in shared memory, which does not outlive a launch, the buffers a
+    /// later launch of the same scan resumes from are saved to the cube's global workspace at
+    /// the end of a launch (`save`) and restored at the start of the next (`!save`).
+    fn persist(&self, buffers: &[Buffer], save: bool) -> TokenStream {
+        let mut tokens = TokenStream::new();
+        for &buffer in buffers {
+            let at = self.at(buffer);
+            let numel = self.local_numel(&WorkspaceLayout::shapes(self.cell, buffer)[0]);
+            let copy = if save {
+                quote!(workspace[base + #at + e] = shared[#at + e];)
+            } else {
+                quote!(shared[#at + e] = workspace[base + #at + e];)
+            };
+            tokens.extend(self.for_each_element(numel, copy));
+        }
+        quote! {
+            if comptime![shared_workspace] {
+                #tokens
+            }
+        }
     }
 
     fn at(&self, buffer: Buffer) -> TokenStream {
@@ -448,7 +699,17 @@ impl<'a> Emitter<'a> {
             .dims
             .iter()
             .map(|d| format_ident!("dim_{}", d.name));
-        quote!(#[comptime] heads: usize, #(#[comptime] #dims: usize,)* #[comptime] chunk: usize)
+        let tile = self
+            .split
+            .as_ref()
+            .map(|_| quote!(#[comptime] tile: usize,));
+        quote! {
+            #[comptime] heads: usize,
+            #(#[comptime] #dims: usize,)*
+            #[comptime] chunk: usize,
+            #tile
+            #[comptime] shared_workspace: bool
+        }
     }
 
     fn forward_kernel(&self) -> TokenStream {
@@ -462,20 +723,30 @@ impl<'a> Emitter<'a> {
         let checkpoints = self.args("checkpoint", state_names());
         let comptime_dims = self.comptime_dim_params();
         let prelude = self.kernel_prelude(Pass::Forward);
+        let barrier = self.barrier();
+        let states: Vec<Buffer> = (0..cell.states.len())
+            .map(|s| Buffer::State(StateId(s)))
+            .collect();
+        let (save, restore) = (self.persist(&states, true), self.persist(&states, false));
 
         let mut init_states = TokenStream::new();
         for (id, state) in cell.states.iter().enumerate() {
             let at = self.at(Buffer::State(StateId(id)));
             let initial = format_ident!("initial_{}", state.name);
             let numel = self.shape_numel(&state.shape);
-            let init = float(state.init);
-            init_states.extend(self.for_each_element(
-                numel.clone(),
+            let given = self.step_write(
+                &at,
+                quote!(e),
+                quote!(f32::cast_from(#initial[sequence * #numel + global])),
+            );
+            let declared = self.step_write(&at, quote!(e), float(state.init));
+            init_states.extend(self.shape_loop(
+                &state.shape,
                 quote! {
                     if comptime![has_initial] {
-                        workspace[base + #at + e] = f32::cast_from(#initial[sequence * #numel + e]);
+                        #given
                     } else {
-                        workspace[base + #at + e] = #init;
+                        #declared
                     }
                 },
             ));
@@ -499,16 +770,26 @@ impl<'a> Emitter<'a> {
         for output in &cell.outputs {
             let arg = format_ident!("output_{}", output.name);
             let numel = self.shape_numel(&output.shape);
+            let global = self.global_index(&output.indices);
+            // Outputs without the split axis are the same in every tile: the first stores them.
+            let replicated = self.split.is_some() && self.split_guard(&output.indices).is_none();
             outputs_code.extend(self.statement(
                 &mut ready,
                 &output.indices,
                 output.expr,
-                |value| quote!(#arg[row * #numel + e] = F::cast_from(#value);),
+                |value| {
+                    let store = quote!(#arg[row * #numel + #global] = F::cast_from(#value););
+                    if replicated {
+                        quote!(if tile_index == 0 { #store })
+                    } else {
+                        store
+                    }
+                },
             ));
         }
         let advance = self.copy_states(
-            |s| self.at(Buffer::NewState(s)),
-            |s| self.at(Buffer::State(s)),
+            |s| self.step_place(Buffer::NewState(s)),
+            |s| self.step_place(Buffer::State(s)),
         );
         let mut finals_code = TokenStream::new();
         for (id, state) in cell.states.iter().enumerate() {
@@ -522,8 +803,9 @@ impl<'a> Emitter<'a> {
             ));
         }
         quote! {
-            /// The forward scan: one cube per sequence (batch element × head).
-            #[cube(launch)]
+            /// The forward scan: one cube per sequence (batch element × head) and tile of the
+            /// split axis, if the cell has one.
+            #[cube(launch, launch_unchecked)]
             pub fn forward<F: Float>(
                 #(#inputs: &Array<F>,)*
                 #(#params: &Array<F>,)*
@@ -536,6 +818,7 @@ impl<'a> Emitter<'a> {
                 first_step: u32,
                 end_step: u32,
                 #comptime_dims,
+                #[comptime] stage: usize,
                 #[comptime] has_initial: bool,
                 #[comptime] write_checkpoints: bool,
             ) {
@@ -543,21 +826,38 @@ impl<'a> Emitter<'a> {
                 // A later launch of the same scan resumes from the states in the workspace.
                 if first_step == 0 {
                     #init_states
+                } else {
+                    #restore
                 }
-                sync_storage();
+                #barrier
                 for t in first_step as usize..end_step as usize {
                     if comptime![write_checkpoints] {
                         if t % chunk == 0 {
                             #write_checkpoints
                         }
                     }
+                    // The inputs of a block of `stage` steps are loaded at once.
+                    let input_step = t % stage;
+                    if t == first_step as usize || input_step == 0 {
+                        let block_end = select(
+                            t - input_step + stage < end_step as usize,
+                            t - input_step + stage,
+                            end_step as usize,
+                        );
+                        for s in t..block_end {
+                            let row = (batch_index * time_len + s) * heads + head;
+                            let input_step = s % stage;
+                            #load_inputs
+                        }
+                        #barrier
+                    }
                     let row = (batch_index * time_len + t) * heads + head;
-                    #load_inputs
                     #lets_and_updates
                     #outputs_code
                     #advance
-                    sync_storage();
+                    #barrier
                 }
+                #save
                 #finals_code
             }
         }
@@ -576,26 +876,57 @@ impl<'a> Emitter<'a> {
         let grad_inputs = self.args("grad_input", input_names());
         let grad_params = self.args("grad_param", param_names());
         let grad_initial = self.args("grad_initial", state_names());
+        let grad_input_types: Vec<TokenStream> = (0..cell.inputs.len())
+            .map(|i| self.grad_arg_type(Grad::Input(InputId(i))))
+            .collect();
+        let grad_initial_types: Vec<TokenStream> = (0..cell.states.len())
+            .map(|s| self.grad_arg_type(Grad::StateFromNext(StateId(s))))
+            .collect();
         let comptime_dims = self.comptime_dim_params();
         let prelude = self.kernel_prelude(Pass::Backward);
+        let barrier = self.barrier();
+        let carried: Vec<Buffer> = (0..cell.states.len())
+            .map(|s| Buffer::Grad(Grad::StateFromNext(StateId(s))))
+            .chain((0..cell.params.len()).map(|p| Buffer::ParamGradSum(ParamId(p))))
+            .collect();
+        let (save, restore) = (self.persist(&carried, true), self.persist(&carried, false));
 
         let mut setup = TokenStream::new();
         for (id, param) in cell.params.iter().enumerate() {
             let at = self.at(Buffer::ParamGradSum(ParamId(id)));
             setup.extend(self.for_each_element(
-                self.shape_numel(&param.shape),
-                quote!(workspace[base + #at + e] = 0f32;),
+                self.local_numel(&param.shape),
+                self.step_write(&at, quote!(e), quote!(0f32)),
             ));
         }
         for (id, state) in cell.states.iter().enumerate() {
-            let at = self.at(Buffer::Grad(Grad::StateFromNext(StateId(id))));
-            setup.extend(self.transfer(
-                Transfer::Load,
-                &grad_finals[id],
-                quote!(sequence),
-                &state.shape,
-                at,
-            ));
+            let grad = Grad::StateFromNext(StateId(id));
+            let at = self.at(Buffer::Grad(grad));
+            if self.grad_split(grad) == GradSplit::Partial {
+                // Carried as per-tile parts: the first tile starts from the given gradient.
+                let arg = &grad_finals[id];
+                let numel = self.shape_numel(&state.shape);
+                let given = self.step_write(
+                    &at,
+                    quote!(e),
+                    quote!(f32::cast_from(#arg[sequence * #numel + e])),
+                );
+                let zero = self.step_write(&at, quote!(e), quote!(0f32));
+                setup.extend(
+                    self.for_each_element(
+                        numel,
+                        quote!(if tile_index == 0 { #given } else { #zero }),
+                    ),
+                );
+            } else {
+                setup.extend(self.transfer(
+                    Transfer::Load,
+                    &grad_finals[id],
+                    quote!(sequence),
+                    &state.shape,
+                    at,
+                ));
+            }
         }
         let mut restore_checkpoint = TokenStream::new();
         for (id, state) in cell.states.iter().enumerate() {
@@ -603,11 +934,12 @@ impl<'a> Emitter<'a> {
             let slot = self.chunk_slot(StateId(id), quote!(0usize));
             let arg = format_ident!("checkpoint_{}", state.name);
             let numel = self.shape_numel(&state.shape);
-            restore_checkpoint.extend(self.for_each_element(
-                numel.clone(),
+            let store = self.step_write(&at, quote!(e), quote!(value));
+            restore_checkpoint.extend(self.shape_loop(
+                &state.shape,
                 quote! {
-                    let value = #arg[(sequence * chunk_count + chunk_index) * #numel + e];
-                    workspace[base + #at + e] = value;
+                    let value = #arg[(sequence * chunk_count + chunk_index) * #numel + global];
+                    #store
                     workspace[base + #slot + e] = value;
                 },
             ));
@@ -616,23 +948,23 @@ impl<'a> Emitter<'a> {
         let recompute_lets_and_updates = self.lets_and_updates(&mut HashSet::new());
         let keep_states = {
             let advance = self.copy_states(
-                |s| self.at(Buffer::NewState(s)),
-                |s| self.at(Buffer::State(s)),
+                |s| self.step_place(Buffer::NewState(s)),
+                |s| self.step_place(Buffer::State(s)),
             );
             let store = self.copy_states(
-                |s| self.at(Buffer::NewState(s)),
-                |s| self.chunk_slot(s, quote!(step + 1)),
+                |s| self.step_place(Buffer::NewState(s)),
+                |s| Place::Chunk(self.chunk_slot(s, quote!(step + 1))),
             );
             quote!(#advance #store)
         };
         let load_primal_states = {
             let previous = self.copy_states(
-                |s| self.chunk_slot(s, quote!(step)),
-                |s| self.at(Buffer::State(s)),
+                |s| Place::Chunk(self.chunk_slot(s, quote!(step))),
+                |s| self.step_place(Buffer::State(s)),
             );
             let current = self.copy_states(
-                |s| self.chunk_slot(s, quote!(step + 1)),
-                |s| self.at(Buffer::NewState(s)),
+                |s| Place::Chunk(self.chunk_slot(s, quote!(step + 1))),
+                |s| self.step_place(Buffer::NewState(s)),
             );
             quote!(#previous #current)
         };
@@ -658,66 +990,65 @@ impl<'a> Emitter<'a> {
                 &definition.indices,
                 definition.expr,
             ));
-            definitions.extend(quote!(sync_storage();));
+            definitions.extend(self.barrier());
         }
         let mut sinks = TokenStream::new();
         for (id, input) in cell.inputs.iter().enumerate() {
-            let at = self.at(Buffer::Grad(Grad::Input(InputId(id))));
-            sinks.extend(self.transfer(
-                Transfer::Store,
-                &grad_inputs[id],
-                quote!(row),
-                &input.shape,
-                at,
-            ));
+            let grad = Grad::Input(InputId(id));
+            sinks.extend(self.write_gradient(grad, &grad_inputs[id], quote!(row), &input.shape));
         }
         for (id, param) in cell.params.iter().enumerate() {
             let at = self.at(Buffer::Grad(Grad::Param(ParamId(id))));
             let sum = self.at(Buffer::ParamGradSum(ParamId(id)));
+            let total = self.step_read(&sum, quote!(e));
+            let term = self.step_read(&at, quote!(e));
             sinks.extend(self.for_each_element(
-                self.shape_numel(&param.shape),
-                quote!(workspace[base + #sum + e] += workspace[base + #at + e];),
+                self.local_numel(&param.shape),
+                self.step_write(&sum, quote!(e), quote!(#total + #term)),
             ));
         }
         sinks.extend(self.copy_states(
-            |s| self.at(Buffer::Grad(Grad::StatePrevious(s))),
-            |s| self.at(Buffer::Grad(Grad::StateFromNext(s))),
+            |s| self.step_place(Buffer::Grad(Grad::StatePrevious(s))),
+            |s| self.step_place(Buffer::Grad(Grad::StateFromNext(s))),
         ));
         let mut finish = TokenStream::new();
         for (id, state) in cell.states.iter().enumerate() {
-            let at = self.at(Buffer::Grad(Grad::StateFromNext(StateId(id))));
-            finish.extend(self.transfer(
-                Transfer::Store,
+            finish.extend(self.write_gradient(
+                Grad::StateFromNext(StateId(id)),
                 &grad_initial[id],
                 quote!(sequence),
                 &state.shape,
-                at,
             ));
         }
+        // One row per sequence and tile: `[B, tiles, H, numel]` (`[B, H, numel]` unsplit).
+        let param_row = match &self.split {
+            Some(_) => quote!(((batch_index * tiles + tile_index) * heads + head)),
+            None => quote!(sequence),
+        };
         for (id, param) in cell.params.iter().enumerate() {
             let at = self.at(Buffer::ParamGradSum(ParamId(id)));
-            finish.extend(self.transfer(
-                Transfer::StoreF32,
-                &grad_params[id],
-                quote!(sequence),
+            let arg = &grad_params[id];
+            let numel = self.shape_numel(&param.shape);
+            let value = self.step_read(&at, quote!(e));
+            finish.extend(self.shape_loop(
                 &param.shape,
-                at,
+                quote!(#arg[#param_row * #numel + global] = #value;),
             ));
         }
         quote! {
             /// The backward scan: one cube per sequence, chunks in reverse, states recomputed
             /// from the forward scan's checkpoints. Parameter gradients are written per sequence
             /// (summed over time); the host sums them over the batch.
-            #[cube(launch)]
+            #[cube(launch, launch_unchecked)]
             pub fn backward<F: Float>(
                 #(#inputs: &Array<F>,)*
                 #(#params: &Array<F>,)*
                 #(#checkpoints: &Array<f32>,)*
                 #(#grad_outputs: &Array<F>,)*
                 #(#grad_finals: &Array<F>,)*
-                #(#grad_inputs: &mut Array<F>,)*
+                #(#grad_inputs: &mut Array<#grad_input_types>,)*
                 #(#grad_params: &mut Array<f32>,)*
-                #(#grad_initial: &mut Array<F>,)*
+                #(#grad_initial: &mut Array<#grad_initial_types>,)*
                 workspace: &mut Array<f32>,
                 time: u32,
                 first_chunk_from_end: u32,
@@ -725,38 +1056,45 @@ impl<'a> Emitter<'a> {
                 #comptime_dims,
             ) {
                 #prelude
+                // One step's inputs at a time.
+                let input_step = 0usize;
                 // A later launch of the same scan resumes from the gradients in the workspace.
                 if first_chunk_from_end == 0 {
                     #setup
+                } else {
+                    #restore
                 }
-                sync_storage();
+                #barrier
                 for chunk_from_end in first_chunk_from_end as usize..end_chunk_from_end as usize {
                     let chunk_index = chunk_count - 1 - chunk_from_end;
                     let t0 = chunk_index * chunk;
                     let remaining = time_len - t0;
                     let steps = select(remaining < chunk, remaining, chunk);
                     #restore_checkpoint
-                    sync_storage();
+                    #barrier
                     for step in 0..steps {
                         let row = (batch_index * time_len + t0 + step) * heads + head;
                         #recompute_inputs
+                        #barrier
                         #recompute_lets_and_updates
                         #keep_states
-                        sync_storage();
+                        #barrier
                     }
                     for step_from_end in 0..steps {
                         let step = steps - 1 - step_from_end;
                         let row = (batch_index * time_len + t0 + step) * heads + head;
                         #load_primal_states
                         #primal_inputs
+                        #barrier
                         #primal_lets
                         #load_output_grads
-                        sync_storage();
+                        #barrier
                         #definitions
                         #sinks
-                        sync_storage();
+                        #barrier
                     }
                 }
+                #save
                 #finish
             }
         }
@@ -769,12 +1107,34 @@ impl<'a> Emitter<'a> {
             let name = format_ident!("dim_{}", d.name);
             quote!(let #name = dims[#n];)
         });
-        let dims: Vec<TokenStream> = dims.collect();
-        let dim_args: Vec<Ident> = cell
+        let mut dims: Vec<TokenStream> = dims.collect();
+        let mut dim_args: Vec<TokenStream> = cell
             .dims
             .iter()
-            .map(|d| format_ident!("dim_{}", d.name))
+            .map(|d| {
+                let name = format_ident!("dim_{}", d.name);
+                quote!(#name)
+            })
             .collect();
+        dim_args.push(quote!(schedule.chunk));
+        // The split axis' tile (resolved by the host; the whole axis if unset) and the number
+        // of cubes per sequence.
+        match &self.split {
+            Some(plan) => {
+                let dim = self.dim(plan.dim);
+                dims.push(quote! {
+                    let tile = schedule.tile.unwrap_or(#dim).clamp(1, #dim);
+                    let tiles = #dim.div_ceil(tile);
+                });
+                dim_args.push(quote!(tile));
+            }
+            None => dims.push(quote!(let tiles = 1usize;)),
+        }
+        dims.push(quote! {
+            let shared_workspace =
+                schedule.placement == ::rak::codegen::schedule::Placement::Shared;
+        });
+        dim_args.push(quote!(shared_workspace));
         // `element` views a buffer as an array of F, `single` as an array of f32.
         let arrays = |kind: &str, list: TokenStream, count: usize| {
             let view = ident(kind);
@@ -823,6 +1183,7 @@ impl<'a> Emitter<'a> {
                     schedule: ::rak::codegen::schedule::Schedule,
                 ) -> cubecl::prelude::KernelDefinition {
                     #(#dims)*
+                    let _ = tiles;
                     let settings = KernelSettings::default().cube_dim(CubeDim::new_1d(schedule.cube_dim));
                     #module::#kernel_type::<F, R>::new(
                         settings,
@@ -830,14 +1191,17 @@ impl<'a> Emitter<'a> {
                         #(#compilation,)*
                         heads,
                         #(#dim_args,)*
-                        schedule.chunk,
                         #flags
                     )
                     .define()
                 }
             }
         };
-        let forward_definition = definition("forward", forward_runtime, quote!(true, true,));
+        let forward_definition = definition(
+            "forward",
+            forward_runtime,
+            quote!(schedule.stage, true, true,),
+        );
         let backward_definition = definition("backward", backward_runtime, TokenStream::new());
         let views = quote! {
             let element = |array: &::rak::kernels::DeviceArray| unsafe {
@@ -864,9 +1228,11 @@ impl<'a> Emitter<'a> {
                 let placeholders = vec![placeholder.clone(); #states];
                 let initial = buffers.initial_states.as_deref().unwrap_or(&placeholders);
                 let checkpoints = buffers.checkpoints.as_deref().unwrap_or(&placeholders);
-                forward::launch::<F, R>(
+                // Safety: every buffer was checked against the shape, and the kernel reads and
+                // writes only inside the shape (tested on the software adapter).
+                unsafe { forward::launch_unchecked::<F, R>(
                     client,
-                    CubeCount::Static((shape.batch * shape.heads) as u32, 1, 1),
+                    CubeCount::Static((shape.batch * shape.heads * tiles) as u32, 1, 1),
                     CubeDim::new_1d(schedule.cube_dim),
                     #inputs #params #initial #outputs #finals #checkpoints
                     single(workspace),
@@ -875,10 +1241,10 @@ impl<'a> Emitter<'a> {
                     steps.end as u32,
                     shape.heads,
                     #(#dim_args,)*
-                    schedule.chunk,
+                    schedule.stage,
                     buffers.initial_states.is_some(),
                     buffers.checkpoints.is_some(),
-                );
+                ) };
             }
 
             #forward_definition
@@ -899,9 +1265,10 @@ impl<'a> Emitter<'a> {
                 let dims = &shape.dims;
                 #(#dims)*
                 #views
-                backward::launch::<F, R>(
+                // Safety: as for the forward scan.
+                unsafe { backward::launch_unchecked::<F, R>(
                     client,
-                    CubeCount::Static((shape.batch * shape.heads) as u32, 1, 1),
+                    CubeCount::Static((shape.batch * shape.heads * tiles) as u32, 1, 1),
                     CubeDim::new_1d(schedule.cube_dim),
                     #inputs #params #backward_checkpoints #grad_outputs #grad_finals
                     #grad_inputs #grad_params #grad_initial
@@ -911,8 +1278,7 @@ impl<'a> Emitter<'a> {
                     chunks_from_end.end as u32,
                     shape.heads,
                     #(#dim_args,)*
-                    schedule.chunk,
-                );
+                ) };
             }
         }
     }
@@ -1041,24 +1407,29 @@ impl<'e, 'a> ExprEmitter<'e, 'a> {
                 let name = self.fresh();
                 let free: Vec<IndexId> = emitter.cell.free_indices(expr).into_iter().collect();
                 let flat = emitter.flat_index(&free);
-                let at = emitter.buffer_name(Buffer::Sum(emitter.sum_class(expr)));
-                self.push(quote!(let #name = workspace[base + #at + #flat];));
+                let at = emitter.at(Buffer::Sum(emitter.sum_class(expr)));
+                let read = emitter.step_read(&at, flat);
+                self.push(quote!(let #name = #read;));
                 name
             }
             Expr::Sum { index, body } => {
                 let name = self.fresh();
                 let var = emitter.index_var(index);
-                let dim = emitter.dim(emitter.cell.index_dim(index));
+                let extent = emitter.extent(emitter.cell.index_dim(index));
                 self.blocks.push(Vec::new());
                 self.frames.push((Some(index), HashMap::new()));
                 let term = self.emit(body);
                 self.frames.pop();
                 let statements = self.blocks.pop().unwrap_or_default();
+                // A sum over the split axis adds up the cube's tile (a per-tile part).
+                let body = match emitter.split_guard(&[index]) {
+                    Some(guard) => quote!(if #guard { #(#statements)* #name += #term; }),
+                    None => quote!(#(#statements)* #name += #term;),
+                };
                 self.push(quote! {
                     let mut #name = 0f32;
-                    for #var in 0..#dim {
-                        #(#statements)*
-                        #name += #term;
+                    for #var in 0..#extent {
+                        #body
                     }
                 });
                 name
@@ -1100,19 +1471,24 @@ impl<'e, 'a> ExprEmitter<'e, 'a> {
         let cell = emitter.cell;
         let flat = emitter.flat_index(indices);
         let buffer = match value {
+            Value::Input(i) => {
+                // The input buffers hold a block of steps: this step's slot.
+                let slot = emitter.local_numel(&cell.inputs[i.0].shape);
+                let at = emitter.at(Buffer::Input(i));
+                return emitter.step_read(&at, quote!(input_step * #slot + #flat));
+            }
             Value::Param(p) => {
                 let arg = format_ident!("param_{}", cell.params[p.0].name);
                 let numel = emitter.shape_numel(&cell.params[p.0].shape);
-                return quote!(f32::cast_from(#arg[head * #numel + #flat]));
+                let global = emitter.global_index(indices);
+                return quote!(f32::cast_from(#arg[head * #numel + #global]));
             }
-            Value::Input(i) => Buffer::Input(i),
             Value::InputPreActivation(i) => Buffer::InputPreActivation(i),
             Value::State(s, StateTime::Previous) => Buffer::State(s),
             Value::State(s, StateTime::Current) => Buffer::NewState(s),
             Value::Let(l) => Buffer::Let(l),
             Value::Grad(g) => Buffer::Grad(g),
         };
-        let at = emitter.buffer_name(buffer);
-        quote!(workspace[base + #at + #flat])
+        emitter.step_read(&emitter.at(buffer), flat)
     }
 }

@@ -1,12 +1,19 @@
 //! Schedule pass: how a cell's scans are laid out on the device.
 //!
-//! This first schedule is the general one, valid for every cell: one cube per sequence
-//! (batch element × head) runs the whole time loop; its units share the elements of every
-//! statement; every per-step value lives in an f32 workspace owned by the cube, and units
-//! synchronise between statements. The forward scan writes a checkpoint of the states every
-//! [`Schedule::chunk`] steps; the backward scan walks the chunks in reverse, recomputes the
-//! states inside each chunk from its checkpoint into the workspace, then runs the backward step
-//! for each time step of the chunk in reverse.
+//! - **Split axis** ([`split_plan`]): a state axis whose values evolve independently (SimpleRNN's
+//!   V) is tiled across cubes: one cube per batch element × head × tile, each holding `tile`
+//!   values of the axis; values without the axis are computed by every cube. In the backward
+//!   step, gradients of values without the axis are per-tile parts that the host sums in a
+//!   second pass. Cells without such an axis (Elman) run one cube per sequence.
+//! - **Time loop inside the kernel**: one launch per scan, or launches of
+//!   [`Schedule::chunks_per_launch`] chunks that resume from the workspace.
+//! - **Workspace**: every per-step value (activated inputs, S_{t−1}, S_t, lets, gradients,
+//!   materialised sums) has an f32 buffer in the cube's workspace ([`WorkspaceLayout`]), in
+//!   shared memory when it fits ([`Placement`]), else in global memory. The backward scan's
+//!   recomputed chunk of states is always in global memory.
+//! - **Checkpoints**: the forward scan writes the states every [`Schedule::chunk`] steps; the
+//!   backward scan walks the chunks in reverse, recomputes each chunk's states from its
+//!   checkpoint, then runs the backward step for each time step of the chunk in reverse.
 //!
 //! Every `sum` is materialised: computed once per step into a buffer indexed by its free
 //! indices, right before the first statement that needs it, so that an expression such as
@@ -14,8 +21,9 @@
 //! reads it (the backward of Elman reads it D² times per step). Sums equal up to renaming of
 //! their indices share one buffer and are computed once.
 //!
-//! The [`WorkspaceLayout`] lists the buffers of a cube's workspace; the kernel emitter
-//! ([`crate::emit`]) and the host (which allocates the workspace) both derive offsets from it.
+//! [`Schedule::resolve`] fills in what a launch left open (tile, placement) from the shape and
+//! the device's limits; the kernel emitter ([`crate::emit`]) and the host both derive buffer
+//! offsets and sizes from the same [`WorkspaceLayout`] and [`SplitPlan`].
 
 use crate::ir::*;
 
@@ -44,6 +52,9 @@ pub struct Schedule {
     /// Mesa's software Vulkan driver caps every loop at 65,535 iterations per invocation in
     /// total, so long scans there need several launches.
     pub chunks_per_launch: Option<usize>,
+    /// Steps whose inputs the forward scan loads at once (into the workspace, ahead of the
+    /// steps that read them), so that the latency of global memory is paid once per block.
+    pub stage: usize,
     /// Values of the split axis ([`SplitPlan`]) per cube; `None`: chosen at launch (the whole
     /// axis, halved while the workspace does not fit or the grid has few cubes). Ignored for
     /// cells with no split axis.
@@ -58,6 +69,7 @@ impl Default for Schedule {
             cube_dim: 64,
             chunk: 64,
             chunks_per_launch: None,
+            stage: 8,
             tile: None,
             placement: Placement::Auto,
         }
@@ -74,6 +86,80 @@ impl Schedule {
             .step_by(per_launch)
             .map(|first| first..(first + per_launch).min(chunks))
             .collect()
+    }
+}
+
+/// What the host knows of the device when it resolves a [`Schedule`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeviceLimits {
+    /// Shared memory one cube may use.
+    pub shared_memory_bytes: usize,
+    /// Cubes the grid should have to keep the device busy (tiles are halved until it has).
+    pub min_cubes: usize,
+}
+
+impl Schedule {
+    /// The schedule of one scan at these sizes: the tile of the split axis (if the cell has
+    /// one) and the placement of the workspace, chosen where left open. `sequences` is batch ×
+    /// heads. Errors if shared memory is asked for and the workspace does not fit.
+    pub fn resolve(
+        self,
+        step: &BackwardStep,
+        pass: Pass,
+        dims: &[usize],
+        sequences: usize,
+        limits: DeviceLimits,
+    ) -> Result<Schedule, String> {
+        let cell = &step.cell;
+        let layout = WorkspaceLayout::new(step, pass);
+        let split = split_plan(step);
+        let shared_bytes = |tile: Option<usize>| {
+            let mut dims = dims.to_vec();
+            if let (Some(plan), Some(tile)) = (&split, tile) {
+                dims[plan.dim.0] = tile;
+            }
+            layout.step_size(cell, &dims, &self) * 4
+        };
+        let fits = |tile| shared_bytes(tile) <= limits.shared_memory_bytes;
+        let tile = split.as_ref().map(|plan| {
+            let size = dims[plan.dim.0];
+            if let Some(tile) = self.tile {
+                return tile.clamp(1, size);
+            }
+            let mut tile = size;
+            while tile > 1 {
+                let enough_cubes = sequences * size.div_ceil(tile) >= limits.min_cubes;
+                if enough_cubes && (self.placement == Placement::Global || fits(Some(tile))) {
+                    break;
+                }
+                tile = tile.div_ceil(2);
+            }
+            tile
+        });
+        let placement = match self.placement {
+            Placement::Auto if fits(tile) => Placement::Shared,
+            Placement::Auto => Placement::Global,
+            Placement::Shared if !fits(tile) => {
+                return Err(format!(
+                    "the {} workspace of cell `{}` needs {} bytes of shared memory per cube \
+                     (tile {}), the device offers {}: use a smaller tile or global placement",
+                    match pass {
+                        Pass::Forward => "forward",
+                        Pass::Backward => "backward",
+                    },
+                    cell.name,
+                    shared_bytes(tile),
+                    tile.map_or("none".to_string(), |t| t.to_string()),
+                    limits.shared_memory_bytes
+                ));
+            }
+            placement => placement,
+        };
+        Ok(Schedule {
+            tile,
+            placement,
+            ..self
+        })
     }
 }
 
@@ -361,6 +447,7 @@ pub enum Pass {
 #[derive(Clone, Debug)]
 pub struct WorkspaceLayout {
     pub buffers: Vec<Buffer>,
+    pub pass: Pass,
 }
 
 impl WorkspaceLayout {
@@ -387,14 +474,17 @@ impl WorkspaceLayout {
             }
             buffers.extend(step.definitions.iter().map(|d| Buffer::Grad(d.grad)));
             buffers.extend((0..cell.params.len()).map(|p| Buffer::ParamGradSum(ParamId(p))));
-            buffers.push(Buffer::ChunkStates);
         }
         buffers.extend(
             cell.sums_under(&step_roots(step, pass))
                 .into_iter()
                 .map(Buffer::Sum),
         );
-        WorkspaceLayout { buffers }
+        // Last, so that the per-step buffers before it can move to shared memory together.
+        if pass == Pass::Backward {
+            buffers.push(Buffer::ChunkStates);
+        }
+        WorkspaceLayout { buffers, pass }
     }
 
     /// The dims whose product is the buffer's size (before the chunk factor, see
@@ -418,25 +508,48 @@ impl WorkspaceLayout {
         }
     }
 
-    /// How many copies of its shapes a buffer holds: C + 1 for the chunk's states, else 1.
-    pub fn chunk_factor(buffer: Buffer, chunk: usize) -> usize {
-        if buffer == Buffer::ChunkStates {
-            chunk + 1
-        } else {
-            1
+    /// How many copies of its shapes a buffer holds: C + 1 for the chunk's states, `stage` for
+    /// the forward scan's inputs (the inputs of a block of steps are loaded at once), else 1.
+    pub fn copies(&self, buffer: Buffer, chunk: usize, stage: usize) -> usize {
+        match buffer {
+            Buffer::ChunkStates => chunk + 1,
+            Buffer::Input(_) if self.pass == Pass::Forward => stage,
+            _ => 1,
         }
     }
 
-    /// Elements of f32 one cube needs, for the given dim sizes.
-    pub fn size(&self, cell: &Cell, dims: &[usize], chunk: usize) -> usize {
+    /// Elements of f32 one cube needs, for the given dim sizes (the split axis, if any, at its
+    /// tile size) and schedule.
+    pub fn size(&self, cell: &Cell, dims: &[usize], schedule: &Schedule) -> usize {
+        self.step_size(cell, dims, schedule) + self.chunk_states_size(cell, dims, schedule)
+    }
+
+    /// Elements of the per-step buffers (all but the chunk's states).
+    pub fn step_size(&self, cell: &Cell, dims: &[usize], schedule: &Schedule) -> usize {
+        self.sizes(cell, dims, schedule, |b| b != Buffer::ChunkStates)
+    }
+
+    /// Elements of the chunk's recomputed states (backward only).
+    pub fn chunk_states_size(&self, cell: &Cell, dims: &[usize], schedule: &Schedule) -> usize {
+        self.sizes(cell, dims, schedule, |b| b == Buffer::ChunkStates)
+    }
+
+    fn sizes(
+        &self,
+        cell: &Cell,
+        dims: &[usize],
+        schedule: &Schedule,
+        keep: impl Fn(Buffer) -> bool,
+    ) -> usize {
         self.buffers
             .iter()
+            .filter(|&&b| keep(b))
             .map(|&b| {
                 let elements: usize = Self::shapes(cell, b)
                     .iter()
                     .map(|s| Cell::numel(s, dims))
                     .sum();
-                elements * Self::chunk_factor(b, chunk)
+                elements * self.copies(b, schedule.chunk, schedule.stage)
             })
             .sum()
     }

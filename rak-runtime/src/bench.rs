@@ -19,6 +19,9 @@ use std::time::Duration;
 pub struct KernelTiming {
     pub forward: Duration,
     pub forward_backward: Duration,
+    /// What ran: the schedules with tile and placement chosen.
+    pub forward_schedule: Schedule,
+    pub backward_schedule: Schedule,
 }
 
 /// A buffer of `len` pseudo-random values in [−1, 1) (deterministic).
@@ -139,5 +142,7 @@ pub fn time_cell<C: CellKernels, F: Float + CubeElement, R: Runtime>(
     Ok(KernelTiming {
         forward: median(forward_times),
         forward_backward: median(both_times),
+        forward_schedule: forward.schedule(),
+        backward_schedule: backward.schedule(),
     })
 }

@@ -162,8 +162,11 @@ fn bench(
 ) -> Result<(), String> {
     let builtin = crate::cells::Builtin::find(cell)
         .ok_or_else(|| format!("error: `{cell}` is not a built-in cell"))?;
-    println!("| cell | dtype | device | B | T | H | dims | forward (ms) | forward+backward (ms) |");
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!(
+        "| cell | dtype | device | B | T | H | dims | forward (ms) | forward+backward (ms) | \
+         schedule (forward; backward) |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for &shape in shapes {
         let request = BenchRequest {
             shape,
@@ -179,8 +182,17 @@ fn bench(
             timing.forward.as_secs_f64() * 1e3,
             timing.forward_backward.as_secs_f64() * 1e3,
         );
+        let describe = |s: rak_codegen::schedule::Schedule| {
+            let tile = s.tile.map_or("none".to_string(), |t| t.to_string());
+            format!("tile {tile}, {:?}", s.placement).to_lowercase()
+        };
+        let (forward_schedule, backward_schedule) = (
+            describe(timing.forward_schedule),
+            describe(timing.backward_schedule),
+        );
         println!(
-            "| {} | {dtype:?} | {device:?} | {b} | {t} | {h} | {d} | {forward:.3} | {both:.3} |",
+            "| {} | {dtype:?} | {device:?} | {b} | {t} | {h} | {d} | {forward:.3} | {both:.3} | \
+             {forward_schedule}; {backward_schedule} |",
             builtin.file
         );
         if let Some(path) = json {
@@ -189,6 +201,7 @@ fn bench(
                 "device": format!("{device:?}").to_lowercase(), "batch": b, "time": t, "heads": h, "dim": d,
                 "forward_ms": forward, "forward_backward_ms": both, "repetitions": repetitions,
                 "chunk": schedule.chunk, "cube_dim": schedule.cube_dim,
+                "forward_schedule": forward_schedule, "backward_schedule": backward_schedule,
             });
             use std::io::Write;
             let mut file = std::fs::OpenOptions::new()
@@ -201,6 +214,24 @@ fn bench(
         }
     }
     Ok(())
+}
+
+/// `rak bench --placement`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum WorkspacePlacement {
+    Auto,
+    Shared,
+    Global,
+}
+
+impl From<WorkspacePlacement> for rak_codegen::schedule::Placement {
+    fn from(placement: WorkspacePlacement) -> Self {
+        match placement {
+            WorkspacePlacement::Auto => Self::Auto,
+            WorkspacePlacement::Shared => Self::Shared,
+            WorkspacePlacement::Global => Self::Global,
+        }
+    }
 }
 
 /// Which kernel `rak emit` prints.
@@ -261,6 +292,15 @@ pub enum Command {
         /// for long scans).
         #[arg(long)]
         chunks_per_launch: Option<usize>,
+        /// Steps whose inputs the forward scan loads at once.
+        #[arg(long, default_value_t = 8)]
+        stage: usize,
+        /// Values of the split axis per cube (default: chosen from the device and shape).
+        #[arg(long)]
+        tile: Option<usize>,
+        /// Where the per-step workspace lives.
+        #[arg(long, value_enum, default_value_t = WorkspacePlacement::Auto)]
+        placement: WorkspacePlacement,
         /// Append one JSON object per shape to this file.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -379,13 +419,18 @@ pub fn run(cli: Cli) -> ExitCode {
             chunk,
             cube_dim,
             chunks_per_launch,
+            stage,
+            tile,
+            placement,
             json,
         } => {
             let schedule = rak_codegen::schedule::Schedule {
                 cube_dim,
                 chunk,
                 chunks_per_launch,
-                ..Default::default()
+                stage,
+                tile,
+                placement: placement.into(),
             };
             match bench(
                 &cell,

@@ -7,8 +7,8 @@
 //! checkpoints `[B, H, ceil(T / C), numel]` in f32.
 
 use crate::CellDefinition;
-use crate::codegen::ir::{InputId, OutputId, ParamId, StateId};
-use crate::codegen::schedule::{Pass, Schedule, WorkspaceLayout};
+use crate::codegen::ir::{Grad, InputId, OutputId, ParamId, StateId};
+use crate::codegen::schedule::{DeviceLimits, Pass, Schedule, SplitPlan, WorkspaceLayout};
 use crate::codegen::{CompiledCell, ScanShape};
 use cubecl::prelude::KernelDefinition;
 use cubecl::prelude::*;
@@ -128,7 +128,24 @@ pub fn checkpoint_count(time: usize, schedule: Schedule) -> usize {
 /// A cell's kernels with the metadata needed to check buffers against a shape.
 pub struct CellRunner<C: CellKernels> {
     compiled: CompiledCell,
+    /// The axis the scans split along, as the emitted kernels do.
+    split: Option<SplitPlan>,
     cell: std::marker::PhantomData<C>,
+}
+
+/// What the device allows a cube: its shared memory (at most 48 KiB, what CUDA gives a kernel
+/// without opting in to more), and twice its multiprocessors (or CPU cores) as the cubes a grid
+/// should have.
+pub fn device_limits<R: Runtime>(client: &ComputeClient<R>) -> DeviceLimits {
+    let hardware = &client.properties().hardware;
+    let processors = hardware
+        .num_streaming_multiprocessors
+        .or(hardware.num_cpu_cores)
+        .unwrap_or(1) as usize;
+    DeviceLimits {
+        shared_memory_bytes: hardware.max_shared_memory_size.min(48 * 1024),
+        min_cubes: 2 * processors,
+    }
 }
 
 impl<C: CellKernels> Default for CellRunner<C> {
@@ -178,8 +195,10 @@ impl Expect<'_> {
 
 impl<C: CellKernels> CellRunner<C> {
     pub fn new() -> Self {
+        let compiled = C::compile();
         CellRunner {
-            compiled: C::compile(),
+            split: crate::codegen::schedule::split_plan(&compiled.backward),
+            compiled,
             cell: std::marker::PhantomData,
         }
     }
@@ -201,9 +220,15 @@ impl<C: CellKernels> CellRunner<C> {
         if shape.time == 0 {
             return Err(KernelError("time must be at least 1".into()));
         }
-        if schedule.chunk == 0 || schedule.cube_dim == 0 || schedule.chunks_per_launch == Some(0) {
+        if schedule.chunk == 0
+            || schedule.cube_dim == 0
+            || schedule.chunks_per_launch == Some(0)
+            || schedule.stage == 0
+            || schedule.tile == Some(0)
+        {
             return Err(KernelError(format!(
-                "schedule {schedule:?}: chunk, cube_dim and chunks_per_launch must be at least 1"
+                "schedule {schedule:?}: chunk, cube_dim, chunks_per_launch, stage and tile must \
+                 be at least 1"
             )));
         }
         Ok(())
@@ -278,6 +303,38 @@ impl<C: CellKernels> CellRunner<C> {
         )
     }
 
+    /// The schedule of a scan at this shape on this device (tile and placement chosen).
+    fn resolve<R: Runtime>(
+        &self,
+        client: &ComputeClient<R>,
+        shape: &ScanShape,
+        schedule: Schedule,
+        pass: Pass,
+    ) -> Result<Schedule, KernelError> {
+        schedule
+            .resolve(
+                &self.compiled.backward,
+                pass,
+                &shape.dims,
+                shape.batch * shape.heads,
+                device_limits(client),
+            )
+            .map_err(KernelError)
+    }
+
+    /// Cubes per sequence under a resolved schedule, and the dims inside one cube.
+    fn tiles(&self, shape: &ScanShape, schedule: Schedule) -> (usize, Vec<usize>) {
+        let mut dims = shape.dims.clone();
+        match (&self.split, schedule.tile) {
+            (Some(plan), Some(tile)) => {
+                let size = dims[plan.dim.0];
+                dims[plan.dim.0] = tile;
+                (size.div_ceil(tile), dims)
+            }
+            _ => (1, dims),
+        }
+    }
+
     fn workspace<R: Runtime>(
         &self,
         client: &ComputeClient<R>,
@@ -286,8 +343,9 @@ impl<C: CellKernels> CellRunner<C> {
         pass: Pass,
     ) -> DeviceArray {
         let layout = WorkspaceLayout::new(&self.compiled.backward, pass);
-        let per_sequence = layout.size(&self.compiled.backward.cell, &shape.dims, schedule.chunk);
-        let len = shape.batch * shape.heads * per_sequence;
+        let (tiles, dims) = self.tiles(shape, schedule);
+        let per_cube = layout.size(&self.compiled.backward.cell, &dims, &schedule);
+        let len = shape.batch * shape.heads * tiles * per_cube;
         DeviceArray::new(client.empty(len.max(1) * 4), len)
     }
 
@@ -335,6 +393,7 @@ impl<C: CellKernels> CellRunner<C> {
             )
             .check(checkpoints)?;
         }
+        let schedule = self.resolve(client, shape, schedule, Pass::Forward)?;
         Ok(ForwardLaunch {
             shape: shape.clone(),
             schedule,
@@ -388,18 +447,48 @@ impl<C: CellKernels> CellRunner<C> {
             .check(&buffers.grad_params)?;
         self.states(shape, "initial state gradient", bytes, 1)
             .check(&buffers.grad_initial_states)?;
+        let schedule = self.resolve(client, shape, schedule, Pass::Backward)?;
+        let (tiles, _) = self.tiles(shape, schedule);
         let cell = &self.compiled.cell;
+        let numel = |dims: Vec<usize>| dims.iter().product::<usize>();
+        // Per sequence and tile; zeros where a tile does not write (outside its slice).
         let param_partials = (0..cell.params.len())
             .map(|p| {
-                let len = shape.batch * shape.param(cell, ParamId(p)).iter().product::<usize>();
+                let len = shape.batch * tiles * numel(shape.param(cell, ParamId(p)));
+                DeviceArray::zeros(client, len, 4)
+            })
+            .collect();
+        // Gradients held as per-tile parts go to f32 buffers of `tiles` blocks, summed after.
+        let is_partial = |grad| {
+            self.split
+                .as_ref()
+                .is_some_and(|plan| plan.is_partial(grad))
+        };
+        let tile_parts = |grad, total: &DeviceArray| {
+            is_partial(grad).then(|| {
+                let len = tiles * total.len;
                 DeviceArray::new(client.empty(len * 4), len)
+            })
+        };
+        let input_parts = (0..cell.inputs.len())
+            .map(|i| tile_parts(Grad::Input(InputId(i)), &buffers.grad_inputs[i]))
+            .collect();
+        let initial_parts = (0..cell.states.len())
+            .map(|s| {
+                tile_parts(
+                    Grad::StateFromNext(StateId(s)),
+                    &buffers.grad_initial_states[s],
+                )
             })
             .collect();
         Ok(BackwardLaunch {
             shape: shape.clone(),
             schedule,
             buffers: buffers.clone(),
+            tiles,
             param_partials,
+            input_parts,
+            initial_parts,
             workspace: self.workspace(client, shape, schedule, Pass::Backward),
             cell: std::marker::PhantomData,
         })
@@ -418,6 +507,11 @@ pub struct ForwardLaunch<C> {
 }
 
 impl<C: CellKernels> ForwardLaunch<C> {
+    /// The schedule it runs, with tile and placement chosen.
+    pub fn schedule(&self) -> Schedule {
+        self.schedule
+    }
+
     /// Enqueues the scan's launches.
     pub fn run<F: Float + CubeElement, R: Runtime>(&self, client: &ComputeClient<R>) {
         let (shape, schedule) = (&self.shape, self.schedule);
@@ -443,35 +537,77 @@ pub struct BackwardLaunch<C> {
     shape: ScanShape,
     schedule: Schedule,
     buffers: BackwardBuffers,
+    /// Cubes per sequence.
+    tiles: usize,
+    /// Parameter gradients per sequence and tile, summed over time.
     param_partials: Vec<DeviceArray>,
+    /// Per-tile parts of input and initial-state gradients (where the split makes them so).
+    input_parts: Vec<Option<DeviceArray>>,
+    initial_parts: Vec<Option<DeviceArray>>,
     workspace: DeviceArray,
     cell: std::marker::PhantomData<C>,
 }
 
 impl<C: CellKernels> BackwardLaunch<C> {
-    /// Enqueues the scan's launches, then the sums of the parameter gradients over the batch.
+    /// The schedule it runs, with tile and placement chosen.
+    pub fn schedule(&self) -> Schedule {
+        self.schedule
+    }
+
+    /// Enqueues the scan's launches, then the sums of the parameter gradients over the batch
+    /// and tiles, and of the per-tile parts of other gradients over the tiles.
     pub fn run<F: Float + CubeElement, R: Runtime>(&self, client: &ComputeClient<R>) {
         let (shape, schedule) = (&self.shape, self.schedule);
+        // The kernel writes per-tile parts where the buffers would be.
+        let mut written = self.buffers.clone();
+        let redirect = |targets: &mut Vec<DeviceArray>, parts: &[Option<DeviceArray>]| {
+            for (target, part) in targets.iter_mut().zip(parts) {
+                if let Some(part) = part {
+                    *target = part.clone();
+                }
+            }
+        };
+        redirect(&mut written.grad_inputs, &self.input_parts);
+        redirect(&mut written.grad_initial_states, &self.initial_parts);
         for chunks_from_end in schedule.launches(shape.time) {
             C::launch_backward::<F, R>(
                 client,
                 shape,
                 schedule,
                 chunks_from_end,
-                &self.buffers,
+                &written,
                 &self.param_partials,
                 &self.workspace,
             );
         }
-        for (partial, total) in self.param_partials.iter().zip(&self.buffers.grad_params) {
+        let batch_tiles = shape.batch * self.tiles;
+        let mut sums: Vec<(&DeviceArray, &DeviceArray, usize)> = Vec::new();
+        for (parts, total) in self.param_partials.iter().zip(&self.buffers.grad_params) {
+            sums.push((parts, total, batch_tiles));
+        }
+        let tile_parts = self
+            .input_parts
+            .iter()
+            .zip(&self.buffers.grad_inputs)
+            .chain(
+                self.initial_parts
+                    .iter()
+                    .zip(&self.buffers.grad_initial_states),
+            );
+        for (parts, total) in tile_parts {
+            if let Some(parts) = parts {
+                sums.push((parts, total, self.tiles));
+            }
+        }
+        for (parts, total, rows) in sums {
             let width = total.len;
-            sum_over_batch::launch::<F, R>(
+            sum_rows::launch::<F, R>(
                 client,
                 CubeCount::Static(width.div_ceil(64) as u32, 1, 1),
                 CubeDim::new_1d(64),
-                unsafe { ArrayArg::from_raw_parts(partial.handle.clone(), partial.len) },
+                unsafe { ArrayArg::from_raw_parts(parts.handle.clone(), parts.len) },
                 unsafe { ArrayArg::from_raw_parts(total.handle.clone(), width) },
-                shape.batch as u32,
+                rows as u32,
                 width as u32,
             );
         }
@@ -502,6 +638,15 @@ pub fn kernel_source<C: CellKernels>(
     use cubecl::ir::{ElemType, StorageType, UIntKind};
     type Wgpu = cubecl::wgpu::WgpuRuntime;
     let client = Wgpu::client(&Default::default());
+    // Printed as it would run on a CUDA device (48 KiB of shared memory), at batch 1.
+    let limits = DeviceLimits {
+        shared_memory_bytes: 48 * 1024,
+        min_cubes: 1,
+    };
+    let compiled = C::compile();
+    let schedule = schedule
+        .resolve(&compiled.backward, pass, dims, heads, limits)
+        .map_err(KernelError)?;
     let definition = match pass {
         Pass::Forward => C::forward_definition::<f32, Wgpu>(&client, dims, heads, schedule),
         Pass::Backward => C::backward_definition::<f32, Wgpu>(&client, dims, heads, schedule),
@@ -519,7 +664,7 @@ pub fn kernel_source<C: CellKernels>(
                 .compile(
                     definition,
                     &Default::default(),
-                    ExecutionMode::Checked,
+                    ExecutionMode::Unchecked,
                     address,
                 )
                 .map(|source| source.to_string())
@@ -529,7 +674,7 @@ pub fn kernel_source<C: CellKernels>(
             .compile(
                 definition,
                 &Default::default(),
-                ExecutionMode::Checked,
+                ExecutionMode::Unchecked,
                 address,
             )
             .map(|source| source.to_string())
@@ -585,15 +730,15 @@ impl crate::cells::CellVisitor for SourceOf<'_> {
     }
 }
 
-/// `total[e] = Σ_b partials[b, e]`, in a fixed order (bitwise reproducible).
+/// `total[e] = Σ_r parts[r, e]`, in a fixed order (bitwise reproducible).
 #[cube(launch)]
-fn sum_over_batch<F: Float>(partials: &Array<f32>, total: &mut Array<F>, batch: u32, width: u32) {
+fn sum_rows<F: Float>(parts: &Array<f32>, total: &mut Array<F>, rows: u32, width: u32) {
     let e = ABSOLUTE_POS;
     let width = width as usize;
     if e < width {
         let mut sum = 0f32;
-        for b in 0..batch as usize {
-            sum += partials[b * width + e];
+        for r in 0..rows as usize {
+            sum += parts[r * width + e];
         }
         total[e] = F::cast_from(sum);
     }

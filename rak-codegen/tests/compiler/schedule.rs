@@ -3,7 +3,7 @@
 
 use crate::common::{CELL_NAMES, compile_cell};
 use rak_codegen::ir::{Grad, InputId, StateId};
-use rak_codegen::schedule::{GradSplit, split_plan};
+use rak_codegen::schedule::{DeviceLimits, GradSplit, Pass, Placement, Schedule, split_plan};
 
 /// The split axis of every reference cell, by name (`None`: one cube per sequence).
 #[test]
@@ -78,5 +78,68 @@ fn mlstm_carries_partial_state_gradients() {
     assert_eq!(
         plan.grad(Grad::StatePrevious(state("m"))),
         GradSplit::Partial
+    );
+}
+
+fn limits(shared_memory_bytes: usize, min_cubes: usize) -> DeviceLimits {
+    DeviceLimits {
+        shared_memory_bytes,
+        min_cubes,
+    }
+}
+
+/// An open tile is halved until the workspace fits shared memory and the grid has enough
+/// cubes; the placement follows.
+#[test]
+fn resolving_chooses_tile_and_placement() {
+    let compiled = compile_cell("simple_rnn");
+    let step = &compiled.backward;
+    let open = Schedule::default();
+    // K = V = 128, 64 sequences: S and its new value alone are 2 × 128 × 128 × 4 = 128 KiB.
+    let resolved = open
+        .resolve(step, Pass::Forward, &[128, 128], 64, limits(48 * 1024, 1))
+        .unwrap();
+    assert_eq!(resolved.tile, Some(32));
+    assert_eq!(resolved.placement, Placement::Shared);
+    // More cubes wanted: smaller tiles.
+    let resolved = open
+        .resolve(step, Pass::Forward, &[128, 128], 64, limits(48 * 1024, 512))
+        .unwrap();
+    assert_eq!(resolved.tile, Some(16));
+    // Elman has no split axis: no tile; too large for shared memory: global.
+    let elman = compile_cell("elman");
+    let resolved = open
+        .resolve(&elman.backward, Pass::Backward, &[4096], 1, limits(1024, 1))
+        .unwrap();
+    assert_eq!(
+        (resolved.tile, resolved.placement),
+        (None, Placement::Global)
+    );
+}
+
+/// Shared memory asked for and not enough: refused with the sizes.
+#[test]
+fn shared_memory_too_small_is_refused() {
+    let compiled = compile_cell("simple_rnn");
+    let schedule = Schedule {
+        tile: Some(128),
+        placement: Placement::Shared,
+        ..Schedule::default()
+    };
+    let error = schedule
+        .resolve(
+            &compiled.backward,
+            Pass::Forward,
+            &[128, 128],
+            1,
+            limits(48 * 1024, 1),
+        )
+        .unwrap_err();
+    assert!(
+        error.starts_with(
+            "the forward workspace of cell `SimpleRnn` needs 133632 bytes of shared memory per \
+             cube (tile 128), the device offers 49152"
+        ),
+        "{error}"
     );
 }
