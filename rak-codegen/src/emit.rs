@@ -1036,9 +1036,10 @@ impl<'a> Emitter<'a> {
             ));
         }
         quote! {
-            /// The backward scan: one cube per sequence, chunks in reverse, states recomputed
-            /// from the forward scan's checkpoints. Parameter gradients are written per sequence
-            /// (summed over time); the host sums them over the batch.
+            /// The backward scan: one cube per sequence and tile, chunks in reverse, states
+            /// recomputed from the forward scan's checkpoints. Parameter gradients are written
+            /// per sequence and tile (summed over time), per-tile parts of other gradients per
+            /// tile; the host sums them over batch and tiles.
             #[cube(launch, launch_unchecked)]
             pub fn backward<F: Float>(
                 #(#inputs: &Array<F>,)*
