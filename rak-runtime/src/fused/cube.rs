@@ -1,0 +1,240 @@
+//! The fused cell on burn's cubecl backends (`CubeBackend`, what `Cuda` and `Wgpu` wrap): the
+//! packed tensors are split into one array per value, the generated kernels run through
+//! [`CellRunner`], and the results are packed again.
+
+use super::{FusedCellBackend, FusedForward, FusedGradients, FusedSettings};
+use crate::codegen::ScanShape;
+use crate::kernels::{BackwardBuffers, CellKernels, CellRunner, DeviceArray, ForwardBuffers};
+use crate::packing::Packing;
+use burn::tensor::Shape;
+use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::ops::numeric::empty_device;
+use burn_cubecl::tensor::CubeTensor;
+use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
+use cubecl::prelude::*;
+
+impl<R, F, I, BT> FusedCellBackend for CubeBackend<R, F, I, BT>
+where
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
+    fn fused_cell_forward<C: CellKernels>(
+        inputs: CubeTensor<R>,
+        params: CubeTensor<R>,
+        initial_states: Option<CubeTensor<R>>,
+        settings: &FusedSettings,
+        checkpoints: bool,
+    ) -> FusedForward<Self> {
+        let runner = CellRunner::<C>::new();
+        let cell = &runner.compiled().cell;
+        let dims = &settings.dims;
+        let [batch, time, heads, _] = inputs.meta.shape().dims::<4>();
+        let shape = ScanShape {
+            batch,
+            time,
+            heads,
+            dims: dims.clone(),
+        };
+        let (client, device) = (inputs.client.clone(), inputs.device.clone());
+        let states = Packing::states(cell, dims);
+        let chunks = time.div_ceil(settings.schedule.chunk);
+        let buffers = ForwardBuffers {
+            inputs: unpack::<R, F>(&inputs, &Packing::inputs(cell, dims)),
+            params: unpack::<R, F>(&params, &Packing::params(cell, dims)),
+            initial_states: initial_states
+                .as_ref()
+                .map(|initial| unpack::<R, F>(initial, &states)),
+            outputs: columns::<R>(
+                &client,
+                batch * time * heads,
+                &Packing::outputs(cell, dims),
+                size_of::<F>(),
+            ),
+            final_states: columns::<R>(&client, batch * heads, &states, size_of::<F>()),
+            checkpoints: checkpoints
+                .then(|| columns::<R>(&client, batch * heads * chunks, &states, 4)),
+        };
+        runner
+            .forward::<F, R>(&client, &shape, settings.schedule, &buffers)
+            .unwrap_or_else(|error| panic!("fused {} forward: {error}", C::NAME));
+        let pack_f = |arrays: &[DeviceArray], packing: &Packing, leading: &[usize]| {
+            pack::<R, F>(&client, &device, arrays, packing, leading)
+        };
+        FusedForward {
+            outputs: pack_f(
+                &buffers.outputs,
+                &Packing::outputs(cell, dims),
+                &[batch, time, heads],
+            ),
+            final_states: pack_f(&buffers.final_states, &states, &[batch, heads]),
+            checkpoints: buffers.checkpoints.as_ref().map(|arrays| {
+                pack::<R, f32>(&client, &device, arrays, &states, &[batch, heads, chunks])
+            }),
+        }
+    }
+
+    fn fused_cell_backward<C: CellKernels>(
+        inputs: CubeTensor<R>,
+        params: CubeTensor<R>,
+        checkpoints: CubeTensor<R>,
+        grad_outputs: CubeTensor<R>,
+        settings: &FusedSettings,
+    ) -> FusedGradients<Self> {
+        let runner = CellRunner::<C>::new();
+        let cell = &runner.compiled().cell;
+        let dims = &settings.dims;
+        let [batch, time, heads, _] = inputs.meta.shape().dims::<4>();
+        let shape = ScanShape {
+            batch,
+            time,
+            heads,
+            dims: dims.clone(),
+        };
+        let (client, device) = (inputs.client.clone(), inputs.device.clone());
+        let (input_packing, param_packing, states) = (
+            Packing::inputs(cell, dims),
+            Packing::params(cell, dims),
+            Packing::states(cell, dims),
+        );
+        let bytes = size_of::<F>();
+        let grad_final_states = states
+            .slots
+            .iter()
+            .map(|&(_, width)| DeviceArray::zeros(&client, batch * heads * width, bytes))
+            .collect();
+        let buffers = BackwardBuffers {
+            inputs: unpack::<R, F>(&inputs, &input_packing),
+            params: unpack::<R, F>(&params, &param_packing),
+            checkpoints: unpack::<R, f32>(&checkpoints, &states),
+            grad_outputs: unpack::<R, F>(&grad_outputs, &Packing::outputs(cell, dims)),
+            grad_final_states,
+            grad_inputs: columns::<R>(&client, batch * time * heads, &input_packing, bytes),
+            grad_params: columns::<R>(&client, heads, &param_packing, bytes),
+            grad_initial_states: columns::<R>(&client, batch * heads, &states, bytes),
+        };
+        runner
+            .backward::<F, R>(&client, &shape, settings.schedule, &buffers)
+            .unwrap_or_else(|error| panic!("fused {} backward: {error}", C::NAME));
+        let pack_f = |arrays: &[DeviceArray], packing: &Packing, leading: &[usize]| {
+            pack::<R, F>(&client, &device, arrays, packing, leading)
+        };
+        FusedGradients {
+            inputs: pack_f(&buffers.grad_inputs, &input_packing, &[batch, time, heads]),
+            params: pack_f(&buffers.grad_params, &param_packing, &[heads]),
+            initial_states: pack_f(&buffers.grad_initial_states, &states, &[batch, heads]),
+        }
+    }
+}
+
+/// One new array per slot of `packing`, `rows` rows each, of elements of `bytes`.
+fn columns<R: CubeRuntime>(
+    client: &ComputeClient<R>,
+    rows: usize,
+    packing: &Packing,
+    bytes: usize,
+) -> Vec<DeviceArray> {
+    packing
+        .slots
+        .iter()
+        .map(|&(_, width)| {
+            let len = rows * width;
+            DeviceArray::new(client.empty((len * bytes).max(4)), len)
+        })
+        .collect()
+}
+
+/// Cubes and units for a grid-stride loop over `len` elements (at most 65,535 cubes: wgpu's
+/// limit per grid dimension).
+fn grid(len: usize) -> (CubeCount, CubeDim) {
+    let cubes = len.div_ceil(256).clamp(1, 65_535) as u32;
+    (CubeCount::Static(cubes, 1, 1), CubeDim::new_1d(256))
+}
+
+/// The columns of each slot of a packed tensor (rows × `packing.width`), as arrays.
+fn unpack<R: CubeRuntime, E: Float + CubeElement>(
+    tensor: &CubeTensor<R>,
+    packing: &Packing,
+) -> Vec<DeviceArray> {
+    let tensor = into_contiguous(tensor.clone());
+    let total = tensor.meta.shape().num_elements();
+    let rows = total / packing.width.max(1);
+    let client = &tensor.client;
+    let arrays = columns::<R>(client, rows, packing, size_of::<E>());
+    for (array, &(offset, width)) in arrays.iter().zip(&packing.slots) {
+        let (cubes, units) = grid(array.len);
+        copy_columns::launch::<E, R>(
+            client,
+            cubes,
+            units,
+            unsafe { ArrayArg::from_raw_parts(tensor.handle.clone(), total) },
+            unsafe { ArrayArg::from_raw_parts(array.handle.clone(), array.len) },
+            packing.width as u32,
+            offset as u32,
+            width as u32,
+            true,
+        );
+    }
+    arrays
+}
+
+/// A packed tensor of shape `leading × packing.width` from one array per slot.
+fn pack<R: CubeRuntime, E: Float + CubeElement + burn_cubecl::CubeElement>(
+    client: &ComputeClient<R>,
+    device: &R::Device,
+    arrays: &[DeviceArray],
+    packing: &Packing,
+    leading: &[usize],
+) -> CubeTensor<R> {
+    let mut dims = leading.to_vec();
+    dims.push(packing.width);
+    let tensor = empty_device::<R, E>(client.clone(), device.clone(), Shape::from(dims));
+    let total = tensor.meta.shape().num_elements();
+    for (array, &(offset, width)) in arrays.iter().zip(&packing.slots) {
+        let (cubes, units) = grid(array.len);
+        copy_columns::launch::<E, R>(
+            client,
+            cubes,
+            units,
+            unsafe { ArrayArg::from_raw_parts(array.handle.clone(), array.len) },
+            unsafe { ArrayArg::from_raw_parts(tensor.handle.clone(), total) },
+            packing.width as u32,
+            offset as u32,
+            width as u32,
+            false,
+        );
+    }
+    tensor
+}
+
+/// Copies between a packed `[rows, packed_width]` array and the `[rows, width]` array of one
+/// slot at `offset`: `from_packed` unpacks (`a` packed, `b` the slot), else packs (`a` the slot,
+/// `b` packed). Grid-stride loop over the slot's elements.
+#[cube(launch)]
+fn copy_columns<E: Float>(
+    a: &Array<E>,
+    b: &mut Array<E>,
+    packed_width: u32,
+    offset: u32,
+    width: u32,
+    #[comptime] from_packed: bool,
+) {
+    let (packed_width, offset, width) = (packed_width as usize, offset as usize, width as usize);
+    let stride = CUBE_COUNT * CUBE_DIM as usize;
+    let len = if comptime![from_packed] {
+        b.len()
+    } else {
+        a.len()
+    };
+    let mut e = ABSOLUTE_POS;
+    while e < len {
+        let packed = (e / width) * packed_width + offset + e % width;
+        if comptime![from_packed] {
+            b[e] = a[packed];
+        } else {
+            b[packed] = a[e];
+        }
+        e += stride;
+    }
+}

@@ -1,0 +1,187 @@
+//! The fused cell inside burn's fusion wrapper (the default `Cuda` and `Wgpu` backends): each
+//! scan is a custom operation of the fusion stream, which hands its operands to the wrapped
+//! backend when the stream reaches it.
+
+use super::{FusedCellBackend, FusedForward, FusedGradients, FusedSettings};
+use crate::kernels::CellKernels;
+use crate::packing::Packing;
+use burn::tensor::ops::FloatTensor;
+use burn::tensor::{DType, Shape};
+use burn_fusion::stream::{Operation, OperationStreams};
+use burn_fusion::{Fusion, FusionBackend, FusionRuntime};
+use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
+use std::marker::PhantomData;
+
+/// The forward scan as a stream operation: inputs, parameters (and initial states) in;
+/// outputs, final states (and checkpoints) out.
+#[derive(Debug)]
+struct ForwardScan<B, C> {
+    description: CustomOpIr,
+    settings: FusedSettings,
+    has_initial: bool,
+    checkpoints: bool,
+    backend: PhantomData<(B, C)>,
+}
+
+impl<B: FusionBackend + FusedCellBackend, C: CellKernels> Operation<B::FusionRuntime>
+    for ForwardScan<B, C>
+{
+    fn execute(
+        &self,
+        handles: &mut HandleContainer<<B::FusionRuntime as FusionRuntime>::FusionHandle>,
+    ) {
+        let operands = &self.description.inputs;
+        let inputs = handles.get_float_tensor::<B>(&operands[0]);
+        let params = handles.get_float_tensor::<B>(&operands[1]);
+        let initial = self
+            .has_initial
+            .then(|| handles.get_float_tensor::<B>(&operands[2]));
+        let forward =
+            B::fused_cell_forward::<C>(inputs, params, initial, &self.settings, self.checkpoints);
+        let results = &self.description.outputs;
+        handles.register_float_tensor::<B>(&results[0].id, forward.outputs);
+        handles.register_float_tensor::<B>(&results[1].id, forward.final_states);
+        if let Some(checkpoints) = forward.checkpoints {
+            handles.register_float_tensor::<B>(&results[2].id, checkpoints);
+        }
+    }
+}
+
+/// The backward scan as a stream operation: inputs, parameters, checkpoints and output
+/// gradients in; input, parameter and initial-state gradients out.
+#[derive(Debug)]
+struct BackwardScan<B, C> {
+    description: CustomOpIr,
+    settings: FusedSettings,
+    backend: PhantomData<(B, C)>,
+}
+
+impl<B: FusionBackend + FusedCellBackend, C: CellKernels> Operation<B::FusionRuntime>
+    for BackwardScan<B, C>
+{
+    fn execute(
+        &self,
+        handles: &mut HandleContainer<<B::FusionRuntime as FusionRuntime>::FusionHandle>,
+    ) {
+        let ([inputs, params, checkpoints, grad_outputs], [grad_inputs, grad_params, grad_initial]) =
+            self.description.as_fixed();
+        let gradients = B::fused_cell_backward::<C>(
+            handles.get_float_tensor::<B>(inputs),
+            handles.get_float_tensor::<B>(params),
+            handles.get_float_tensor::<B>(checkpoints),
+            handles.get_float_tensor::<B>(grad_outputs),
+            &self.settings,
+        );
+        handles.register_float_tensor::<B>(&grad_inputs.id, gradients.inputs);
+        handles.register_float_tensor::<B>(&grad_params.id, gradients.params);
+        handles.register_float_tensor::<B>(&grad_initial.id, gradients.initial_states);
+    }
+}
+
+impl<B: FusionBackend + FusedCellBackend> FusedCellBackend for Fusion<B> {
+    fn fused_cell_forward<C: CellKernels>(
+        inputs: FloatTensor<Self>,
+        params: FloatTensor<Self>,
+        initial_states: Option<FloatTensor<Self>>,
+        settings: &FusedSettings,
+        checkpoints: bool,
+    ) -> FusedForward<Self> {
+        let cell = C::compile().cell;
+        let client = inputs.client.clone();
+        let dtype = inputs.dtype;
+        let [batch, time, heads, _] = inputs.shape.dims::<4>();
+        let states = Packing::states(&cell, &settings.dims).width;
+        let outputs = Packing::outputs(&cell, &settings.dims).width;
+        let chunks = time.div_ceil(settings.schedule.chunk);
+        let mut results = vec![
+            TensorIr::uninit(
+                client.create_empty_handle(),
+                Shape::new([batch, time, heads, outputs]),
+                dtype,
+            ),
+            TensorIr::uninit(
+                client.create_empty_handle(),
+                Shape::new([batch, heads, states]),
+                dtype,
+            ),
+        ];
+        if checkpoints {
+            results.push(TensorIr::uninit(
+                client.create_empty_handle(),
+                Shape::new([batch, heads, chunks, states]),
+                DType::F32,
+            ));
+        }
+        let mut operands = vec![inputs.clone(), params.clone()];
+        operands.extend(initial_states.iter().cloned());
+        let streams = OperationStreams::with_inputs(operands.iter());
+        let operands: Vec<TensorIr> = operands.into_iter().map(|t| t.into_ir()).collect();
+        let description = CustomOpIr::new("rak_forward_scan", &operands, &results);
+        let operation = ForwardScan::<B, C> {
+            description: description.clone(),
+            settings: settings.clone(),
+            has_initial: initial_states.is_some(),
+            checkpoints,
+            backend: PhantomData,
+        };
+        let mut results = client
+            .register(streams, OperationIr::Custom(description), operation)
+            .into_iter();
+        let mut next = || results.next().expect("the scan registers its results");
+        FusedForward {
+            outputs: next(),
+            final_states: next(),
+            checkpoints: checkpoints.then(&mut next),
+        }
+    }
+
+    fn fused_cell_backward<C: CellKernels>(
+        inputs: FloatTensor<Self>,
+        params: FloatTensor<Self>,
+        checkpoints: FloatTensor<Self>,
+        grad_outputs: FloatTensor<Self>,
+        settings: &FusedSettings,
+    ) -> FusedGradients<Self> {
+        let client = inputs.client.clone();
+        let results = [
+            TensorIr::uninit(
+                client.create_empty_handle(),
+                inputs.shape.clone(),
+                inputs.dtype,
+            ),
+            TensorIr::uninit(
+                client.create_empty_handle(),
+                params.shape.clone(),
+                params.dtype,
+            ),
+            {
+                let cell = C::compile().cell;
+                let [batch, _, heads, _] = inputs.shape.dims::<4>();
+                let states = Packing::states(&cell, &settings.dims).width;
+                TensorIr::uninit(
+                    client.create_empty_handle(),
+                    Shape::new([batch, heads, states]),
+                    inputs.dtype,
+                )
+            },
+        ];
+        let operands = [inputs, params, checkpoints, grad_outputs];
+        let streams = OperationStreams::with_inputs(operands.iter());
+        let operands = operands.map(|t| t.into_ir());
+        let description = CustomOpIr::new("rak_backward_scan", &operands, &results);
+        let operation = BackwardScan::<B, C> {
+            description: description.clone(),
+            settings: settings.clone(),
+            backend: PhantomData,
+        };
+        let [inputs, params, initial_states]: [FloatTensor<Self>; 3] = client
+            .register(streams, OperationIr::Custom(description), operation)
+            .try_into()
+            .expect("the backward scan registers three results");
+        FusedGradients {
+            inputs,
+            params,
+            initial_states,
+        }
+    }
+}

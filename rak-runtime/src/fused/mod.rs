@@ -1,0 +1,92 @@
+//! The fused cell as a burn operation: a cell's generated scan kernels inside burn's tensor
+//! world, on the cubecl backends ([`cube`]), inside their fusion wrapper as a custom operation
+//! of the fusion stream ([`fusion`]), and under burn's autodiff with the generated backward
+//! kernel as the operation's backward ([`autodiff`]).
+//!
+//! Tensors are packed as [`crate::packing`] describes. The final states are returned without
+//! a gradient (truncated backpropagation through time detaches them anyway): the backward
+//! scan starts from a zero final-state gradient.
+
+pub mod autodiff;
+pub mod cube;
+pub mod fusion;
+
+use crate::codegen::schedule::Schedule;
+use crate::kernels::CellKernels;
+use burn::tensor::backend::Backend;
+use burn::tensor::ops::FloatTensor;
+use burn::tensor::{Tensor, TensorPrimitive};
+
+/// The sizes and schedule of a fused scan (batch, time and heads come from the tensors).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FusedSettings {
+    /// The size of each dim of the cell, in declaration order.
+    pub dims: Vec<usize>,
+    pub schedule: Schedule,
+}
+
+/// What the forward scan returns.
+#[derive(Debug)]
+pub struct FusedForward<B: Backend> {
+    /// `[B, T, H, Σ output widths]`.
+    pub outputs: FloatTensor<B>,
+    /// `[B, H, Σ state sizes]`, without gradient.
+    pub final_states: FloatTensor<B>,
+    /// `[B, H, ceil(T / C), Σ state sizes]` in f32, for the backward scan; `None` when not asked.
+    pub checkpoints: Option<FloatTensor<B>>,
+}
+
+/// What the backward scan returns.
+#[derive(Debug)]
+pub struct FusedGradients<B: Backend> {
+    /// `[B, T, H, Σ input widths]`, before activation.
+    pub inputs: FloatTensor<B>,
+    /// `[H, Σ parameter sizes]`, summed over batch and time.
+    pub params: FloatTensor<B>,
+    /// `[B, H, Σ state sizes]`.
+    pub initial_states: FloatTensor<B>,
+}
+
+/// Backends that run a cell's generated kernels.
+pub trait FusedCellBackend: Backend {
+    /// The forward scan; writes checkpoints if `checkpoints` is true.
+    fn fused_cell_forward<C: CellKernels>(
+        inputs: FloatTensor<Self>,
+        params: FloatTensor<Self>,
+        initial_states: Option<FloatTensor<Self>>,
+        settings: &FusedSettings,
+        checkpoints: bool,
+    ) -> FusedForward<Self>;
+
+    /// The backward scan from the output gradient (the final-state gradient is zero).
+    fn fused_cell_backward<C: CellKernels>(
+        inputs: FloatTensor<Self>,
+        params: FloatTensor<Self>,
+        checkpoints: FloatTensor<Self>,
+        grad_outputs: FloatTensor<Self>,
+        settings: &FusedSettings,
+    ) -> FusedGradients<Self>;
+}
+
+/// Runs cell `C` over packed inputs `[B, T, H, Σ input widths]` (before activation), parameters
+/// `[H, Σ parameter sizes]` and optional initial states `[B, H, Σ state sizes]`; returns the
+/// outputs `[B, T, H, Σ output widths]` (differentiable on an autodiff backend) and the final
+/// states (detached).
+pub fn fused_cell<B: FusedCellBackend, C: CellKernels>(
+    inputs: Tensor<B, 4>,
+    params: Tensor<B, 2>,
+    initial_states: Option<Tensor<B, 3>>,
+    settings: &FusedSettings,
+) -> (Tensor<B, 4>, Tensor<B, 3>) {
+    let forward = B::fused_cell_forward::<C>(
+        inputs.into_primitive().tensor(),
+        params.into_primitive().tensor(),
+        initial_states.map(|s| s.into_primitive().tensor()),
+        settings,
+        false,
+    );
+    (
+        Tensor::from_primitive(TensorPrimitive::Float(forward.outputs)),
+        Tensor::from_primitive(TensorPrimitive::Float(forward.final_states)),
+    )
+}
