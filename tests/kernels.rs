@@ -264,7 +264,10 @@ fn compare<C: CellKernels>(
     let runner = CellRunner::<C>::new();
     let compiled = runner.compiled();
     let cell = &compiled.cell;
-    let dims: Vec<(String, usize)> = cell.dims.iter().map(|d| (d.name.clone(), dim)).collect();
+    // Every dim a different size (dim, dim + 1, …), so that no two axes can be confused.
+    let dims: Vec<(String, usize)> = (cell.dims.iter().enumerate())
+        .map(|(n, d)| (d.name.clone(), dim + n))
+        .collect();
     let named: Vec<(&str, usize)> = dims.iter().map(|(n, s)| (n.as_str(), *s)).collect();
     let shape = ScanShape::new(cell, batch, time, heads, &named).unwrap();
     let mut rng = Rng(seed);

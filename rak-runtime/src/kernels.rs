@@ -38,7 +38,9 @@ impl DeviceArray {
 
 /// Implemented by `rak::cell!` for every cell: launches its generated kernels. Use
 /// [`CellRunner`], which validates the buffers first.
-pub trait CellKernels: CellDefinition + Copy + std::fmt::Debug + Send + Sync + 'static {
+pub trait CellKernels:
+    CellDefinition + Copy + Default + std::fmt::Debug + Send + Sync + 'static
+{
     #[doc(hidden)]
     fn launch_forward<F: Float + CubeElement, R: Runtime>(
         client: &ComputeClient<R>,

@@ -11,10 +11,15 @@ extern crate self as rak;
 
 pub mod bench;
 pub mod cells;
+pub mod checkpoint;
 pub mod cli;
+pub mod data;
+pub mod device;
 pub mod fused;
 pub mod kernels;
+pub mod model;
 pub mod packing;
+pub mod train;
 pub mod unfused;
 
 pub use burn;

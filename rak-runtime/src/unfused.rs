@@ -60,7 +60,7 @@ impl UnfusedScan<'_> {
         let params: Vec<Tensor<B, RANK>> = (0..cell.params.len())
             .map(|p| {
                 let (offset, width) = param_packing.slots[p];
-                let param = params.clone().slice([0..heads, offset..offset + width]);
+                let param = materialize(params.clone().slice([0..heads, offset..offset + width]));
                 self.declared(param.reshape([1, heads, width]), &cell.params[p].shape)
             })
             .collect();
@@ -69,11 +69,11 @@ impl UnfusedScan<'_> {
             .map(|s| {
                 let (offset, width) = state_packing.slots[s];
                 let state = match &initial {
-                    Some(initial) => {
-                        initial
-                            .clone()
-                            .slice([0..batch, 0..heads, offset..offset + width])
-                    }
+                    Some(initial) => materialize(initial.clone().slice([
+                        0..batch,
+                        0..heads,
+                        offset..offset + width,
+                    ])),
                     None => Tensor::full([batch, heads, width], cell.states[s].init, &device),
                 };
                 self.declared(state, &cell.states[s].shape)
@@ -82,10 +82,13 @@ impl UnfusedScan<'_> {
         let input_packing = Packing::inputs(cell, self.dims);
         let mut outputs = Vec::with_capacity(time);
         for t in 0..time {
-            let step_inputs = inputs
-                .clone()
-                .slice([0..batch, t..t + 1, 0..heads, 0..input_packing.width])
-                .reshape([batch, heads, input_packing.width]);
+            let step_inputs = materialize(inputs.clone().slice([
+                0..batch,
+                t..t + 1,
+                0..heads,
+                0..input_packing.width,
+            ]))
+            .reshape([batch, heads, input_packing.width]);
             let activated = (0..cell.inputs.len())
                 .map(|i| {
                     let (offset, width) = input_packing.slots[i];
@@ -93,7 +96,7 @@ impl UnfusedScan<'_> {
                         step_inputs
                             .clone()
                             .slice([0..batch, 0..heads, offset..offset + width]);
-                    let input = self.declared(input, &cell.inputs[i].shape);
+                    let input = self.declared(materialize(input), &cell.inputs[i].shape);
                     match cell.inputs[i].activation {
                         Some(op) => unary(op, input),
                         None => input,
@@ -397,6 +400,13 @@ impl<B: Backend> Step<'_, '_, B> {
         }
         full.permute(axes)
     }
+}
+
+/// A copy of a sliced view. burn 0.21's cubecl backends can misread a slice along the last axis
+/// once it is reshaped (seen with a batch of 2: the second row read the wrong elements), so
+/// every slice is materialised by an element-wise operation before any reshape.
+fn materialize<B: Backend, const D: usize>(view: Tensor<B, D>) -> Tensor<B, D> {
+    view.mul_scalar(1.0)
 }
 
 fn unary<B: Backend>(op: UnaryOp, x: Tensor<B, RANK>) -> Tensor<B, RANK> {

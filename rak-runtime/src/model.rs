@@ -1,0 +1,297 @@
+//! The language model of the seed, around any cell: embedding → L layers (one fused input
+//! projection `Linear(D, H · Σ input widths)` split into the cell's inputs, the cell, an output
+//! projection `Linear(H · Σ output widths, D)`) → LM head. The seed-compatible configuration
+//! has no normalisation and no residual connection; `residual = true` makes each layer a
+//! pre-norm residual block with RMSNorm (and adds a final RMSNorm before the head).
+//!
+//! The cell runs fused (the generated kernels, [`crate::fused`]) or unfused (its step as plain
+//! burn operations in a loop over time, [`crate::unfused`]).
+
+use crate::codegen::ir::ParamInit;
+use crate::codegen::schedule::Schedule;
+use crate::fused::{FusedCellBackend, FusedSettings, fused_cell};
+use crate::kernels::CellKernels;
+use crate::packing::Packing;
+use crate::unfused::UnfusedScan;
+use burn::module::{Module, Param};
+use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig, RmsNorm, RmsNormConfig};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Distribution, Int, Tensor, TensorData};
+use serde::{Deserialize, Serialize};
+
+/// How a layer runs its cell.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Strategy {
+    /// The generated scan kernels.
+    Fused,
+    /// The cell's step as burn operations, one step after the other.
+    Unfused,
+}
+
+/// The shape of a model.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// The cell: a built-in cell's file name (`simple_rnn`, `gla`, …) on the command line; the
+    /// model itself is built for the cell type given to [`ModelConfig::init`].
+    pub cell: String,
+    pub vocab: usize,
+    /// Model width D.
+    pub d_model: usize,
+    pub layers: usize,
+    pub heads: usize,
+    /// The size of each dim of the cell (per head), in declaration order.
+    pub dims: Vec<usize>,
+    /// Pre-norm residual blocks with RMSNorm; `false` is the seed's model.
+    pub residual: bool,
+    pub strategy: Strategy,
+    /// Steps between the fused scan's checkpoints.
+    pub chunk: usize,
+}
+
+/// What a layer needs to run its cell, besides its parameters.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CellScan {
+    /// The cell's type name ([`crate::CellDefinition::NAME`]), checked at every forward.
+    pub cell: &'static str,
+    pub strategy: Strategy,
+    pub settings: FusedSettings,
+    pub heads: usize,
+}
+
+/// One scan of cell `C`: packed inputs, parameters, optional initial states → outputs, final
+/// states (see [`crate::packing`]).
+fn run_scan<B: FusedCellBackend, C: CellKernels>(
+    strategy: Strategy,
+    inputs: Tensor<B, 4>,
+    params: Tensor<B, 2>,
+    initial: Option<Tensor<B, 3>>,
+    settings: &FusedSettings,
+) -> (Tensor<B, 4>, Tensor<B, 3>) {
+    match strategy {
+        Strategy::Fused => fused_cell::<B, C>(inputs, params, initial, settings),
+        Strategy::Unfused => {
+            let compiled = C::compile();
+            let scan = UnfusedScan {
+                cell: &compiled.cell,
+                dims: &settings.dims,
+            };
+            let result = scan
+                .run(inputs, params, initial)
+                .unwrap_or_else(|error| panic!("unfused {}: {error}", C::NAME));
+            (result.outputs, result.final_states)
+        }
+    }
+}
+
+/// One layer: input projection, cell, output projection (and, in residual mode, its norm).
+#[derive(Module, Debug)]
+pub struct CellLayer<B: Backend> {
+    pub projection: Linear<B>,
+    /// The cell's parameters, `[H, Σ parameter sizes]`.
+    pub params: Param<Tensor<B, 2>>,
+    pub output: Linear<B>,
+    pub norm: Option<RmsNorm<B>>,
+    #[module(skip)]
+    pub scan: CellScan,
+}
+
+impl<B: FusedCellBackend> CellLayer<B> {
+    /// `[B, T, D]` (and optional initial states `[B, H, Σ state sizes]`) → `[B, T, D]` and the
+    /// final states (detached when fused). `C` is the cell the layer was built for.
+    pub fn forward<C: CellKernels>(
+        &self,
+        x: Tensor<B, 3>,
+        initial: Option<Tensor<B, 3>>,
+    ) -> (Tensor<B, 3>, Tensor<B, 3>) {
+        let [batch, time, _] = x.dims();
+        let scan = &self.scan;
+        let input = match &self.norm {
+            Some(norm) => norm.forward(x.clone()),
+            None => x.clone(),
+        };
+        let projected = self.projection.forward(input);
+        let width = projected.dims()[2] / scan.heads;
+        let packed = projected.reshape([batch, time, scan.heads, width]);
+        assert_eq!(
+            scan.cell,
+            C::NAME,
+            "a layer built for cell {} run as cell {}",
+            scan.cell,
+            C::NAME
+        );
+        let (outputs, states) = run_scan::<B, C>(
+            scan.strategy,
+            packed,
+            self.params.val(),
+            initial,
+            &scan.settings,
+        );
+        let output_width = outputs.dims()[3];
+        let y = self
+            .output
+            .forward(outputs.reshape([batch, time, scan.heads * output_width]));
+        let y = if self.norm.is_some() { x + y } else { y };
+        (y, states)
+    }
+}
+
+/// The language model.
+#[derive(Module, Debug)]
+pub struct LanguageModel<B: Backend> {
+    pub embedding: Embedding<B>,
+    pub layers: Vec<CellLayer<B>>,
+    pub final_norm: Option<RmsNorm<B>>,
+    pub head: Linear<B>,
+}
+
+/// A model's logits and each layer's final states.
+pub struct ModelOutput<B: Backend> {
+    /// `[B, T, vocab]`.
+    pub logits: Tensor<B, 3>,
+    pub states: Vec<Tensor<B, 3>>,
+}
+
+impl ModelConfig {
+    /// Checks the configuration against cell `C`; the error names the offending key.
+    pub fn validate<C: CellKernels>(&self) -> Result<crate::CompiledCell, String> {
+        let compiled = C::compile();
+        let cell = &compiled.cell;
+        if self.dims.len() != cell.dims.len() {
+            let names: Vec<&str> = cell.dims.iter().map(|d| d.name.as_str()).collect();
+            return Err(format!(
+                "model.dims: cell `{}` has {} dims ({}), got {}",
+                self.cell,
+                names.len(),
+                names.join(", "),
+                self.dims.len()
+            ));
+        }
+        for (key, value) in [
+            ("model.vocab", self.vocab),
+            ("model.d_model", self.d_model),
+            ("model.layers", self.layers),
+            ("model.heads", self.heads),
+            ("model.chunk", self.chunk),
+        ]
+        .into_iter()
+        .chain(self.dims.iter().map(|&d| ("model.dims", d)))
+        {
+            if value == 0 {
+                return Err(format!("{key}: must be at least 1"));
+            }
+        }
+        Ok(compiled)
+    }
+
+    /// A new model with freshly initialised weights (seeded by the backend's seed).
+    pub fn init<B: FusedCellBackend, C: CellKernels>(
+        &self,
+        schedule: Schedule,
+        device: &B::Device,
+    ) -> Result<LanguageModel<B>, String> {
+        let compiled = self.validate::<C>()?;
+        let cell = &compiled.cell;
+        let settings = FusedSettings {
+            dims: self.dims.clone(),
+            schedule: Schedule {
+                chunk: self.chunk,
+                ..schedule
+            },
+        };
+        let heads = self.heads;
+        let input_width = Packing::inputs(cell, &self.dims).width;
+        let output_width = Packing::outputs(cell, &self.dims).width;
+        let param_packing = Packing::params(cell, &self.dims);
+        let norm = || {
+            self.residual
+                .then(|| RmsNormConfig::new(self.d_model).init(device))
+        };
+        let layers = (0..self.layers)
+            .map(|_| {
+                // Each parameter drawn as the cell declares, the same for every head.
+                let mut values = vec![0f32; heads * param_packing.width];
+                let mut offset = 0;
+                for (p, param) in cell.params.iter().enumerate() {
+                    let width = param_packing.slots[p].1;
+                    let drawn: Vec<f32> = match param.init {
+                        ParamInit::Constant(c) => vec![c as f32; width],
+                        ParamInit::Normal { mean, std } => {
+                            Tensor::<B, 1>::random([width], Distribution::Normal(mean, std), device)
+                                .into_data()
+                                .to_vec::<f32>()
+                                .unwrap_or_default()
+                        }
+                        ParamInit::Uniform { low, high } => Tensor::<B, 1>::random(
+                            [width],
+                            Distribution::Uniform(low, high),
+                            device,
+                        )
+                        .into_data()
+                        .to_vec::<f32>()
+                        .unwrap_or_default(),
+                    };
+                    for h in 0..heads {
+                        let row = h * param_packing.width + offset;
+                        values[row..row + width].copy_from_slice(&drawn);
+                    }
+                    offset += width;
+                }
+                let params = Tensor::<B, 2>::from_data(
+                    TensorData::new(values, [heads, param_packing.width]),
+                    device,
+                );
+                CellLayer {
+                    projection: LinearConfig::new(self.d_model, heads * input_width).init(device),
+                    params: Param::from_tensor(params),
+                    output: LinearConfig::new(heads * output_width, self.d_model).init(device),
+                    norm: norm(),
+                    scan: CellScan {
+                        cell: C::NAME,
+                        strategy: self.strategy,
+                        settings: settings.clone(),
+                        heads,
+                    },
+                }
+            })
+            .collect();
+        let model = LanguageModel {
+            embedding: EmbeddingConfig::new(self.vocab, self.d_model).init(device),
+            layers,
+            final_norm: norm(),
+            head: LinearConfig::new(self.d_model, self.vocab).init(device),
+        };
+        // burn initialises parameters lazily, at first use; a clone taken before that would
+        // draw its own values. Draw them all now, once.
+        let drawn = model.clone().into_record();
+        Ok(model.load_record(drawn))
+    }
+}
+
+impl<B: FusedCellBackend> LanguageModel<B> {
+    /// Tokens `[B, T]` (and optionally each layer's initial states) → logits and final states.
+    /// `C` is the cell the model was built for.
+    pub fn forward<C: CellKernels>(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        initial: Option<Vec<Tensor<B, 3>>>,
+    ) -> ModelOutput<B> {
+        let mut x = self.embedding.forward(tokens);
+        let mut initial = initial.map(|states| states.into_iter());
+        let mut states = Vec::with_capacity(self.layers.len());
+        for layer in &self.layers {
+            let start = initial.as_mut().and_then(|states| states.next());
+            let (y, state) = layer.forward::<C>(x, start);
+            x = y;
+            states.push(state);
+        }
+        if let Some(norm) = &self.final_norm {
+            x = norm.forward(x);
+        }
+        ModelOutput {
+            logits: self.head.forward(x),
+            states,
+        }
+    }
+}
