@@ -354,29 +354,21 @@ where
             )?;
         }
         if done.is_multiple_of(config.eval_every) || done == config.steps {
-            let started = Instant::now();
-            let valid = model.valid();
-            let m = evaluate::<_, C>(
-                &valid,
+            let (m, took) = phase::<B, C>(
+                &model,
                 &dataset,
                 config,
                 Split::Validation,
-                config.eval_batches,
+                done,
                 device,
-            );
-            validation_time += started.elapsed();
+                &mut metrics,
+            )?;
+            validation_time += took;
             summary.validation = Some(m);
             progress.note(&format!(
                 "step {done}: validation loss {:.4}, accuracy {:.3}",
                 m.loss, m.accuracy
             ));
-            log_metrics(
-                &mut metrics,
-                serde_json::json!({
-                    "phase": "validation", "step": done, "loss": m.loss,
-                    "perplexity": m.perplexity, "accuracy": m.accuracy,
-                }),
-            )?;
         }
         if done.is_multiple_of(config.checkpoint_every) || done == last_step {
             save(&model, &optimizer, done)?;
@@ -389,31 +381,56 @@ where
     summary.tokens_per_second =
         (tokens_per_step * trained_steps) as f64 / summary.train_seconds.max(1e-9);
     if last_step == config.steps && config.test_batches > 0 {
-        let started = Instant::now();
-        let valid = model.valid();
-        let m = evaluate::<_, C>(
-            &valid,
+        let (m, took) = phase::<B, C>(
+            &model,
             &dataset,
             config,
             Split::Test,
-            config.test_batches,
+            last_step,
             device,
-        );
-        summary.test_seconds = started.elapsed().as_secs_f64();
-        summary.test = Some(m);
-        log_metrics(
             &mut metrics,
-            serde_json::json!({
-                "phase": "test", "step": last_step, "loss": m.loss,
-                "perplexity": m.perplexity, "accuracy": m.accuracy,
-            }),
         )?;
+        summary.test_seconds = took.as_secs_f64();
+        summary.test = Some(m);
     }
     checkpoint::write_atomically(
         &run_dir.join("summary.json"),
         &serde_json::to_vec_pretty(&summary).map_err(|e| e.to_string())?,
     )?;
     Ok(summary)
+}
+
+/// Evaluates the model without gradients on the validation or test batches and logs the
+/// metrics; returns them and the time taken.
+fn phase<B, C>(
+    model: &LanguageModel<B>,
+    dataset: &Dataset,
+    config: &TrainConfig,
+    split: Split,
+    step: usize,
+    device: &B::Device,
+    metrics: &mut std::fs::File,
+) -> Result<(Metrics, Duration), String>
+where
+    B: AutodiffBackend,
+    B::InnerBackend: FusedCellBackend,
+    C: CellKernels,
+{
+    let started = Instant::now();
+    let (name, batches) = match split {
+        Split::Test => ("test", config.test_batches),
+        _ => ("validation", config.eval_batches),
+    };
+    let m = evaluate::<_, C>(&model.valid(), dataset, config, split, batches, device);
+    let took = started.elapsed();
+    log_metrics(
+        metrics,
+        serde_json::json!({
+            "phase": name, "step": step, "loss": m.loss,
+            "perplexity": m.perplexity, "accuracy": m.accuracy,
+        }),
+    )?;
+    Ok((m, took))
 }
 
 /// A progress bar on a terminal, plain lines otherwise, nothing when quiet.

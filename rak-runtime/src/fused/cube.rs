@@ -27,16 +27,9 @@ where
         settings: &FusedSettings,
         checkpoints: bool,
     ) -> FusedForward<Self> {
-        let runner = CellRunner::<C>::new();
-        let cell = &runner.compiled().cell;
-        let dims = &settings.dims;
-        let [batch, time, heads, _] = inputs.meta.shape().dims::<4>();
-        let shape = ScanShape {
-            batch,
-            time,
-            heads,
-            dims: dims.clone(),
-        };
+        let (runner, shape) = scan_of::<C, R>(&inputs, settings);
+        let (cell, dims) = (&runner.compiled().cell, &settings.dims);
+        let (batch, time, heads) = (shape.batch, shape.time, shape.heads);
         let (client, device) = (inputs.client.clone(), inputs.device.clone());
         let states = Packing::states(cell, dims);
         let chunks = time.div_ceil(settings.schedule.chunk);
@@ -82,16 +75,9 @@ where
         grad_outputs: CubeTensor<R>,
         settings: &FusedSettings,
     ) -> FusedGradients<Self> {
-        let runner = CellRunner::<C>::new();
-        let cell = &runner.compiled().cell;
-        let dims = &settings.dims;
-        let [batch, time, heads, _] = inputs.meta.shape().dims::<4>();
-        let shape = ScanShape {
-            batch,
-            time,
-            heads,
-            dims: dims.clone(),
-        };
+        let (runner, shape) = scan_of::<C, R>(&inputs, settings);
+        let (cell, dims) = (&runner.compiled().cell, &settings.dims);
+        let (batch, time, heads) = (shape.batch, shape.time, shape.heads);
         let (client, device) = (inputs.client.clone(), inputs.device.clone());
         let (input_packing, param_packing, states) = (
             Packing::inputs(cell, dims),
@@ -126,6 +112,21 @@ where
             initial_states: pack_f(&buffers.grad_initial_states, &states, &[batch, heads]),
         }
     }
+}
+
+/// Cell `C`'s runner and the shape of a scan over packed inputs `[B, T, H, _]`.
+fn scan_of<C: CellKernels, R: CubeRuntime>(
+    inputs: &CubeTensor<R>,
+    settings: &FusedSettings,
+) -> (CellRunner<C>, ScanShape) {
+    let [batch, time, heads, _] = inputs.meta.shape().dims::<4>();
+    let shape = ScanShape {
+        batch,
+        time,
+        heads,
+        dims: settings.dims.clone(),
+    };
+    (CellRunner::<C>::new(), shape)
 }
 
 /// One new array per slot of `packing`, `rows` rows each, of elements of `bytes`.
