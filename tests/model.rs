@@ -41,18 +41,11 @@ fn setup() {
     }
 }
 
-/// SplitMix64 values in [−scale, scale).
+/// Seeded values in [−scale, scale).
 fn random(seed: u64, len: usize, scale: f32) -> Vec<f32> {
-    let mut state = seed;
+    let mut rng = Rng::new(seed);
     (0..len)
-        .map(|_| {
-            state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = state;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            z ^= z >> 31;
-            ((z >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) as f32 * scale
-        })
+        .map(|_| (rng.unit() * 2.0 - 1.0) as f32 * scale)
         .collect()
 }
 
@@ -245,8 +238,8 @@ fn fused_operation_without_the_fusion_wrapper() {
 // The language model and its training.
 
 use burn::module::{Module, ModuleVisitor, Param};
-use rak::runtime::data::DataConfig;
-use rak::runtime::model::{ModelConfig, Strategy};
+use rak::runtime::data::{DataConfig, Rng, Split};
+use rak::runtime::model::{ModelConfig, Projection, Strategy};
 use rak::runtime::train::{OptimizerConfig, RunOptions, TrainConfig, train};
 
 /// Every float parameter's gradient, in the model's visiting order.
@@ -273,6 +266,7 @@ fn model_config(strategy: Strategy) -> ModelConfig {
         dims: vec![5, 6],
         residual: false,
         strategy,
+        projection: Projection::Fused,
         chunk: 4,
     }
 }
@@ -339,6 +333,7 @@ fn language_model_fused_and_unfused_agree() {
 
 fn recall_config() -> TrainConfig {
     TrainConfig {
+        job: Default::default(),
         model: ModelConfig {
             cell: "simple_rnn".into(),
             vocab: 16,
@@ -348,6 +343,7 @@ fn recall_config() -> TrainConfig {
             dims: vec![8, 8],
             residual: true,
             strategy: Strategy::Fused,
+            projection: Projection::Fused,
             chunk: 16,
         },
         data: DataConfig::Recall {
@@ -417,6 +413,38 @@ fn training_learns_recall_resumes_exactly_and_refuses_bad_checkpoints() {
     for name in ["config.json", "metrics.jsonl", "summary.json"] {
         assert!(dir.join(name).exists(), "{name} written");
     }
+
+    // The exported safetensors weights, loaded into a model drawn from another seed, give the
+    // same test metrics.
+    let device = Default::default();
+    <Fused as burn::tensor::backend::Backend>::seed(&device, 99);
+    let mut imported = config
+        .model
+        .init::<Fused, SimpleRnn>(options(&dir, false, None).schedule, &device)
+        .unwrap();
+    let dataset = config.data.load().unwrap();
+    let metrics = |model: &rak::runtime::model::LanguageModel<Fused>| {
+        rak::runtime::train::evaluate::<Fused, SimpleRnn>(
+            model,
+            &dataset,
+            &config,
+            Split::Test,
+            config.test_batches,
+            &device,
+        )
+    };
+    let before = metrics(&imported);
+    let weights = dir.join("model.safetensors");
+    rak::runtime::checkpoint::import_safetensors(&mut imported, &weights).expect("import");
+    let after = metrics(&imported);
+    assert!(
+        (after.loss - test.loss).abs() < 1e-5 && after.accuracy == test.accuracy,
+        "imported weights: {after:?}, trained model: {test:?}"
+    );
+    assert!(
+        (before.loss - test.loss).abs() > 1e-3,
+        "a fresh model differs"
+    );
 
     // Stop at step 50 (a checkpoint is written there), resume, and run steps 51..60.
     let short = TrainConfig {

@@ -7,8 +7,14 @@
 //! file system), and the file `checkpoints/latest` (also replaced by a rename) names the newest
 //! one. Reading checks the hashes (a truncated or altered file is refused) and the model
 //! configuration (a checkpoint of another model is refused, naming the first key that differs).
+//!
+//! [`export_safetensors`] writes a model's weights as safetensors (tensor names are the module
+//! paths, `layers.0.projection.weight`; the model configuration travels in the metadata).
 
 use crate::model::ModelConfig;
+use burn::module::Module;
+use burn::tensor::backend::Backend;
+use burn_store::{ModuleSnapshot, SafetensorsStore};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -156,4 +162,37 @@ fn first_difference(saved: &ModelConfig, current: &ModelConfig) -> String {
         }
     }
     "the model configurations differ".into()
+}
+
+/// Writes `model`'s weights to `path` as safetensors, through a temporary file and a rename;
+/// the metadata key `rak.model` holds `config` as JSON.
+pub fn export_safetensors<B: Backend, M: Module<B>>(
+    model: &M,
+    config: &ModelConfig,
+    path: &Path,
+) -> Result<(), String> {
+    let temporary = path.with_extension("safetensors.tmp");
+    let config = serde_json::to_string(config).map_err(|e| e.to_string())?;
+    let mut store = SafetensorsStore::from_file(&temporary)
+        .overwrite(true)
+        .metadata("rak.model", config);
+    model
+        .save_into(&mut store)
+        .map_err(|e| format!("cannot export `{}`: {e}", path.display()))?;
+    std::fs::rename(&temporary, path).map_err(io_error(path, "replace"))
+}
+
+/// Loads weights exported by [`export_safetensors`] into `model` (of the same configuration).
+pub fn import_safetensors<B: Backend, M: Module<B>>(
+    model: &mut M,
+    path: &Path,
+) -> Result<(), String> {
+    let mut store = SafetensorsStore::from_file(path);
+    let result = model
+        .load_from(&mut store)
+        .map_err(|e| format!("cannot import `{}`: {e}", path.display()))?;
+    if !result.is_success() {
+        return Err(format!("cannot import `{}`: {result}", path.display()));
+    }
+    Ok(())
 }

@@ -3,7 +3,11 @@
 //! - `rak check CELL...`: compiles `.rak` files and reports every error with its location;
 //! - `rak show CELL [--backward]`: prints a cell's IR, and the backward step derived from it;
 //! - `rak emit CELL [--target rust|cuda|wgsl]`: prints the kernels generated for a cell;
-//! - `rak bench`: times a built-in cell's kernels on this machine's device.
+//! - `rak bench`: times a built-in cell's kernels on this machine's device;
+//! - `rak train` and `rak test`: run jobs from the layered configuration in `configs/`
+//!   ([`crate::config`]), with overrides, a printout (`-c`), another main file (`-cn`) and
+//!   multirun (`-m`) ending with the table of every run;
+//! - `rak plot RUN...`: draws the loss curves of runs to a PNG file.
 
 use clap::{Parser, Subcommand};
 use rak_codegen::display::{backward_to_string, cell_to_string};
@@ -241,8 +245,44 @@ pub enum KernelPass {
     Backward,
 }
 
+/// What `rak train` and `rak test` take.
+#[derive(Debug, clap::Args)]
+pub struct JobArgs {
+    /// `key.sub=value` sets a value (a TOML value, else a string); `group=choice` picks a
+    /// group's file (`model=small`, `experiment=fused`). With `-m`, comma-separated values run
+    /// one job each.
+    pub overrides: Vec<String>,
+    /// The main configuration file, without `.toml` (the seed's `-cn`, also accepted).
+    #[arg(long = "config-name", short = 'n')]
+    pub config_name: Option<String>,
+    /// The configuration folder.
+    #[arg(long, default_value = "configs")]
+    pub config_dir: PathBuf,
+    /// Print the resolved configuration and exit (the seed's `-c job`, also accepted).
+    #[arg(short = 'c', long = "cfg")]
+    pub print_config: bool,
+    /// Multirun: one job per combination of comma-separated values, then a table of all.
+    #[arg(short = 'm', long)]
+    pub multirun: bool,
+    /// Also write the table of the runs (Markdown) to this file.
+    #[arg(long)]
+    pub table: Option<PathBuf>,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Train a model as the configuration says (`configs/train.toml` and its groups).
+    Train(JobArgs),
+    /// Test the latest checkpoint of a run on the test split (`configs/test.toml`).
+    Test(JobArgs),
+    /// Draw the training (and validation) loss of one or more runs to a PNG file.
+    Plot {
+        /// Run directories (each with a `metrics.jsonl`).
+        #[arg(required = true)]
+        runs: Vec<PathBuf>,
+        #[arg(long, short, default_value = "loss.png")]
+        out: PathBuf,
+    },
     /// Compile cells (`.rak` files) and report any error.
     Check {
         /// The `.rak` files to check.
@@ -362,9 +402,126 @@ fn emit(cell: &str, target: Target, pass: KernelPass, dim: usize) -> Result<Stri
         .map_err(|e| format!("error: {e}"))
 }
 
+/// Parses the process's arguments, accepting Hydra's `-cn NAME` for `--config-name NAME` and
+/// `-c job` for `-c`.
+pub fn parse_args() -> Cli {
+    use clap::Parser;
+    Cli::parse_from(hydra_spellings(std::env::args()))
+}
+
+/// Rewrites Hydra's `-cn NAME` to `--config-name NAME` and `-c job` to `-c`.
+pub fn hydra_spellings(args: impl IntoIterator<Item = String>) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for arg in args {
+        if arg == "job" && out.last().is_some_and(|previous| previous == "-c") {
+            continue;
+        }
+        out.push(if arg == "-cn" {
+            "--config-name".into()
+        } else {
+            arg
+        });
+    }
+    out
+}
+
+/// Resolves and runs the jobs of `rak train` / `rak test`; the table of the runs at the end.
+fn run_jobs(args: JobArgs, main_file: &str) -> Result<(), String> {
+    use crate::config::{ConfigDir, Override, multirun};
+    let dir = ConfigDir::new(&args.config_dir);
+    let name = args.config_name.as_deref().unwrap_or(main_file);
+    let overrides = args
+        .overrides
+        .iter()
+        .map(|text| Override::parse(text))
+        .collect::<Result<Vec<_>, _>>()?;
+    let sets = if args.multirun {
+        multirun(&overrides)
+    } else {
+        if let Some(o) = overrides
+            .iter()
+            .find(|o| multirun(std::slice::from_ref(o)).len() > 1)
+        {
+            eprintln!("note: `{o}` is one value with commas; add -m to run one job per value");
+        }
+        vec![overrides]
+    };
+    // Resolve every job first: a mistake stops the multirun before anything runs.
+    let jobs = sets
+        .iter()
+        .map(|set| dir.resolve(name, set))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut run_dirs = std::collections::HashSet::new();
+    for job in &jobs {
+        let run_dir = job.config.job.run_dir();
+        if !run_dirs.insert(run_dir.clone()) {
+            return Err(format!(
+                "two runs would share the run directory `{}`: give each its own job.name, or \
+                 put {{name}} in job.run_dir",
+                run_dir.display()
+            ));
+        }
+    }
+    if args.print_config {
+        for job in &jobs {
+            if jobs.len() > 1 {
+                println!("# ---- run `{}`", job.config.job.name);
+            }
+            print!("{}", job.to_toml());
+        }
+        return Ok(());
+    }
+    let mut reports = Vec::new();
+    let mut failure = None;
+    for (index, job) in jobs.iter().enumerate() {
+        let config = &job.config;
+        eprintln!(
+            "[{}/{}] {} `{}` → {}",
+            index + 1,
+            jobs.len(),
+            if config.job.mode == crate::config::Mode::Test {
+                "test"
+            } else {
+                "train"
+            },
+            config.job.name,
+            config.job.run_dir().display()
+        );
+        match crate::jobs::run_job(config, true) {
+            Ok(report) => {
+                eprintln!("device: {}", report.device);
+                eprintln!("{}", report.summary.report());
+                reports.push(report);
+            }
+            Err(error) => {
+                failure = Some(format!("run `{}`: {error}", config.job.name));
+                break;
+            }
+        }
+    }
+    if !reports.is_empty() {
+        let table = crate::jobs::table(&reports);
+        print!("{table}");
+        if let Some(path) = &args.table {
+            crate::checkpoint::write_atomically(path, table.as_bytes())?;
+        }
+    }
+    failure.map_or(Ok(()), Err)
+}
+
 /// Runs the command line; returns the process exit code.
 pub fn run(cli: Cli) -> ExitCode {
+    let report = |result: Result<(), String>| match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error}");
+            ExitCode::FAILURE
+        }
+    };
     match cli.command {
+        Command::Train(args) => report(run_jobs(args, "train")),
+        Command::Test(args) => report(run_jobs(args, "test")),
+        Command::Plot { runs, out } => report(crate::plot::loss_curves(&runs, &out)),
         Command::Check { cells } => {
             let mut failed = false;
             for path in cells {

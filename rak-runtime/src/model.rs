@@ -1,6 +1,7 @@
-//! The language model of the seed, around any cell: embedding → L layers (one fused input
-//! projection `Linear(D, H · Σ input widths)` split into the cell's inputs, the cell, an output
-//! projection `Linear(H · Σ output widths, D)`) → LM head. The seed-compatible configuration
+//! The language model of the seed, around any cell: embedding → L layers (the input
+//! projections, the cell, an output projection `Linear(H · Σ output widths, D)`) → LM head. The
+//! input projections are one fused `Linear(D, H · Σ input widths)` split into the cell's inputs,
+//! or, as in the seed's original backbone, one `Linear(D, H · width)` per input. The seed-compatible configuration
 //! has no normalisation and no residual connection; `residual = true` makes each layer a
 //! pre-norm residual block with RMSNorm (and adds a final RMSNorm before the head).
 //!
@@ -29,6 +30,17 @@ pub enum Strategy {
     Unfused,
 }
 
+/// How a layer projects its input to the cell's inputs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Projection {
+    /// One linear layer for all inputs, split afterwards.
+    #[default]
+    Fused,
+    /// One linear layer per input (the seed's original backbone).
+    Separate,
+}
+
 /// The shape of a model.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -46,6 +58,9 @@ pub struct ModelConfig {
     /// Pre-norm residual blocks with RMSNorm; `false` is the seed's model.
     pub residual: bool,
     pub strategy: Strategy,
+    /// One fused input projection, or one per input.
+    #[serde(default)]
+    pub projection: Projection,
     /// Steps between the fused scan's checkpoints.
     pub chunk: usize,
 }
@@ -88,7 +103,8 @@ fn run_scan<B: FusedCellBackend, C: CellKernels>(
 /// One layer: input projection, cell, output projection (and, in residual mode, its norm).
 #[derive(Module, Debug)]
 pub struct CellLayer<B: Backend> {
-    pub projection: Linear<B>,
+    /// The input projections: one for all inputs (fused), or one per input in declaration order.
+    pub projections: Vec<Linear<B>>,
     /// The cell's parameters, `[H, Σ parameter sizes]`.
     pub params: Param<Tensor<B, 2>>,
     pub output: Linear<B>,
@@ -111,9 +127,16 @@ impl<B: FusedCellBackend> CellLayer<B> {
             Some(norm) => norm.forward(x.clone()),
             None => x.clone(),
         };
-        let projected = self.projection.forward(input);
-        let width = projected.dims()[2] / scan.heads;
-        let packed = projected.reshape([batch, time, scan.heads, width]);
+        let heads = scan.heads;
+        let per_head = |projection: &Linear<B>| {
+            let projected = projection.forward(input.clone());
+            let width = projected.dims()[2] / heads;
+            projected.reshape([batch, time, heads, width])
+        };
+        let packed = match self.projections.as_slice() {
+            [fused] => per_head(fused),
+            separate => Tensor::cat(separate.iter().map(per_head).collect(), 3),
+        };
         assert_eq!(
             scan.cell,
             C::NAME,
@@ -201,7 +224,7 @@ impl ModelConfig {
             },
         };
         let heads = self.heads;
-        let input_width = Packing::inputs(cell, &self.dims).width;
+        let input_packing = Packing::inputs(cell, &self.dims);
         let output_width = Packing::outputs(cell, &self.dims).width;
         let param_packing = Packing::params(cell, &self.dims);
         let norm = || {
@@ -242,8 +265,18 @@ impl ModelConfig {
                     TensorData::new(values, [heads, param_packing.width]),
                     device,
                 );
+                let linear =
+                    |width: usize| LinearConfig::new(self.d_model, heads * width).init(device);
+                let projections = match self.projection {
+                    Projection::Fused => vec![linear(input_packing.width)],
+                    Projection::Separate => input_packing
+                        .slots
+                        .iter()
+                        .map(|&(_, width)| linear(width))
+                        .collect(),
+                };
                 CellLayer {
-                    projection: LinearConfig::new(self.d_model, heads * input_width).init(device),
+                    projections,
                     params: Param::from_tensor(params),
                     output: LinearConfig::new(heads * output_width, self.d_model).init(device),
                     norm: norm(),

@@ -5,11 +5,16 @@
 //!
 //! A run directory receives `config.json` (the resolved configuration), `metrics.jsonl` (one
 //! JSON object per logged step and per evaluation), `summary.json` (time per phase and final
-//! metrics) and `checkpoints/` ([`crate::checkpoint`]). A loss that is not finite stops the run
-//! with its step.
+//! metrics), `checkpoints/` ([`crate::checkpoint`]) and `model.safetensors` (the last
+//! weights). A loss that is not finite stops the run with its step.
+//!
+//! [`TrainConfig::recall`] is a small run that learns the embedded recall task in a few
+//! minutes on a CPU ([`crate::jobs::train_on_best`] trains it on the best device available);
+//! [`test_checkpoint`] evaluates a run's latest checkpoint on the test split.
 
 use crate::checkpoint;
 use crate::codegen::schedule::Schedule;
+use crate::config::JobConfig;
 use crate::data::{Batch, DataConfig, Dataset, Split};
 use crate::fused::FusedCellBackend;
 use crate::kernels::CellKernels;
@@ -42,6 +47,10 @@ pub struct OptimizerConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrainConfig {
+    /// What to do and where (the command line's jobs; [`train`] itself takes its run directory
+    /// from [`RunOptions`]).
+    #[serde(default)]
+    pub job: JobConfig,
     pub model: ModelConfig,
     pub data: DataConfig,
     pub optimizer: OptimizerConfig,
@@ -101,6 +110,48 @@ pub struct RunOptions {
 }
 
 impl TrainConfig {
+    /// A small pre-norm residual LM of `cell` (two heads, every dim 16) on the embedded recall
+    /// task: 300 steps that take a couple of minutes on two CPU cores and learn well above
+    /// chance. `cell` is the name recorded in the configuration.
+    pub fn recall(cell: &str, dims: usize) -> TrainConfig {
+        TrainConfig {
+            job: JobConfig::default(),
+            model: ModelConfig {
+                cell: cell.into(),
+                vocab: 32,
+                d_model: 64,
+                layers: 2,
+                heads: 2,
+                dims: vec![16; dims],
+                residual: true,
+                strategy: crate::model::Strategy::Fused,
+                projection: crate::model::Projection::Fused,
+                chunk: 16,
+            },
+            data: DataConfig::Recall {
+                vocab: 32,
+                pairs: 6,
+            },
+            optimizer: OptimizerConfig {
+                lr: 3e-3,
+                min_lr: 3e-4,
+                warmup_steps: 20,
+                weight_decay: 0.01,
+                grad_clip: 1.0,
+            },
+            steps: 300,
+            batch_size: 32,
+            accumulation: 1,
+            tbptt: None,
+            seed: 7,
+            log_every: 10,
+            eval_every: 100,
+            eval_batches: 4,
+            test_batches: 4,
+            checkpoint_every: 100,
+        }
+    }
+
     /// Checks the configuration; errors name the key.
     pub fn validate<C: CellKernels>(&self) -> Result<Dataset, String> {
         self.model.validate::<C>()?;
@@ -375,6 +426,7 @@ where
         }
     }
     progress.finish();
+    checkpoint::export_safetensors(&model, &config.model, &run_dir.join("model.safetensors"))?;
     summary.train_seconds = train_time.as_secs_f64();
     summary.validation_seconds = validation_time.as_secs_f64();
     let trained_steps = last_step.saturating_sub(first_step);
@@ -398,6 +450,95 @@ where
         &serde_json::to_vec_pretty(&summary).map_err(|e| e.to_string())?,
     )?;
     Ok(summary)
+}
+
+impl RunSummary {
+    /// A few lines for a person: the loss from first to last step, the test metrics against
+    /// chance, and the time of each phase.
+    pub fn report(&self) -> String {
+        let mut lines = Vec::new();
+        if let (Some(first), Some(last)) = (self.losses.first(), self.losses.last()) {
+            lines.push(format!(
+                "training loss: {:.3} at step {} → {:.3} at step {}",
+                first.1, first.0, last.1, last.0
+            ));
+        }
+        if let Some(test) = self.test {
+            lines.push(format!(
+                "test: loss {:.3}, accuracy {:.3} (chance {:.3})",
+                test.loss, test.accuracy, self.chance_accuracy
+            ));
+        }
+        lines.push(format!(
+            "train {:.1} s ({:.0} tokens/s), validation {:.1} s, test {:.1} s",
+            self.train_seconds, self.tokens_per_second, self.validation_seconds, self.test_seconds
+        ));
+        lines.join("\n")
+    }
+}
+
+/// Tests the latest checkpoint of `options.run_dir` (a model configured as `config.model`;
+/// another is refused) on `config.test_batches` batches of the test split, without training;
+/// appends the metrics to the run's `metrics.jsonl`.
+pub fn test_checkpoint<B, C>(
+    config: &TrainConfig,
+    options: &RunOptions,
+    device: &B::Device,
+) -> Result<RunSummary, String>
+where
+    B: AutodiffBackend + FusedCellBackend,
+    B::InnerBackend: FusedCellBackend,
+    C: CellKernels,
+{
+    let dataset = config.validate::<C>()?;
+    let run_dir = &options.run_dir;
+    let path = checkpoint::latest(run_dir)?.ok_or_else(|| {
+        format!(
+            "`{}` has no checkpoint to test (train it first)",
+            run_dir.display()
+        )
+    })?;
+    let saved = checkpoint::load(&path, &config.model)?;
+    let model: LanguageModel<B> = config.model.init::<B, C>(options.schedule, device)?;
+    let recorder = NamedMpkBytesRecorder::<FullPrecisionSettings>::default();
+    let record = recorder
+        .load(saved.model, device)
+        .map_err(|e| format!("checkpoint `{}` refused: {e}", path.display()))?;
+    let model = model.load_record(record);
+    let mut metrics = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(run_dir.join("metrics.jsonl"))
+        .map_err(|e| format!("cannot open metrics.jsonl: {e}"))?;
+    let step = saved.state.step;
+    let (m, took) = phase::<B, C>(
+        &model,
+        &dataset,
+        config,
+        Split::Test,
+        step,
+        device,
+        &mut metrics,
+    )?;
+    if options.progress {
+        eprintln!(
+            "tested {} at step {step}: loss {:.4}, accuracy {:.3}",
+            path.display(),
+            m.loss,
+            m.accuracy
+        );
+    }
+    Ok(RunSummary {
+        losses: Vec::new(),
+        validation: None,
+        test: Some(m),
+        chance_accuracy: dataset.chance_accuracy(),
+        train_seconds: 0.0,
+        validation_seconds: 0.0,
+        test_seconds: took.as_secs_f64(),
+        tokens_per_second: 0.0,
+        last_step: step,
+    })
 }
 
 /// Evaluates the model without gradients on the validation or test batches and logs the
