@@ -539,3 +539,118 @@ fn a_diverging_loss_stops_the_run_with_its_step() {
     );
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// The command line end to end, as CI runs it: a multirun of two tiny experiments (the seed's
+/// per-step loop with separate projections, and the generated kernels) ends with a table of
+/// one row per run; `rak test` evaluates both checkpoints (the same test losses as at the end
+/// of training); `rak plot` draws their curves.
+#[test]
+fn multirun_of_two_experiments_ends_with_the_table_then_tests_and_plots_them() {
+    setup();
+    let dir = run_dir("multirun");
+    let run_dir = format!("job.run_dir={}/{{name}}", dir.display());
+    let tiny = [
+        "steps=4",
+        "eval_every=4",
+        "checkpoint_every=4",
+        "log_every=2",
+        "batch_size=4",
+        "eval_batches=1",
+        "test_batches=1",
+        "model.d_model=16",
+        "model.dims=[4, 4]",
+        "model.layers=1",
+        "data.pairs=2",
+        &run_dir,
+    ];
+    let rak = |args: &[&str]| {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_rak"))
+            .args(args)
+            .args(tiny)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .expect("rak runs");
+        let stdout = String::from_utf8_lossy(&output.stdout).to_string();
+        let stderr = String::from_utf8_lossy(&output.stderr).to_string();
+        assert!(output.status.success(), "rak {args:?}: {stderr}");
+        stdout
+    };
+    // Table rows: `| name | mode | train s | val s | test s | val loss | test loss | acc | tok/s |`.
+    let rows = |table: &str| -> Vec<Vec<String>> {
+        table
+            .lines()
+            .filter(|line| line.starts_with("| ") && !line.starts_with("| run "))
+            .map(|line| {
+                line.trim_matches('|')
+                    .split('|')
+                    .map(|c| c.trim().to_string())
+                    .collect()
+            })
+            .collect()
+    };
+    let table_file = dir.join("table.md");
+    let trained = rak(&[
+        "train",
+        "-m",
+        "experiment=unfused,fused",
+        "--table",
+        table_file.to_str().unwrap(),
+    ]);
+    let train_rows = rows(&trained);
+    assert_eq!(train_rows.len(), 2, "{trained}");
+    assert_eq!(std::fs::read_to_string(&table_file).unwrap(), trained);
+    for (row, name) in train_rows.iter().zip(["unfused", "fused"]) {
+        assert_eq!(
+            (row[0].as_str(), row[1].as_str()),
+            (name, "train"),
+            "{trained}"
+        );
+        for column in [2, 3, 5, 6, 8] {
+            let value: f64 = row[column].parse().unwrap_or_else(|_| panic!("{trained}"));
+            assert!(value > 0.0, "{trained}");
+        }
+        let config = rak::runtime::train::read_config(&dir.join(name)).unwrap();
+        assert_eq!(config.job.name, name);
+        assert_eq!(config.steps, 4);
+        assert!(dir.join(name).join("model.safetensors").exists());
+    }
+    let unfused = rak::runtime::train::read_config(&dir.join("unfused")).unwrap();
+    assert_eq!(
+        (unfused.model.strategy, unfused.model.projection),
+        (Strategy::Unfused, Projection::Separate)
+    );
+
+    let tested = rak(&["test", "-m", "experiment=unfused,fused"]);
+    let test_rows = rows(&tested);
+    assert_eq!(test_rows.len(), 2, "{tested}");
+    for (test_row, train_row) in test_rows.iter().zip(&train_rows) {
+        assert_eq!(test_row[0], train_row[0]);
+        assert_eq!(test_row[1], "test");
+        assert_eq!(
+            test_row[6], train_row[6],
+            "test loss of the checkpoint: {tested}"
+        );
+    }
+
+    let picture = dir.join("loss.png");
+    let unfused_dir = dir.join("unfused");
+    let fused_dir = dir.join("fused");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_rak"))
+        .args([
+            "plot",
+            unfused_dir.to_str().unwrap(),
+            fused_dir.to_str().unwrap(),
+            "-o",
+        ])
+        .arg(&picture)
+        .output()
+        .expect("rak plot runs");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let bytes = std::fs::read(&picture).unwrap();
+    assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
+    std::fs::remove_dir_all(&dir).ok();
+}

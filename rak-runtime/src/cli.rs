@@ -622,3 +622,37 @@ pub fn run(cli: Cli) -> ExitCode {
         },
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn hydra_spellings_select_the_main_file_and_print_the_job() {
+        let args = [
+            "rak",
+            "train",
+            "-cn",
+            "test",
+            "-c",
+            "job",
+            "-m",
+            "experiment=a,b",
+        ];
+        let cli = Cli::try_parse_from(hydra_spellings(args.map(String::from))).unwrap();
+        let Command::Train(job) = cli.command else {
+            panic!("parsed as another command");
+        };
+        assert_eq!(job.config_name.as_deref(), Some("test"));
+        assert!(job.print_config && job.multirun);
+        assert_eq!(job.overrides, ["experiment=a,b"]);
+        // `job` is an override's value elsewhere, and stays.
+        let args = ["rak", "train", "-c", "experiment=job"];
+        let cli = Cli::try_parse_from(hydra_spellings(args.map(String::from))).unwrap();
+        let Command::Train(job) = cli.command else {
+            panic!("parsed as another command");
+        };
+        assert_eq!(job.overrides, ["experiment=job"]);
+    }
+}

@@ -134,6 +134,7 @@ pub fn draw(curves: &[Curves], out: &Path) -> Result<(), String> {
     chart
         .configure_mesh()
         .x_desc("step")
+        .x_label_formatter(&|step| format!("{step:.0}"))
         .y_desc("loss")
         .label_style(("sans-serif", 16))
         .draw()

@@ -469,10 +469,17 @@ impl RunSummary {
                 test.loss, test.accuracy, self.chance_accuracy
             ));
         }
-        lines.push(format!(
-            "train {:.1} s ({:.0} tokens/s), validation {:.1} s, test {:.1} s",
-            self.train_seconds, self.tokens_per_second, self.validation_seconds, self.test_seconds
-        ));
+        if self.train_seconds > 0.0 {
+            lines.push(format!(
+                "train {:.1} s ({:.0} tokens/s), validation {:.1} s, test {:.1} s",
+                self.train_seconds,
+                self.tokens_per_second,
+                self.validation_seconds,
+                self.test_seconds
+            ));
+        } else {
+            lines.push(format!("test {:.1} s", self.test_seconds));
+        }
         lines.join("\n")
     }
 }
