@@ -12,7 +12,8 @@ use rak::codegen::interpret::{ScanInputs, Tensor, backward, forward};
 use rak::codegen::ir::{Cell, InputId, OutputId, ParamId, StateId};
 use rak::codegen::schedule::Schedule;
 use rak::kernels::{
-    BackwardBuffers, CellKernels, CellRunner, DeviceArray, ForwardBuffers, checkpoint_count,
+    BackwardBuffers, CellKernels, CellRunner, DeviceArray, ForwardBuffers, StepBuffers,
+    checkpoint_count,
 };
 
 // Built with `--features cuda`, the same tests run on CUDA (the device script does this).
@@ -417,6 +418,129 @@ fn split_tiles_and_workspace_placements() {
             dim,
             schedule,
             200 + n as u64
+        ));
+    }
+}
+
+/// Steps `range` of a `[B, T, …]` tensor.
+fn time_slice(tensor: &Tensor, range: std::ops::Range<usize>) -> Tensor {
+    let (batch, time) = (tensor.shape[0], tensor.shape[1]);
+    let per_step: usize = tensor.shape[2..].iter().product();
+    let mut data = Vec::with_capacity(batch * range.len() * per_step);
+    for b in 0..batch {
+        let start = (b * time + range.start) * per_step;
+        data.extend_from_slice(&tensor.data[start..start + range.len() * per_step]);
+    }
+    let mut shape = tensor.shape.clone();
+    shape[1] = range.len();
+    Tensor { shape, data }
+}
+
+/// Streaming inference: the forward scan over the first T − 2 steps, then the single-step
+/// kernel twice from its final states (updated in place), give the outputs of the last two
+/// steps and the final states of the interpreter's scan over all T steps.
+fn check_scan_then_step<C: CellKernels>(
+    client: &ComputeClient<Wgpu>,
+    batch: usize,
+    time: usize,
+    heads: usize,
+    dim: usize,
+    seed: u64,
+) {
+    let runner = CellRunner::<C>::new();
+    let cell = &runner.compiled().cell;
+    let dims: Vec<(String, usize)> = (cell.dims.iter().enumerate())
+        .map(|(n, d)| (d.name.clone(), dim + n))
+        .collect();
+    let named: Vec<(&str, usize)> = dims.iter().map(|(n, s)| (n.as_str(), *s)).collect();
+    let shape = ScanShape::new(cell, batch, time, heads, &named).unwrap();
+    let (inputs, _, _) = random_problem(cell, &shape, &mut Rng(seed), 1.0);
+    let expected = forward(cell, &shape, &inputs).unwrap();
+    let context = format!("{} B={batch} T={time} H={heads} dims={dim}", C::NAME);
+    let check = |what: String, kernel: &[f32], reference: &Tensor| {
+        let error = relative_error(kernel, &reference.data);
+        assert!(
+            error <= TOLERANCE,
+            "{context}: {what}: relative error {error:e}"
+        );
+    };
+    let upload_all = |list: &[Tensor]| {
+        list.iter()
+            .map(|t| upload::<f32>(client, t))
+            .collect::<Vec<_>>()
+    };
+    let prefix = time - 2;
+    let prefix_shape = ScanShape::new(cell, batch, prefix, heads, &named).unwrap();
+    let states = (0..cell.states.len())
+        .map(|s| zeros::<f32>(client, numel(&shape.state(cell, StateId(s)))))
+        .collect::<Vec<_>>();
+    let prefix_inputs: Vec<Tensor> = (inputs.inputs.iter())
+        .map(|t| time_slice(t, 0..prefix))
+        .collect();
+    runner
+        .forward::<f32, Wgpu>(
+            client,
+            &prefix_shape,
+            cpu_schedule(),
+            &ForwardBuffers {
+                inputs: upload_all(&prefix_inputs),
+                params: upload_all(&inputs.params),
+                initial_states: inputs.initial_states.as_deref().map(upload_all),
+                outputs: (0..cell.outputs.len())
+                    .map(|o| zeros::<f32>(client, numel(&prefix_shape.output(cell, OutputId(o)))))
+                    .collect(),
+                final_states: states.clone(),
+                checkpoints: None,
+            },
+        )
+        .expect("prefix scan");
+    let step_shape = ScanShape::new(cell, batch, 1, heads, &named).unwrap();
+    for t in prefix..time {
+        let step_inputs: Vec<Tensor> = (inputs.inputs.iter())
+            .map(|x| time_slice(x, t..t + 1))
+            .collect();
+        let buffers = StepBuffers {
+            inputs: upload_all(&step_inputs),
+            params: upload_all(&inputs.params),
+            states: states.clone(),
+            outputs: (0..cell.outputs.len())
+                .map(|o| zeros::<f32>(client, numel(&step_shape.output(cell, OutputId(o)))))
+                .collect(),
+        };
+        runner
+            .step::<f32, Wgpu>(client, &step_shape, cpu_schedule(), &buffers)
+            .expect("step");
+        for (o, output) in cell.outputs.iter().enumerate() {
+            check(
+                format!("output `{}` at step {t}", output.name),
+                &download::<f32>(client, &buffers.outputs[o]),
+                &time_slice(&expected.outputs[o], t..t + 1),
+            );
+        }
+    }
+    for (s, state) in cell.states.iter().enumerate() {
+        check(
+            format!("state `{}` after the steps", state.name),
+            &download::<f32>(client, &states[s]),
+            &expected.final_states[s],
+        );
+    }
+}
+
+#[test]
+fn scan_then_single_steps_equal_the_whole_scan() {
+    let client = client();
+    for (n, (batch, time, heads, dim)) in [(2, 3, 2, 5), (1, CHUNK + 3, 3, 33)]
+        .into_iter()
+        .enumerate()
+    {
+        for_each_cell!(check_scan_then_step(
+            &client,
+            batch,
+            time,
+            heads,
+            dim,
+            300 + n as u64
         ));
     }
 }

@@ -1,12 +1,14 @@
 //! Emit pass: a cell's IR and backward step → cubecl `#[cube]` kernels, as Rust tokens.
 //!
-//! Two kernels and two host launchers per cell, following [`crate::schedule`]:
+//! Three kernels and their host launchers per cell, following [`crate::schedule`]:
 //!
 //! - `forward`: one cube per sequence (batch element × head) and tile of the split axis runs
 //!   the time loop; per step it activates the inputs, computes the lets, the updates and the
 //!   outputs, one statement at a time, each statement's elements shared among the cube's
 //!   units; optional initial states; final states; a checkpoint of the states every `chunk`
 //!   steps when asked.
+//! - `step`: one step of every stream for streaming inference, states read and written in
+//!   place (the forward scan's step, between a load and a store of the states).
 //! - `backward`: the same cubes walk the chunks in reverse, recompute the chunk's states from
 //!   its checkpoint, then run the backward step ([`crate::ir::BackwardStep`]) for each step in
 //!   reverse. It writes the gradients of the inputs (before activation) and of the initial
@@ -36,10 +38,12 @@ pub fn emit_kernels(step: &BackwardStep) -> TokenStream {
     let emitter = Emitter::new(step);
     let forward = emitter.forward_kernel();
     let backward = emitter.backward_kernel();
+    let step = emitter.step_kernel();
     let launchers = emitter.launchers();
     quote! {
         #forward
         #backward
+        #step
         #launchers
     }
 }
@@ -764,33 +768,7 @@ impl<'a> Emitter<'a> {
             ));
         }
         let load_inputs = self.load_inputs(false);
-        let mut ready = HashSet::new();
-        let lets_and_updates = self.lets_and_updates(&mut ready);
-        let mut outputs_code = TokenStream::new();
-        for output in &cell.outputs {
-            let arg = format_ident!("output_{}", output.name);
-            let numel = self.shape_numel(&output.shape);
-            let global = self.global_index(&output.indices);
-            // Outputs without the split axis are the same in every tile: the first stores them.
-            let replicated = self.split.is_some() && self.split_guard(&output.indices).is_none();
-            outputs_code.extend(self.statement(
-                &mut ready,
-                &output.indices,
-                output.expr,
-                |value| {
-                    let store = quote!(#arg[row * #numel + #global] = F::cast_from(#value););
-                    if replicated {
-                        quote!(if tile_index == 0 { #store })
-                    } else {
-                        store
-                    }
-                },
-            ));
-        }
-        let advance = self.copy_states(
-            |s| self.step_place(Buffer::NewState(s)),
-            |s| self.step_place(Buffer::State(s)),
-        );
+        let step = self.forward_step();
         let mut finals_code = TokenStream::new();
         for (id, state) in cell.states.iter().enumerate() {
             let at = self.at(Buffer::State(StateId(id)));
@@ -852,13 +830,111 @@ impl<'a> Emitter<'a> {
                         #barrier
                     }
                     let row = (batch_index * time_len + t) * heads + head;
-                    #lets_and_updates
-                    #outputs_code
-                    #advance
-                    #barrier
+                    #step
                 }
                 #save
                 #finals_code
+            }
+        }
+    }
+
+    /// One step of the forward scan, from the inputs in the workspace (slot `input_step`): the
+    /// lets, the updates, the outputs (row `row` of each output argument), then the new states
+    /// become the states.
+    fn forward_step(&self) -> TokenStream {
+        let mut ready = HashSet::new();
+        let lets_and_updates = self.lets_and_updates(&mut ready);
+        let mut outputs_code = TokenStream::new();
+        for output in &self.cell.outputs {
+            let arg = format_ident!("output_{}", output.name);
+            let numel = self.shape_numel(&output.shape);
+            let global = self.global_index(&output.indices);
+            // Outputs without the split axis are the same in every tile: the first stores them.
+            let replicated = self.split.is_some() && self.split_guard(&output.indices).is_none();
+            outputs_code.extend(self.statement(
+                &mut ready,
+                &output.indices,
+                output.expr,
+                |value| {
+                    let store = quote!(#arg[row * #numel + #global] = F::cast_from(#value););
+                    if replicated {
+                        quote!(if tile_index == 0 { #store })
+                    } else {
+                        store
+                    }
+                },
+            ));
+        }
+        let advance = self.copy_states(
+            |s| self.step_place(Buffer::NewState(s)),
+            |s| self.step_place(Buffer::State(s)),
+        );
+        let barrier = self.barrier();
+        quote! {
+            #lets_and_updates
+            #outputs_code
+            #advance
+            #barrier
+        }
+    }
+
+    /// The single-step kernel of streaming inference: one token of every stream (batch element
+    /// × head), its states read from `state_*` and written back in place. One cube per stream:
+    /// the host launches it with the split axis whole (`tile` = the axis), so that no cube
+    /// reads a state another cube writes.
+    fn step_kernel(&self) -> TokenStream {
+        let cell = self.cell;
+        let inputs = self.args("input", cell.inputs.iter().map(|i| &i.name));
+        let params = self.args("param", cell.params.iter().map(|p| &p.name));
+        let states = self.args("state", cell.states.iter().map(|s| &s.name));
+        let outputs = self.args("output", cell.outputs.iter().map(|o| &o.name));
+        let comptime_dims = self.comptime_dim_params();
+        let prelude = self.kernel_prelude(Pass::Forward);
+        let barrier = self.barrier();
+        let mut load_states = TokenStream::new();
+        let mut store_states = TokenStream::new();
+        for (id, state) in cell.states.iter().enumerate() {
+            let at = self.at(Buffer::State(StateId(id)));
+            let arg = &states[id];
+            load_states.extend(self.transfer(
+                Transfer::Load,
+                arg,
+                quote!(sequence),
+                &state.shape,
+                at.clone(),
+            ));
+            store_states.extend(self.transfer(
+                Transfer::Store,
+                arg,
+                quote!(sequence),
+                &state.shape,
+                at,
+            ));
+        }
+        let load_inputs = self.load_inputs(false);
+        let step = self.forward_step();
+        quote! {
+            /// One step of every stream (batch element × head), states updated in place.
+            #[cube(launch, launch_unchecked)]
+            pub fn step<F: Float>(
+                #(#inputs: &Array<F>,)*
+                #(#params: &Array<F>,)*
+                #(#states: &mut Array<F>,)*
+                #(#outputs: &mut Array<F>,)*
+                workspace: &mut Array<f32>,
+                #comptime_dims,
+            ) {
+                // The forward scan's layout with one step and one staged input.
+                let stage = comptime![1usize];
+                let time = 1u32;
+                #prelude
+                #load_states
+                let input_step = 0usize;
+                let row = sequence;
+                #load_inputs
+                #barrier
+                #step
+                #store_states
             }
         }
     }
@@ -1155,26 +1231,26 @@ impl<'a> Emitter<'a> {
         let grad_params = arrays("single", quote!(param_partials), cell.params.len());
         let grad_initial = arrays("element", quote!(buffers.grad_initial_states), states);
         let backward_checkpoints = arrays("single", quote!(buffers.checkpoints), states);
-        // One compilation argument per runtime parameter of each kernel: its arrays, then the
-        // workspace and three scalars (time and the launch's range).
+        // One compilation argument per runtime parameter of each kernel: its arrays and the
+        // workspace, then the scans' three scalars (time and the launch's range).
         let (inputs_n, params_n, outputs_n) =
             (cell.inputs.len(), cell.params.len(), cell.outputs.len());
-        let forward_runtime = inputs_n + params_n + 3 * states + outputs_n + 1 + 3;
-        let backward_runtime = 2 * inputs_n + 2 * params_n + 3 * states + outputs_n + 1 + 3;
-        let compilation_args = |runtime: usize| {
-            let mut args = vec![quote!(ArrayCompilationArg { inplace: None }); runtime - 3];
-            args.extend(vec![quote!(Default::default()); 3]);
+        let forward_arrays = inputs_n + params_n + 3 * states + outputs_n + 1;
+        let backward_arrays = 2 * inputs_n + 2 * params_n + 3 * states + outputs_n + 1;
+        let compilation_args = |arrays: usize, scalars: usize| {
+            let mut args = vec![quote!(ArrayCompilationArg { inplace: None }); arrays];
+            args.extend(vec![quote!(Default::default()); scalars]);
             args
         };
         // `name(client, dims, heads, schedule)`: the kernel's definition at these sizes.
-        let definition = |kernel: &str, runtime_args: usize, flags: TokenStream| {
+        let definition = |kernel: &str, arrays: usize, scalars: usize, flags: TokenStream| {
             let name = format_ident!("{kernel}_definition");
             let doc = format!(
                 " The definition of [`{kernel}`] at these sizes (to print its CUDA or WGSL source)."
             );
             let module = ident(kernel);
             let kernel_type = format_ident!("{}", kernel[..1].to_uppercase() + &kernel[1..]);
-            let compilation = compilation_args(runtime_args);
+            let compilation = compilation_args(arrays, scalars);
             quote! {
                 #[doc = #doc]
                 pub fn #name<F: Float + CubeElement, R: Runtime>(
@@ -1200,10 +1276,14 @@ impl<'a> Emitter<'a> {
         };
         let forward_definition = definition(
             "forward",
-            forward_runtime,
+            forward_arrays,
+            3,
             quote!(schedule.stage, true, true,),
         );
-        let backward_definition = definition("backward", backward_runtime, TokenStream::new());
+        let backward_definition = definition("backward", backward_arrays, 3, TokenStream::new());
+        let step_arrays = inputs_n + params_n + states + outputs_n + 1;
+        let step_definition = definition("step", step_arrays, 0, TokenStream::new());
+        let step_states = arrays("element", quote!(buffers.states), states);
         let views = quote! {
             let element = |array: &::rak::kernels::DeviceArray| unsafe {
                 ArrayArg::from_raw_parts(array.handle.clone(), array.len)
@@ -1251,6 +1331,33 @@ impl<'a> Emitter<'a> {
             #forward_definition
 
             #backward_definition
+
+            #step_definition
+
+            /// Launches [`step`] (the split axis whole, whatever `schedule.tile` says);
+            /// `buffers` must have been validated against `shape` (one step).
+            pub fn launch_step<F: Float + CubeElement, R: Runtime>(
+                client: &ComputeClient<R>,
+                shape: &::rak::codegen::ScanShape,
+                schedule: ::rak::codegen::schedule::Schedule,
+                buffers: &::rak::kernels::StepBuffers,
+                workspace: &::rak::kernels::DeviceArray,
+            ) {
+                let schedule = ::rak::codegen::schedule::Schedule { tile: None, ..schedule };
+                let dims = &shape.dims;
+                #(#dims)*
+                #views
+                // Safety: as for the forward scan.
+                unsafe { step::launch_unchecked::<F, R>(
+                    client,
+                    CubeCount::Static((shape.batch * shape.heads * tiles) as u32, 1, 1),
+                    CubeDim::new_1d(schedule.cube_dim),
+                    #inputs #params #step_states #outputs
+                    single(workspace),
+                    shape.heads,
+                    #(#dim_args,)*
+                ) };
+            }
 
             /// Launches [`backward`] for the chunks `chunks_from_end` (counted from the last);
             /// `buffers` must have been validated against `shape`.

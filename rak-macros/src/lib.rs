@@ -107,6 +107,16 @@ fn expand(input: proc_macro2::TokenStream) -> Result<proc_macro2::TokenStream, D
                 #module::backward_definition::<F, R>(client, dims, heads, schedule)
             }
 
+            fn launch_step<F: #cubecl::Float + #cubecl::CubeElement, R: #cubecl::Runtime>(
+                client: &#cubecl::ComputeClient<R>,
+                shape: &::rak::codegen::ScanShape,
+                schedule: ::rak::codegen::schedule::Schedule,
+                buffers: &::rak::kernels::StepBuffers,
+                workspace: &#array,
+            ) {
+                #module::launch_step::<F, R>(client, shape, schedule, buffers, workspace)
+            }
+
             fn launch_backward<F: #cubecl::Float + #cubecl::CubeElement, R: #cubecl::Runtime>(
                 client: &#cubecl::ComputeClient<R>,
                 shape: &::rak::codegen::ScanShape,

@@ -7,7 +7,8 @@
 //! - `rak train` and `rak test`: run jobs from the layered configuration in `configs/`
 //!   ([`crate::config`]), with overrides, a printout (`-c`), another main file (`-cn`) and
 //!   multirun (`-m`) ending with the table of every run;
-//! - `rak plot RUN...`: draws the loss curves of runs to a PNG file.
+//! - `rak plot RUN...`: draws the loss curves of runs to a PNG file;
+//! - `rak generate --checkpoint RUN --prompt ...`: streams tokens from a trained run.
 
 use clap::{Parser, Subcommand};
 use rak_codegen::display::{backward_to_string, cell_to_string};
@@ -245,6 +246,28 @@ pub enum KernelPass {
     Backward,
 }
 
+/// What `rak bench` measures besides the kernels.
+#[derive(Debug, Subcommand)]
+pub enum BenchTarget {
+    /// Streaming inference from a run's latest checkpoint: time to read a random prompt of
+    /// each length (by the forward scan, in blocks) and to generate tokens one step at a time,
+    /// with the device memory after each: it stays flat however long the prompt.
+    Generate {
+        /// The run directory (its config.json and latest checkpoint).
+        #[arg(long = "checkpoint", value_name = "RUN")]
+        run: PathBuf,
+        /// Prompt lengths, comma-separated.
+        #[arg(long, value_delimiter = ',', default_values_t = [1_000, 10_000, 100_000])]
+        prompt_lengths: Vec<usize>,
+        /// Tokens generated after each prompt.
+        #[arg(long, default_value_t = 64)]
+        tokens: usize,
+        /// Prompt tokens read per forward scan.
+        #[arg(long, default_value_t = 512)]
+        block: usize,
+    },
+}
+
 /// What `rak train` and `rak test` take.
 #[derive(Debug, clap::Args)]
 pub struct JobArgs {
@@ -275,6 +298,35 @@ pub enum Command {
     Train(JobArgs),
     /// Test the latest checkpoint of a run on the test split (`configs/test.toml`).
     Test(JobArgs),
+    /// Generate tokens after a prompt from a run's latest checkpoint: the prompt is read by the
+    /// forward scan, then tokens come one step at a time from the carried states (memory per
+    /// token does not grow with the context).
+    Generate {
+        /// The run directory (its config.json and latest checkpoint).
+        #[arg(long = "checkpoint", value_name = "RUN")]
+        run: PathBuf,
+        /// The prompt: text for a model of text data, else token numbers separated by spaces.
+        /// Repeat it to generate for several prompts at once.
+        #[arg(long = "prompt", required_unless_present = "prompts_file")]
+        prompts: Vec<String>,
+        /// A file of prompts, one per line, generated for as one batch.
+        #[arg(long)]
+        prompts_file: Option<PathBuf>,
+        #[arg(long, default_value_t = 64)]
+        max_tokens: usize,
+        /// 0: greedy decoding.
+        #[arg(long, default_value_t = 1.0)]
+        temperature: f64,
+        #[arg(long)]
+        top_k: Option<usize>,
+        #[arg(long)]
+        top_p: Option<f64>,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Prompt tokens read per forward scan.
+        #[arg(long, default_value_t = 512)]
+        block: usize,
+    },
     /// Draw the training (and validation) loss of one or more runs to a PNG file.
     Plot {
         /// Run directories (each with a `metrics.jsonl`).
@@ -307,6 +359,9 @@ pub enum Command {
     /// Time a built-in cell's kernels (forward, and forward + backward) on this machine's device:
     /// medians of device-timed repetitions after warm-up.
     Bench {
+        /// `rak bench generate`: streaming inference instead of the kernels.
+        #[command(subcommand)]
+        what: Option<BenchTarget>,
         /// A built-in cell.
         #[arg(long, default_value = "simple_rnn")]
         cell: String,
@@ -522,6 +577,54 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Train(args) => report(run_jobs(args, "train")),
         Command::Test(args) => report(run_jobs(args, "test")),
         Command::Plot { runs, out } => report(crate::plot::loss_curves(&runs, &out)),
+        Command::Generate {
+            run,
+            prompts,
+            prompts_file,
+            max_tokens,
+            temperature,
+            top_k,
+            top_p,
+            seed,
+            block,
+        } => report((|| {
+            let mut prompts = prompts;
+            if let Some(file) = &prompts_file {
+                let text = std::fs::read_to_string(file)
+                    .map_err(|e| format!("cannot read `{}`: {e}", file.display()))?;
+                prompts.extend(
+                    text.lines()
+                        .filter(|l| !l.trim().is_empty())
+                        .map(String::from),
+                );
+            }
+            let stream = prompts.len() == 1;
+            let request = crate::jobs::InferenceRequest {
+                run_dir: run,
+                block,
+                task: crate::jobs::InferenceTask::Generate {
+                    prompts: prompts.clone(),
+                    max_tokens,
+                    sampling: crate::generate::Sampling {
+                        temperature,
+                        top_k,
+                        top_p,
+                        seed,
+                    },
+                    stream,
+                },
+            };
+            let (device, texts) = crate::jobs::infer_from_run(&request)?;
+            if stream {
+                println!();
+            } else {
+                for (prompt, text) in prompts.iter().zip(&texts) {
+                    println!("{prompt} → {text}");
+                }
+            }
+            eprintln!("device: {device}");
+            Ok(())
+        })()),
         Command::Check { cells } => {
             let mut failed = false;
             for path in cells {
@@ -567,6 +670,29 @@ pub fn run(cli: Cli) -> ExitCode {
             }
         },
         Command::Bench {
+            what:
+                Some(BenchTarget::Generate {
+                    run,
+                    prompt_lengths,
+                    tokens,
+                    block,
+                }),
+            ..
+        } => report((|| {
+            let request = crate::jobs::InferenceRequest {
+                run_dir: run,
+                block,
+                task: crate::jobs::InferenceTask::Bench {
+                    lengths: prompt_lengths,
+                    tokens,
+                },
+            };
+            let (_, table) = crate::jobs::infer_from_run(&request)?;
+            print!("{}", table.concat());
+            Ok(())
+        })()),
+        Command::Bench {
+            what: None,
             cell,
             shapes,
             dtype,

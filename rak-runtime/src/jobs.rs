@@ -1,13 +1,16 @@
 //! Running resolved jobs ([`crate::config`]): training a model of the built-in cell that
 //! `model.cell` names, or testing a run's latest checkpoint, on the best device
 //! ([`crate::device::run_on_best`]); and the table a multirun ends with (the seed's benchmark
-//! table: time per phase and final metrics, one row per run).
+//! table: time per phase and final metrics, one row per run); and generating text from a
+//! run's latest checkpoint or timing it ([`infer_from_run`]: `rak generate`, `rak bench
+//! generate`).
 
 use crate::cells::{Builtin, CellVisitor, all};
 use crate::codegen::schedule::Schedule;
 use crate::config::Mode;
-use crate::device::{BackendVisitor, Selected, run_on_best};
+use crate::device::{BackendVisitor, InferenceVisitor, Selected, infer_on_best, run_on_best};
 use crate::fused::FusedCellBackend;
+use crate::generate::Sampling;
 use crate::kernels::CellKernels;
 use crate::train::{RunOptions, RunSummary, TrainConfig, test_checkpoint, train};
 use burn::tensor::backend::AutodiffBackend;
@@ -24,14 +27,7 @@ pub struct JobReport {
 
 /// Runs one job as its `[job]` table says; progress goes to stderr.
 pub fn run_job(config: &TrainConfig, progress: bool) -> Result<JobReport, String> {
-    let cell = Builtin::find(&config.model.cell).ok_or_else(|| {
-        let names: Vec<&str> = all().iter().map(|b| b.file).collect();
-        format!(
-            "model.cell: no built-in cell `{}` (built-in cells: {})",
-            config.model.cell,
-            names.join(", ")
-        )
-    })?;
+    let cell = find_cell(&config.model.cell)?;
     let options = RunOptions {
         run_dir: config.job.run_dir(),
         resume: config.job.resume,
@@ -112,6 +108,173 @@ impl<C: CellKernels> BackendVisitor for WithCell<'_, C> {
         match config.job.mode {
             Mode::Train => train::<B, C>(config, &options, &device),
             Mode::Test => test_checkpoint::<B, C>(config, &options, &device),
+        }
+    }
+}
+
+/// What to do with a trained run's model.
+#[derive(Clone, Debug)]
+pub enum InferenceTask {
+    /// Generate `max_tokens` tokens after each prompt (one stream per prompt, all at once);
+    /// `stream` prints each token as it is drawn (one prompt only).
+    Generate {
+        prompts: Vec<String>,
+        max_tokens: usize,
+        sampling: Sampling,
+        stream: bool,
+    },
+    /// Time reading random prompts of each length, then generating `tokens` tokens.
+    Bench { lengths: Vec<usize>, tokens: usize },
+}
+
+/// `rak generate` and `rak bench generate`: a task on the latest checkpoint of a run.
+#[derive(Clone, Debug)]
+pub struct InferenceRequest {
+    /// A training run's directory: its `config.json` and latest checkpoint.
+    pub run_dir: PathBuf,
+    /// Prompt tokens read per forward scan.
+    pub block: usize,
+    pub task: InferenceTask,
+}
+
+/// Runs an inference task on the best device; returns the device and, for generation, the
+/// generated text of each prompt (for a benchmark, its table).
+pub fn infer_from_run(request: &InferenceRequest) -> Result<(String, Vec<String>), String> {
+    let config = crate::train::read_config(&request.run_dir)?;
+    let mut prompts = Vec::new();
+    if let InferenceTask::Generate {
+        prompts: texts,
+        sampling,
+        ..
+    } = &request.task
+    {
+        sampling.validate()?;
+        if texts.is_empty() {
+            return Err("no prompt given".into());
+        }
+        prompts = texts
+            .iter()
+            .map(|p| crate::generate::encode(&config.data, p))
+            .collect::<Result<_, _>>()?;
+    }
+    if request.block == 0 {
+        return Err("--block: must be at least 1".into());
+    }
+    let cell = find_cell(&config.model.cell)?;
+    let (device, output) = cell.visit(Inference {
+        request,
+        config: &config,
+        prompts,
+    });
+    let output = output?;
+    let output = match &request.task {
+        InferenceTask::Bench { .. } => vec![crate::generate::timing_table(&device.name, &output.1)],
+        InferenceTask::Generate { .. } => output.0,
+    };
+    Ok((device.name, output))
+}
+
+fn find_cell(name: &str) -> Result<Builtin, String> {
+    Builtin::find(name).ok_or_else(|| {
+        let names: Vec<&str> = all().iter().map(|b| b.file).collect();
+        format!(
+            "model.cell: no built-in cell `{name}` (built-in cells: {})",
+            names.join(", ")
+        )
+    })
+}
+
+struct Inference<'a> {
+    request: &'a InferenceRequest,
+    config: &'a TrainConfig,
+    prompts: Vec<Vec<i64>>,
+}
+
+/// Generated texts, or the benchmark's rows.
+type InferenceOutput = (Vec<String>, Vec<crate::generate::GenerationTiming>);
+
+impl CellVisitor for Inference<'_> {
+    type Output = (Selected, Result<InferenceOutput, String>);
+
+    fn visit<C: CellKernels>(self) -> Self::Output {
+        infer_on_best(InferenceWithCell::<C> {
+            job: self,
+            cell: PhantomData,
+        })
+    }
+}
+
+struct InferenceWithCell<'a, C> {
+    job: Inference<'a>,
+    cell: PhantomData<C>,
+}
+
+impl<C: CellKernels> InferenceVisitor for InferenceWithCell<'_, C> {
+    type Output = Result<InferenceOutput, String>;
+
+    fn visit<B: FusedCellBackend>(self, device: B::Device, schedule: Schedule) -> Self::Output {
+        use burn::module::Module;
+        use burn::record::{FullPrecisionSettings, NamedMpkBytesRecorder, Recorder};
+        use std::io::Write;
+        let Inference {
+            request,
+            config,
+            prompts,
+        } = self.job;
+        let path = crate::checkpoint::latest(&request.run_dir)?.ok_or_else(|| {
+            format!(
+                "`{}` has no checkpoint (train it first)",
+                request.run_dir.display()
+            )
+        })?;
+        let saved = crate::checkpoint::load(&path, &config.model)?;
+        let model = config.model.init::<B, C>(schedule, &device)?;
+        let record = NamedMpkBytesRecorder::<FullPrecisionSettings>::default()
+            .load(saved.model, &device)
+            .map_err(|e| format!("checkpoint `{}` refused: {e}", path.display()))?;
+        let model = model.load_record(record);
+        let data = &config.data;
+        match &request.task {
+            InferenceTask::Generate {
+                max_tokens,
+                sampling,
+                stream,
+                ..
+            } => {
+                let stream = *stream && prompts.len() == 1;
+                let generated = crate::generate::generate::<B, C>(
+                    &model,
+                    &prompts,
+                    *max_tokens,
+                    sampling,
+                    request.block,
+                    &device,
+                    |_, token| {
+                        if stream {
+                            let mut out = std::io::stdout().lock();
+                            let text = crate::generate::decode(data, &[token]);
+                            let _ = out.write_all(text.as_bytes());
+                            let _ = out.flush();
+                        }
+                    },
+                );
+                let texts = generated
+                    .iter()
+                    .map(|tokens| crate::generate::decode(data, tokens))
+                    .collect();
+                Ok((texts, Vec::new()))
+            }
+            InferenceTask::Bench { lengths, tokens } => {
+                let rows = crate::generate::time_generation::<B, C>(
+                    &model,
+                    config.model.vocab,
+                    lengths,
+                    *tokens,
+                    request.block,
+                    &device,
+                );
+                Ok((Vec::new(), rows))
+            }
         }
     }
 }

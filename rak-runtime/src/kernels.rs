@@ -69,6 +69,15 @@ pub trait CellKernels:
     ) -> KernelDefinition;
 
     #[doc(hidden)]
+    fn launch_step<F: Float + CubeElement, R: Runtime>(
+        client: &ComputeClient<R>,
+        shape: &ScanShape,
+        schedule: Schedule,
+        buffers: &StepBuffers,
+        workspace: &DeviceArray,
+    );
+
+    #[doc(hidden)]
     fn launch_backward<F: Float + CubeElement, R: Runtime>(
         client: &ComputeClient<R>,
         shape: &ScanShape,
@@ -92,6 +101,16 @@ pub struct ForwardBuffers {
     /// `Some`: write a checkpoint of the states every `schedule.chunk` steps (f32), which the
     /// backward scan needs.
     pub checkpoints: Option<Vec<DeviceArray>>,
+}
+
+/// What the single-step kernel of streaming inference reads and writes: the inputs of one step
+/// `[B, 1, H, numel]`, and the states `[B, H, numel]`, read and then overwritten in place.
+#[derive(Clone, Debug)]
+pub struct StepBuffers {
+    pub inputs: Vec<DeviceArray>,
+    pub params: Vec<DeviceArray>,
+    pub states: Vec<DeviceArray>,
+    pub outputs: Vec<DeviceArray>,
 }
 
 /// What the backward scan reads and writes.
@@ -404,6 +423,43 @@ impl<C: CellKernels> CellRunner<C> {
             placeholder: DeviceArray::new(client.empty(4), 1),
             cell: std::marker::PhantomData,
         })
+    }
+
+    /// Runs one step of every stream: `shape.time` must be 1; reads the states and overwrites
+    /// them with the new ones, writes the outputs. One cube per stream (the split axis stays
+    /// whole, so that no cube reads a state another one writes); the workspace goes to shared
+    /// memory when it fits.
+    pub fn step<F: Float + CubeElement, R: Runtime>(
+        &self,
+        client: &ComputeClient<R>,
+        shape: &ScanShape,
+        schedule: Schedule,
+        buffers: &StepBuffers,
+    ) -> Result<(), KernelError> {
+        self.check_shape(shape, schedule)?;
+        if shape.time != 1 {
+            return Err(KernelError(format!(
+                "a step runs one token per stream: the shape's time must be 1, got {}",
+                shape.time
+            )));
+        }
+        let bytes = size_of::<F>();
+        self.inputs(shape, "input", bytes).check(&buffers.inputs)?;
+        self.params(shape, "parameter", bytes)
+            .check(&buffers.params)?;
+        self.states(shape, "state", bytes, 1)
+            .check(&buffers.states)?;
+        self.outputs(shape, "output", bytes)
+            .check(&buffers.outputs)?;
+        let whole = Schedule {
+            tile: self.split.as_ref().map(|plan| shape.dims[plan.dim.0]),
+            stage: 1,
+            ..schedule
+        };
+        let schedule = self.resolve(client, shape, whole, Pass::Forward)?;
+        let workspace = self.workspace(client, shape, schedule, Pass::Forward);
+        C::launch_step::<F, R>(client, shape, schedule, buffers, &workspace);
+        Ok(())
     }
 
     /// Runs the backward scan, then sums the parameter gradients over the batch.

@@ -20,6 +20,7 @@ pub mod config;
 pub mod data;
 pub mod device;
 pub mod fused;
+pub mod generate;
 pub mod jobs;
 pub mod kernels;
 pub mod model;

@@ -4,7 +4,9 @@
 
 use super::{FusedCellBackend, FusedForward, FusedGradients, FusedSettings};
 use crate::codegen::ScanShape;
-use crate::kernels::{BackwardBuffers, CellKernels, CellRunner, DeviceArray, ForwardBuffers};
+use crate::kernels::{
+    BackwardBuffers, CellKernels, CellRunner, DeviceArray, ForwardBuffers, StepBuffers,
+};
 use crate::packing::Packing;
 use burn::tensor::Shape;
 use burn_cubecl::kernel::into_contiguous;
@@ -66,6 +68,51 @@ where
                 pack::<R, f32>(&client, &device, arrays, &states, &[batch, heads, chunks])
             }),
         }
+    }
+
+    fn device_memory(device: &Self::Device) -> Option<(u64, u64)> {
+        let usage = R::client(device).memory_usage().ok()?;
+        Some((usage.bytes_in_use, usage.bytes_reserved))
+    }
+
+    fn fused_cell_step<C: CellKernels>(
+        inputs: CubeTensor<R>,
+        params: CubeTensor<R>,
+        states: CubeTensor<R>,
+        settings: &FusedSettings,
+    ) -> (CubeTensor<R>, CubeTensor<R>) {
+        let (runner, shape) = scan_of::<C, R>(&inputs, settings);
+        let (cell, dims) = (&runner.compiled().cell, &settings.dims);
+        let (batch, heads) = (shape.batch, shape.heads);
+        let (client, device) = (inputs.client.clone(), inputs.device.clone());
+        let state_packing = Packing::states(cell, dims);
+        let output_packing = Packing::outputs(cell, dims);
+        // The states are unpacked into new arrays, which the kernel then updates in place.
+        let buffers = StepBuffers {
+            inputs: unpack::<R, F>(&inputs, &Packing::inputs(cell, dims)),
+            params: unpack::<R, F>(&params, &Packing::params(cell, dims)),
+            states: unpack::<R, F>(&states, &state_packing),
+            outputs: columns::<R>(&client, batch * heads, &output_packing, size_of::<F>()),
+        };
+        runner
+            .step::<F, R>(&client, &shape, settings.schedule, &buffers)
+            .unwrap_or_else(|error| panic!("fused {} step: {error}", C::NAME));
+        (
+            pack::<R, F>(
+                &client,
+                &device,
+                &buffers.outputs,
+                &output_packing,
+                &[batch, 1, heads],
+            ),
+            pack::<R, F>(
+                &client,
+                &device,
+                &buffers.states,
+                &state_packing,
+                &[batch, heads],
+            ),
+        )
     }
 
     fn fused_cell_backward<C: CellKernels>(

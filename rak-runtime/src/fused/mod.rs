@@ -58,6 +58,26 @@ pub trait FusedCellBackend: Backend {
         checkpoints: bool,
     ) -> FusedForward<Self>;
 
+    /// One step of every stream, for streaming inference: inputs `[B, 1, H, Σ input widths]`,
+    /// states `[B, H, Σ state sizes]` → outputs `[B, 1, H, Σ output widths]` and the new
+    /// states (no gradient). By default the forward scan over one step; the cubecl backends
+    /// run the cell's single-step kernel.
+    fn fused_cell_step<C: CellKernels>(
+        inputs: FloatTensor<Self>,
+        params: FloatTensor<Self>,
+        states: FloatTensor<Self>,
+        settings: &FusedSettings,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let forward = Self::fused_cell_forward::<C>(inputs, params, Some(states), settings, false);
+        (forward.outputs, forward.final_states)
+    }
+
+    /// Device memory of `device` as the backend's allocator sees it: bytes in use and bytes
+    /// reserved, where the backend can tell.
+    fn device_memory(_device: &Self::Device) -> Option<(u64, u64)> {
+        None
+    }
+
     /// The backward scan from the output gradient (the final-state gradient is zero).
     fn fused_cell_backward<C: CellKernels>(
         inputs: FloatTensor<Self>,
@@ -71,13 +91,26 @@ pub trait FusedCellBackend: Backend {
 /// Runs cell `C` over packed inputs `[B, T, H, Σ input widths]` (before activation), parameters
 /// `[H, Σ parameter sizes]` and optional initial states `[B, H, Σ state sizes]`; returns the
 /// outputs `[B, T, H, Σ output widths]` (differentiable on an autodiff backend) and the final
-/// states (detached).
+/// states (detached). One step from given states runs [`FusedCellBackend::fused_cell_step`].
 pub fn fused_cell<B: FusedCellBackend, C: CellKernels>(
     inputs: Tensor<B, 4>,
     params: Tensor<B, 2>,
     initial_states: Option<Tensor<B, 3>>,
     settings: &FusedSettings,
 ) -> (Tensor<B, 4>, Tensor<B, 3>) {
+    // One step from given states: the single-step kernel (streaming inference).
+    if let (1, Some(states)) = (inputs.dims()[1], &initial_states) {
+        let (outputs, states) = B::fused_cell_step::<C>(
+            inputs.into_primitive().tensor(),
+            params.into_primitive().tensor(),
+            states.clone().into_primitive().tensor(),
+            settings,
+        );
+        return (
+            Tensor::from_primitive(TensorPrimitive::Float(outputs)),
+            Tensor::from_primitive(TensorPrimitive::Float(states)),
+        );
+    }
     let forward = B::fused_cell_forward::<C>(
         inputs.into_primitive().tensor(),
         params.into_primitive().tensor(),
