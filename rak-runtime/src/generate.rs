@@ -164,23 +164,20 @@ pub fn read_prompt<B: FusedCellBackend, C: CellKernels>(
     (last, states.unwrap_or_default())
 }
 
-/// Generates `max_tokens` tokens after each prompt, all streams at once; `on_token(stream,
-/// token)` sees each token as it is drawn. Returns the generated tokens of each stream.
-pub fn generate<B: FusedCellBackend, C: CellKernels>(
+/// Streams ready to generate: each stream's logits for its next token, and each layer's
+/// states `[streams, H, Σ state sizes]`.
+pub struct Streams<B: FusedCellBackend> {
+    pub logits: Vec<Vec<f32>>,
+    pub states: Vec<Tensor<B, 3>>,
+}
+
+/// Reads each prompt (alone: they differ in length), then puts the streams side by side.
+pub fn read_prompts<B: FusedCellBackend, C: CellKernels>(
     model: &LanguageModel<B>,
     prompts: &[Vec<i64>],
-    max_tokens: usize,
-    sampling: &Sampling,
     block: usize,
     device: &B::Device,
-    mut on_token: impl FnMut(usize, i64),
-) -> Vec<Vec<i64>> {
-    let mut rng = Rng::new(sampling.seed);
-    let mut generated = vec![Vec::with_capacity(max_tokens); prompts.len()];
-    if max_tokens == 0 || prompts.is_empty() {
-        return generated;
-    }
-    // Each prompt alone (they differ in length), then all streams side by side.
+) -> Streams<B> {
     let mut logits = Vec::new();
     let mut layer_states: Vec<Vec<Tensor<B, 3>>> = Vec::new();
     for prompt in prompts {
@@ -193,11 +190,32 @@ pub fn generate<B: FusedCellBackend, C: CellKernels>(
             layer_states[layer].push(state);
         }
     }
-    let mut states: Vec<Tensor<B, 3>> = layer_states
-        .into_iter()
-        .map(|per_stream| Tensor::cat(per_stream, 0))
-        .collect();
-    let streams = prompts.len();
+    Streams {
+        logits,
+        states: layer_states
+            .into_iter()
+            .map(|per_stream| Tensor::cat(per_stream, 0))
+            .collect(),
+    }
+}
+
+/// Draws `max_tokens` tokens for every stream, one step of the model at a time;
+/// `on_token(stream, token)` sees each token as it is drawn. Returns each stream's tokens.
+pub fn decode_steps<B: FusedCellBackend, C: CellKernels>(
+    model: &LanguageModel<B>,
+    streams: Streams<B>,
+    max_tokens: usize,
+    sampling: &Sampling,
+    device: &B::Device,
+    mut on_token: impl FnMut(usize, i64),
+) -> Vec<Vec<i64>> {
+    let mut rng = Rng::new(sampling.seed);
+    let Streams {
+        mut logits,
+        mut states,
+    } = streams;
+    let count = logits.len();
+    let mut generated = vec![Vec::with_capacity(max_tokens); count];
     for n in 0..max_tokens {
         let tokens: Vec<i64> = logits
             .iter()
@@ -210,7 +228,7 @@ pub fn generate<B: FusedCellBackend, C: CellKernels>(
         if n + 1 == max_tokens {
             break;
         }
-        let input = Tensor::<B, 2, Int>::from_data(TensorData::new(tokens, [streams, 1]), device);
+        let input = Tensor::<B, 2, Int>::from_data(TensorData::new(tokens, [count, 1]), device);
         let output = model.forward::<C>(input, Some(states));
         states = output.states;
         let vocab = output.logits.dims()[2];
@@ -222,6 +240,25 @@ pub fn generate<B: FusedCellBackend, C: CellKernels>(
         logits = values.chunks(vocab).map(<[f32]>::to_vec).collect();
     }
     generated
+}
+
+/// Generates `max_tokens` tokens after each prompt, all streams at once (prompts read in
+/// blocks of `block` tokens); `on_token(stream, token)` sees each token as it is drawn.
+/// Returns the generated tokens of each stream.
+pub fn generate<B: FusedCellBackend, C: CellKernels>(
+    model: &LanguageModel<B>,
+    prompts: &[Vec<i64>],
+    max_tokens: usize,
+    sampling: &Sampling,
+    block: usize,
+    device: &B::Device,
+    on_token: impl FnMut(usize, i64),
+) -> Vec<Vec<i64>> {
+    if max_tokens == 0 || prompts.is_empty() {
+        return vec![Vec::new(); prompts.len()];
+    }
+    let streams = read_prompts::<B, C>(model, prompts, block, device);
+    decode_steps::<B, C>(model, streams, max_tokens, sampling, device, on_token)
 }
 
 /// One row of `rak bench generate`.
@@ -236,7 +273,8 @@ pub struct GenerationTiming {
 }
 
 /// Reads a random prompt of each length in `lengths` (in blocks of `block` tokens) then
-/// generates `tokens` tokens greedily, one stream; times both and reads the device memory.
+/// generates `tokens` tokens greedily, one stream; times both (after a warm-up that compiles
+/// the kernels of the same shapes) and reads the device memory.
 pub fn time_generation<B: FusedCellBackend, C: CellKernels>(
     model: &LanguageModel<B>,
     vocab: usize,
@@ -246,29 +284,26 @@ pub fn time_generation<B: FusedCellBackend, C: CellKernels>(
     device: &B::Device,
 ) -> Vec<GenerationTiming> {
     let mut rng = Rng::new(7);
+    let greedy = Sampling::greedy();
+    let block = block.max(1);
     lengths
         .iter()
         .map(|&length| {
-            let prompt: Vec<i64> = (0..length.max(1))
-                .map(|_| rng.below(vocab) as i64)
-                .collect();
+            let length = length.max(1);
+            // Warm-up: the kernels of this prompt's block shapes (a full block, the last one)
+            // and of a step are compiled before timing.
+            let warm_up = [vec![0; block + (length % block).max(1)]];
+            let streams = read_prompts::<B, C>(model, &warm_up, block, device);
+            decode_steps::<B, C>(model, streams, 2, &greedy, device, |_, _| {});
+            let prompt = vec![(0..length).map(|_| rng.below(vocab) as i64).collect()];
+            // Reading logits back to the host waits for the device.
             let started = std::time::Instant::now();
-            // Reading the last logits back waits for the device.
-            read_prompt::<B, C>(model, &prompt, block, device);
+            let streams = read_prompts::<B, C>(model, &prompt, block, device);
             let read_seconds = started.elapsed().as_secs_f64();
             let started = std::time::Instant::now();
-            let prompts = [prompt];
-            generate::<B, C>(
-                model,
-                &prompts,
-                tokens,
-                &Sampling::greedy(),
-                block,
-                device,
-                |_, _| {},
-            );
+            decode_steps::<B, C>(model, streams, tokens, &greedy, device, |_, _| {});
             GenerationTiming {
-                prompt_tokens: length.max(1),
+                prompt_tokens: prompt[0].len(),
                 read_seconds,
                 generated_tokens: tokens,
                 generate_seconds: started.elapsed().as_secs_f64(),
