@@ -4,9 +4,11 @@
 # machine lacks into gpu-bundle/ (ignored by git), and prints the device call to make.
 #
 # On the GPU machine, scripts/gpu-run.sh then runs, in one call of about 8 minutes at most:
-# the kernel tests of every cell on CUDA, `rak bench` at the issue's shapes (f32 and bf16), and
-# bench/peers.py (PyTorch loop, flash-linear-attention, compute and memory floors), and writes
-# the logs and bench/table.py's table under $OUT.
+# the kernel tests of every cell on CUDA, `rak bench` at the issue's shapes (f32 and bf16),
+# bench/peers.py (PyTorch loop, flash-linear-attention, compute and memory floors), the seed's
+# LM table (`rak train -m experiment=...` on the GPU, and a 4-layer D = 512 step) and `rak
+# bench generate`, and writes the logs and the tables under $OUT (each step under its own
+# timeout; 530 s at most in all).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bundle=gpu-bundle
@@ -15,8 +17,8 @@ mkdir -p "$bundle/whl"
 
 # The GPU machine has driver 580 / CUDA 13.
 export CUDARC_CUDA_VERSION=13000
-cargo build --release --features cuda --bin rak
-kernels=$(cargo test --release --features cuda -p rak --test kernels --no-run --message-format=json 2>/dev/null |
+cargo build --release --workspace --features cuda --bin rak
+kernels=$(cargo test --release --workspace --features cuda --test kernels --no-run --message-format=json 2>/dev/null |
     python3 -c 'import json, sys
 for line in sys.stdin:
     message = json.loads(line)

@@ -632,6 +632,55 @@ fn multirun_of_two_experiments_ends_with_the_table_then_tests_and_plots_them() {
         );
     }
 
+    // Streaming generation from a trained run: one prompt (streamed), then a batch of two.
+    let fused_run = dir.join("fused");
+    let generate = |args: &[&str]| {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_rak"))
+            .args(["generate", "--checkpoint", fused_run.to_str().unwrap()])
+            .args(["--max-tokens", "5", "--temperature", "0"])
+            .args(args)
+            .output()
+            .expect("rak generate runs");
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).to_string()
+    };
+    let streamed = generate(&["--prompt", "1 2 3"]);
+    let words: Vec<usize> = streamed
+        .split_whitespace()
+        .map(|w| w.parse().unwrap())
+        .collect();
+    assert!(
+        words.len() == 5 && words.iter().all(|&t| t < 32),
+        "{streamed}"
+    );
+    let batch = generate(&["--prompt", "1 2 3", "--prompt", "4 5"]);
+    let lines: Vec<&str> = batch.lines().collect();
+    assert_eq!(lines.len(), 2, "{batch}");
+    assert_eq!(
+        lines[0],
+        format!("1 2 3 → {}", streamed.trim_end_matches('\n'))
+    );
+    let bench = std::process::Command::new(env!("CARGO_BIN_EXE_rak"))
+        .args([
+            "bench",
+            "generate",
+            "--checkpoint",
+            fused_run.to_str().unwrap(),
+        ])
+        .args(["--prompt-lengths", "10,40", "--tokens", "2", "--block", "8"])
+        .output()
+        .expect("rak bench generate runs");
+    let bench = String::from_utf8_lossy(&bench.stdout).to_string();
+    let bench_rows: Vec<&str> = bench
+        .lines()
+        .filter(|l| l.starts_with("| 10 |") || l.starts_with("| 40 |"))
+        .collect();
+    assert_eq!(bench_rows.len(), 2, "{bench}");
+
     let picture = dir.join("loss.png");
     let unfused_dir = dir.join("unfused");
     let fused_dir = dir.join("fused");
