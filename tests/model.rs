@@ -630,6 +630,9 @@ fn multirun_of_two_experiments_ends_with_the_table_then_tests_and_plots_them() {
             test_row[6], train_row[6],
             "test loss of the checkpoint: {tested}"
         );
+        let written = dir.join(&train_row[0]).join("test-config.json");
+        let written = std::fs::read_to_string(written).expect("test-config.json written");
+        assert!(written.contains("\"mode\": \"test\""), "{written}");
     }
 
     // Streaming generation from a trained run: one prompt (streamed), then a batch of two.

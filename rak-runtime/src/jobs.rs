@@ -213,26 +213,18 @@ impl<C: CellKernels> InferenceVisitor for InferenceWithCell<'_, C> {
     type Output = Result<InferenceOutput, String>;
 
     fn visit<B: FusedCellBackend>(self, device: B::Device, schedule: Schedule) -> Self::Output {
-        use burn::module::Module;
-        use burn::record::{FullPrecisionSettings, NamedMpkBytesRecorder, Recorder};
         use std::io::Write;
         let Inference {
             request,
             config,
             prompts,
         } = self.job;
-        let path = crate::checkpoint::latest(&request.run_dir)?.ok_or_else(|| {
-            format!(
-                "`{}` has no checkpoint (train it first)",
-                request.run_dir.display()
-            )
-        })?;
-        let saved = crate::checkpoint::load(&path, &config.model)?;
-        let model = config.model.init::<B, C>(schedule, &device)?;
-        let record = NamedMpkBytesRecorder::<FullPrecisionSettings>::default()
-            .load(saved.model, &device)
-            .map_err(|e| format!("checkpoint `{}` refused: {e}", path.display()))?;
-        let model = model.load_record(record);
+        let (model, _, _) = crate::train::trained_model::<B, C>(
+            &config.model,
+            &request.run_dir,
+            schedule,
+            &device,
+        )?;
         let data = &config.data;
         match &request.task {
             InferenceTask::Generate {

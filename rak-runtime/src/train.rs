@@ -321,11 +321,7 @@ where
             eprintln!("resuming {} from step {first_step}", run_dir.display());
         }
     }
-    let mut metrics = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(run_dir.join("metrics.jsonl"))
-        .map_err(|e| format!("cannot open metrics.jsonl: {e}"))?;
+    let mut metrics = open_metrics(run_dir)?;
     let last_step = options.stop_after.unwrap_or(config.steps).min(config.steps);
     let progress = Progress::new(options.progress, first_step, last_step);
     let time = dataset.seq_len();
@@ -484,9 +480,37 @@ impl RunSummary {
     }
 }
 
+/// The run's `metrics.jsonl`, opened for appending.
+fn open_metrics(run_dir: &Path) -> Result<std::fs::File, String> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(run_dir.join("metrics.jsonl"))
+        .map_err(|e| format!("cannot open metrics.jsonl: {e}"))
+}
+
+/// The model of the latest checkpoint of `run_dir` (configured as `config`; a checkpoint of
+/// another model is refused), its step and the checkpoint's folder.
+pub fn trained_model<B: FusedCellBackend, C: CellKernels>(
+    config: &ModelConfig,
+    run_dir: &Path,
+    schedule: Schedule,
+    device: &B::Device,
+) -> Result<(LanguageModel<B>, usize, PathBuf), String> {
+    let path = checkpoint::latest(run_dir)?
+        .ok_or_else(|| format!("`{}` has no checkpoint (train it first)", run_dir.display()))?;
+    let saved = checkpoint::load(&path, config)?;
+    let model: LanguageModel<B> = config.init::<B, C>(schedule, device)?;
+    let record = NamedMpkBytesRecorder::<FullPrecisionSettings>::default()
+        .load(saved.model, device)
+        .map_err(|e| format!("checkpoint `{}` refused: {e}", path.display()))?;
+    Ok((model.load_record(record), saved.state.step, path))
+}
+
 /// Tests the latest checkpoint of `options.run_dir` (a model configured as `config.model`;
 /// another is refused) on `config.test_batches` batches of the test split, without training;
-/// appends the metrics to the run's `metrics.jsonl`.
+/// writes the test's configuration to `test-config.json` and appends the metrics to the run's
+/// `metrics.jsonl`.
 pub fn test_checkpoint<B, C>(
     config: &TrainConfig,
     options: &RunOptions,
@@ -499,25 +523,13 @@ where
 {
     let dataset = config.validate::<C>()?;
     let run_dir = &options.run_dir;
-    let path = checkpoint::latest(run_dir)?.ok_or_else(|| {
-        format!(
-            "`{}` has no checkpoint to test (train it first)",
-            run_dir.display()
-        )
-    })?;
-    let saved = checkpoint::load(&path, &config.model)?;
-    let model: LanguageModel<B> = config.model.init::<B, C>(options.schedule, device)?;
-    let recorder = NamedMpkBytesRecorder::<FullPrecisionSettings>::default();
-    let record = recorder
-        .load(saved.model, device)
-        .map_err(|e| format!("checkpoint `{}` refused: {e}", path.display()))?;
-    let model = model.load_record(record);
-    let mut metrics = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(run_dir.join("metrics.jsonl"))
-        .map_err(|e| format!("cannot open metrics.jsonl: {e}"))?;
-    let step = saved.state.step;
+    let (model, step, path) =
+        trained_model::<B, C>(&config.model, run_dir, options.schedule, device)?;
+    checkpoint::write_atomically(
+        &run_dir.join("test-config.json"),
+        &serde_json::to_vec_pretty(config).map_err(|e| e.to_string())?,
+    )?;
+    let mut metrics = open_metrics(run_dir)?;
     let (m, took) = phase::<B, C>(
         &model,
         &dataset,
