@@ -124,7 +124,7 @@ pub fn value_name(cell: &Cell, value: Value) -> String {
 }
 
 /// `name[i, j] = expr`
-fn statement_text(cell: &Cell, name: &str, indices: &[IndexId], expr: ExprId) -> String {
+pub fn statement_text(cell: &Cell, name: &str, indices: &[IndexId], expr: ExprId) -> String {
     let mut printer = Printer {
         cell,
         names: HashMap::new(),
@@ -134,6 +134,15 @@ fn statement_text(cell: &Cell, name: &str, indices: &[IndexId], expr: ExprId) ->
     }
     let lhs = printer.indexed(name, indices);
     format!("{lhs} = {}", printer.expr(expr, 0))
+}
+
+/// One expression, its index variables named as the cell names them.
+pub fn expr_text(cell: &Cell, expr: ExprId) -> String {
+    Printer {
+        cell,
+        names: HashMap::new(),
+    }
+    .expr(expr, 0)
 }
 
 /// Binding strength, loosest first.

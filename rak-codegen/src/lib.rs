@@ -8,8 +8,11 @@
 //! 3. [`check`]: index dim inference and the cell's semantic rules;
 //! 4. [`autodiff`]: the backward step ([`ir::BackwardStep`]) by symbolic reverse-mode
 //!    differentiation;
-//! 5. [`schedule`]: how the scans map onto the device (cubes, workspace, chunks);
-//! 6. [`emit`]: cubecl `#[cube]` kernels for the forward and backward scans, as Rust tokens.
+//! 5. [`chunkwise`]: recognises cells linear in their state and derives the factors of the
+//!    chunked (matrix-multiply) form, which the runtime evaluates chunk by chunk;
+//! 6. [`schedule`]: how the scans map onto the device (cubes, workspace, chunks), and whether a
+//!    scan runs recurrent or chunked;
+//! 7. [`emit`]: cubecl `#[cube]` kernels for the forward and backward scans, as Rust tokens.
 //!
 //! Around them: [`diagnostic`] (errors spanned to the user's tokens), [`interpret`] (the f64
 //! reference interpreter, forward and backward, the oracle of every kernel test) and
@@ -18,6 +21,7 @@
 
 pub mod autodiff;
 pub mod check;
+pub mod chunkwise;
 pub mod diagnostic;
 pub mod display;
 pub mod emit;

@@ -554,3 +554,28 @@ impl WorkspaceLayout {
             .sum()
     }
 }
+
+/// How a scan over a sequence runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ScanKind {
+    /// The fused recurrent kernels: one step after the other inside one launch.
+    Recurrent,
+    /// The cell's chunked form ([`crate::chunkwise`]): matrix products within and across chunks.
+    Chunked,
+}
+
+/// Sequences shorter than this many chunks run recurrent even when the cell has a chunked form.
+pub const CHUNKED_MIN_CHUNKS: usize = 4;
+
+/// The scan for a sequence of `time` steps in chunks of `chunk` steps: chunked when the cell has
+/// a chunked form (`chunkable`) and the sequence spans at least [`CHUNKED_MIN_CHUNKS`] chunks,
+/// so that the matrix products carry the work; recurrent otherwise (short sequences, single
+/// decoding steps, cells without a chunked form). The threshold is a starting point; GPU
+/// measurements of both scans side by side are what should set it.
+pub fn pick_scan(chunkable: bool, time: usize, chunk: usize) -> ScanKind {
+    if chunkable && time >= CHUNKED_MIN_CHUNKS * chunk.max(1) {
+        ScanKind::Chunked
+    } else {
+        ScanKind::Recurrent
+    }
+}

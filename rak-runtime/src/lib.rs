@@ -3,7 +3,8 @@
 //! The part of rak that runs cells: launching the kernels that `rak::cell!` generates
 //! ([`kernels`]), the reference cells of `cells/*.rak` compiled with their kernels ([`cells`]),
 //! the `rak` command line ([`cli`]), the packed tensor layout a model hands to a cell
-//! ([`packing`]) and the unfused reference path in plain burn operations ([`unfused`]); the
+//! ([`packing`]), the unfused reference path in plain burn operations ([`unfused`]) and the
+//! chunked path of cells linear in their state ([`chunked`]); the
 //! language model ([`model`]), its training ([`train`]), data ([`data`]), checkpoints
 //! ([`checkpoint`]), layered job configurations ([`config`]) and running them ([`jobs`]), and
 //! the choice of device ([`device`]).
@@ -15,6 +16,7 @@ extern crate self as rak;
 pub mod bench;
 pub mod cells;
 pub mod checkpoint;
+pub mod chunked;
 pub mod cli;
 pub mod config;
 pub mod data;

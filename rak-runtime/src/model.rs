@@ -5,11 +5,15 @@
 //! has no normalisation and no residual connection; `residual = true` makes each layer a
 //! pre-norm residual block with RMSNorm (and adds a final RMSNorm before the head).
 //!
-//! The cell runs fused (the generated kernels, [`crate::fused`]) or unfused (its step as plain
-//! burn operations in a loop over time, [`crate::unfused`]).
+//! The cell runs fused (the generated kernels, [`crate::fused`]), chunked (its chunked form
+//! with matrix products, [`crate::chunked`], for cells linear in their state), either one as
+//! the schedule pass picks per sequence (`auto`), or unfused (its step as plain burn operations
+//! in a loop over time, [`crate::unfused`]).
 
+use crate::chunked::{ChunkedScan, SUB_CHUNK};
+use crate::codegen::chunkwise::chunk_form;
 use crate::codegen::ir::ParamInit;
-use crate::codegen::schedule::Schedule;
+use crate::codegen::schedule::{ScanKind, Schedule, pick_scan};
 use crate::fused::{FusedCellBackend, FusedSettings, fused_cell};
 use crate::kernels::CellKernels;
 use crate::packing::Packing;
@@ -24,8 +28,15 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Strategy {
-    /// The generated scan kernels.
+    /// Per sequence, chunked or fused as the compiler's schedule pass picks
+    /// ([`crate::codegen::schedule::pick_scan`]): chunked for long sequences of cells linear in
+    /// their state, fused otherwise.
+    Auto,
+    /// The generated scan kernels (fused recurrent).
     Fused,
+    /// The cell's chunked form with matrix products ([`crate::chunked`]); only for cells that
+    /// have one ([`crate::codegen::chunkwise`]).
+    Chunked,
     /// The cell's step as burn operations, one step after the other.
     Unfused,
 }
@@ -86,6 +97,31 @@ fn run_scan<B: FusedCellBackend, C: CellKernels>(
 ) -> (Tensor<B, 4>, Tensor<B, 3>) {
     match strategy {
         Strategy::Fused => fused_cell::<B, C>(inputs, params, initial, settings),
+        Strategy::Chunked | Strategy::Auto => {
+            let compiled = C::compile();
+            let form = chunk_form(&compiled.cell);
+            let chunk = settings.schedule.chunk;
+            let kind = match (&form, strategy) {
+                (Ok(_), Strategy::Chunked) => ScanKind::Chunked,
+                (Err(error), Strategy::Chunked) => panic!("{error}"),
+                (form, _) => pick_scan(form.is_ok(), inputs.dims()[1], chunk),
+            };
+            match (kind, form) {
+                (ScanKind::Chunked, Ok(form)) => {
+                    let scan = ChunkedScan {
+                        form: &form,
+                        dims: &settings.dims,
+                        chunk,
+                        sub_chunk: SUB_CHUNK,
+                    };
+                    let result = scan
+                        .run(inputs, params, initial)
+                        .unwrap_or_else(|error| panic!("chunked {}: {error}", C::NAME));
+                    (result.outputs, result.final_states)
+                }
+                _ => fused_cell::<B, C>(inputs, params, initial, settings),
+            }
+        }
         Strategy::Unfused => {
             let compiled = C::compile();
             let scan = UnfusedScan {
@@ -204,6 +240,14 @@ impl ModelConfig {
             if value == 0 {
                 return Err(format!("{key}: must be at least 1"));
             }
+        }
+        if self.strategy == Strategy::Chunked
+            && let Err(error) = chunk_form(cell)
+        {
+            return Err(format!(
+                "model.strategy: \"chunked\" does not fit: {error} (use \"fused\", or \"auto\" \
+                 to pick per sequence)"
+            ));
         }
         Ok(compiled)
     }

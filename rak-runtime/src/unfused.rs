@@ -56,14 +56,7 @@ impl UnfusedScan<'_> {
         let cell = self.cell;
         let [batch, time, heads, _] = inputs.dims();
         let device = inputs.device();
-        let param_packing = Packing::params(cell, self.dims);
-        let params: Vec<Tensor<B, RANK>> = (0..cell.params.len())
-            .map(|p| {
-                let (offset, width) = param_packing.slots[p];
-                let param = materialize(params.clone().slice([0..heads, offset..offset + width]));
-                self.declared(param.reshape([1, heads, width]), &cell.params[p].shape)
-            })
-            .collect();
+        let params = self.params(params, heads);
         let state_packing = Packing::states(cell, self.dims);
         let mut states: Vec<Tensor<B, RANK>> = (0..cell.states.len())
             .map(|s| {
@@ -89,31 +82,7 @@ impl UnfusedScan<'_> {
                 0..input_packing.width,
             ]))
             .reshape([batch, heads, input_packing.width]);
-            let activated = (0..cell.inputs.len())
-                .map(|i| {
-                    let (offset, width) = input_packing.slots[i];
-                    let input =
-                        step_inputs
-                            .clone()
-                            .slice([0..batch, 0..heads, offset..offset + width]);
-                    let input = self.declared(materialize(input), &cell.inputs[i].shape);
-                    match cell.inputs[i].activation {
-                        Some(op) => unary(op, input),
-                        None => input,
-                    }
-                })
-                .collect();
-            let mut step = Step {
-                scan: self,
-                batch,
-                heads,
-                inputs: activated,
-                params: &params,
-                previous: &states,
-                current: vec![None; cell.states.len()],
-                lets: vec![None; cell.lets.len()],
-                memo: HashMap::new(),
-            };
+            let mut step = Step::new(self, step_inputs, &params, &states);
             for (l, definition) in cell.lets.iter().enumerate() {
                 let value = step.eval(definition.expr)?;
                 step.lets[l] = Some(step.store(value, &definition.indices));
@@ -152,6 +121,55 @@ impl UnfusedScan<'_> {
         })
     }
 
+    /// Evaluates per-step values that read no state at every step at once: each
+    /// `(expr, indices)` of `values`, over packed inputs `[B, T, H, Σ input widths]` (before
+    /// activation) and parameters `[H, Σ parameter sizes]`, becomes a tensor `[B, T, H, numel]`
+    /// (elements in the order of `indices`). The lets that read no state are available to them.
+    pub fn evaluate_every_step<B: Backend>(
+        &self,
+        inputs: Tensor<B, 4>,
+        params: Tensor<B, 2>,
+        values: &[(ExprId, &[IndexId])],
+    ) -> Result<Vec<Tensor<B, 4>>, String> {
+        let [batch, time, heads, width] = inputs.dims();
+        let params = self.params(params, heads);
+        let mut step = Step::new(
+            self,
+            inputs.reshape([batch * time, heads, width]),
+            &params,
+            &[],
+        );
+        for (l, definition) in self.cell.lets.iter().enumerate() {
+            // A let that reads a state is not needed by state-free values; it stays unset.
+            if let Ok(value) = step.eval(definition.expr) {
+                step.lets[l] = Some(step.store(value, &definition.indices));
+            }
+        }
+        values
+            .iter()
+            .map(|&(expr, indices)| {
+                let value = step.eval(expr)?;
+                let numel: usize = indices.iter().map(|&i| self.size(i)).product();
+                // A value that varies with neither batch nor time (a parameter's) is a
+                // broadcast view here; burn 0.21's cubecl backends misread such a view once it is
+                // reshaped, so it is copied first.
+                Ok(materialize(step.store(value, indices)).reshape([batch, time, heads, numel]))
+            })
+            .collect()
+    }
+
+    /// The packed parameters `[H, Σ parameter sizes]`, one tensor each, axes declared.
+    fn params<B: Backend>(&self, params: Tensor<B, 2>, heads: usize) -> Vec<Tensor<B, RANK>> {
+        let param_packing = Packing::params(self.cell, self.dims);
+        (0..self.cell.params.len())
+            .map(|p| {
+                let (offset, width) = param_packing.slots[p];
+                let param = materialize(params.clone().slice([0..heads, offset..offset + width]));
+                self.declared(param.reshape([1, heads, width]), &self.cell.params[p].shape)
+            })
+            .collect()
+    }
+
     /// `[B, H, numel]` → `[B, H, dims of shape…, 1, …]` (axes in declaration order).
     fn declared<B: Backend>(
         &self,
@@ -173,12 +191,14 @@ impl UnfusedScan<'_> {
     }
 }
 
-/// One time step being evaluated.
+/// One time step being evaluated (or every step at once, the steps along the batch axis).
 struct Step<'s, 'a, B: Backend> {
     scan: &'s UnfusedScan<'a>,
     batch: usize,
     heads: usize,
-    /// Activated inputs, parameters, S_{t−1}, S_t and lets, axes in declaration order.
+    /// Inputs before and after activation, parameters, S_{t−1}, S_t and lets, axes in
+    /// declaration order.
+    pre_activation: Vec<Tensor<B, RANK>>,
     inputs: Vec<Tensor<B, RANK>>,
     params: &'s [Tensor<B, RANK>],
     previous: &'s [Tensor<B, RANK>],
@@ -187,7 +207,48 @@ struct Step<'s, 'a, B: Backend> {
     memo: HashMap<ExprId, Term<B>>,
 }
 
-impl<B: Backend> Step<'_, '_, B> {
+impl<'s, 'a, B: Backend> Step<'s, 'a, B> {
+    /// A step over packed inputs `[batch, H, Σ input widths]`, activated here.
+    fn new(
+        scan: &'s UnfusedScan<'a>,
+        packed: Tensor<B, 3>,
+        params: &'s [Tensor<B, RANK>],
+        previous: &'s [Tensor<B, RANK>],
+    ) -> Self {
+        let cell = scan.cell;
+        let [batch, heads, _] = packed.dims();
+        let packing = Packing::inputs(cell, scan.dims);
+        let pre_activation: Vec<Tensor<B, RANK>> = (0..cell.inputs.len())
+            .map(|i| {
+                let (offset, width) = packing.slots[i];
+                let input = packed
+                    .clone()
+                    .slice([0..batch, 0..heads, offset..offset + width]);
+                scan.declared(materialize(input), &cell.inputs[i].shape)
+            })
+            .collect();
+        let inputs = pre_activation
+            .iter()
+            .zip(&cell.inputs)
+            .map(|(input, declared)| match declared.activation {
+                Some(op) => unary(op, input.clone()),
+                None => input.clone(),
+            })
+            .collect();
+        Step {
+            scan,
+            batch,
+            heads,
+            pre_activation,
+            inputs,
+            params,
+            previous,
+            current: vec![None; cell.states.len()],
+            lets: vec![None; cell.lets.len()],
+            memo: HashMap::new(),
+        }
+    }
+
     fn eval(&mut self, expr: ExprId) -> Result<Term<B>, String> {
         if let Some(term) = self.memo.get(&expr) {
             return Ok(term.clone());
@@ -242,14 +303,19 @@ impl<B: Backend> Step<'_, '_, B> {
         let tensor = match value {
             Value::Input(InputId(i)) => self.inputs[i].clone(),
             Value::Param(ParamId(p)) => self.params[p].clone(),
-            Value::State(StateId(s), StateTime::Previous) => self.previous[s].clone(),
+            Value::InputPreActivation(InputId(i)) => self.pre_activation[i].clone(),
+            Value::State(StateId(s), StateTime::Previous) => self
+                .previous
+                .get(s)
+                .cloned()
+                .ok_or_else(|| missing("a state in a value computed for every step at once"))?,
             Value::State(StateId(s), StateTime::Current) => self.current[s]
                 .clone()
                 .ok_or_else(|| missing("a state before its update"))?,
             Value::Let(LetId(l)) => self.lets[l]
                 .clone()
                 .ok_or_else(|| missing("a let before its definition"))?,
-            Value::InputPreActivation(_) | Value::Grad(_) => {
+            Value::Grad(_) => {
                 return Err(missing("a backward value"));
             }
         };
@@ -405,7 +471,7 @@ impl<B: Backend> Step<'_, '_, B> {
 /// A copy of a sliced view. burn 0.21's cubecl backends can misread a slice along the last axis
 /// once it is reshaped (seen with a batch of 2: the second row read the wrong elements), so
 /// every slice is materialised by an element-wise operation before any reshape.
-fn materialize<B: Backend, const D: usize>(view: Tensor<B, D>) -> Tensor<B, D> {
+pub(crate) fn materialize<B: Backend, const D: usize>(view: Tensor<B, D>) -> Tensor<B, D> {
     view.mul_scalar(1.0)
 }
 

@@ -2,6 +2,7 @@
 //! formulas and against finite differences, error reports, snapshots of the IR, and fuzzing of
 //! the front end. One test binary for the whole crate.
 
+mod chunkwise;
 mod common;
 mod errors;
 mod fuzz;

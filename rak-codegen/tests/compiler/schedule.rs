@@ -144,3 +144,14 @@ fn shared_memory_too_small_is_refused() {
         "{error}"
     );
 }
+
+#[test]
+fn chunked_scans_for_long_sequences_of_linear_cells_only() {
+    use rak_codegen::schedule::{CHUNKED_MIN_CHUNKS, ScanKind, pick_scan};
+    let long = CHUNKED_MIN_CHUNKS * 64;
+    assert_eq!(pick_scan(true, long, 64), ScanKind::Chunked);
+    assert_eq!(pick_scan(true, long - 1, 64), ScanKind::Recurrent);
+    assert_eq!(pick_scan(false, 100 * long, 64), ScanKind::Recurrent);
+    // Decoding one token at a time stays recurrent.
+    assert_eq!(pick_scan(true, 1, 1), ScanKind::Recurrent);
+}

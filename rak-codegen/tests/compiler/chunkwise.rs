@@ -1,0 +1,161 @@
+//! The chunkwise pass: which cells have a chunked form, the factors it derives (snapshots), the
+//! reasons it gives for the others, and, in f64, that the rewritten cell equals the original one
+//! step by step.
+
+use crate::common::*;
+use rak_codegen::chunkwise::{ChunkForm, GateAxis, chunk_form};
+use rak_codegen::display::{cell_to_string, statement_text};
+use rak_codegen::interpret::forward;
+use rak_codegen::ir::Cell;
+
+/// Cells written for these tests: a gate along the value axis, a state stored `[V, K]` read with
+/// a scale and a direct term, and three that break the form in different ways.
+const VALUE_GATE: &str = "cell ValueGate {
+    dims K, V;
+    input q[K], k[K], v[V], g[V] = sigmoid;
+    state S[K, V];
+    update S[i, j] = g[j] * S[i, j] + k[i] * v[j];
+    output o[j] = sum(i) q[i] * S[i, j];
+}";
+const TRANSPOSED: &str = "cell Transposed {
+    dims K, V;
+    input q[K], k[K], v[V], r[V] = sigmoid, a = logsigmoid;
+    state S[V, K];
+    update S[j, i] = exp(a) * S[j, i] + 2.0 * v[j] * k[i];
+    output o[j] = r[j] * sum(i) q[i] * S[j, i] - v[j];
+}";
+const BOTH_AXES: &str = "cell BothAxes {
+    dims K, V;
+    input q[K], k[K], v[V];
+    param A[K, V] = 0.5;
+    state S[K, V];
+    update S[i, j] = sigmoid(A[i, j]) * S[i, j] + k[i] * v[j];
+    output o[j] = sum(i) q[i] * S[i, j];
+}";
+const TWO_WRITES: &str = "cell TwoWrites {
+    dims K, V;
+    input q[K], k[K], v[V];
+    state S[K, V];
+    update S[i, j] = S[i, j] + k[i] * v[j] + q[i] * v[j];
+    output o[j] = sum(i) q[i] * S[i, j];
+}";
+const NOT_OUTER: &str = "cell NotOuter {
+    dims K, V;
+    input q[K], k[K];
+    param W[K, V] = 0.5;
+    state S[K, V];
+    update S[i, j] = S[i, j] + W[i, j] * k[i];
+    output o[j] = sum(i) q[i] * S[i, j];
+}";
+
+fn compile_source(source: &str) -> Cell {
+    rak_codegen::compile_str(source)
+        .unwrap_or_else(|errors| panic!("{}", errors.render(source, "test cell")))
+        .cell
+}
+
+/// The linear cells: the built-in ones and the test cells, with the gate axis each must get.
+fn linear_cells() -> Vec<(String, Cell, GateAxis)> {
+    let mut cells: Vec<(String, Cell, GateAxis)> = [
+        ("simple_rnn", GateAxis::Key),
+        ("gla", GateAxis::Key),
+        ("retnet", GateAxis::Scalar),
+        ("mamba2", GateAxis::Scalar),
+    ]
+    .into_iter()
+    .map(|(name, axis)| (name.to_string(), compile_cell(name).cell, axis))
+    .collect();
+    cells.push((
+        "value_gate".into(),
+        compile_source(VALUE_GATE),
+        GateAxis::Value,
+    ));
+    cells.push((
+        "transposed".into(),
+        compile_source(TRANSPOSED),
+        GateAxis::Scalar,
+    ));
+    cells
+}
+
+fn describe(form: &ChunkForm) -> String {
+    let cell = &form.cell;
+    let factor = |name: &str, f: &rak_codegen::chunkwise::Factor| {
+        format!("    {};\n", statement_text(cell, name, &f.indices, f.expr))
+    };
+    let mut text = format!("key axis {}, gate {:?}\n", form.key_axis, form.gate_axis);
+    text += &factor("log_gate", &form.log_gate);
+    text += &factor("key", &form.key);
+    text += &factor("value", &form.value);
+    for readout in &form.readouts {
+        let name = &cell.outputs[readout.output.0].name;
+        for (part, f) in [
+            ("query", &readout.query),
+            ("scale", &readout.scale),
+            ("direct", &readout.direct),
+        ] {
+            if let Some(f) = f {
+                text += &factor(&format!("{name}.{part}"), f);
+            }
+        }
+    }
+    text + "canonical:\n" + &cell_to_string(&form.canonical_cell())
+}
+
+#[test]
+fn linear_cells_have_a_chunked_form() {
+    for (name, cell, axis) in linear_cells() {
+        let form = chunk_form(&cell).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(form.gate_axis, axis, "{name}");
+        insta::assert_snapshot!(format!("chunk_form_{name}"), describe(&form));
+    }
+    let transposed = chunk_form(&compile_source(TRANSPOSED)).unwrap();
+    assert_eq!(transposed.key_axis, 1);
+}
+
+#[test]
+fn canonical_cells_equal_the_original_cells_step_by_step() {
+    let mut rng = Rng::new(11);
+    for (name, cell, _) in linear_cells() {
+        let canonical = chunk_form(&cell).unwrap().canonical_cell();
+        for _ in 0..3 {
+            let shape = random_shape(&cell, &mut rng, 2, 9, 2, &[1, 3, 4]);
+            let mut inputs = random_inputs(&cell, &shape, &mut rng);
+            // Wide pre-activations: gates near 0 and 1, where log-space forms differ most.
+            for input in &mut inputs.inputs {
+                for x in &mut input.data {
+                    *x *= 8.0;
+                }
+            }
+            let expected = forward(&cell, &shape, &inputs).unwrap();
+            let got = forward(&canonical, &shape, &inputs).unwrap();
+            let pairs = expected
+                .outputs
+                .iter()
+                .zip(&got.outputs)
+                .chain(expected.final_states.iter().zip(&got.final_states));
+            for (e, g) in pairs {
+                for (a, b) in e.data.iter().zip(&g.data) {
+                    assert!(
+                        (a - b).abs() <= 1e-9 * (1.0 + a.abs()),
+                        "{name}: the canonical cell gives {b}, the cell {a}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn cells_without_a_chunked_form_say_why() {
+    let mut report = String::new();
+    let cells = ["deltanet", "mlstm", "elman"]
+        .map(|name| compile_cell(name).cell)
+        .into_iter()
+        .chain([BOTH_AXES, TWO_WRITES, NOT_OUTER].map(compile_source));
+    for cell in cells {
+        let error = chunk_form(&cell).expect_err(&cell.name);
+        report += &format!("{error}\n");
+    }
+    insta::assert_snapshot!("chunk_form_refusals", report);
+}

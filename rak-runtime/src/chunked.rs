@@ -1,0 +1,361 @@
+//! The chunked path: the scan of a cell linear in its state, evaluated chunk by chunk with
+//! matrix products, from the factors the compiler derived ([`crate::codegen::chunkwise`]).
+//! It runs as burn tensor operations on any backend and is differentiated by burn's autodiff;
+//! on the cubecl backends the products go to cubecl's matrix-multiply kernels, which use the
+//! tensor cores (cmma) where the device has them and a plain kernel elsewhere.
+//!
+//! With the per-step factors log γ (the decay), κ (key), ν (value), q (query), the sequence is
+//! cut into chunks of C steps. Within a chunk, b_t = Σ_{u ≤ t} log γ_u is the cumulative log
+//! decay from the chunk's start (along the key axis, the value axis, or a scalar). Then, for
+//! the state S₀ entering the chunk:
+//!
+//! - **inter-chunk**: `o_t += (q_t ⊙ e^{b_t}) · S₀`; the chunk's write
+//!   `U = Σ_s (κ_s ⊙ e^{b_C − b_s}) ⊗ ν_s` and decay `e^{b_C}` give the next chunk's state
+//!   `S₁ = e^{b_C} ⊙ S₀ + U`; the states entering all chunks come from a scan of these affine
+//!   maps in log₂(chunks) rounds of element-wise operations (Hillis–Steele);
+//! - **intra-chunk**: `o_t += Σ_{s ≤ t} (Σ_i q_t[i] κ_s[i] e^{b_t[i] − b_s[i]}) ν_s`, in
+//!   sub-chunks of c steps: between sub-chunks, every decay is split at the first step r of
+//!   the later sub-chunk, `e^{b_t − b_r} · e^{b_r − b_s}`, two factors that never exceed 1, and
+//!   the products are matrix products; within a sub-chunk the decays are taken pairwise. A
+//!   scalar decay needs neither: its `e^{b_t − b_s}` multiplies the `[C, C]` score matrix.
+//!
+//! No exponent is positive for decays at most 1 (every gate of the built-in cells), so no
+//! factor overflows however small the gates get; masked entries are zeroed before their
+//! exponential, so they add no infinities to the gradients either.
+
+use crate::codegen::chunkwise::{ChunkForm, GateAxis};
+use crate::codegen::ir::{ExprId, IndexId};
+use crate::unfused::{ScanResult, UnfusedScan, materialize};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData};
+
+/// Steps per sub-chunk: the blocks whose decays are taken pairwise.
+pub const SUB_CHUNK: usize = 16;
+
+/// What one chunked scan needs besides the tensors.
+pub struct ChunkedScan<'a> {
+    pub form: &'a ChunkForm,
+    /// The size of each dim of the cell, in declaration order.
+    pub dims: &'a [usize],
+    /// Steps per chunk (C).
+    pub chunk: usize,
+    /// Steps per sub-chunk (at most C; the largest divisor of C up to this is used).
+    pub sub_chunk: usize,
+}
+
+/// The factors of one sequence, cut into chunks: `[B, H, chunks, C, width]`.
+struct Chunks<B: Backend> {
+    /// Cumulative log decay from each chunk's start (width 1, K or V).
+    decay: Tensor<B, 5>,
+    key: Tensor<B, 5>,
+    value: Tensor<B, 5>,
+}
+
+impl ChunkedScan<'_> {
+    /// Runs the scan over packed inputs `[B, T, H, Σ input widths]` (before activation),
+    /// parameters `[H, Σ parameter sizes]` and optional initial states `[B, H, Σ state sizes]`
+    /// (else the state starts from its declared value), like [`UnfusedScan::run`].
+    pub fn run<B: Backend>(
+        &self,
+        inputs: Tensor<B, 4>,
+        params: Tensor<B, 2>,
+        initial: Option<Tensor<B, 3>>,
+    ) -> Result<ScanResult<B>, String> {
+        let form = self.form;
+        let cell = &form.cell;
+        let [batch, time, heads, _] = inputs.dims();
+        let device = inputs.device();
+        let size = |index: IndexId| self.dims[cell.index_dim(index).0];
+        let (keys, values) = (size(form.key.indices[0]), size(form.value.indices[0]));
+
+        // Every per-step factor at every step at once.
+        let mut wanted: Vec<(ExprId, &[IndexId])> = vec![
+            (form.log_gate.expr, &form.log_gate.indices),
+            (form.key.expr, &form.key.indices),
+            (form.value.expr, &form.value.indices),
+        ];
+        for readout in &form.readouts {
+            for factor in [&readout.query, &readout.scale, &readout.direct]
+                .into_iter()
+                .flatten()
+            {
+                wanted.push((factor.expr, &factor.indices));
+            }
+        }
+        let evaluator = UnfusedScan {
+            cell,
+            dims: self.dims,
+        };
+        let mut evaluated = evaluator
+            .evaluate_every_step(inputs, params, &wanted)?
+            .into_iter();
+        let mut next = || evaluated.next().expect("one tensor per factor");
+
+        let chunk = self.chunk.max(1);
+        let sub_chunk = (1..=self.sub_chunk.clamp(1, chunk))
+            .rev()
+            .find(|c| chunk % c == 0)
+            .unwrap_or(1);
+        let chunks = time.div_ceil(chunk);
+        // `[B, T, H, w]` → `[B, H, chunks, C, w]`, the last chunk padded with zeros: no write,
+        // no decay (log 1), so the final state is unchanged by the padding.
+        let cut = |x: Tensor<B, 4>| -> Tensor<B, 5> {
+            let width = x.dims()[3];
+            let mut x = x.swap_dims(1, 2);
+            if chunks * chunk > time {
+                let padding = Tensor::zeros([batch, heads, chunks * chunk - time, width], &device);
+                x = Tensor::cat(vec![x, padding], 2);
+            }
+            x.reshape([batch, heads, chunks, chunk, width])
+        };
+        let parts = Chunks {
+            decay: cut(next()).cumsum(3),
+            key: cut(next()),
+            value: cut(next()),
+        };
+
+        let state = &cell.states[form.state.0];
+        let declared = [self.dims[state.shape[0].0], self.dims[state.shape[1].0]];
+        let initial = match initial {
+            Some(initial) => initial.reshape([batch, heads, declared[0], declared[1]]),
+            None => Tensor::full(
+                [batch, heads, declared[0], declared[1]],
+                state.init,
+                &device,
+            ),
+        };
+        // The state as `[B, H, K, V]`.
+        let initial = if form.key_axis == 1 {
+            initial.swap_dims(2, 3)
+        } else {
+            initial
+        };
+        let (entering, last) = self.chunk_states(&parts, initial);
+
+        let mut outputs = Vec::with_capacity(form.readouts.len());
+        for readout in &form.readouts {
+            let numel: usize = cell.outputs[readout.output.0]
+                .indices
+                .iter()
+                .map(|&i| size(i))
+                .product();
+            let mut output = match &readout.query {
+                Some(_) => {
+                    let query = cut(next());
+                    let read = self.intra_chunk(&parts, query.clone(), sub_chunk)
+                        + self.inter_chunk(&parts, query, entering.clone());
+                    let read = read
+                        .reshape([batch, heads, chunks * chunk, values])
+                        .slice([0..batch, 0..heads, 0..time, 0..values])
+                        .swap_dims(1, 2);
+                    match readout.scale {
+                        Some(_) => read * next(),
+                        None => read,
+                    }
+                }
+                None => Tensor::zeros([batch, time, heads, numel], &device),
+            };
+            if readout.direct.is_some() {
+                output = output + next();
+            }
+            outputs.push(output);
+        }
+        let last = if form.key_axis == 1 {
+            last.swap_dims(2, 3)
+        } else {
+            last
+        };
+        Ok(ScanResult {
+            outputs: Tensor::cat(outputs, 3),
+            final_states: last.reshape([batch, heads, keys * values]),
+        })
+    }
+
+    /// The states entering each chunk `[B, H, chunks, K, V]` and the state after the last one
+    /// `[B, H, K, V]`, from the state `initial` entering the first.
+    fn chunk_states<B: Backend>(
+        &self,
+        parts: &Chunks<B>,
+        initial: Tensor<B, 4>,
+    ) -> (Tensor<B, 5>, Tensor<B, 4>) {
+        let [batch, heads, chunks, chunk, width] = parts.decay.dims();
+        let [keys, values] = [parts.key.dims()[4], parts.value.dims()[4]];
+        // The decay over a whole chunk, b_C, and each step's decay from its write to the end.
+        let total = materialize(parts.decay.clone().slice([
+            0..batch,
+            0..heads,
+            0..chunks,
+            chunk - 1..chunk,
+            0..width,
+        ]));
+        let to_end = (total.clone() - parts.decay.clone()).exp();
+        let writes = match self.form.gate_axis {
+            GateAxis::Scalar | GateAxis::Key => (parts.key.clone() * to_end)
+                .swap_dims(3, 4)
+                .matmul(parts.value.clone()),
+            GateAxis::Value => parts
+                .key
+                .clone()
+                .swap_dims(3, 4)
+                .matmul(parts.value.clone() * to_end),
+        };
+        let total = match self.form.gate_axis {
+            GateAxis::Scalar => total.reshape([batch, heads, chunks, 1, 1]),
+            GateAxis::Key => total.reshape([batch, heads, chunks, keys, 1]),
+            GateAxis::Value => total.reshape([batch, heads, chunks, 1, values]),
+        };
+        // Each chunk is the affine map S ↦ e^{total} ⊙ S + writes; after round r, element n
+        // holds the composition of the maps of chunks n − 2^r + 1 ..= n.
+        let (mut decay, mut carried) = (total, writes);
+        let shifted = |x: Tensor<B, 5>, by: usize| {
+            let [b, h, n, rows, columns] = x.dims();
+            let padding = Tensor::zeros([b, h, by, rows, columns], &x.device());
+            Tensor::cat(
+                vec![
+                    padding,
+                    x.slice([0..b, 0..h, 0..n - by, 0..rows, 0..columns]),
+                ],
+                2,
+            )
+        };
+        let mut span = 1;
+        while span < chunks {
+            carried = carried.clone() + decay.clone().exp() * shifted(carried, span);
+            decay = decay.clone() + shifted(decay, span);
+            span *= 2;
+        }
+        let initial = initial.unsqueeze_dim::<5>(2);
+        let after = carried + decay.exp() * initial.clone();
+        let last = materialize(after.clone().slice([
+            0..batch,
+            0..heads,
+            chunks - 1..chunks,
+            0..keys,
+            0..values,
+        ]))
+        .reshape([batch, heads, keys, values]);
+        let entering = if chunks > 1 {
+            let before_last = after.slice([0..batch, 0..heads, 0..chunks - 1, 0..keys, 0..values]);
+            Tensor::cat(vec![initial, before_last], 2)
+        } else {
+            initial
+        };
+        (entering, last)
+    }
+
+    /// What each step reads of the state entering its chunk: `[B, H, chunks, C, V]`.
+    fn inter_chunk<B: Backend>(
+        &self,
+        parts: &Chunks<B>,
+        query: Tensor<B, 5>,
+        entering: Tensor<B, 5>,
+    ) -> Tensor<B, 5> {
+        let from_start = parts.decay.clone().exp();
+        match self.form.gate_axis {
+            GateAxis::Scalar | GateAxis::Key => (query * from_start).matmul(entering),
+            GateAxis::Value => query.matmul(entering) * from_start,
+        }
+    }
+
+    /// What each step reads of the writes of its own chunk, up to itself: `[B, H, chunks, C, V]`.
+    fn intra_chunk<B: Backend>(
+        &self,
+        parts: &Chunks<B>,
+        query: Tensor<B, 5>,
+        sub_chunk: usize,
+    ) -> Tensor<B, 5> {
+        let [batch, heads, chunks, chunk, _] = query.dims();
+        let device = query.device();
+        let (key, value, decay) = (parts.key.clone(), parts.value.clone(), parts.decay.clone());
+        if self.form.gate_axis == GateAxis::Scalar {
+            // One decay per step: e^{b_t − b_s} scales the [C, C] scores.
+            // `[…, C, 1] − […, 1, C]`; a reshape, not a swap of axes: burn 0.21's fused
+            // element-wise kernels misread a tensor broadcast against its own swapped view.
+            let pairwise = decay.clone() - decay.reshape([batch, heads, chunks, 1, chunk]);
+            let causal = lower_triangle::<B>(chunk, &device).reshape([1, 1, 1, chunk, chunk]);
+            let scores = query.matmul(key.swap_dims(3, 4)) * masked_exp(pairwise, causal);
+            return scores.matmul(value);
+        }
+        let subs = chunk / sub_chunk;
+        let split = |x: Tensor<B, 5>| -> Tensor<B, 6> {
+            let width = x.dims()[4];
+            x.reshape([batch, heads, chunks, subs, sub_chunk, width])
+        };
+        let [q, k, v, b] = [query.clone(), key.clone(), value.clone(), decay.clone()].map(split);
+        let causal =
+            lower_triangle::<B>(sub_chunk, &device).reshape([1, 1, 1, 1, sub_chunk, sub_chunk, 1]);
+        // Within a sub-chunk: e^{b_t − b_s} for every pair s ≤ t, `[…, t, s, width]`.
+        let pairwise = masked_exp(
+            b.clone().unsqueeze_dim::<7>(5) - b.clone().unsqueeze_dim::<7>(4),
+            causal,
+        );
+        let width = b.dims()[5];
+        let mut read = match self.form.gate_axis {
+            GateAxis::Value => {
+                let scores = q.clone().matmul(k.swap_dims(4, 5)).unsqueeze_dim::<7>(6);
+                (scores * pairwise * v.unsqueeze_dim::<7>(4))
+                    .sum_dim(5)
+                    .reshape([batch, heads, chunks, subs, sub_chunk, width])
+            }
+            _ => (q.clone().unsqueeze_dim::<7>(5) * k.unsqueeze_dim::<7>(4) * pairwise)
+                .sum_dim(6)
+                .reshape([batch, heads, chunks, subs, sub_chunk, sub_chunk])
+                .matmul(v),
+        };
+        if subs > 1 {
+            // Earlier sub-chunks: each decay split at the first step r of the reading sub-chunk.
+            let reference = materialize(b.clone().slice([
+                0..batch,
+                0..heads,
+                0..chunks,
+                0..subs,
+                0..1,
+                0..width,
+            ]));
+            let to_reader = (b - reference.clone()).exp();
+            let before = earlier_sub_chunks::<B>(subs, sub_chunk, &device);
+            let from_writer = masked_exp(reference - decay.unsqueeze_dim::<6>(3), before);
+            let whole = |x: Tensor<B, 5>| -> Tensor<B, 6> {
+                let width = x.dims()[4];
+                x.unsqueeze_dim::<6>(3)
+                    .expand([batch, heads, chunks, subs, chunk, width])
+            };
+            read = read
+                + match self.form.gate_axis {
+                    GateAxis::Value => {
+                        let scores = q.matmul(whole(key).swap_dims(4, 5));
+                        scores.matmul(whole(value) * from_writer) * to_reader
+                    }
+                    _ => (q * to_reader)
+                        .matmul((whole(key) * from_writer).swap_dims(4, 5))
+                        .matmul(whole(value)),
+                };
+        }
+        let values = read.dims()[5];
+        read.reshape([batch, heads, chunks, chunk, values])
+    }
+}
+
+/// `e^x` where `mask` is 1, 0 where it is 0; the masked entries are zeroed before the
+/// exponential, so that neither the value nor its gradient can overflow there.
+fn masked_exp<B: Backend, const D: usize>(x: Tensor<B, D>, mask: Tensor<B, D>) -> Tensor<B, D> {
+    (x * mask.clone()).exp() * mask
+}
+
+/// `[n, n]`: 1 where column ≤ row.
+fn lower_triangle<B: Backend>(n: usize, device: &B::Device) -> Tensor<B, 2> {
+    Tensor::ones([n, n], device).tril(0)
+}
+
+/// `[1, 1, 1, subs, C, 1]`: 1 where step s of the chunk lies in a sub-chunk before sub-chunk I.
+fn earlier_sub_chunks<B: Backend>(
+    subs: usize,
+    sub_chunk: usize,
+    device: &B::Device,
+) -> Tensor<B, 6> {
+    let chunk = subs * sub_chunk;
+    let mask: Vec<f32> = (0..subs)
+        .flat_map(|reader| (0..chunk).map(move |s| f32::from(u8::from(s < reader * sub_chunk))))
+        .collect();
+    Tensor::from_data(TensorData::new(mask, [1, 1, 1, subs, chunk, 1]), device)
+}
