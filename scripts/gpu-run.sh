@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine (see scripts/gpu-check.sh, which prepares gpu-bundle/ here).
 # Everything it writes lands in $OUT: device.txt, kernel-tests.log, rak-bench.jsonl,
-# peers.jsonl, peers.log, table.md, lm.log, lm-table.md, lm-d512.md, generate.md.
+# chunked.md, rak-chunked.jsonl, peers.jsonl, peers.log, table.md, lm.log, lm-table.md,
+# lm-d512.md, generate.md. Every step has a timeout: 565 s in all.
 set -uo pipefail
 out=${OUT:-/tmp/rak-gpu-out}
 mkdir -p "$out"
@@ -15,7 +16,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
     export PYTHONPATH=/tmp/site
 
 # 1. Kernel tests of every cell on CUDA against the f64 interpreter (same tolerances as on wgpu).
-timeout 150 gpu-bundle/kernels-cuda --test-threads 1 > "$out/kernel-tests.log" 2>&1
+timeout 120 gpu-bundle/kernels-cuda --test-threads 1 > "$out/kernel-tests.log" 2>&1
 echo "kernel tests: exit $?" | tee -a "$out/kernel-tests.log"
 
 # 2. rak's kernels at the shapes, f32 and bf16 (state always f32).
@@ -25,8 +26,16 @@ for dtype in f32 bf16; do
         --json "$out/rak-bench.jsonl" 2>&1 | tee -a "$out/kernel-tests.log"
 done
 
+# 2b. The compiler's chunked form of SimpleRNN at the same shapes (burn operations, matrix
+#     products; timed to synchronisation), f32.
+timeout 60 gpu-bundle/rak bench --device cuda --strategy chunked --repetitions 5 --warmup 1 \
+    --shape 8,2048,8,128 --shape 4,2048,16,128 --shape 16,512,4,64 --shape 1,16384,8,128 \
+    --json "$out/rak-chunked.jsonl" > "$out/chunked.md" 2>&1
+echo "chunked bench: exit $?" >> "$out/chunked.md"
+cat "$out/chunked.md"
+
 # 3. Peers and floors on the same GPU.
-timeout 120 python3 bench/peers.py --out "$out/peers.jsonl" > "$out/peers.log" 2>&1
+timeout 110 python3 bench/peers.py --out "$out/peers.jsonl" > "$out/peers.log" 2>&1
 echo "peers: exit $?" >> "$out/peers.log"
 
 python3 bench/table.py "$out/rak-bench.jsonl" "$out/peers.jsonl" > "$out/table.md" 2>&1
@@ -34,9 +43,10 @@ cat "$out/table.md"
 
 # 4. The seed's table on the GPU: total train / val / test time per strategy (the per-step
 #    loop with separate projections, with the fused projection, and the generated kernels),
-#    the seed's model on dummy data; then tokens/s of a training step of a 4-layer D = 512 LM.
+#    and the chunked form), the seed's model on dummy data; then tokens/s of a training step of
+#    a 4-layer D = 512 LM.
 runs=/tmp/rak-runs
-timeout 60 gpu-bundle/rak train -m experiment=unfused,fused_projection,fused model=seed \
+timeout 75 gpu-bundle/rak train -m experiment=unfused,fused_projection,fused,chunked model=seed \
     data=dummy steps=100 eval_every=100 checkpoint_every=100 "job.run_dir=$runs/{name}" \
     --table "$out/lm-table.md" > "$out/lm.log" 2>&1
 echo "lm table: exit $?" >> "$out/lm.log"

@@ -123,6 +123,23 @@ fn cli_shows_the_backward_step() {
 }
 
 #[test]
+fn cli_shows_the_chunked_form_or_why_there_is_none() {
+    let (ok, stdout, _) = rak(&["show", "cells/gla.rak", "--chunked"]);
+    assert!(ok);
+    assert!(
+        stdout.contains("chunked form of Gla: state S, key axis 0, decay per key")
+            && stdout.contains("log_decay[i] = a[i] / 16;"),
+        "{stdout}"
+    );
+    let (ok, stdout, _) = rak(&["show", "cells/elman.rak", "--chunked"]);
+    assert!(ok);
+    assert!(
+        stdout.contains("cell Elman has no chunked form: its state h has rank 1"),
+        "{stdout}"
+    );
+}
+
+#[test]
 fn cli_reports_errors_with_file_line_and_column() {
     let dir = std::env::temp_dir().join(format!("rak-cli-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();

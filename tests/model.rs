@@ -692,7 +692,7 @@ fn a_diverging_loss_stops_the_run_with_its_step() {
 /// one row per run; `rak test` evaluates both checkpoints (the same test losses as at the end
 /// of training); `rak plot` draws their curves.
 #[test]
-fn multirun_of_two_experiments_ends_with_the_table_then_tests_and_plots_them() {
+fn multirun_of_three_experiments_ends_with_the_table_then_tests_and_plots_them() {
     setup();
     let dir = run_dir("multirun");
     let run_dir = format!("job.run_dir={}/{{name}}", dir.display());
@@ -739,14 +739,14 @@ fn multirun_of_two_experiments_ends_with_the_table_then_tests_and_plots_them() {
     let trained = rak(&[
         "train",
         "-m",
-        "experiment=unfused,fused",
+        "experiment=unfused,fused,chunked",
         "--table",
         table_file.to_str().unwrap(),
     ]);
     let train_rows = rows(&trained);
-    assert_eq!(train_rows.len(), 2, "{trained}");
+    assert_eq!(train_rows.len(), 3, "{trained}");
     assert_eq!(std::fs::read_to_string(&table_file).unwrap(), trained);
-    for (row, name) in train_rows.iter().zip(["unfused", "fused"]) {
+    for (row, name) in train_rows.iter().zip(["unfused", "fused", "chunked"]) {
         assert_eq!(
             (row[0].as_str(), row[1].as_str()),
             (name, "train"),
@@ -767,9 +767,17 @@ fn multirun_of_two_experiments_ends_with_the_table_then_tests_and_plots_them() {
         (Strategy::Unfused, Projection::Separate)
     );
 
-    let tested = rak(&["test", "-m", "experiment=unfused,fused"]);
+    // The same model trained with the fused kernels and with the chunked form: the same losses.
+    let test_loss = |row: &Vec<String>| row[6].parse::<f64>().unwrap();
+    let (fused_loss, chunked_loss) = (test_loss(&train_rows[1]), test_loss(&train_rows[2]));
+    assert!(
+        (fused_loss - chunked_loss).abs() <= 1e-3 * fused_loss,
+        "{trained}"
+    );
+
+    let tested = rak(&["test", "-m", "experiment=unfused,fused,chunked"]);
     let test_rows = rows(&tested);
-    assert_eq!(test_rows.len(), 2, "{tested}");
+    assert_eq!(test_rows.len(), 3, "{tested}");
     for (test_row, train_row) in test_rows.iter().zip(&train_rows) {
         assert_eq!(test_row[0], train_row[0]);
         assert_eq!(test_row[1], "test");
@@ -830,6 +838,29 @@ fn multirun_of_two_experiments_ends_with_the_table_then_tests_and_plots_them() {
         .filter(|l| l.starts_with("| 10 |") || l.starts_with("| 40 |"))
         .collect();
     assert_eq!(bench_rows.len(), 2, "{bench}");
+    let bench_chunked = |cell: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_rak"))
+            .args(["bench", "--strategy", "chunked", "--cell", cell])
+            .args(["--shape", "1,24,1,4", "--chunk", "8", "--warmup", "0"])
+            .args(["--repetitions", "1"])
+            .output()
+            .expect("rak bench --strategy chunked runs")
+    };
+    let output = bench_chunked("gla");
+    let table = String::from_utf8_lossy(&output.stdout).to_string();
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("| gla | F32 | Wgpu | 1 | 24 | 1 | 4 |")
+                && l.contains("chunked, 8 steps per chunk")),
+        "{table}"
+    );
+    let output = bench_chunked("deltanet");
+    assert!(!output.status.success());
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("cell DeltaNet has no chunked form"),
+        "{output:?}"
+    );
 
     let picture = dir.join("loss.png");
     let unfused_dir = dir.join("unfused");

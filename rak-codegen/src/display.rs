@@ -91,6 +91,39 @@ pub fn backward_to_string(step: &BackwardStep) -> String {
     out
 }
 
+/// A cell's chunked form ([`crate::chunkwise`]): the key axis, the gate's axis, each derived
+/// factor, then the cell rewritten in that form.
+pub fn chunk_form_to_string(form: &crate::chunkwise::ChunkForm) -> String {
+    let cell = &form.cell;
+    let factor = |name: &str, f: &crate::chunkwise::Factor| {
+        format!("    {};\n", statement_text(cell, name, &f.indices, f.expr))
+    };
+    let state = &cell.states[form.state.0].name;
+    let mut text = format!(
+        "chunked form of {}: state {state}, key axis {}, decay {:?}\n",
+        cell.name, form.key_axis, form.gate_axis
+    )
+    .replace("Scalar", "scalar")
+    .replace("decay Key", "decay per key")
+    .replace("decay Value", "decay per value");
+    text += &factor("log_decay", &form.log_gate);
+    text += &factor("key", &form.key);
+    text += &factor("value", &form.value);
+    for readout in &form.readouts {
+        let name = &cell.outputs[readout.output.0].name;
+        for (part, f) in [
+            ("query", &readout.query),
+            ("scale", &readout.scale),
+            ("direct", &readout.direct),
+        ] {
+            if let Some(f) = f {
+                text += &factor(&format!("{name}.{part}"), f);
+            }
+        }
+    }
+    text + "as a cell:\n" + &cell_to_string(&form.canonical_cell())
+}
+
 fn shape_text(cell: &Cell, shape: &Shape) -> String {
     if shape.is_empty() {
         return String::new();

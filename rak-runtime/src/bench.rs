@@ -3,16 +3,26 @@
 //!
 //! The forward scan is timed as training runs it, writing checkpoints; forward + backward is
 //! one forward scan, one backward scan and the parameter-gradient reduction.
+//!
+//! `rak bench --strategy chunked` times the cell's chunked form instead ([`time_chunked`]):
+//! burn operations rather than one kernel, so it is timed from the first launch to the device's
+//! synchronisation (launch overheads included), forward on the cubecl backend, forward +
+//! backward through burn's autodiff.
 
+use crate::chunked::{ChunkedScan, SUB_CHUNK};
 use crate::codegen::ScanShape;
+use crate::codegen::chunkwise::chunk_form;
 use crate::codegen::ir::{InputId, OutputId, ParamId, StateId};
 use crate::codegen::schedule::Schedule;
 use crate::kernels::{
     BackwardBuffers, CellKernels, CellRunner, DeviceArray, ForwardBuffers, KernelError,
     checkpoint_count,
 };
+use crate::packing::Packing;
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::{Distribution, Tensor};
 use cubecl::prelude::*;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Medians of the timed repetitions.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -145,4 +155,81 @@ pub fn time_cell<C: CellKernels, F: Float + CubeElement, R: Runtime>(
         forward_schedule: forward.schedule(),
         backward_schedule: backward.schedule(),
     })
+}
+
+/// Times `C`'s chunked scan ([`crate::chunked`]) at `shape` in chunks of `schedule.chunk` steps
+/// on the autodiff backend `B`: the forward scan on its inner backend, and forward + backward
+/// (the gradients of inputs and parameters) through autodiff; each repetition from its first
+/// launch to the device's synchronisation, median after warm-up.
+pub fn time_chunked<C: CellKernels, B: AutodiffBackend>(
+    device: &B::Device,
+    shape: &ScanShape,
+    schedule: Schedule,
+    warmup: usize,
+    repetitions: usize,
+) -> Result<KernelTiming, String> {
+    let compiled = C::compile();
+    let cell = &compiled.cell;
+    let form = chunk_form(cell).map_err(|e| e.to_string())?;
+    let dims = &shape.dims;
+    let [batch, time, heads] = [shape.batch, shape.time, shape.heads];
+    let uniform = Distribution::Uniform(-1.0, 1.0);
+    let inputs = Tensor::<B::InnerBackend, 4>::random(
+        [batch, time, heads, Packing::inputs(cell, dims).width],
+        uniform,
+        device,
+    );
+    let params = Tensor::<B::InnerBackend, 2>::random(
+        [heads, Packing::params(cell, dims).width],
+        uniform,
+        device,
+    );
+    let weights = Tensor::<B, 4>::random(
+        [batch, time, heads, Packing::outputs(cell, dims).width],
+        uniform,
+        device,
+    );
+    let scan = ChunkedScan {
+        form: &form,
+        dims,
+        chunk: schedule.chunk,
+        sub_chunk: SUB_CHUNK,
+    };
+    let sync = || B::sync(device).map_err(|e| format!("device synchronisation failed: {e:?}"));
+    let forward = || {
+        scan.run(inputs.clone(), params.clone(), None)?;
+        sync()
+    };
+    let forward_backward = || {
+        let inputs = Tensor::<B, 4>::from_inner(inputs.clone()).require_grad();
+        let params = Tensor::<B, 2>::from_inner(params.clone()).require_grad();
+        let result = scan.run(inputs.clone(), params.clone(), None)?;
+        let grads = (result.outputs * weights.clone()).sum().backward();
+        let _ = (inputs.grad(&grads), params.grad(&grads));
+        sync()
+    };
+    Ok(KernelTiming {
+        forward: median_wall_time(forward, warmup, repetitions)?,
+        forward_backward: median_wall_time(forward_backward, warmup, repetitions)?,
+        forward_schedule: schedule,
+        backward_schedule: schedule,
+    })
+}
+
+/// The median wall time of `run` over `repetitions` calls, after `warmup` untimed ones.
+fn median_wall_time(
+    run: impl Fn() -> Result<(), String>,
+    warmup: usize,
+    repetitions: usize,
+) -> Result<Duration, String> {
+    for _ in 0..warmup {
+        run()?;
+    }
+    let times = (0..repetitions.max(1))
+        .map(|_| {
+            let start = Instant::now();
+            run().map(|()| start.elapsed())
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(median(times))
 }

@@ -1,9 +1,10 @@
 //! The `rak` command line.
 //!
 //! - `rak check CELL...`: compiles `.rak` files and reports every error with its location;
-//! - `rak show CELL [--backward]`: prints a cell's IR, and the backward step derived from it;
+//! - `rak show CELL [--backward] [--chunked]`: prints a cell's IR, the backward step derived
+//!   from it, its chunked form;
 //! - `rak emit CELL [--target rust|cuda|wgsl]`: prints the kernels generated for a cell;
-//! - `rak bench`: times a built-in cell's kernels on this machine's device;
+//! - `rak bench`: times a built-in cell's kernels (or its chunked form) on this machine's device;
 //! - `rak train` and `rak test`: run jobs from the layered configuration in `configs/`
 //!   ([`crate::config`]), with overrides, a printout (`-c`), another main file (`-cn`) and
 //!   multirun (`-m`) ending with the table of every run;
@@ -74,6 +75,7 @@ fn parse_bench_shape(text: &str) -> Result<[usize; 4], String> {
 
 /// Times one built-in cell picked by name.
 struct BenchRequest {
+    strategy: BenchStrategy,
     shape: [usize; 4],
     dtype: Dtype,
     device: Device,
@@ -101,6 +103,39 @@ impl crate::cells::CellVisitor for BenchRequest {
         macro_rules! time_on {
             ($runtime:ty, $client:expr) => {{
                 let client = $client;
+                type Chunked<F> =
+                    burn::backend::Autodiff<crate::burn_cubecl::CubeBackend<$runtime, F, i32, u32>>;
+                let device = Default::default();
+                match (self.strategy, self.dtype) {
+                    (BenchStrategy::Chunked, Dtype::F32) => {
+                        return crate::bench::time_chunked::<C, Chunked<f32>>(
+                            &device,
+                            &shape,
+                            schedule,
+                            warmup,
+                            repetitions,
+                        );
+                    }
+                    (BenchStrategy::Chunked, Dtype::F16) => {
+                        return crate::bench::time_chunked::<C, Chunked<half::f16>>(
+                            &device,
+                            &shape,
+                            schedule,
+                            warmup,
+                            repetitions,
+                        );
+                    }
+                    (BenchStrategy::Chunked, Dtype::Bf16) => {
+                        return crate::bench::time_chunked::<C, Chunked<half::bf16>>(
+                            &device,
+                            &shape,
+                            schedule,
+                            warmup,
+                            repetitions,
+                        );
+                    }
+                    (BenchStrategy::Fused, _) => {}
+                }
                 match self.dtype {
                     Dtype::F32 => crate::bench::time_cell::<C, f32, $runtime>(
                         &client,
@@ -156,6 +191,7 @@ impl crate::cells::CellVisitor for BenchRequest {
 /// Runs `rak bench`: one table row (and JSON line) per shape.
 #[allow(clippy::too_many_arguments)]
 fn bench(
+    strategy: BenchStrategy,
     cell: &str,
     shapes: &[[usize; 4]],
     dtype: Dtype,
@@ -174,6 +210,7 @@ fn bench(
     println!("|---|---|---|---|---|---|---|---|---|---|");
     for &shape in shapes {
         let request = BenchRequest {
+            strategy,
             shape,
             dtype,
             device,
@@ -187,9 +224,12 @@ fn bench(
             timing.forward.as_secs_f64() * 1e3,
             timing.forward_backward.as_secs_f64() * 1e3,
         );
-        let describe = |s: rak_codegen::schedule::Schedule| {
-            let tile = s.tile.map_or("none".to_string(), |t| t.to_string());
-            format!("tile {tile}, {:?}", s.placement).to_lowercase()
+        let describe = |s: rak_codegen::schedule::Schedule| match strategy {
+            BenchStrategy::Chunked => format!("chunked, {} steps per chunk", s.chunk),
+            BenchStrategy::Fused => {
+                let tile = s.tile.map_or("none".to_string(), |t| t.to_string());
+                format!("tile {tile}, {:?}", s.placement).to_lowercase()
+            }
         };
         let (forward_schedule, backward_schedule) = (
             describe(timing.forward_schedule),
@@ -206,6 +246,7 @@ fn bench(
                 "device": format!("{device:?}").to_lowercase(), "batch": b, "time": t, "heads": h, "dim": d,
                 "forward_ms": forward, "forward_backward_ms": both, "repetitions": repetitions,
                 "chunk": schedule.chunk, "cube_dim": schedule.cube_dim,
+                "strategy": format!("{strategy:?}").to_lowercase(),
                 "forward_schedule": forward_schedule, "backward_schedule": backward_schedule,
             });
             use std::io::Write;
@@ -219,6 +260,15 @@ fn bench(
         }
     }
     Ok(())
+}
+
+/// `rak bench --strategy`: what is timed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchStrategy {
+    /// The generated recurrent kernels, timed on the device.
+    Fused,
+    /// The cell's chunked form (burn operations, matrix products), timed to synchronisation.
+    Chunked,
 }
 
 /// `rak bench --placement`.
@@ -365,6 +415,9 @@ pub enum Command {
         /// A built-in cell.
         #[arg(long, default_value = "simple_rnn")]
         cell: String,
+        /// The fused recurrent kernels, or the cell's chunked form.
+        #[arg(long, value_enum, default_value_t = BenchStrategy::Fused)]
+        strategy: BenchStrategy,
         /// `B,T,H,D`: batch, time, heads, and the size of every dim of the cell. Repeatable.
         #[arg(long = "shape", value_parser = parse_bench_shape, default_values = ["8,2048,8,128"])]
         shapes: Vec<[usize; 4]>,
@@ -377,7 +430,7 @@ pub enum Command {
         warmup: usize,
         #[arg(long, default_value_t = 20)]
         repetitions: usize,
-        /// Steps between checkpoints.
+        /// Steps between checkpoints (fused), steps per chunk (chunked).
         #[arg(long, default_value_t = 64)]
         chunk: usize,
         /// Units per cube.
@@ -407,6 +460,9 @@ pub enum Command {
         /// Also print the backward step derived by automatic differentiation.
         #[arg(long)]
         backward: bool,
+        /// Also print the chunked form (or why the cell has none).
+        #[arg(long)]
+        chunked: bool,
     },
 }
 
@@ -693,6 +749,7 @@ pub fn run(cli: Cli) -> ExitCode {
         })()),
         Command::Bench {
             what: None,
+            strategy,
             cell,
             shapes,
             dtype,
@@ -716,6 +773,7 @@ pub fn run(cli: Cli) -> ExitCode {
                 placement: placement.into(),
             };
             match bench(
+                strategy,
                 &cell,
                 &shapes,
                 dtype,
@@ -732,12 +790,23 @@ pub fn run(cli: Cli) -> ExitCode {
                 }
             }
         }
-        Command::Show { cell, backward } => match compile_file(&cell) {
+        Command::Show {
+            cell,
+            backward,
+            chunked,
+        } => match compile_file(&cell) {
             Ok(compiled) => {
                 print!("{}", cell_to_string(&compiled.cell));
                 if backward {
                     println!();
                     print!("{}", backward_to_string(&compiled.backward));
+                }
+                if chunked {
+                    println!();
+                    match rak_codegen::chunkwise::chunk_form(&compiled.cell) {
+                        Ok(form) => print!("{}", rak_codegen::display::chunk_form_to_string(&form)),
+                        Err(reason) => println!("{reason}"),
+                    }
                 }
                 ExitCode::SUCCESS
             }

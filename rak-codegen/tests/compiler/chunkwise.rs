@@ -3,8 +3,8 @@
 //! step by step.
 
 use crate::common::*;
-use rak_codegen::chunkwise::{ChunkForm, GateAxis, chunk_form};
-use rak_codegen::display::{cell_to_string, statement_text};
+use rak_codegen::chunkwise::{GateAxis, chunk_form};
+use rak_codegen::display::chunk_form_to_string;
 use rak_codegen::interpret::forward;
 use rak_codegen::ir::Cell;
 
@@ -78,36 +78,12 @@ fn linear_cells() -> Vec<(String, Cell, GateAxis)> {
     cells
 }
 
-fn describe(form: &ChunkForm) -> String {
-    let cell = &form.cell;
-    let factor = |name: &str, f: &rak_codegen::chunkwise::Factor| {
-        format!("    {};\n", statement_text(cell, name, &f.indices, f.expr))
-    };
-    let mut text = format!("key axis {}, gate {:?}\n", form.key_axis, form.gate_axis);
-    text += &factor("log_gate", &form.log_gate);
-    text += &factor("key", &form.key);
-    text += &factor("value", &form.value);
-    for readout in &form.readouts {
-        let name = &cell.outputs[readout.output.0].name;
-        for (part, f) in [
-            ("query", &readout.query),
-            ("scale", &readout.scale),
-            ("direct", &readout.direct),
-        ] {
-            if let Some(f) = f {
-                text += &factor(&format!("{name}.{part}"), f);
-            }
-        }
-    }
-    text + "canonical:\n" + &cell_to_string(&form.canonical_cell())
-}
-
 #[test]
 fn linear_cells_have_a_chunked_form() {
     for (name, cell, axis) in linear_cells() {
         let form = chunk_form(&cell).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(form.gate_axis, axis, "{name}");
-        insta::assert_snapshot!(format!("chunk_form_{name}"), describe(&form));
+        insta::assert_snapshot!(format!("chunk_form_{name}"), chunk_form_to_string(&form));
     }
     let transposed = chunk_form(&compile_source(TRANSPOSED)).unwrap();
     assert_eq!(transposed.key_axis, 1);
