@@ -261,23 +261,6 @@ fn fused_operation_without_the_fusion_wrapper() {
 // ---------------------------------------------------------------------------------------------
 // The chunked path.
 
-/// Test cells with a chunked form the built-in cells do not cover: a gate along the value axis,
-/// and a state stored `[V, K]` read with a scale and a direct term.
-const VALUE_GATE: &str = "cell ValueGate {
-    dims K, V;
-    input q[K], k[K], v[V], g[V] = sigmoid;
-    state S[K, V];
-    update S[i, j] = g[j] * S[i, j] + k[i] * v[j];
-    output o[j] = sum(i) q[i] * S[i, j];
-}";
-const TRANSPOSED: &str = "cell Transposed {
-    dims K, V;
-    input q[K], k[K], v[V], r[V] = sigmoid, a = logsigmoid;
-    state S[V, K];
-    update S[j, i] = exp(a) * S[j, i] + 2.0 * v[j] * k[i];
-    output o[j] = r[j] * sum(i) q[i] * S[j, i] - v[j];
-}";
-
 /// The chunked scan of `cell` against the unfused path: outputs, final states, every gradient.
 /// Inputs are drawn in [−input_scale, input_scale): large scales give gates near 0, whose
 /// cumulative log decay over a chunk is far below what `exp` of its negation can hold in f32.
@@ -329,14 +312,20 @@ fn check_chunked(
 #[test]
 fn chunked_scan_matches_the_unfused_path_for_every_linear_cell() {
     setup();
-    let compiled = |source: &str| rak::codegen::compile_str(source).expect("test cell").cell;
+    // Test cells with a chunked form the built-in cells do not cover: a gate along the value
+    // axis, and a state stored `[V, K]` read with a scale and a direct term.
+    let test_cell = |name: &str| {
+        let path = format!("{}/tests/cells/{name}.rak", env!("CARGO_MANIFEST_DIR"));
+        let source = std::fs::read_to_string(&path).expect("test cell");
+        rak::codegen::compile_str(&source).expect("test cell").cell
+    };
     let cells = [
         SimpleRnn::compile().cell,
         Gla::compile().cell,
         RetNet::compile().cell,
         Mamba2::compile().cell,
-        compiled(VALUE_GATE),
-        compiled(TRANSPOSED),
+        test_cell("value_gate"),
+        test_cell("transposed"),
     ];
     let mut found = Vec::new();
     for cell in &cells {

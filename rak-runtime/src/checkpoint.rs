@@ -60,6 +60,12 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), String> {
     std::fs::rename(&temporary, path).map_err(io_error(path, "replace"))
 }
 
+/// Writes `value` as pretty JSON to `path`, atomically.
+pub fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<(), String> {
+    let bytes = serde_json::to_vec_pretty(value).map_err(|e| e.to_string())?;
+    write_atomically(path, &bytes)
+}
+
 /// Writes a checkpoint of step `step` under `run_dir`, then points `latest` at it.
 pub fn save(
     run_dir: &Path,

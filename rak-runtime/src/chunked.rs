@@ -94,7 +94,7 @@ impl ChunkedScan<'_> {
         let chunk = self.chunk.max(1);
         let sub_chunk = (1..=self.sub_chunk.clamp(1, chunk))
             .rev()
-            .find(|c| chunk % c == 0)
+            .find(|c| chunk.is_multiple_of(*c))
             .unwrap_or(1);
         let chunks = time.div_ceil(chunk);
         // `[B, T, H, w]` → `[B, H, chunks, C, w]`, the last chunk padded with zeros: no write,

@@ -291,10 +291,7 @@ where
     let run_dir = &options.run_dir;
     std::fs::create_dir_all(run_dir)
         .map_err(|e| format!("cannot create `{}`: {e}", run_dir.display()))?;
-    checkpoint::write_atomically(
-        &run_dir.join("config.json"),
-        &serde_json::to_vec_pretty(config).map_err(|e| e.to_string())?,
-    )?;
+    checkpoint::write_json(&run_dir.join("config.json"), config)?;
     B::seed(device, config.seed);
     let mut model: LanguageModel<B> = config.model.init::<B, C>(options.schedule, device)?;
     let o = &config.optimizer;
@@ -441,10 +438,7 @@ where
         summary.test_seconds = took.as_secs_f64();
         summary.test = Some(m);
     }
-    checkpoint::write_atomically(
-        &run_dir.join("summary.json"),
-        &serde_json::to_vec_pretty(&summary).map_err(|e| e.to_string())?,
-    )?;
+    checkpoint::write_json(&run_dir.join("summary.json"), &summary)?;
     Ok(summary)
 }
 
@@ -525,10 +519,7 @@ where
     let run_dir = &options.run_dir;
     let (model, step, path) =
         trained_model::<B, C>(&config.model, run_dir, options.schedule, device)?;
-    checkpoint::write_atomically(
-        &run_dir.join("test-config.json"),
-        &serde_json::to_vec_pretty(config).map_err(|e| e.to_string())?,
-    )?;
+    checkpoint::write_json(&run_dir.join("test-config.json"), config)?;
     let mut metrics = open_metrics(run_dir)?;
     let (m, took) = phase::<B, C>(
         &model,

@@ -8,22 +8,10 @@ use rak_codegen::display::chunk_form_to_string;
 use rak_codegen::interpret::forward;
 use rak_codegen::ir::Cell;
 
-/// Cells written for these tests: a gate along the value axis, a state stored `[V, K]` read with
-/// a scale and a direct term, and three that break the form in different ways.
-const VALUE_GATE: &str = "cell ValueGate {
-    dims K, V;
-    input q[K], k[K], v[V], g[V] = sigmoid;
-    state S[K, V];
-    update S[i, j] = g[j] * S[i, j] + k[i] * v[j];
-    output o[j] = sum(i) q[i] * S[i, j];
-}";
-const TRANSPOSED: &str = "cell Transposed {
-    dims K, V;
-    input q[K], k[K], v[V], r[V] = sigmoid, a = logsigmoid;
-    state S[V, K];
-    update S[j, i] = exp(a) * S[j, i] + 2.0 * v[j] * k[i];
-    output o[j] = r[j] * sum(i) q[i] * S[j, i] - v[j];
-}";
+/// Cells written for these tests, which break the form in different ways; the test cells with a
+/// chunked form that the built-in cells do not cover (a gate along the value axis, a state
+/// stored `[V, K]` read with a scale and a direct term) are in `tests/cells/`, shared with the
+/// runtime's tests.
 const BOTH_AXES: &str = "cell BothAxes {
     dims K, V;
     input q[K], k[K], v[V];
@@ -48,6 +36,13 @@ const NOT_OUTER: &str = "cell NotOuter {
     output o[j] = sum(i) q[i] * S[i, j];
 }";
 
+/// A cell of the workspace's `tests/cells/`.
+fn test_cell(name: &str) -> Cell {
+    let path = format!("{}/../tests/cells/{name}.rak", env!("CARGO_MANIFEST_DIR"));
+    let source = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    compile_source(&source)
+}
+
 fn compile_source(source: &str) -> Cell {
     rak_codegen::compile_str(source)
         .unwrap_or_else(|errors| panic!("{}", errors.render(source, "test cell")))
@@ -67,12 +62,12 @@ fn linear_cells() -> Vec<(String, Cell, GateAxis)> {
     .collect();
     cells.push((
         "value_gate".into(),
-        compile_source(VALUE_GATE),
+        test_cell("value_gate"),
         GateAxis::Value,
     ));
     cells.push((
         "transposed".into(),
-        compile_source(TRANSPOSED),
+        test_cell("transposed"),
         GateAxis::Scalar,
     ));
     cells
@@ -85,7 +80,7 @@ fn linear_cells_have_a_chunked_form() {
         assert_eq!(form.gate_axis, axis, "{name}");
         insta::assert_snapshot!(format!("chunk_form_{name}"), chunk_form_to_string(&form));
     }
-    let transposed = chunk_form(&compile_source(TRANSPOSED)).unwrap();
+    let transposed = chunk_form(&test_cell("transposed")).unwrap();
     assert_eq!(transposed.key_axis, 1);
 }
 
