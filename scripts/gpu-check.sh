@@ -3,12 +3,12 @@
 # `rak` binary with `--features cuda`, bundles them (stripped, gzipped) with the wheels the GPU
 # machine lacks into gpu-bundle/ (ignored by git), and prints the device call to make.
 #
-# On the GPU machine, scripts/gpu-run.sh then runs, in one call of about 8 minutes at most:
-# the kernel tests of every cell on CUDA, `rak bench` at the issue's shapes (f32 and bf16),
-# bench/peers.py (PyTorch loop, flash-linear-attention, compute and memory floors), the seed's
-# LM table (`rak train -m experiment=...` on the GPU, and a 4-layer D = 512 step) and `rak
-# bench generate`, and writes the logs and the tables under $OUT (each step under its own
-# timeout; 530 s at most in all).
+# On the GPU machine, scripts/gpu-run.sh then runs, in one call of under 10 minutes: the
+# kernel tests of every cell on CUDA, `rak bench` at the issue's shapes (f32 and bf16, and the
+# chunked form), bench/peers.py (PyTorch loop, flash-linear-attention, compute and memory
+# floors), the seed's LM table (`rak train -m experiment=...` on the GPU, and a 4-layer D = 512
+# step) and `rak bench generate`, and writes the logs and the tables under $OUT (each step under
+# its own timeout; 565 s at most in all).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bundle=gpu-bundle
@@ -38,6 +38,6 @@ cat <<'TXT'
 Ready. Make one device call:
   command:   bash scripts/gpu-run.sh
   carry:     ["gpu-bundle"]
-  timeout_s: 540
+  timeout_s: 590
 Then copy the table from the returned table.md into BENCHMARKS.md, with the device, date and commit.
 TXT
