@@ -151,8 +151,8 @@ impl UnfusedScan<'_> {
                 let value = step.eval(expr)?;
                 let numel: usize = indices.iter().map(|&i| self.size(i)).product();
                 // A value that varies with neither batch nor time (a parameter's) is a
-                // broadcast view here; burn 0.21's cubecl backends misread such a view once it is
-                // reshaped, so it is copied first.
+                // broadcast view here (stride 0 along batch × time); copied, like every slice
+                // (see `materialize`), so that the reshape splits a plain tensor.
                 Ok(materialize(step.store(value, indices)).reshape([batch, time, heads, numel]))
             })
             .collect()
