@@ -38,7 +38,8 @@ cat "$out/chunked.md"
 timeout 110 python3 bench/peers.py --out "$out/peers.jsonl" > "$out/peers.log" 2>&1
 echo "peers: exit $?" >> "$out/peers.log"
 
-python3 bench/table.py "$out/rak-bench.jsonl" "$out/peers.jsonl" > "$out/table.md" 2>&1
+python3 bench/table.py "$out/rak-bench.jsonl" "$out/peers.jsonl" "$out/rak-chunked.jsonl" \
+    > "$out/table.md" 2>&1
 cat "$out/table.md"
 
 # 4. The seed's table on the GPU: total train / val / test time per strategy (the per-step
