@@ -6,6 +6,7 @@
 //! relative error), which must be ≤ 1e-4 in f32.
 
 use cubecl::prelude::*;
+use rak::CellDefinition;
 use rak::cells::*;
 use rak::codegen::ScanShape;
 use rak::codegen::interpret::{ScanInputs, Tensor, backward, forward};
@@ -810,4 +811,259 @@ fn f16_inputs_and_outputs_where_the_adapter_offers_them() {
         let error = relative_error(kernel, &reference.data);
         assert!(error <= 2e-3, "f16 {what}: relative error {error:e}");
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The chunked form (`rak::runtime::chunked`): burn operations on the cubecl backend of the same
+// runtime (the matrix products are cubecl's, with tensor cores where the device has them),
+// differentiated by burn's autodiff, against the same f64 interpreter.
+
+type ChunkedBackend = rak::runtime::burn::backend::Autodiff<
+    rak::runtime::burn_cubecl::CubeBackend<Wgpu, f32, i32, u32>,
+>;
+type BurnTensor<const D: usize> = rak::runtime::burn::tensor::Tensor<ChunkedBackend, D>;
+
+/// The values of `tensors` (each `rows × width_i`, row-major) side by side: `rows × Σ width_i`,
+/// the packed layout of `rak::runtime::packing`.
+fn pack(tensors: &[Tensor], rows: usize) -> Vec<f32> {
+    let widths: Vec<usize> = tensors.iter().map(|t| t.data.len() / rows).collect();
+    let mut packed = Vec::with_capacity(rows * widths.iter().sum::<usize>());
+    for row in 0..rows {
+        for (tensor, width) in tensors.iter().zip(&widths) {
+            packed.extend(
+                tensor.data[row * width..(row + 1) * width]
+                    .iter()
+                    .map(|&x| x as f32),
+            );
+        }
+    }
+    packed
+}
+
+/// The inverse of [`pack`]: each value of `widths`, row-major.
+fn unpack(packed: &[f32], widths: &[usize]) -> Vec<Vec<f32>> {
+    let total: usize = widths.iter().sum();
+    let mut values: Vec<Vec<f32>> = widths.iter().map(|_| Vec::new()).collect();
+    for row in packed.chunks(total.max(1)) {
+        let mut offset = 0;
+        for (value, width) in values.iter_mut().zip(widths) {
+            value.extend_from_slice(&row[offset..offset + width]);
+            offset += width;
+        }
+    }
+    values
+}
+
+fn burn_tensor<const D: usize>(values: Vec<f32>, shape: [usize; D]) -> BurnTensor<D> {
+    use rak::runtime::burn::tensor::TensorData;
+    BurnTensor::from_data(TensorData::new(values, shape), &Default::default())
+}
+
+fn burn_values<B: rak::runtime::burn::tensor::backend::Backend, const D: usize>(
+    tensor: rak::runtime::burn::tensor::Tensor<B, D>,
+) -> Vec<f32> {
+    tensor.into_data().to_vec::<f32>().expect("f32 tensor")
+}
+
+/// Runs the chunked form of `compiled` at one shape (chunks of `chunk` steps in sub-chunks of
+/// `sub_chunk`, inputs drawn in ±`input_scale`) and the interpreter on the same problem; one
+/// line per tensor that differs by more than [`TOLERANCE`] or is not finite.
+#[allow(clippy::too_many_arguments)]
+fn compare_chunked(
+    compiled: &rak::CompiledCell,
+    (batch, time, heads): (usize, usize, usize),
+    dims: &[usize],
+    chunk: usize,
+    sub_chunk: usize,
+    input_scale: f64,
+    seed: u64,
+) -> Vec<String> {
+    use rak::runtime::chunked::ChunkedScan;
+    let cell = &compiled.cell;
+    let form = rak::codegen::chunkwise::chunk_form(cell).unwrap_or_else(|e| panic!("{e}"));
+    let named: Vec<(&str, usize)> = (cell.dims.iter().zip(dims))
+        .map(|(d, &s)| (d.name.as_str(), s))
+        .collect();
+    let shape = ScanShape::new(cell, batch, time, heads, &named).unwrap();
+    let (inputs, grad_outputs, grad_finals) =
+        random_problem(cell, &shape, &mut Rng(seed), input_scale);
+    let expected = forward(cell, &shape, &inputs).unwrap();
+    let expected_grads = backward(
+        &compiled.backward,
+        &shape,
+        &inputs,
+        &grad_outputs,
+        &grad_finals,
+    )
+    .unwrap();
+
+    let width = |tensors: &[Tensor], rows: usize| -> Vec<usize> {
+        tensors.iter().map(|t| t.data.len() / rows).collect()
+    };
+    let (steps, sequences) = (batch * time * heads, batch * heads);
+    let initial = inputs.initial_states.as_deref().unwrap();
+    let widths = [
+        width(&inputs.inputs, steps),
+        width(&inputs.params, heads),
+        width(initial, sequences),
+        width(&grad_outputs, steps),
+    ];
+    let sum = |w: &[usize]| w.iter().sum::<usize>();
+    let packed_inputs = burn_tensor(
+        pack(&inputs.inputs, steps),
+        [batch, time, heads, sum(&widths[0])],
+    )
+    .require_grad();
+    let packed_params =
+        burn_tensor(pack(&inputs.params, heads), [heads, sum(&widths[1])]).require_grad();
+    let packed_initial =
+        burn_tensor(pack(initial, sequences), [batch, heads, sum(&widths[2])]).require_grad();
+    let scan = ChunkedScan {
+        form: &form,
+        dims: &shape.dims,
+        chunk,
+        sub_chunk,
+    };
+    let result = scan
+        .run(
+            packed_inputs.clone(),
+            packed_params.clone(),
+            Some(packed_initial.clone()),
+        )
+        .expect("chunked scan");
+    // L = Σ outputs · ∂L/∂outputs + Σ final states · ∂L/∂final states.
+    let loss = (result.outputs.clone()
+        * burn_tensor(
+            pack(&grad_outputs, steps),
+            [batch, time, heads, sum(&widths[3])],
+        ))
+    .sum()
+        + (result.final_states.clone()
+            * burn_tensor(
+                pack(&grad_finals, sequences),
+                [batch, heads, sum(&widths[2])],
+            ))
+        .sum();
+    let grads = loss.backward();
+    let got_outputs = unpack(&burn_values(result.outputs), &widths[3]);
+    let got_finals = unpack(&burn_values(result.final_states), &widths[2]);
+    let got_grad_inputs = unpack(
+        &burn_values(packed_inputs.grad(&grads).expect("input gradient")),
+        &widths[0],
+    );
+    // A cell without parameters has an empty parameter tensor, with no gradient.
+    let got_grad_params = packed_params
+        .grad(&grads)
+        .map(|g| unpack(&burn_values(g), &widths[1]))
+        .unwrap_or_default();
+    let got_grad_initial = unpack(
+        &burn_values(packed_initial.grad(&grads).expect("initial-state gradient")),
+        &widths[2],
+    );
+
+    let context = format!(
+        "{} B={batch} T={time} H={heads} dims={dims:?} C={chunk} c={sub_chunk} inputs ×{input_scale}",
+        cell.name
+    );
+    let mut found = Vec::new();
+    let mut check = |what: String, got: &[f32], reference: &Tensor| {
+        let error = relative_error(got, &reference.data);
+        if error > TOLERANCE || error.is_nan() || got.iter().any(|x| !x.is_finite()) {
+            found.push(format!("{context}: {what}: relative error {error:e}"));
+        }
+    };
+    for (o, output) in cell.outputs.iter().enumerate() {
+        let what = format!("output `{}`", output.name);
+        check(what, &got_outputs[o], &expected.outputs[o]);
+    }
+    for (s, state) in cell.states.iter().enumerate() {
+        let what = format!("final state `{}`", state.name);
+        check(what, &got_finals[s], &expected.final_states[s]);
+        let what = format!("gradient of initial state `{}`", state.name);
+        check(
+            what,
+            &got_grad_initial[s],
+            &expected_grads.initial_states[s],
+        );
+    }
+    for (i, input) in cell.inputs.iter().enumerate() {
+        let what = format!("gradient of input `{}`", input.name);
+        check(what, &got_grad_inputs[i], &expected_grads.inputs[i]);
+    }
+    for (p, param) in cell.params.iter().enumerate() {
+        let what = format!("gradient of parameter `{}`", param.name);
+        check(what, &got_grad_params[p], &expected_grads.params[p]);
+    }
+    found
+}
+
+/// Every cell with a chunked form: the four built-in ones and two test cells for what they do
+/// not cover (a gate along the value axis; a state stored `[V, K]` read with a scale and a
+/// direct term).
+fn chunkable_cells() -> Vec<rak::CompiledCell> {
+    let test_cell = |name: &str| {
+        let path = format!("{}/tests/cells/{name}.rak", env!("CARGO_MANIFEST_DIR"));
+        let source = std::fs::read_to_string(&path).expect("test cell");
+        rak::codegen::compile_str(&source).expect("test cell")
+    };
+    vec![
+        SimpleRnn::compile(),
+        Gla::compile(),
+        RetNet::compile(),
+        Mamba2::compile(),
+        test_cell("value_gate"),
+        test_cell("transposed"),
+    ]
+}
+
+/// The chunked form at the shapes of `kernels_match_the_interpreter_for_every_cell` (T = 1, 7,
+/// C − 1, C, C + 1, 300 with chunks of C = 16 in sub-chunks of 4; dims 5, 33, 64, each dim a
+/// different size), outputs, final states and every gradient.
+#[test]
+fn chunked_form_matches_the_interpreter() {
+    let shapes = [
+        (1, 1, 1, 5),
+        (3, 7, 2, 5),
+        (1, CHUNK - 1, 2, 33),
+        (3, CHUNK, 1, 33),
+        (1, CHUNK + 1, 2, 64),
+        (3, 300, 2, 5),
+    ];
+    let mut found = Vec::new();
+    for compiled in chunkable_cells() {
+        for (n, (batch, time, heads, dim)) in shapes.into_iter().enumerate() {
+            let dims: Vec<usize> = (0..compiled.cell.dims.len()).map(|d| dim + d).collect();
+            found.extend(compare_chunked(
+                &compiled,
+                (batch, time, heads),
+                &dims,
+                CHUNK,
+                4,
+                1.0,
+                200 + n as u64,
+            ));
+        }
+    }
+    assert!(found.is_empty(), "{}", found.join("\n"));
+}
+
+/// T = 2048 with inputs scaled by 30, as `saturated_gates_and_long_sequences_stay_finite`:
+/// gates near 0 and 1, cumulative log decays far below what `exp` of their negation holds in
+/// f32 (chunks of 64 steps in sub-chunks of 16, 32 chunks).
+#[test]
+fn chunked_form_with_saturated_gates_and_long_sequences() {
+    let mut found = Vec::new();
+    for compiled in chunkable_cells() {
+        let dims = vec![3; compiled.cell.dims.len()];
+        found.extend(compare_chunked(
+            &compiled,
+            (1, 2048, 1),
+            &dims,
+            64,
+            16,
+            30.0,
+            11,
+        ));
+    }
+    assert!(found.is_empty(), "{}", found.join("\n"));
 }

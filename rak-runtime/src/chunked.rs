@@ -22,6 +22,13 @@
 //! No exponent is positive for decays at most 1 (every gate of the built-in cells), so no
 //! factor overflows however small the gates get; masked entries are zeroed before their
 //! exponential, so they add no infinities to the gradients either.
+//!
+//! Every exponent that is not measured from the chunk's start (`b_t − b_s`, `b_C − b_s`) is
+//! summed over the steps between its ends ([`segment_sums`], [`sum_after`]), never taken as the
+//! difference of two sums from the start: with saturated gates those sums reach −1000 within a
+//! chunk, where f32 keeps only about 1e-4 of absolute precision, and a difference would carry
+//! that error into every factor (and ≈ 5e-4 into the gradient of Mamba2's `A_log` at T = 2048,
+//! against ≈ 1e-6 this way; `tests/kernels.rs`).
 
 use crate::codegen::chunkwise::{ChunkForm, GateAxis};
 use crate::codegen::ir::{ExprId, IndexId};
@@ -45,7 +52,9 @@ pub struct ChunkedScan<'a> {
 
 /// The factors of one sequence, cut into chunks: `[B, H, chunks, C, width]`.
 struct Chunks<B: Backend> {
-    /// Cumulative log decay from each chunk's start (width 1, K or V).
+    /// Each step's log decay (width 1, K or V).
+    log_decay: Tensor<B, 5>,
+    /// Cumulative log decay from each chunk's start, b_t.
     decay: Tensor<B, 5>,
     key: Tensor<B, 5>,
     value: Tensor<B, 5>,
@@ -108,8 +117,10 @@ impl ChunkedScan<'_> {
             }
             x.reshape([batch, heads, chunks, chunk, width])
         };
+        let log_decay = cut(next());
         let parts = Chunks {
-            decay: cut(next()).cumsum(3),
+            decay: log_decay.clone().cumsum(3),
+            log_decay,
             key: cut(next()),
             value: cut(next()),
         };
@@ -188,7 +199,7 @@ impl ChunkedScan<'_> {
             chunk - 1..chunk,
             0..width,
         ]));
-        let to_end = (total.clone() - parts.decay.clone()).exp();
+        let to_end = sum_after(parts.log_decay.clone(), 3).exp();
         let writes = match self.form.gate_axis {
             GateAxis::Scalar | GateAxis::Key => (parts.key.clone() * to_end)
                 .swap_dims(3, 4)
@@ -266,14 +277,18 @@ impl ChunkedScan<'_> {
     ) -> Tensor<B, 5> {
         let [batch, heads, chunks, chunk, _] = query.dims();
         let device = query.device();
-        let (key, value, decay) = (parts.key.clone(), parts.value.clone(), parts.decay.clone());
+        let (key, value) = (parts.key.clone(), parts.value.clone());
         if self.form.gate_axis == GateAxis::Scalar {
             // One decay per step: e^{b_t − b_s} scales the [C, C] scores.
-            // `[…, C, 1] − […, 1, C]`; a reshape, not a swap of axes: burn 0.21's fused
-            // element-wise kernels misread a tensor broadcast against its own swapped view.
-            let pairwise = decay.clone() - decay.reshape([batch, heads, chunks, 1, chunk]);
+            let between = segment_sums(
+                parts
+                    .log_decay
+                    .clone()
+                    .reshape([batch, heads, chunks, 1, chunk, 1]),
+            )
+            .reshape([batch, heads, chunks, chunk, chunk]);
             let causal = lower_triangle::<B>(chunk, &device).reshape([1, 1, 1, chunk, chunk]);
-            let scores = query.matmul(key.swap_dims(3, 4)) * masked_exp(pairwise, causal);
+            let scores = query.matmul(key.swap_dims(3, 4)) * masked_exp(between, causal);
             return scores.matmul(value);
         }
         let subs = chunk / sub_chunk;
@@ -281,15 +296,14 @@ impl ChunkedScan<'_> {
             let width = x.dims()[4];
             x.reshape([batch, heads, chunks, subs, sub_chunk, width])
         };
-        let [q, k, v, b] = [query.clone(), key.clone(), value.clone(), decay.clone()].map(split);
+        let log_decay = parts.log_decay.clone();
+        let [q, k, v, x] = [query.clone(), key.clone(), value.clone(), log_decay].map(split);
         let causal =
             lower_triangle::<B>(sub_chunk, &device).reshape([1, 1, 1, 1, sub_chunk, sub_chunk, 1]);
-        // Within a sub-chunk: e^{b_t − b_s} for every pair s ≤ t, `[…, t, s, width]`.
-        let pairwise = masked_exp(
-            b.clone().unsqueeze_dim::<7>(5) - b.clone().unsqueeze_dim::<7>(4),
-            causal,
-        );
-        let width = b.dims()[5];
+        // Within a sub-chunk: b_t − b_s for every pair s ≤ t, `[…, t, s, width]`.
+        let between = segment_sums(x.clone());
+        let pairwise = masked_exp(between.clone(), causal);
+        let width = x.dims()[5];
         let mut read = match self.form.gate_axis {
             GateAxis::Value => {
                 let scores = q.clone().matmul(k.swap_dims(4, 5)).unsqueeze_dim::<7>(6);
@@ -303,18 +317,39 @@ impl ChunkedScan<'_> {
                 .matmul(v),
         };
         if subs > 1 {
-            // Earlier sub-chunks: each decay split at the first step r of the reading sub-chunk.
-            let reference = materialize(b.clone().slice([
-                0..batch,
-                0..heads,
-                0..chunks,
-                0..subs,
-                0..1,
-                0..width,
-            ]));
-            let to_reader = (b - reference.clone()).exp();
+            // Earlier sub-chunks: each decay split at the first step r of the reading
+            // sub-chunk I: b_t − b_r, within I (the column s = r of the pairwise sums), and
+            // b_r − b_s for s in an earlier sub-chunk J, the sum of the rest of J after s, of
+            // the sub-chunks strictly between J and I, and of step r.
+            let sub_shape = [batch, heads, chunks, subs, sub_chunk, width];
+            let to_reader = materialize(between.narrow(5, 0, 1))
+                .reshape(sub_shape)
+                .exp();
+            let rest_of_writer =
+                sum_after(x.clone(), 4).reshape([batch, heads, chunks, 1, chunk, width]);
+            // Σ_{J < K ≤ I} of the sub-chunks' totals, `[…, I, J, width]`, moved one sub-chunk
+            // on: Σ_{J < K < I}.
+            let totals = x
+                .clone()
+                .sum_dim(4)
+                .reshape([batch, heads, chunks, 1, subs, width]);
+            let through = segment_sums(totals).reshape([batch, heads, chunks, subs, subs, width]);
+            let strictly_between = Tensor::cat(
+                vec![
+                    Tensor::zeros([batch, heads, chunks, 1, subs, width], &device),
+                    materialize(through.narrow(3, 0, subs - 1)),
+                ],
+                3,
+            );
+            let strictly_between = materialize(
+                strictly_between
+                    .unsqueeze_dim::<7>(5)
+                    .expand([batch, heads, chunks, subs, subs, sub_chunk, width]),
+            )
+            .reshape([batch, heads, chunks, subs, chunk, width]);
+            let first_step = materialize(x.narrow(4, 0, 1));
             let before = earlier_sub_chunks::<B>(subs, sub_chunk, &device);
-            let from_writer = masked_exp(reference - decay.unsqueeze_dim::<6>(3), before);
+            let from_writer = masked_exp(rest_of_writer + strictly_between + first_step, before);
             let whole = |x: Tensor<B, 5>| -> Tensor<B, 6> {
                 let width = x.dims()[4];
                 x.unsqueeze_dim::<6>(3)
@@ -340,6 +375,34 @@ impl ChunkedScan<'_> {
 /// exponential, so that neither the value nor its gradient can overflow there.
 fn masked_exp<B: Backend, const D: usize>(x: Tensor<B, D>, mask: Tensor<B, D>) -> Tensor<B, D> {
     (x * mask.clone()).exp() * mask
+}
+
+/// `[…, n, w]` → `[…, t, s, w]`: Σ_{s < u ≤ t} x_u where s ≤ t, 0 elsewhere. Each entry is
+/// the sum of the terms between s and t, not the difference of two sums from the start, so it
+/// keeps its precision however far from 0 the sums from the start drift (saturated gates: by
+/// hundreds within a chunk, where a difference would lose every digit a small entry has).
+fn segment_sums<B: Backend>(x: Tensor<B, 6>) -> Tensor<B, 7> {
+    let n = x.dims()[4];
+    // 1 where s < u, `[u, s]`.
+    let after = Tensor::<B, 2>::ones([n, n], &x.device())
+        .tril(-1)
+        .reshape([1, 1, 1, 1, n, n, 1]);
+    (x.unsqueeze_dim::<7>(5) * after).cumsum(4)
+}
+
+/// Σ_{u > t} x_u along `dim`, summed from the far end (not a difference of two sums, for the
+/// reason given at [`segment_sums`]).
+fn sum_after<B: Backend, const D: usize>(x: Tensor<B, D>, dim: usize) -> Tensor<B, D> {
+    let n = x.dims()[dim];
+    let mut last = x.dims();
+    last[dim] = 1;
+    let zero = Tensor::zeros(last, &x.device());
+    if n == 1 {
+        return zero;
+    }
+    let later = Tensor::cat(vec![materialize(x.narrow(dim, 1, n - 1)), zero], dim);
+    let axis = [dim as isize];
+    later.flip(axis).cumsum(dim).flip(axis)
 }
 
 /// `[n, n]`: 1 where column ≤ row.
