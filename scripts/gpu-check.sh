@@ -8,7 +8,7 @@
 # chunked form), bench/peers.py (PyTorch loop, flash-linear-attention, compute and memory
 # floors), the seed's LM table (`rak train -m experiment=...` on the GPU, and a 4-layer D = 512
 # step) and `rak bench generate`, and writes the logs and the tables under $OUT (each step under
-# its own timeout; 565 s at most in all).
+# its own timeout; 575 s at most in all).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bundle=gpu-bundle

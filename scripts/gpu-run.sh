@@ -2,7 +2,7 @@
 # Runs on the GPU machine (see scripts/gpu-check.sh, which prepares gpu-bundle/ here).
 # Everything it writes lands in $OUT: device.txt, kernel-tests.log, rak-bench.jsonl,
 # chunked.md, rak-chunked.jsonl, peers.jsonl, peers.log, table.md, lm.log, lm-table.md,
-# lm-d512.md, generate.md. Every step has a timeout: 565 s in all.
+# lm-d512.md, generate.md. Every step has a timeout: 575 s in all.
 set -uo pipefail
 out=${OUT:-/tmp/rak-gpu-out}
 mkdir -p "$out"
@@ -15,13 +15,16 @@ chmod +x gpu-bundle/rak gpu-bundle/kernels-cuda
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site gpu-bundle/whl/*.whl &&
     export PYTHONPATH=/tmp/site
 
-# 1. Kernel tests of every cell on CUDA against the f64 interpreter (same tolerances as on wgpu).
-timeout 120 gpu-bundle/kernels-cuda --test-threads 1 > "$out/kernel-tests.log" 2>&1
+# 1. Kernel tests of every cell on CUDA against the f64 interpreter (same tolerances as on wgpu),
+#    then the chunked form against it (burn operations on CUDA: cubecl's autotuned matmuls).
+timeout 120 gpu-bundle/kernels-cuda --test-threads 1 --skip chunked > "$out/kernel-tests.log" 2>&1
 echo "kernel tests: exit $?" | tee -a "$out/kernel-tests.log"
+timeout 30 gpu-bundle/kernels-cuda --test-threads 1 chunked >> "$out/kernel-tests.log" 2>&1
+echo "chunked form tests: exit $?" | tee -a "$out/kernel-tests.log"
 
 # 2. rak's kernels at the shapes, f32 and bf16 (state always f32).
 for dtype in f32 bf16; do
-    timeout 70 gpu-bundle/rak bench --device cuda --dtype "$dtype" --repetitions 5 --warmup 1 \
+    timeout 65 gpu-bundle/rak bench --device cuda --dtype "$dtype" --repetitions 5 --warmup 1 \
         --shape 8,2048,8,128 --shape 4,2048,16,128 --shape 16,512,4,64 --shape 1,16384,8,128 \
         --json "$out/rak-bench.jsonl" 2>&1 | tee -a "$out/kernel-tests.log"
 done
@@ -51,7 +54,7 @@ timeout 75 gpu-bundle/rak train -m experiment=unfused,fused_projection,fused,chu
     data=dummy steps=100 eval_every=100 checkpoint_every=100 "job.run_dir=$runs/{name}" \
     --table "$out/lm-table.md" > "$out/lm.log" 2>&1
 echo "lm table: exit $?" >> "$out/lm.log"
-timeout 30 gpu-bundle/rak train experiment=fused data=dummy model.layers=4 model.d_model=512 \
+timeout 25 gpu-bundle/rak train experiment=fused data=dummy model.layers=4 model.d_model=512 \
     model.heads=4 "model.dims=[128, 128]" steps=20 eval_every=20 checkpoint_every=20 \
     test_batches=1 "job.name=d512" "job.run_dir=$runs/{name}" --table "$out/lm-d512.md" \
     >> "$out/lm.log" 2>&1
@@ -59,6 +62,6 @@ echo "d512: exit $?" >> "$out/lm.log"
 cat "$out/lm-table.md" "$out/lm-d512.md" 2>/dev/null
 
 # 5. Streaming generation: time and device memory against prompt length.
-timeout 30 gpu-bundle/rak bench generate --checkpoint "$runs/fused" \
+timeout 25 gpu-bundle/rak bench generate --checkpoint "$runs/fused" \
     --prompt-lengths 1000,10000,100000 > "$out/generate.md" 2>&1
 cat "$out/generate.md"

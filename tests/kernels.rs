@@ -997,7 +997,8 @@ fn compare_chunked(
     found
 }
 
-/// Every cell with a chunked form: the four built-in ones and two test cells for what they do
+/// Every cell with a chunked form: the five built-in ones (DeltaNet's the delta rule's) and two
+/// test cells for what they do
 /// not cover (a gate along the value axis; a state stored `[V, K]` read with a scale and a
 /// direct term).
 fn chunkable_cells() -> Vec<rak::CompiledCell> {
@@ -1011,6 +1012,7 @@ fn chunkable_cells() -> Vec<rak::CompiledCell> {
         Gla::compile(),
         RetNet::compile(),
         Mamba2::compile(),
+        DeltaNet::compile(),
         test_cell("value_gate"),
         test_cell("transposed"),
     ]

@@ -324,6 +324,7 @@ fn chunked_scan_matches_the_unfused_path_for_every_linear_cell() {
         Gla::compile().cell,
         RetNet::compile().cell,
         Mamba2::compile().cell,
+        DeltaNet::compile().cell,
         test_cell("value_gate"),
         test_cell("transposed"),
     ];
@@ -346,20 +347,20 @@ fn chunked_scan_matches_the_unfused_path_for_every_linear_cell() {
 fn cells_without_a_chunked_form_are_refused_with_the_reason() {
     setup();
     let mut config = model_config(Strategy::Chunked);
-    config.cell = "deltanet".into();
+    config.cell = "mlstm".into();
     let error = config
-        .init::<Fused, DeltaNet>(schedule(), &Default::default())
+        .init::<Fused, Mlstm>(schedule(), &Default::default())
         .map(|_| ())
-        .expect_err("DeltaNet has no chunked form");
+        .expect_err("mLSTM has no chunked form");
     assert!(
-        error.starts_with("model.strategy: \"chunked\" does not fit: cell DeltaNet has no chunked form: the update of S reads it"),
+        error.starts_with("model.strategy: \"chunked\" does not fit: cell Mlstm has no chunked form: it has 3 states"),
         "{error}"
     );
     // The same cell runs under `auto` (as fused).
     config.strategy = Strategy::Auto;
     assert!(
         config
-            .init::<Fused, DeltaNet>(schedule(), &Default::default())
+            .init::<Fused, Mlstm>(schedule(), &Default::default())
             .is_ok()
     );
 }
@@ -844,10 +845,10 @@ fn multirun_of_three_experiments_ends_with_the_table_then_tests_and_plots_them()
                 && l.contains("chunked, 8 steps per chunk")),
         "{table}"
     );
-    let output = bench_chunked("deltanet");
+    let output = bench_chunked("mlstm");
     assert!(!output.status.success());
     assert!(
-        String::from_utf8_lossy(&output.stderr).contains("cell DeltaNet has no chunked form"),
+        String::from_utf8_lossy(&output.stderr).contains("cell Mlstm has no chunked form"),
         "{output:?}"
     );
 

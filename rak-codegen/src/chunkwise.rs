@@ -21,11 +21,21 @@
 //! initial state, which the runtime evaluates chunk by chunk with matrix products. The
 //! [`ChunkForm`] holds the per-step factors as expressions of the cell.
 //!
+//! The delta rule (DeltaNet) fits too, without a decay:
+//!
+//! ```text
+//! S[i, j] = S[i, j] − κ[i] · Σ_l β[l] · S[l, j] + κ[i] · ν[j]    (κ, β, ν state-free)
+//! ```
+//!
+//! (the state read back along β and written back along the same κ as the write, here found
+//! through DeltaNet's `error` let, which the pass expands); the runtime evaluates it chunk by
+//! chunk in its WY/UT form ([`ChunkForm::delta`]).
+//!
 //! The decay is carried in log space: `log γ` is derived symbolically ([`log_of`]), so that
 //! `sigmoid(x)` becomes `logsigmoid(x)` (of the input before its activation) and `exp(x)`
 //! becomes `x`; gates that round to 0 in f32 keep a finite logarithm. Cells that do not fit get
-//! a [`NotChunkable`] saying which statement breaks the form and how (DeltaNet's update reads
-//! `S` through its key, mLSTM has three states, Elman's update is nonlinear).
+//! a [`NotChunkable`] saying which statement breaks the form and how (mLSTM has three states,
+//! Elman's update is nonlinear, a delta rule with a decay is not taken).
 
 use crate::display::expr_text;
 use crate::ir::*;
@@ -80,6 +90,9 @@ pub struct ChunkForm {
     pub value: Factor,
     /// One per output, in declaration order.
     pub readouts: Vec<Readout>,
+    /// The delta rule's read-back vector β over the key axis (its own index): the update also
+    /// subtracts `κ[i] · Σ_l β[l] · S[l, j]`. With it the decay is 1 (`log_gate` is 0).
+    pub delta: Option<Factor>,
 }
 
 /// Why a cell has no chunked form.
@@ -118,7 +131,22 @@ struct Update {
     decay: ExprId,
     /// The write's factors over the state's axis 0 and axis 1 (scalars with axis 0).
     write: [ExprId; 2],
+    delta: Option<DeltaTerm>,
 }
+
+/// The delta rule's term `−κ[i] · Σ_l β[l] · S[l, j]` of an update.
+struct DeltaTerm {
+    /// The state's axis the sum runs along.
+    axis: usize,
+    /// β, over `index`.
+    read: ExprId,
+    index: IndexId,
+    /// κ as `coefficient · Π factors` (the term is its negation times the sum).
+    along: Term,
+}
+
+/// One term of an expanded expression: `coefficient · Π factors`.
+type Term = (f64, Vec<ExprId>);
 
 impl Recognizer<'_> {
     fn refuse<T>(&self, reason: String) -> Result<T, NotChunkable> {
@@ -153,6 +181,29 @@ impl Recognizer<'_> {
         let update = self.update(state)?;
         let (readouts, key_axis) = self.readouts(state)?;
         let value_axis = 1 - key_axis;
+        let delta = match &update.delta {
+            None => None,
+            Some(delta) => {
+                if delta.axis != key_axis {
+                    return self.refuse(format!(
+                        "the update of {name} reads it back along another axis than its outputs \
+                         read it; the delta rule's chunked form needs one key axis"
+                    ));
+                }
+                let constant_one = matches!(self.cell.exprs.get(update.decay), Expr::Const(Constant(c)) if *c == 1.0);
+                if !constant_one {
+                    return self.refuse(format!(
+                        "the update of {name} both decays it by {} and reads it back (a gated \
+                         delta rule); the chunked schedule takes the delta rule without a decay",
+                        self.text(update.decay)
+                    ));
+                }
+                Some(Factor {
+                    expr: delta.read,
+                    indices: vec![delta.index],
+                })
+            }
+        };
         let decay_free = self.cell.free_indices(update.decay);
         let gate_axis = if decay_free.is_empty() {
             GateAxis::Scalar
@@ -190,11 +241,13 @@ impl Recognizer<'_> {
                 indices: vec![update.indices[value_axis]],
             },
             readouts,
+            delta,
             cell: self.cell,
         })
     }
 
-    /// Splits `S[i, j] = γ · S[i, j] + κ · ν` into its decay and write.
+    /// Splits `S[i, j] = γ · S[i, j] + κ · ν` into its decay and write, and the delta rule's
+    /// `S[i, j] − κ[i] · Σ_l β[l] · S[l, j] + κ[i] · ν[j]` into its read-back and write.
     fn update(&mut self, state: StateId) -> Result<Update, NotChunkable> {
         let cell = self.original;
         let name = &cell.states[state.0].name;
@@ -207,34 +260,51 @@ impl Recognizer<'_> {
             index_name(indices[1])
         );
         let mut decay = None;
-        let mut write = None;
-        for (sign, term) in split_terms(cell, statement.expr) {
-            let (coefficient, mut factors) = split_factors(cell, term, sign);
-            if !reads_state(cell, term) {
+        let mut write: Option<Term> = None;
+        let mut delta: Option<DeltaTerm> = None;
+        for (coefficient, mut factors) in expand(&mut self.cell, statement.expr) {
+            let term = self.term_text(coefficient, &factors);
+            if !factors.iter().any(|&f| reads_state(&self.cell, f)) {
                 if write.is_some() {
                     return self.refuse(format!(
                         "the update of {name} adds more than one state-free term; the chunked \
                          schedule takes one outer-product write per step"
                     ));
                 }
-                write = Some((coefficient, factors, term));
+                write = Some((coefficient, factors));
                 continue;
             }
             let position = factors.iter().position(|&f| {
-                matches!(cell.exprs.get(f), Expr::Load {
+                matches!(self.cell.exprs.get(f), Expr::Load {
                     value: Value::State(s, StateTime::Previous),
                     indices: read,
                 } if *s == state && read[..] == indices[..])
             });
             let Some(position) = position else {
-                return self.refuse(format!(
-                    "the update of {name} reads it in the term {}, which is not a decay times \
-                     {carried}: the state must enter linearly, element by element",
-                    self.text(term)
-                ));
+                let Some((position, axis, read, index)) = self.read_back(state, indices, &factors)
+                else {
+                    return self.refuse(format!(
+                        "the update of {name} reads it in the term {term}, which is neither a \
+                         decay times {carried} nor a delta rule's read-back \
+                         κ · Σ_l β[l] · {name}[l, …]: the state must enter linearly"
+                    ));
+                };
+                if delta.is_some() {
+                    return self.refuse(format!(
+                        "the update of {name} reads it back in more than one term"
+                    ));
+                }
+                factors.remove(position);
+                delta = Some(DeltaTerm {
+                    axis,
+                    read,
+                    index,
+                    along: (-coefficient, factors),
+                });
+                continue;
             };
             factors.remove(position);
-            if let Some(&f) = factors.iter().find(|&&f| reads_state(cell, f)) {
+            if let Some(&f) = factors.iter().find(|&&f| reads_state(&self.cell, f)) {
                 return self.refuse(format!(
                     "the decay {} of {name} reads a state",
                     self.text(f)
@@ -247,9 +317,8 @@ impl Recognizer<'_> {
             }
             if coefficient <= 0.0 {
                 return self.refuse(format!(
-                    "the decay of {name} in {} has a constant factor {coefficient} ≤ 0; the \
-                     chunked schedule needs a positive decay",
-                    self.text(term)
+                    "the decay of {name} in {term} has a constant factor {coefficient} ≤ 0; the \
+                     chunked schedule needs a positive decay"
                 ));
             }
             decay = Some(product(&mut self.cell, coefficient, &factors));
@@ -259,13 +328,17 @@ impl Recognizer<'_> {
                 "the update of {name} does not carry it over (no term γ · {carried})"
             ));
         };
-        let Some((coefficient, factors, term)) = write else {
+        let Some((coefficient, factors)) = write else {
             return self.refuse(format!("the update of {name} writes nothing"));
         };
+        // Factors free of both indices go with the key of a delta rule, else with axis 0.
+        let scalar_side = delta.as_ref().map_or(0, |d| d.axis);
         let mut sides: [Vec<ExprId>; 2] = [vec![], vec![]];
-        for factor in factors {
-            let free = cell.free_indices(factor);
-            let side = if free.iter().all(|&i| i == indices[0]) {
+        for &factor in &factors {
+            let free = self.cell.free_indices(factor);
+            let side = if free.is_empty() {
+                scalar_side
+            } else if free.iter().all(|&i| i == indices[0]) {
                 0
             } else if free.iter().all(|&i| i == indices[1]) {
                 1
@@ -273,7 +346,7 @@ impl Recognizer<'_> {
                 return self.refuse(format!(
                     "the write {} to {name} is not an outer product of a vector over {} and one \
                      over {}: its factor {} depends on both",
-                    self.text(term),
+                    self.term_text(coefficient, &factors),
                     index_name(indices[0]),
                     index_name(indices[1]),
                     self.text(factor)
@@ -281,15 +354,111 @@ impl Recognizer<'_> {
             };
             sides[side].push(factor);
         }
-        let write = [
-            product(&mut self.cell, coefficient, &sides[0]),
-            product(&mut self.cell, 1.0, &sides[1]),
-        ];
+        let write = match &delta {
+            None => [
+                product(&mut self.cell, coefficient, &sides[0]),
+                product(&mut self.cell, 1.0, &sides[1]),
+            ],
+            Some(delta) => {
+                // The write must run along the vector the read-back is written along: then
+                // S_t = S_{t−1} + κ_t · (ν_t − Σ_l β_t[l] · S_{t−1}[l, ·]).
+                let (along, along_factors) = &delta.along;
+                let mut written = sides[delta.axis].clone();
+                let mut expected = along_factors.clone();
+                written.sort();
+                expected.sort();
+                if written != expected || *along == 0.0 {
+                    return self.refuse(format!(
+                        "the update of {name} reads it back along {} but writes {}; the delta \
+                         rule's chunked form needs the write along the same vector",
+                        self.term_text(*along, along_factors),
+                        self.term_text(coefficient, &factors)
+                    ));
+                }
+                let mut write = [ExprId(0); 2];
+                write[delta.axis] = product(&mut self.cell, *along, along_factors);
+                write[1 - delta.axis] =
+                    product(&mut self.cell, coefficient / along, &sides[1 - delta.axis]);
+                write
+            }
+        };
         Ok(Update {
             indices,
             decay,
             write,
+            delta,
         })
+    }
+
+    /// Whether `factors` are `Σ_l β[l] · S[l, j]` (or `S[j, l]`) times factors over the
+    /// update's index on the same axis as `l`: the position of the sum among them, the axis,
+    /// β and `l`.
+    fn read_back(
+        &mut self,
+        state: StateId,
+        indices: [IndexId; 2],
+        factors: &[ExprId],
+    ) -> Option<(usize, usize, ExprId, IndexId)> {
+        let reading: Vec<usize> = (0..factors.len())
+            .filter(|&p| reads_state(&self.cell, factors[p]))
+            .collect();
+        let &[position] = &reading[..] else {
+            return None;
+        };
+        let Expr::Sum { index, body } = *self.cell.exprs.get(factors[position]) else {
+            return None;
+        };
+        let terms = expand(&mut self.cell, body);
+        let [(coefficient, body_factors)] = &terms[..] else {
+            return None;
+        };
+        let (loads, mut rest): (Vec<ExprId>, Vec<ExprId>) = body_factors
+            .iter()
+            .partition(|&&f| reads_state(&self.cell, f));
+        let &[load] = &loads[..] else {
+            return None;
+        };
+        let Expr::Load {
+            value: Value::State(s, StateTime::Previous),
+            indices: read,
+        } = self.cell.exprs.get(load)
+        else {
+            return None;
+        };
+        let axis = read.iter().position(|&i| i == index)?;
+        if *s != state || read.len() != 2 || read[1 - axis] != indices[1 - axis] {
+            return None;
+        }
+        let over = |cell: &Cell, f: ExprId, allowed: IndexId| {
+            cell.free_indices(f).iter().all(|&i| i == allowed)
+        };
+        let outside_ok = (0..factors.len())
+            .filter(|&p| p != position)
+            .all(|p| over(&self.cell, factors[p], indices[axis]));
+        if !outside_ok || !rest.iter().all(|&f| over(&self.cell, f, index)) {
+            return None;
+        }
+        rest.sort();
+        let read = product(&mut self.cell, *coefficient, &rest);
+        Some((position, axis, read, index))
+    }
+
+    /// A term as text: `` `coefficient * f₁ * f₂` `` (the coefficient left out when ±1).
+    fn term_text(&self, coefficient: f64, factors: &[ExprId]) -> String {
+        let mut parts: Vec<String> = factors
+            .iter()
+            .map(|&f| match self.cell.exprs.get(f) {
+                Expr::Binary(BinaryOp::Add | BinaryOp::Sub, ..) => {
+                    format!("({})", expr_text(&self.cell, f))
+                }
+                _ => expr_text(&self.cell, f),
+            })
+            .collect();
+        if parts.is_empty() || coefficient.abs() != 1.0 {
+            parts.insert(0, format!("{}", coefficient.abs()));
+        }
+        let sign = if coefficient < 0.0 { "-" } else { "" };
+        format!("`{sign}{}`", parts.join(" * "))
     }
 
     /// Splits every output into `σ · Σ_i q[i] · S[i, j] + δ`; also returns the key axis.
@@ -408,7 +577,8 @@ impl Recognizer<'_> {
 }
 
 impl ChunkForm {
-    /// The cell rewritten as the chunked schedule reads it: `S = exp(log γ) · S + κ · ν` and
+    /// The cell rewritten as the chunked schedule reads it: `S = exp(log γ) · S + κ · ν` (minus
+    /// `κ · Σ_l β[l] · S[l, ·]` for the delta rule) and
     /// `o = σ · Σ_i q[i] · S[i, j] + δ`, with the same inputs, parameters and state. It equals
     /// the original cell step by step (the compiler's tests check this with the interpreter).
     pub fn canonical_cell(&self) -> Cell {
@@ -427,6 +597,16 @@ impl ChunkForm {
         let decayed = arena.mul(decay, carried);
         let write = arena.mul(self.key.expr, self.value.expr);
         update.expr = arena.add(decayed, write);
+        if let Some(delta) = &self.delta {
+            // − κ[i] · Σ_l β[l] · S[l, j], l on the key axis.
+            let mut indices = update.indices.clone();
+            indices[self.key_axis] = delta.indices[0];
+            let read = arena.load(Value::State(self.state, StateTime::Previous), indices);
+            let body = arena.mul(delta.expr, read);
+            let read_back = arena.sum(delta.indices[0], body);
+            let correction = arena.mul(self.key.expr, read_back);
+            update.expr = arena.binary(BinaryOp::Sub, update.expr, correction);
+        }
         for readout in &self.readouts {
             let output = &mut cell.outputs[readout.output.0];
             let mut expr = arena.constant_expr(0.0);
@@ -510,6 +690,66 @@ fn split_factors(cell: &Cell, expr: ExprId, coefficient: f64) -> (f64, Vec<ExprI
     (coefficient, out)
 }
 
+/// `expr` as a sum of terms `coefficient · Π factors`: split through `+`, `−`, negation and
+/// constants, products distributed over the sums that read a state, and the `let`s that read a
+/// state inlined (DeltaNet's `error`); a state-free sum stays one factor.
+fn expand(cell: &mut Cell, expr: ExprId) -> Vec<Term> {
+    let negated =
+        |terms: Vec<Term>| -> Vec<Term> { terms.into_iter().map(|(c, f)| (-c, f)).collect() };
+    match cell.exprs.get(expr).clone() {
+        Expr::Binary(BinaryOp::Add, a, b) => {
+            let mut terms = expand(cell, a);
+            terms.extend(expand(cell, b));
+            terms
+        }
+        Expr::Binary(BinaryOp::Sub, a, b) => {
+            let mut terms = expand(cell, a);
+            terms.extend(negated(expand(cell, b)));
+            terms
+        }
+        Expr::Unary(UnaryOp::Neg, a) => negated(expand(cell, a)),
+        Expr::Const(Constant(c)) => vec![(c, vec![])],
+        Expr::Binary(BinaryOp::Mul, a, b) => {
+            let mut side = |x: ExprId| {
+                let terms = expand(cell, x);
+                if terms.len() > 1 && !reads_state(cell, x) {
+                    vec![(1.0, vec![x])]
+                } else {
+                    terms
+                }
+            };
+            let (left, right) = (side(a), side(b));
+            let mut terms = Vec::with_capacity(left.len() * right.len());
+            for (cl, fl) in &left {
+                for (cr, fr) in &right {
+                    terms.push((cl * cr, [fl.as_slice(), fr.as_slice()].concat()));
+                }
+            }
+            terms
+        }
+        Expr::Load {
+            value: Value::Let(l),
+            indices,
+        } if reads_state(cell, expr) => {
+            let inlined = inline_let(cell, l, &indices);
+            expand(cell, inlined)
+        }
+        _ => vec![(1.0, vec![expr])],
+    }
+}
+
+/// The definition of `let` `l` with its indices renamed to `indices`.
+fn inline_let(cell: &mut Cell, l: LetId, indices: &[IndexId]) -> ExprId {
+    let definition = &cell.lets[l.0];
+    let renaming: HashMap<IndexId, IndexId> = definition
+        .indices
+        .iter()
+        .copied()
+        .zip(indices.iter().copied())
+        .collect();
+    rename(cell, definition.expr, &renaming)
+}
+
 /// `coefficient · f₁ · f₂ · …` as a derived expression.
 fn product(cell: &mut Cell, coefficient: f64, factors: &[ExprId]) -> ExprId {
     let mut expr = cell.exprs.constant_expr(coefficient);
@@ -551,14 +791,7 @@ pub fn log_of(cell: &mut Cell, expr: ExprId) -> ExprId {
             value: Value::Let(l),
             indices,
         } => {
-            let definition = &cell.lets[l.0];
-            let renaming: HashMap<IndexId, IndexId> = definition
-                .indices
-                .iter()
-                .copied()
-                .zip(indices.iter().copied())
-                .collect();
-            let inlined = rename(cell, definition.expr, &renaming);
+            let inlined = inline_let(cell, l, &indices);
             log_of(cell, inlined)
         }
         _ => cell.exprs.unary(UnaryOp::Log, expr),

@@ -109,6 +109,9 @@ pub fn chunk_form_to_string(form: &crate::chunkwise::ChunkForm) -> String {
     text += &factor("log_decay", &form.log_gate);
     text += &factor("key", &form.key);
     text += &factor("value", &form.value);
+    if let Some(delta) = &form.delta {
+        text += &factor("read_back", delta);
+    }
     for readout in &form.readouts {
         let name = &cell.outputs[readout.output.0].name;
         for (part, f) in [

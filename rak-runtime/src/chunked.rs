@@ -83,6 +83,9 @@ impl ChunkedScan<'_> {
             (form.key.expr, &form.key.indices),
             (form.value.expr, &form.value.indices),
         ];
+        if let Some(delta) = &form.delta {
+            wanted.push((delta.expr, &delta.indices));
+        }
         for readout in &form.readouts {
             for factor in [&readout.query, &readout.scale, &readout.direct]
                 .into_iter()
@@ -141,7 +144,17 @@ impl ChunkedScan<'_> {
         } else {
             initial
         };
-        let (entering, last) = self.chunk_states(&parts, initial);
+        let (entering, last, pseudo_values) = match &form.delta {
+            None => {
+                let (entering, last) = self.chunk_states(&parts, initial);
+                (entering, last, None)
+            }
+            Some(_) => {
+                let read_back = cut(next());
+                let delta = delta_chunk_states(&parts, read_back, initial);
+                (delta.entering, delta.last, Some(delta.pseudo_values))
+            }
+        };
 
         let mut outputs = Vec::with_capacity(form.readouts.len());
         for readout in &form.readouts {
@@ -153,8 +166,15 @@ impl ChunkedScan<'_> {
             let mut output = match &readout.query {
                 Some(_) => {
                     let query = cut(next());
-                    let read = self.intra_chunk(&parts, query.clone(), sub_chunk)
-                        + self.inter_chunk(&parts, query, entering.clone());
+                    let read = match &pseudo_values {
+                        None => {
+                            self.intra_chunk(&parts, query.clone(), sub_chunk)
+                                + self.inter_chunk(&parts, query, entering.clone())
+                        }
+                        Some(pseudo_values) => {
+                            delta_read(&parts, query, entering.clone(), pseudo_values.clone())
+                        }
+                    };
                     let read = read
                         .reshape([batch, heads, chunks * chunk, values])
                         .slice([0..batch, 0..heads, 0..time, 0..values])
@@ -218,17 +238,6 @@ impl ChunkedScan<'_> {
         // Each chunk is the affine map S ↦ e^{total} ⊙ S + writes; after round r, element n
         // holds the composition of the maps of chunks n − 2^r + 1 ..= n.
         let (mut decay, mut carried) = (total, writes);
-        let shifted = |x: Tensor<B, 5>, by: usize| {
-            let [b, h, n, rows, columns] = x.dims();
-            let padding = Tensor::zeros([b, h, by, rows, columns], &x.device());
-            Tensor::cat(
-                vec![
-                    padding,
-                    x.slice([0..b, 0..h, 0..n - by, 0..rows, 0..columns]),
-                ],
-                2,
-            )
-        };
         let mut span = 1;
         while span < chunks {
             carried = carried.clone() + decay.clone().exp() * shifted(carried, span);
@@ -237,21 +246,7 @@ impl ChunkedScan<'_> {
         }
         let initial = initial.unsqueeze_dim::<5>(2);
         let after = carried + decay.exp() * initial.clone();
-        let last = materialize(after.clone().slice([
-            0..batch,
-            0..heads,
-            chunks - 1..chunks,
-            0..keys,
-            0..values,
-        ]))
-        .reshape([batch, heads, keys, values]);
-        let entering = if chunks > 1 {
-            let before_last = after.slice([0..batch, 0..heads, 0..chunks - 1, 0..keys, 0..values]);
-            Tensor::cat(vec![initial, before_last], 2)
-        } else {
-            initial
-        };
-        (entering, last)
+        entering_and_last(after, initial)
     }
 
     /// What each step reads of the state entering its chunk: `[B, H, chunks, C, V]`.
@@ -369,6 +364,124 @@ impl ChunkedScan<'_> {
         let values = read.dims()[5];
         read.reshape([batch, heads, chunks, chunk, values])
     }
+}
+
+/// `x` `[B, H, chunks, …]` moved `by` chunks later, the first `by` zero.
+fn shifted<B: Backend>(x: Tensor<B, 5>, by: usize) -> Tensor<B, 5> {
+    let [b, h, n, rows, columns] = x.dims();
+    let padding = Tensor::zeros([b, h, by, rows, columns], &x.device());
+    Tensor::cat(
+        vec![
+            padding,
+            x.slice([0..b, 0..h, 0..n - by, 0..rows, 0..columns]),
+        ],
+        2,
+    )
+}
+
+/// From the states after every chunk `[B, H, chunks, K, V]` and the initial state
+/// `[B, H, 1, K, V]`: the states entering every chunk and the state after the last.
+fn entering_and_last<B: Backend>(
+    after: Tensor<B, 5>,
+    initial: Tensor<B, 5>,
+) -> (Tensor<B, 5>, Tensor<B, 4>) {
+    let [batch, heads, chunks, keys, values] = after.dims();
+    let last = materialize(after.clone().slice([
+        0..batch,
+        0..heads,
+        chunks - 1..chunks,
+        0..keys,
+        0..values,
+    ]))
+    .reshape([batch, heads, keys, values]);
+    let entering = if chunks > 1 {
+        let before_last = after.slice([0..batch, 0..heads, 0..chunks - 1, 0..keys, 0..values]);
+        Tensor::cat(vec![initial, before_last], 2)
+    } else {
+        initial
+    };
+    (entering, last)
+}
+
+/// The delta rule's chunks: the states entering each, the last state, and the pseudo-values.
+struct DeltaStates<B: Backend> {
+    entering: Tensor<B, 5>,
+    last: Tensor<B, 4>,
+    /// u_t `[B, H, chunks, C, V]`, with `S_t = S_entering + Σ_{s ≤ t} κ_s u_sᵀ` in a chunk.
+    pseudo_values: Tensor<B, 5>,
+}
+
+/// The delta rule `S_t = S_{t−1} + κ_t (ν_t − S_{t−1}ᵀ β_t)ᵀ` chunk by chunk, in its WY/UT form
+/// (Yang et al. 2024, arXiv:2406.06484): with `S_t = S₀ + Σ_{s ≤ t} κ_s u_sᵀ` in a chunk, the
+/// pseudo-values solve `(I + L) U = N − B S₀`, `L[t, s] = β_t · κ_s` for s < t; so
+/// `U = P − R S₀` with `[P, R] = (I + L)⁻¹ [N, B]` (forward substitution, the same for every
+/// chunk at once), and the chunk maps `S₀ ↦ (I − Kᵀ R) S₀ + Kᵀ P` compose by the same
+/// Hillis–Steele scan as the decays, with matrix products.
+fn delta_chunk_states<B: Backend>(
+    parts: &Chunks<B>,
+    read_back: Tensor<B, 5>,
+    initial: Tensor<B, 4>,
+) -> DeltaStates<B> {
+    let [_, _, chunks, chunk, keys] = parts.key.dims();
+    let values = parts.value.dims()[4];
+    let device = read_back.device();
+    let key = parts.key.clone();
+    let strictly_lower = Tensor::<B, 2>::ones([chunk, chunk], &device)
+        .tril(-1)
+        .reshape([1, 1, 1, chunk, chunk]);
+    let coupling = read_back.clone().matmul(key.clone().swap_dims(3, 4)) * strictly_lower;
+    // (I + L) X = [N, B], row by row: x_t = y_t − Σ_{s < t} L[t, s] x_s.
+    let right = Tensor::cat(vec![parts.value.clone(), read_back], 4);
+    let mut rows: Vec<Tensor<B, 5>> = Vec::with_capacity(chunk);
+    for t in 0..chunk {
+        let row = materialize(right.clone().narrow(3, t, 1));
+        let row = if t == 0 {
+            row
+        } else {
+            let coefficients = materialize(coupling.clone().narrow(3, t, 1).narrow(4, 0, t));
+            row - coefficients.matmul(Tensor::cat(rows.clone(), 3))
+        };
+        rows.push(row);
+    }
+    let solved = Tensor::cat(rows, 3);
+    let pseudo = materialize(solved.clone().narrow(4, 0, values));
+    let pseudo_keys = materialize(solved.narrow(4, values, keys));
+    // Chunk n maps S to G_n S + H_n; after round r, element n holds the composition of the
+    // maps of chunks n − 2^r + 1 ..= n (the identity padding the first chunks).
+    let identity = Tensor::<B, 2>::eye(keys, &device).reshape([1, 1, 1, keys, keys]);
+    let key_t = key.swap_dims(3, 4);
+    let mut map = identity.clone() - key_t.clone().matmul(pseudo_keys.clone());
+    let mut carried = key_t.matmul(pseudo.clone());
+    let mut span = 1;
+    while span < chunks {
+        let earlier_map = shifted(map.clone() - identity.clone(), span) + identity.clone();
+        carried = map.clone().matmul(shifted(carried.clone(), span)) + carried;
+        map = map.matmul(earlier_map);
+        span *= 2;
+    }
+    let initial = initial.unsqueeze_dim::<5>(2);
+    let after = map.matmul(initial.clone()) + carried;
+    let (entering, last) = entering_and_last(after, initial);
+    let pseudo_values = pseudo - pseudo_keys.matmul(entering.clone());
+    DeltaStates {
+        entering,
+        last,
+        pseudo_values,
+    }
+}
+
+/// What each step of the delta rule reads: `o_t = q_t S₀ + Σ_{s ≤ t} (q_t · κ_s) u_s`,
+/// `[B, H, chunks, C, V]`.
+fn delta_read<B: Backend>(
+    parts: &Chunks<B>,
+    query: Tensor<B, 5>,
+    entering: Tensor<B, 5>,
+    pseudo_values: Tensor<B, 5>,
+) -> Tensor<B, 5> {
+    let chunk = query.dims()[3];
+    let causal = lower_triangle::<B>(chunk, &query.device()).reshape([1, 1, 1, chunk, chunk]);
+    let scores = query.clone().matmul(parts.key.clone().swap_dims(3, 4)) * causal;
+    query.matmul(entering) + scores.matmul(pseudo_values)
 }
 
 /// `e^x` where `mask` is 1, 0 where it is 0; the masked entries are zeroed before the

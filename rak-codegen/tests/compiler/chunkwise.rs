@@ -27,6 +27,28 @@ const TWO_WRITES: &str = "cell TwoWrites {
     update S[i, j] = S[i, j] + k[i] * v[j] + q[i] * v[j];
     output o[j] = sum(i) q[i] * S[i, j];
 }";
+const GATED_DELTA: &str = "cell GatedDelta {
+    dims K, V;
+    input q[K], k[K], v[V], beta = sigmoid, g = sigmoid;
+    let error[j] = sum(l) k[l] * S[l, j] - v[j];
+    state S[K, V];
+    update S[i, j] = g * S[i, j] - beta * k[i] * error[j];
+    output o[j] = sum(i) q[i] * S[i, j];
+}";
+const DELTA_OTHER_WRITE: &str = "cell DeltaOtherWrite {
+    dims K, V;
+    input q[K], k[K], v[V], beta = sigmoid;
+    state S[K, V];
+    update S[i, j] = S[i, j] - beta * k[i] * sum(l) k[l] * S[l, j] + q[i] * v[j];
+    output o[j] = sum(i) q[i] * S[i, j];
+}";
+const SQUARED: &str = "cell Squared {
+    dims K, V;
+    input q[K], k[K], v[V];
+    state S[K, V];
+    update S[i, j] = S[i, j] * S[i, j] + k[i] * v[j];
+    output o[j] = sum(i) q[i] * S[i, j];
+}";
 const NOT_OUTER: &str = "cell NotOuter {
     dims K, V;
     input q[K], k[K];
@@ -56,6 +78,8 @@ fn linear_cells() -> Vec<(String, Cell, GateAxis)> {
         ("gla", GateAxis::Key),
         ("retnet", GateAxis::Scalar),
         ("mamba2", GateAxis::Scalar),
+        // The delta rule: no decay.
+        ("deltanet", GateAxis::Scalar),
     ]
     .into_iter()
     .map(|(name, axis)| (name.to_string(), compile_cell(name).cell, axis))
@@ -120,10 +144,20 @@ fn canonical_cells_equal_the_original_cells_step_by_step() {
 #[test]
 fn cells_without_a_chunked_form_say_why() {
     let mut report = String::new();
-    let cells = ["deltanet", "mlstm", "elman"]
+    let cells = ["mlstm", "elman"]
         .map(|name| compile_cell(name).cell)
         .into_iter()
-        .chain([BOTH_AXES, TWO_WRITES, NOT_OUTER].map(compile_source));
+        .chain(
+            [
+                BOTH_AXES,
+                TWO_WRITES,
+                NOT_OUTER,
+                GATED_DELTA,
+                DELTA_OTHER_WRITE,
+                SQUARED,
+            ]
+            .map(compile_source),
+        );
     for cell in cells {
         let error = chunk_form(&cell).expect_err(&cell.name);
         report += &format!("{error}\n");
