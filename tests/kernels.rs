@@ -997,10 +997,9 @@ fn compare_chunked(
     found
 }
 
-/// Every cell with a chunked form: the five built-in ones (DeltaNet's the delta rule's) and two
-/// test cells for what they do
-/// not cover (a gate along the value axis; a state stored `[V, K]` read with a scale and a
-/// direct term).
+/// Every cell with a chunked form: the five built-in ones (DeltaNet's the delta rule's) and three
+/// test cells for what they do not cover (a gate along the value axis; a state stored `[V, K]`
+/// read with a scale and a direct term; the delta rule under a decay, Gated DeltaNet).
 fn chunkable_cells() -> Vec<rak::CompiledCell> {
     let test_cell = |name: &str| {
         let path = format!("{}/tests/cells/{name}.rak", env!("CARGO_MANIFEST_DIR"));
@@ -1015,6 +1014,7 @@ fn chunkable_cells() -> Vec<rak::CompiledCell> {
         DeltaNet::compile(),
         test_cell("value_gate"),
         test_cell("transposed"),
+        test_cell("gated_delta"),
     ]
 }
 

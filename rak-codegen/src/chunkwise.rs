@@ -91,7 +91,7 @@ pub struct ChunkForm {
     /// One per output, in declaration order.
     pub readouts: Vec<Readout>,
     /// The delta rule's read-back vector β over the key axis (its own index): the update also
-    /// subtracts `κ[i] · Σ_l β[l] · S[l, j]`. With it the decay is 1 (`log_gate` is 0).
+    /// subtracts `κ[i] · Σ_l β[l] · S[l, j]`. With it the decay is a scalar.
     pub delta: Option<Factor>,
 }
 
@@ -190,11 +190,10 @@ impl Recognizer<'_> {
                          read it; the delta rule's chunked form needs one key axis"
                     ));
                 }
-                let constant_one = matches!(self.cell.exprs.get(update.decay), Expr::Const(Constant(c)) if *c == 1.0);
-                if !constant_one {
+                if !self.cell.free_indices(update.decay).is_empty() {
                     return self.refuse(format!(
-                        "the update of {name} both decays it by {} and reads it back (a gated \
-                         delta rule); the chunked schedule takes the delta rule without a decay",
+                        "the update of {name} decays it by {}, which varies along an axis, and \
+                         reads it back; the delta rule's chunked form takes a scalar decay",
                         self.text(update.decay)
                     ));
                 }
@@ -354,29 +353,31 @@ impl Recognizer<'_> {
             };
             sides[side].push(factor);
         }
-        let write = match &delta {
+        let write = match &mut delta {
             None => [
                 product(&mut self.cell, coefficient, &sides[0]),
                 product(&mut self.cell, 1.0, &sides[1]),
             ],
             Some(delta) => {
-                // The write must run along the vector the read-back is written along: then
-                // S_t = S_{t−1} + κ_t · (ν_t − Σ_l β_t[l] · S_{t−1}[l, ·]).
-                let (along, along_factors) = &delta.along;
-                let mut written = sides[delta.axis].clone();
-                let mut expected = along_factors.clone();
-                written.sort();
-                expected.sort();
-                if written != expected || *along == 0.0 {
+                // The write must run along the vector the read-back is written along, up to
+                // scalars (a decay applied to the read-back too), which go with β: then
+                // S_t = γ_t · S_{t−1} + κ_t · (ν_t − Σ_l β_t[l] · S_{t−1}[l, ·]).
+                let (along, along_factors) = delta.along.clone();
+                let written = &sides[delta.axis];
+                let extra = without(&mut self.cell, &along_factors, written);
+                let scalar = |f: &ExprId| self.cell.free_indices(*f).is_empty();
+                if extra.is_none() || !extra.iter().flatten().all(scalar) || along == 0.0 {
                     return self.refuse(format!(
                         "the update of {name} reads it back along {} but writes {}; the delta \
                          rule's chunked form needs the write along the same vector",
-                        self.term_text(*along, along_factors),
+                        self.term_text(along, &along_factors),
                         self.term_text(coefficient, &factors)
                     ));
                 }
+                let extra = extra.unwrap_or_default();
+                delta.read = product(&mut self.cell, 1.0, &[&extra[..], &[delta.read]].concat());
                 let mut write = [ExprId(0); 2];
-                write[delta.axis] = product(&mut self.cell, *along, along_factors);
+                write[delta.axis] = product(&mut self.cell, along, written);
                 write[1 - delta.axis] =
                     product(&mut self.cell, coefficient / along, &sides[1 - delta.axis]);
                 write
@@ -750,6 +751,19 @@ fn inline_let(cell: &mut Cell, l: LetId, indices: &[IndexId]) -> ExprId {
     rename(cell, definition.expr, &renaming)
 }
 
+/// The factors of `all` left after taking out each of `part` once (factors compared by their
+/// structure, not their place in the source), or `None` when `part` is not among them.
+fn without(cell: &mut Cell, all: &[ExprId], part: &[ExprId]) -> Option<Vec<ExprId>> {
+    let mut canonical = |f: ExprId| rename(cell, f, &HashMap::new());
+    let mut left: Vec<(ExprId, ExprId)> = all.iter().map(|&f| (canonical(f), f)).collect();
+    for &factor in part {
+        let factor = canonical(factor);
+        let position = left.iter().position(|(c, _)| *c == factor)?;
+        left.remove(position);
+    }
+    Some(left.into_iter().map(|(_, f)| f).collect())
+}
+
 /// `coefficient · f₁ · f₂ · …` as a derived expression.
 fn product(cell: &mut Cell, coefficient: f64, factors: &[ExprId]) -> ExprId {
     let mut expr = cell.exprs.constant_expr(coefficient);
@@ -798,10 +812,11 @@ pub fn log_of(cell: &mut Cell, expr: ExprId) -> ExprId {
     }
 }
 
-/// `expr` with its free index variables renamed.
+/// `expr` with its free index variables renamed, rebuilt from derived (interned) nodes: two
+/// expressions of the same structure come out as the same node.
 fn rename(cell: &mut Cell, expr: ExprId, renaming: &HashMap<IndexId, IndexId>) -> ExprId {
     match cell.exprs.get(expr).clone() {
-        Expr::Const(_) => expr,
+        Expr::Const(Constant(c)) => cell.exprs.constant_expr(c),
         Expr::Load { value, indices } => {
             let indices = indices
                 .iter()

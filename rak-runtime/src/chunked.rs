@@ -60,6 +60,19 @@ struct Chunks<B: Backend> {
     value: Tensor<B, 5>,
 }
 
+impl<B: Backend> Chunks<B> {
+    /// For a scalar decay: b_t − b_s `[B, H, chunks, t, s]` (see [`segment_sums`]).
+    fn scalar_segment_sums(&self) -> Tensor<B, 5> {
+        let [batch, heads, chunks, chunk, _] = self.log_decay.dims();
+        segment_sums(
+            self.log_decay
+                .clone()
+                .reshape([batch, heads, chunks, 1, chunk, 1]),
+        )
+        .reshape([batch, heads, chunks, chunk, chunk])
+    }
+}
+
 impl ChunkedScan<'_> {
     /// Runs the scan over packed inputs `[B, T, H, Σ input widths]` (before activation),
     /// parameters `[H, Σ parameter sizes]` and optional initial states `[B, H, Σ state sizes]`
@@ -275,13 +288,7 @@ impl ChunkedScan<'_> {
         let (key, value) = (parts.key.clone(), parts.value.clone());
         if self.form.gate_axis == GateAxis::Scalar {
             // One decay per step: e^{b_t − b_s} scales the [C, C] scores.
-            let between = segment_sums(
-                parts
-                    .log_decay
-                    .clone()
-                    .reshape([batch, heads, chunks, 1, chunk, 1]),
-            )
-            .reshape([batch, heads, chunks, chunk, chunk]);
+            let between = parts.scalar_segment_sums();
             let causal = lower_triangle::<B>(chunk, &device).reshape([1, 1, 1, chunk, chunk]);
             let scores = query.matmul(key.swap_dims(3, 4)) * masked_exp(between, causal);
             return scores.matmul(value);
@@ -407,16 +414,20 @@ fn entering_and_last<B: Backend>(
 struct DeltaStates<B: Backend> {
     entering: Tensor<B, 5>,
     last: Tensor<B, 4>,
-    /// u_t `[B, H, chunks, C, V]`, with `S_t = S_entering + Σ_{s ≤ t} κ_s u_sᵀ` in a chunk.
+    /// u_t `[B, H, chunks, C, V]`, with `S_t = e^{b_t} S₀ + Σ_{s ≤ t} e^{b_t − b_s} κ_s u_sᵀ`
+    /// in a chunk.
     pseudo_values: Tensor<B, 5>,
 }
 
-/// The delta rule `S_t = S_{t−1} + κ_t (ν_t − S_{t−1}ᵀ β_t)ᵀ` chunk by chunk, in its WY/UT form
-/// (Yang et al. 2024, arXiv:2406.06484): with `S_t = S₀ + Σ_{s ≤ t} κ_s u_sᵀ` in a chunk, the
-/// pseudo-values solve `(I + L) U = N − B S₀`, `L[t, s] = β_t · κ_s` for s < t; so
-/// `U = P − R S₀` with `[P, R] = (I + L)⁻¹ [N, B]` (forward substitution, the same for every
-/// chunk at once), and the chunk maps `S₀ ↦ (I − Kᵀ R) S₀ + Kᵀ P` compose by the same
-/// Hillis–Steele scan as the decays, with matrix products.
+/// The delta rule with a scalar decay, `S_t = γ_t S_{t−1} + κ_t (ν_t − S_{t−1}ᵀ β_t)ᵀ`, chunk
+/// by chunk in its WY/UT form (Yang et al. 2024, arXiv:2406.06484 and 2412.06464). Within a
+/// chunk `S_t = e^{b_t} S₀ + Σ_{s ≤ t} e^{b_t − b_s} κ_s u_sᵀ`, so the pseudo-values
+/// `u_t = ν_t − S_{t−1}ᵀ β_t` solve `(I + L) U = N − diag(e^{b_{t−1}}) B S₀` with
+/// `L[t, s] = e^{b_{t−1} − b_s} β_t · κ_s` for s < t: `U = P − R S₀` for
+/// `[P, R] = (I + L)⁻¹ [N, diag(e^{b_{t−1}}) B]` (forward substitution, every chunk at once).
+/// Each chunk maps `S₀ ↦ (e^{b_C} I − K̃ᵀ R) S₀ + K̃ᵀ P` with `κ̃_s = e^{b_C − b_s} κ_s`; the
+/// maps compose by the same Hillis–Steele scan as the decays, with matrix products. Every
+/// exponent is a sum of log decays between its two ends, never positive.
 fn delta_chunk_states<B: Backend>(
     parts: &Chunks<B>,
     read_back: Tensor<B, 5>,
@@ -426,12 +437,18 @@ fn delta_chunk_states<B: Backend>(
     let values = parts.value.dims()[4];
     let device = read_back.device();
     let key = parts.key.clone();
+    // b_{t−1} − b_s `[…, t, s]`: the segment sums moved one step later along t.
+    let between = parts.scalar_segment_sums();
+    let before_step = one_step_later(between);
     let strictly_lower = Tensor::<B, 2>::ones([chunk, chunk], &device)
         .tril(-1)
         .reshape([1, 1, 1, chunk, chunk]);
-    let coupling = read_back.clone().matmul(key.clone().swap_dims(3, 4)) * strictly_lower;
-    // (I + L) X = [N, B], row by row: x_t = y_t − Σ_{s < t} L[t, s] x_s.
-    let right = Tensor::cat(vec![parts.value.clone(), read_back], 4);
+    let coupling = read_back.clone().matmul(key.clone().swap_dims(3, 4))
+        * masked_exp(before_step, strictly_lower);
+    // e^{b_{t−1}}: the decay from the chunk's start to the step before t.
+    let to_previous = one_step_later(parts.decay.clone()).exp();
+    // (I + L) X = [N, diag(e^{b_{t−1}}) B], row by row: x_t = y_t − Σ_{s < t} L[t, s] x_s.
+    let right = Tensor::cat(vec![parts.value.clone(), read_back * to_previous], 4);
     let mut rows: Vec<Tensor<B, 5>> = Vec::with_capacity(chunk);
     for t in 0..chunk {
         let row = materialize(right.clone().narrow(3, t, 1));
@@ -449,8 +466,9 @@ fn delta_chunk_states<B: Backend>(
     // Chunk n maps S to G_n S + H_n; after round r, element n holds the composition of the
     // maps of chunks n − 2^r + 1 ..= n (the identity padding the first chunks).
     let identity = Tensor::<B, 2>::eye(keys, &device).reshape([1, 1, 1, keys, keys]);
-    let key_t = key.swap_dims(3, 4);
-    let mut map = identity.clone() - key_t.clone().matmul(pseudo_keys.clone());
+    let whole_chunk = materialize(parts.decay.clone().narrow(3, chunk - 1, 1)).exp();
+    let key_t = (key * sum_after(parts.log_decay.clone(), 3).exp()).swap_dims(3, 4);
+    let mut map = identity.clone() * whole_chunk - key_t.clone().matmul(pseudo_keys.clone());
     let mut carried = key_t.matmul(pseudo.clone());
     let mut span = 1;
     while span < chunks {
@@ -470,8 +488,8 @@ fn delta_chunk_states<B: Backend>(
     }
 }
 
-/// What each step of the delta rule reads: `o_t = q_t S₀ + Σ_{s ≤ t} (q_t · κ_s) u_s`,
-/// `[B, H, chunks, C, V]`.
+/// What each step of the delta rule reads:
+/// `o_t = e^{b_t} q_t S₀ + Σ_{s ≤ t} e^{b_t − b_s} (q_t · κ_s) u_s`, `[B, H, chunks, C, V]`.
 fn delta_read<B: Backend>(
     parts: &Chunks<B>,
     query: Tensor<B, 5>,
@@ -480,8 +498,19 @@ fn delta_read<B: Backend>(
 ) -> Tensor<B, 5> {
     let chunk = query.dims()[3];
     let causal = lower_triangle::<B>(chunk, &query.device()).reshape([1, 1, 1, chunk, chunk]);
-    let scores = query.clone().matmul(parts.key.clone().swap_dims(3, 4)) * causal;
-    query.matmul(entering) + scores.matmul(pseudo_values)
+    let scores = query.clone().matmul(parts.key.clone().swap_dims(3, 4))
+        * masked_exp(parts.scalar_segment_sums(), causal);
+    (query * parts.decay.clone().exp()).matmul(entering) + scores.matmul(pseudo_values)
+}
+
+/// `x` `[B, H, chunks, C, w]` moved one step later within each chunk, the first step 0.
+fn one_step_later<B: Backend>(x: Tensor<B, 5>) -> Tensor<B, 5> {
+    let [batch, heads, chunks, chunk, width] = x.dims();
+    let first = Tensor::zeros([batch, heads, chunks, 1, width], &x.device());
+    if chunk == 1 {
+        return first;
+    }
+    Tensor::cat(vec![first, materialize(x.narrow(3, 0, chunk - 1))], 3)
 }
 
 /// `e^x` where `mask` is 1, 0 where it is 0; the masked entries are zeroed before the

@@ -27,12 +27,22 @@ const TWO_WRITES: &str = "cell TwoWrites {
     update S[i, j] = S[i, j] + k[i] * v[j] + q[i] * v[j];
     output o[j] = sum(i) q[i] * S[i, j];
 }";
-const GATED_DELTA: &str = "cell GatedDelta {
+/// The delta rule with a decay of the carried state only (not of the read-back), which has a
+/// chunked form too.
+const CARRY_DECAY_DELTA: &str = "cell CarryDecayDelta {
     dims K, V;
     input q[K], k[K], v[V], beta = sigmoid, g = sigmoid;
     let error[j] = sum(l) k[l] * S[l, j] - v[j];
     state S[K, V];
     update S[i, j] = g * S[i, j] - beta * k[i] * error[j];
+    output o[j] = sum(i) q[i] * S[i, j];
+}";
+const KEY_GATED_DELTA: &str = "cell KeyGatedDelta {
+    dims K, V;
+    input q[K], k[K], v[V], beta = sigmoid, g[K] = sigmoid;
+    let error[j] = sum(l) k[l] * S[l, j] - v[j];
+    state S[K, V];
+    update S[i, j] = g[i] * S[i, j] - beta * k[i] * error[j];
     output o[j] = sum(i) q[i] * S[i, j];
 }";
 const DELTA_OTHER_WRITE: &str = "cell DeltaOtherWrite {
@@ -94,6 +104,16 @@ fn linear_cells() -> Vec<(String, Cell, GateAxis)> {
         test_cell("transposed"),
         GateAxis::Scalar,
     ));
+    cells.push((
+        "gated_delta".into(),
+        test_cell("gated_delta"),
+        GateAxis::Scalar,
+    ));
+    cells.push((
+        "carry_decay_delta".into(),
+        compile_source(CARRY_DECAY_DELTA),
+        GateAxis::Scalar,
+    ));
     cells
 }
 
@@ -152,7 +172,7 @@ fn cells_without_a_chunked_form_say_why() {
                 BOTH_AXES,
                 TWO_WRITES,
                 NOT_OUTER,
-                GATED_DELTA,
+                KEY_GATED_DELTA,
                 DELTA_OTHER_WRITE,
                 SQUARED,
             ]
