@@ -272,69 +272,88 @@ fn compare<C: CellKernels>(
         .collect();
     let named: Vec<(&str, usize)> = dims.iter().map(|(n, s)| (n.as_str(), *s)).collect();
     let shape = ScanShape::new(cell, batch, time, heads, &named).unwrap();
-    let mut rng = Rng(seed);
-    let (inputs, grad_outputs, grad_finals) = random_problem(cell, &shape, &mut rng, 1.0);
-    let expected = forward(cell, &shape, &inputs).unwrap();
-    let expected_grads = backward(
-        &compiled.backward,
-        &shape,
-        &inputs,
-        &grad_outputs,
-        &grad_finals,
-    )
-    .unwrap();
+    let reference = Reference::new(compiled, &shape, seed, 1.0);
     let got = run_kernels(
         &runner,
         client,
         &shape,
         schedule,
-        &inputs,
-        &grad_outputs,
-        &grad_finals,
+        &reference.inputs,
+        &reference.grad_outputs,
+        &reference.grad_finals,
     );
     let context = format!(
         "{} B={batch} T={time} H={heads} dims={dim} {schedule:?}",
         C::NAME
     );
-    let check = |what: String, kernel: &[f32], reference: &Tensor| {
-        let error = relative_error(kernel, &reference.data);
-        assert!(
-            error <= TOLERANCE,
-            "{context}: {what}: relative error {error:e}"
-        );
-    };
-    for (o, output) in cell.outputs.iter().enumerate() {
-        check(
-            format!("output `{}`", output.name),
-            &got.outputs[o],
-            &expected.outputs[o],
-        );
+    let found = reference.differences(cell, &got, &context);
+    assert!(found.is_empty(), "{}", found.join("\n"));
+}
+
+/// A random problem and the interpreter's answer: outputs, final states and every gradient.
+struct Reference {
+    inputs: ScanInputs,
+    grad_outputs: Vec<Tensor>,
+    grad_finals: Vec<Tensor>,
+    expected: rak::codegen::interpret::ScanOutputs,
+    gradients: rak::codegen::interpret::ScanGradients,
+}
+
+impl Reference {
+    /// Inputs drawn in ±`input_scale` (parameters scaled by 1/√fan-in) from seed `seed`.
+    fn new(compiled: &rak::CompiledCell, shape: &ScanShape, seed: u64, input_scale: f64) -> Self {
+        let cell = &compiled.cell;
+        let (inputs, grad_outputs, grad_finals) =
+            random_problem(cell, shape, &mut Rng(seed), input_scale);
+        let expected = forward(cell, shape, &inputs).unwrap();
+        let gradients = backward(
+            &compiled.backward,
+            shape,
+            &inputs,
+            &grad_outputs,
+            &grad_finals,
+        )
+        .unwrap();
+        Reference {
+            inputs,
+            grad_outputs,
+            grad_finals,
+            expected,
+            gradients,
+        }
     }
-    for (s, state) in cell.states.iter().enumerate() {
-        check(
-            format!("final state `{}`", state.name),
-            &got.final_states[s],
-            &expected.final_states[s],
-        );
-        check(
-            format!("gradient of initial state `{}`", state.name),
-            &got.grad_initial[s],
-            &expected_grads.initial_states[s],
-        );
-    }
-    for (i, input) in cell.inputs.iter().enumerate() {
-        check(
-            format!("gradient of input `{}`", input.name),
-            &got.grad_inputs[i],
-            &expected_grads.inputs[i],
-        );
-    }
-    for (p, param) in cell.params.iter().enumerate() {
-        check(
-            format!("gradient of parameter `{}`", param.name),
-            &got.grad_params[p],
-            &expected_grads.params[p],
-        );
+
+    /// One line, starting with `context`, for each tensor of `got` farther than [`TOLERANCE`]
+    /// from the interpreter's, or not finite.
+    fn differences(&self, cell: &Cell, got: &KernelResults, context: &str) -> Vec<String> {
+        let (expected, gradients) = (&self.expected, &self.gradients);
+        let mut pairs: Vec<(String, &[f32], &Tensor)> = Vec::new();
+        for (o, output) in cell.outputs.iter().enumerate() {
+            let what = format!("output `{}`", output.name);
+            pairs.push((what, &got.outputs[o], &expected.outputs[o]));
+        }
+        for (s, state) in cell.states.iter().enumerate() {
+            let what = format!("final state `{}`", state.name);
+            pairs.push((what, &got.final_states[s], &expected.final_states[s]));
+            let what = format!("gradient of initial state `{}`", state.name);
+            pairs.push((what, &got.grad_initial[s], &gradients.initial_states[s]));
+        }
+        for (i, input) in cell.inputs.iter().enumerate() {
+            let what = format!("gradient of input `{}`", input.name);
+            pairs.push((what, &got.grad_inputs[i], &gradients.inputs[i]));
+        }
+        for (p, param) in cell.params.iter().enumerate() {
+            let what = format!("gradient of parameter `{}`", param.name);
+            pairs.push((what, &got.grad_params[p], &gradients.params[p]));
+        }
+        pairs
+            .into_iter()
+            .filter_map(|(what, got, reference)| {
+                let error = relative_error(got, &reference.data);
+                let bad = error > TOLERANCE || error.is_nan() || got.iter().any(|x| !x.is_finite());
+                bad.then(|| format!("{context}: {what}: relative error {error:e}"))
+            })
+            .collect()
     }
 }
 
@@ -885,17 +904,12 @@ fn compare_chunked(
         .map(|(d, &s)| (d.name.as_str(), s))
         .collect();
     let shape = ScanShape::new(cell, batch, time, heads, &named).unwrap();
-    let (inputs, grad_outputs, grad_finals) =
-        random_problem(cell, &shape, &mut Rng(seed), input_scale);
-    let expected = forward(cell, &shape, &inputs).unwrap();
-    let expected_grads = backward(
-        &compiled.backward,
-        &shape,
-        &inputs,
-        &grad_outputs,
-        &grad_finals,
-    )
-    .unwrap();
+    let reference = Reference::new(compiled, &shape, seed, input_scale);
+    let (inputs, grad_outputs, grad_finals) = (
+        &reference.inputs,
+        &reference.grad_outputs,
+        &reference.grad_finals,
+    );
 
     let width = |tensors: &[Tensor], rows: usize| -> Vec<usize> {
         tensors.iter().map(|t| t.data.len() / rows).collect()
@@ -906,7 +920,7 @@ fn compare_chunked(
         width(&inputs.inputs, steps),
         width(&inputs.params, heads),
         width(initial, sequences),
-        width(&grad_outputs, steps),
+        width(grad_outputs, steps),
     ];
     let sum = |w: &[usize]| w.iter().sum::<usize>();
     let packed_inputs = burn_tensor(
@@ -934,67 +948,39 @@ fn compare_chunked(
     // L = Σ outputs · ∂L/∂outputs + Σ final states · ∂L/∂final states.
     let loss = (result.outputs.clone()
         * burn_tensor(
-            pack(&grad_outputs, steps),
+            pack(grad_outputs, steps),
             [batch, time, heads, sum(&widths[3])],
         ))
     .sum()
         + (result.final_states.clone()
             * burn_tensor(
-                pack(&grad_finals, sequences),
+                pack(grad_finals, sequences),
                 [batch, heads, sum(&widths[2])],
             ))
         .sum();
     let grads = loss.backward();
-    let got_outputs = unpack(&burn_values(result.outputs), &widths[3]);
-    let got_finals = unpack(&burn_values(result.final_states), &widths[2]);
-    let got_grad_inputs = unpack(
-        &burn_values(packed_inputs.grad(&grads).expect("input gradient")),
-        &widths[0],
-    );
-    // A cell without parameters has an empty parameter tensor, with no gradient.
-    let got_grad_params = packed_params
-        .grad(&grads)
-        .map(|g| unpack(&burn_values(g), &widths[1]))
-        .unwrap_or_default();
-    let got_grad_initial = unpack(
-        &burn_values(packed_initial.grad(&grads).expect("initial-state gradient")),
-        &widths[2],
-    );
-
+    let got = KernelResults {
+        outputs: unpack(&burn_values(result.outputs), &widths[3]),
+        final_states: unpack(&burn_values(result.final_states), &widths[2]),
+        grad_inputs: unpack(
+            &burn_values(packed_inputs.grad(&grads).expect("input gradient")),
+            &widths[0],
+        ),
+        // A cell without parameters has an empty parameter tensor, with no gradient.
+        grad_params: packed_params
+            .grad(&grads)
+            .map(|g| unpack(&burn_values(g), &widths[1]))
+            .unwrap_or_default(),
+        grad_initial: unpack(
+            &burn_values(packed_initial.grad(&grads).expect("initial-state gradient")),
+            &widths[2],
+        ),
+    };
     let context = format!(
         "{} B={batch} T={time} H={heads} dims={dims:?} C={chunk} c={sub_chunk} inputs ×{input_scale}",
         cell.name
     );
-    let mut found = Vec::new();
-    let mut check = |what: String, got: &[f32], reference: &Tensor| {
-        let error = relative_error(got, &reference.data);
-        if error > TOLERANCE || error.is_nan() || got.iter().any(|x| !x.is_finite()) {
-            found.push(format!("{context}: {what}: relative error {error:e}"));
-        }
-    };
-    for (o, output) in cell.outputs.iter().enumerate() {
-        let what = format!("output `{}`", output.name);
-        check(what, &got_outputs[o], &expected.outputs[o]);
-    }
-    for (s, state) in cell.states.iter().enumerate() {
-        let what = format!("final state `{}`", state.name);
-        check(what, &got_finals[s], &expected.final_states[s]);
-        let what = format!("gradient of initial state `{}`", state.name);
-        check(
-            what,
-            &got_grad_initial[s],
-            &expected_grads.initial_states[s],
-        );
-    }
-    for (i, input) in cell.inputs.iter().enumerate() {
-        let what = format!("gradient of input `{}`", input.name);
-        check(what, &got_grad_inputs[i], &expected_grads.inputs[i]);
-    }
-    for (p, param) in cell.params.iter().enumerate() {
-        let what = format!("gradient of parameter `{}`", param.name);
-        check(what, &got_grad_params[p], &expected_grads.params[p]);
-    }
-    found
+    reference.differences(cell, &got, &context)
 }
 
 /// Every cell with a chunked form: the five built-in ones (DeltaNet's the delta rule's) and three
