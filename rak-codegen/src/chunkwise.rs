@@ -21,21 +21,21 @@
 //! initial state, which the runtime evaluates chunk by chunk with matrix products. The
 //! [`ChunkForm`] holds the per-step factors as expressions of the cell.
 //!
-//! The delta rule (DeltaNet) fits too, without a decay:
+//! The delta rule (DeltaNet; Gated DeltaNet with a scalar decay) fits too:
 //!
 //! ```text
-//! S[i, j] = S[i, j] − κ[i] · Σ_l β[l] · S[l, j] + κ[i] · ν[j]    (κ, β, ν state-free)
+//! S[i, j] = γ · S[i, j] − κ[i] · Σ_l β[l] · S[l, j] + κ[i] · ν[j]    (γ scalar; κ, β, ν state-free)
 //! ```
 //!
-//! (the state read back along β and written back along the same κ as the write, here found
-//! through DeltaNet's `error` let, which the pass expands); the runtime evaluates it chunk by
-//! chunk in its WY/UT form ([`ChunkForm::delta`]).
+//! (the state read back along β and written back along the same κ as the write, up to scalar
+//! factors, which go with β; found through DeltaNet's `error` let, which the pass expands); the
+//! runtime evaluates it chunk by chunk in its WY/UT form ([`ChunkForm::delta`]).
 //!
 //! The decay is carried in log space: `log γ` is derived symbolically ([`log_of`]), so that
 //! `sigmoid(x)` becomes `logsigmoid(x)` (of the input before its activation) and `exp(x)`
 //! becomes `x`; gates that round to 0 in f32 keep a finite logarithm. Cells that do not fit get
 //! a [`NotChunkable`] saying which statement breaks the form and how (mLSTM has three states,
-//! Elman's update is nonlinear, a delta rule with a decay is not taken).
+//! Elman's update is nonlinear, a delta rule with a per-key decay is not taken).
 
 use crate::display::expr_text;
 use crate::ir::*;
@@ -129,7 +129,8 @@ struct Recognizer<'a> {
 struct Update {
     indices: [IndexId; 2],
     decay: ExprId,
-    /// The write's factors over the state's axis 0 and axis 1 (scalars with axis 0).
+    /// The write's factors over the state's axis 0 and axis 1 (scalars with axis 0, or with
+    /// the key of a delta rule).
     write: [ExprId; 2],
     delta: Option<DeltaTerm>,
 }

@@ -487,8 +487,8 @@ impl WorkspaceLayout {
         WorkspaceLayout { buffers, pass }
     }
 
-    /// The dims whose product is the buffer's size (before the chunk factor, see
-    /// [`Self::chunk_factor`]); `ChunkStates` holds every state once per chunk slot.
+    /// The dims whose product is the buffer's size (for `ChunkStates`, which holds every state
+    /// once per chunk slot, before the slot count: see [`Self::chunk_states_size`]).
     pub fn shapes(cell: &Cell, buffer: Buffer) -> Vec<Shape> {
         match buffer {
             Buffer::Input(i) | Buffer::InputPreActivation(i) => {
