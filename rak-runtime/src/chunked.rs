@@ -56,20 +56,16 @@ struct Chunks<B: Backend> {
     log_decay: Tensor<B, 5>,
     /// Cumulative log decay from each chunk's start, b_t.
     decay: Tensor<B, 5>,
+    /// For a scalar decay: b_t − b_s `[B, H, chunks, t, s]` (see [`segment_sums`]).
+    scalar_between: Option<Tensor<B, 5>>,
     key: Tensor<B, 5>,
     value: Tensor<B, 5>,
 }
 
 impl<B: Backend> Chunks<B> {
-    /// For a scalar decay: b_t − b_s `[B, H, chunks, t, s]` (see [`segment_sums`]).
-    fn scalar_segment_sums(&self) -> Tensor<B, 5> {
-        let [batch, heads, chunks, chunk, _] = self.log_decay.dims();
-        segment_sums(
-            self.log_decay
-                .clone()
-                .reshape([batch, heads, chunks, 1, chunk, 1]),
-        )
-        .reshape([batch, heads, chunks, chunk, chunk])
+    fn scalar_between(&self) -> Tensor<B, 5> {
+        let between = self.scalar_between.as_ref();
+        between.expect("a scalar decay").clone()
     }
 }
 
@@ -134,8 +130,15 @@ impl ChunkedScan<'_> {
             x.reshape([batch, heads, chunks, chunk, width])
         };
         let log_decay = cut(next());
+        let scalar_between = (form.gate_axis == GateAxis::Scalar).then(|| {
+            let steps = log_decay
+                .clone()
+                .reshape([batch, heads, chunks, 1, chunk, 1]);
+            segment_sums(steps).reshape([batch, heads, chunks, chunk, chunk])
+        });
         let parts = Chunks {
             decay: log_decay.clone().cumsum(3),
+            scalar_between,
             log_decay,
             key: cut(next()),
             value: cut(next()),
@@ -288,7 +291,7 @@ impl ChunkedScan<'_> {
         let (key, value) = (parts.key.clone(), parts.value.clone());
         if self.form.gate_axis == GateAxis::Scalar {
             // One decay per step: e^{b_t − b_s} scales the [C, C] scores.
-            let between = parts.scalar_segment_sums();
+            let between = parts.scalar_between();
             let causal = lower_triangle::<B>(chunk, &device).reshape([1, 1, 1, chunk, chunk]);
             let scores = query.matmul(key.swap_dims(3, 4)) * masked_exp(between, causal);
             return scores.matmul(value);
@@ -438,8 +441,7 @@ fn delta_chunk_states<B: Backend>(
     let device = read_back.device();
     let key = parts.key.clone();
     // b_{t−1} − b_s `[…, t, s]`: the segment sums moved one step later along t.
-    let between = parts.scalar_segment_sums();
-    let before_step = one_step_later(between);
+    let before_step = one_step_later(parts.scalar_between());
     let strictly_lower = Tensor::<B, 2>::ones([chunk, chunk], &device)
         .tril(-1)
         .reshape([1, 1, 1, chunk, chunk]);
@@ -499,7 +501,7 @@ fn delta_read<B: Backend>(
     let chunk = query.dims()[3];
     let causal = lower_triangle::<B>(chunk, &query.device()).reshape([1, 1, 1, chunk, chunk]);
     let scores = query.clone().matmul(parts.key.clone().swap_dims(3, 4))
-        * masked_exp(parts.scalar_segment_sums(), causal);
+        * masked_exp(parts.scalar_between(), causal);
     (query * parts.decay.clone().exp()).matmul(entering) + scores.matmul(pseudo_values)
 }
 
