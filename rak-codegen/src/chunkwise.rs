@@ -37,6 +37,7 @@
 //! a [`NotChunkable`] saying which statement breaks the form and how (mLSTM has three states,
 //! Elman's update is nonlinear, a delta rule with a per-key decay is not taken).
 
+use crate::autodiff::substitute;
 use crate::display::expr_text;
 use crate::ir::*;
 use std::collections::HashMap;
@@ -365,7 +366,7 @@ impl Recognizer<'_> {
                 // S_t = γ_t · S_{t−1} + κ_t · (ν_t − Σ_l β_t[l] · S_{t−1}[l, ·]).
                 let (along, along_factors) = delta.along.clone();
                 let written = &sides[delta.axis];
-                let extra = without(&mut self.cell, &along_factors, written);
+                let extra = without(&self.cell, &along_factors, written);
                 let scalar = |f: &ExprId| self.cell.free_indices(*f).is_empty();
                 if extra.is_none() || !extra.iter().flatten().all(scalar) || along == 0.0 {
                     return self.refuse(format!(
@@ -749,20 +750,45 @@ fn inline_let(cell: &mut Cell, l: LetId, indices: &[IndexId]) -> ExprId {
         .copied()
         .zip(indices.iter().copied())
         .collect();
-    rename(cell, definition.expr, &renaming)
+    substitute(
+        &mut cell.exprs,
+        definition.expr,
+        &renaming,
+        &mut HashMap::new(),
+    )
 }
 
 /// The factors of `all` left after taking out each of `part` once (factors compared by their
 /// structure, not their place in the source), or `None` when `part` is not among them.
-fn without(cell: &mut Cell, all: &[ExprId], part: &[ExprId]) -> Option<Vec<ExprId>> {
-    let mut canonical = |f: ExprId| rename(cell, f, &HashMap::new());
-    let mut left: Vec<(ExprId, ExprId)> = all.iter().map(|&f| (canonical(f), f)).collect();
+fn without(cell: &Cell, all: &[ExprId], part: &[ExprId]) -> Option<Vec<ExprId>> {
+    let mut left = all.to_vec();
     for &factor in part {
-        let factor = canonical(factor);
-        let position = left.iter().position(|(c, _)| *c == factor)?;
+        let position = left
+            .iter()
+            .position(|&f| same_structure(&cell.exprs, f, factor))?;
         left.remove(position);
     }
-    Some(left.into_iter().map(|(_, f)| f).collect())
+    Some(left)
+}
+
+/// Whether two expressions are the same tree of operations, constants and loads, wherever
+/// their nodes come from (the user's source or derived).
+fn same_structure(exprs: &ExprArena, a: ExprId, b: ExprId) -> bool {
+    if a == b {
+        return true;
+    }
+    match (exprs.get(a), exprs.get(b)) {
+        (Expr::Const(x), Expr::Const(y)) => x == y,
+        (Expr::Load { .. }, Expr::Load { .. }) => exprs.get(a) == exprs.get(b),
+        (Expr::Unary(f, x), Expr::Unary(g, y)) => f == g && same_structure(exprs, *x, *y),
+        (Expr::Binary(f, x1, x2), Expr::Binary(g, y1, y2)) => {
+            f == g && same_structure(exprs, *x1, *y1) && same_structure(exprs, *x2, *y2)
+        }
+        (Expr::Sum { index: i, body: x }, Expr::Sum { index: j, body: y }) => {
+            i == j && same_structure(exprs, *x, *y)
+        }
+        _ => false,
+    }
 }
 
 /// `coefficient · f₁ · f₂ · …` as a derived expression.
@@ -810,32 +836,5 @@ pub fn log_of(cell: &mut Cell, expr: ExprId) -> ExprId {
             log_of(cell, inlined)
         }
         _ => cell.exprs.unary(UnaryOp::Log, expr),
-    }
-}
-
-/// `expr` with its free index variables renamed, rebuilt from derived (interned) nodes: two
-/// expressions of the same structure come out as the same node.
-fn rename(cell: &mut Cell, expr: ExprId, renaming: &HashMap<IndexId, IndexId>) -> ExprId {
-    match cell.exprs.get(expr).clone() {
-        Expr::Const(Constant(c)) => cell.exprs.constant_expr(c),
-        Expr::Load { value, indices } => {
-            let indices = indices
-                .iter()
-                .map(|i| *renaming.get(i).unwrap_or(i))
-                .collect();
-            cell.exprs.load(value, indices)
-        }
-        Expr::Unary(op, a) => {
-            let a = rename(cell, a, renaming);
-            cell.exprs.unary(op, a)
-        }
-        Expr::Binary(op, a, b) => {
-            let (a, b) = (rename(cell, a, renaming), rename(cell, b, renaming));
-            cell.exprs.binary(op, a, b)
-        }
-        Expr::Sum { index, body } => {
-            let body = rename(cell, body, renaming);
-            cell.exprs.sum(index, body)
-        }
     }
 }

@@ -2,7 +2,8 @@
 //! matrix products, from the factors the compiler derived ([`crate::codegen::chunkwise`]).
 //! It runs as burn tensor operations on any backend and is differentiated by burn's autodiff;
 //! on the cubecl backends the products go to cubecl's matrix-multiply kernels, which use the
-//! tensor cores (cmma) where the device has them and a plain kernel elsewhere.
+//! tensor cores (cmma) where the device has them (f32 operands rounded to tf32 there) and a
+//! plain kernel elsewhere.
 //!
 //! With the per-step factors log γ (the decay), κ (key), ν (value), q (query), the sequence is
 //! cut into chunks of C steps. Within a chunk, b_t = Σ_{u ≤ t} log γ_u is the cumulative log
@@ -34,7 +35,7 @@ use crate::codegen::chunkwise::{ChunkForm, GateAxis};
 use crate::codegen::ir::{ExprId, IndexId};
 use crate::unfused::{ScanResult, UnfusedScan, materialize};
 use burn::tensor::backend::Backend;
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::{Int, Tensor, TensorData};
 
 /// Steps per sub-chunk: the blocks whose decays are taken pairwise.
 pub const SUB_CHUNK: usize = 16;
@@ -427,8 +428,8 @@ struct DeltaStates<B: Backend> {
 /// chunk `S_t = e^{b_t} S₀ + Σ_{s ≤ t} e^{b_t − b_s} κ_s u_sᵀ`, so the pseudo-values
 /// `u_t = ν_t − S_{t−1}ᵀ β_t` solve `(I + L) U = N − diag(e^{b_{t−1}}) B S₀` with
 /// `L[t, s] = e^{b_{t−1} − b_s} β_t · κ_s` for s < t: `U = P − R S₀` for
-/// `[P, R] = (I + L)⁻¹ [N, diag(e^{b_{t−1}}) B]` (forward substitution, every chunk at once).
-/// Each chunk maps `S₀ ↦ (e^{b_C} I − K̃ᵀ R) S₀ + K̃ᵀ P` with `κ̃_s = e^{b_C − b_s} κ_s`; the
+/// `[P, R] = (I + L)⁻¹ [N, diag(e^{b_{t−1}}) B]` (the inverse by [`unit_lower_inverse`], every
+/// chunk at once). Each chunk maps `S₀ ↦ (e^{b_C} I − K̃ᵀ R) S₀ + K̃ᵀ P` with `κ̃_s = e^{b_C − b_s} κ_s`; the
 /// maps compose by the same Hillis–Steele scan as the decays, with matrix products. Every
 /// exponent is a sum of log decays between its two ends, never positive.
 fn delta_chunk_states<B: Backend>(
@@ -449,20 +450,9 @@ fn delta_chunk_states<B: Backend>(
         * masked_exp(before_step, strictly_lower);
     // e^{b_{t−1}}: the decay from the chunk's start to the step before t.
     let to_previous = one_step_later(parts.decay.clone()).exp();
-    // (I + L) X = [N, diag(e^{b_{t−1}}) B], row by row: x_t = y_t − Σ_{s < t} L[t, s] x_s.
+    // X = (I + L)⁻¹ [N, diag(e^{b_{t−1}}) B].
     let right = Tensor::cat(vec![parts.value.clone(), read_back * to_previous], 4);
-    let mut rows: Vec<Tensor<B, 5>> = Vec::with_capacity(chunk);
-    for t in 0..chunk {
-        let row = materialize(right.clone().narrow(3, t, 1));
-        let row = if t == 0 {
-            row
-        } else {
-            let coefficients = materialize(coupling.clone().narrow(3, t, 1).narrow(4, 0, t));
-            row - coefficients.matmul(Tensor::cat(rows.clone(), 3))
-        };
-        rows.push(row);
-    }
-    let solved = Tensor::cat(rows, 3);
+    let solved = unit_lower_inverse(coupling).matmul(right);
     let pseudo = materialize(solved.clone().narrow(4, 0, values));
     let pseudo_keys = materialize(solved.narrow(4, values, keys));
     // Chunk n maps S to G_n S + H_n; after round r, element n holds the composition of the
@@ -487,6 +477,66 @@ fn delta_chunk_states<B: Backend>(
         entering,
         last,
         pseudo_values,
+    }
+}
+
+/// `(I + L)⁻¹` for strictly lower triangular `L` `[…, C, C]`, by block forward substitution
+/// in log₂ C rounds: with the inverses `A⁻¹`, `D⁻¹` of two neighbouring diagonal blocks of
+/// `I + L` known, the block of twice their size is
+/// `[[A, 0], [E, D]]⁻¹ = [[A⁻¹, 0], [−D⁻¹ E A⁻¹, D⁻¹]]`; every pair of every chunk at once, so a
+/// round is a few batched matrix products (not one launch per row). A `C` that is not a power
+/// of two is padded with identity rows.
+fn unit_lower_inverse<B: Backend>(lower: Tensor<B, 5>) -> Tensor<B, 5> {
+    let [batch, heads, chunks, chunk, _] = lower.dims();
+    let device = lower.device();
+    let padded = chunk.next_power_of_two();
+    let lower = if padded > chunk {
+        let rows = Tensor::zeros([batch, heads, chunks, padded - chunk, chunk], &device);
+        let columns = Tensor::zeros([batch, heads, chunks, padded, padded - chunk], &device);
+        Tensor::cat(vec![Tensor::cat(vec![lower, rows], 3), columns], 4)
+    } else {
+        lower
+    };
+    // The inverses of the diagonal blocks of size `size`: `[B, H, chunks, blocks, size, size]`.
+    let mut inverses = Tensor::<B, 6>::ones([batch, heads, chunks, padded, 1, 1], &device);
+    let mut size = 1;
+    while size < padded {
+        let pairs = padded / (2 * size);
+        // The diagonal blocks of size 2·size of L, `[…, pairs, 2·size, 2·size]`: of the
+        // `[pairs, pairs]` grid of blocks, those at p·(pairs + 1).
+        let grid = materialize(
+            lower
+                .clone()
+                .reshape([batch, heads, chunks, pairs, 2 * size, pairs, 2 * size])
+                .swap_dims(4, 5),
+        )
+        .reshape([batch, heads, chunks, pairs * pairs, 2 * size, 2 * size]);
+        let diagonal: Vec<i64> = (0..pairs).map(|p| (p * (pairs + 1)) as i64).collect();
+        let diagonal = Tensor::<B, 1, Int>::from_data(TensorData::new(diagonal, [pairs]), &device);
+        let coupling = materialize(
+            grid.select(3, diagonal)
+                .narrow(4, size, size)
+                .narrow(5, 0, size),
+        );
+        let halves = inverses.reshape([batch, heads, chunks, pairs, 2 * size, size]);
+        let first = materialize(halves.clone().narrow(4, 0, size));
+        let second = materialize(halves.narrow(4, size, size));
+        let below = -second.clone().matmul(coupling).matmul(first.clone());
+        let zeros = Tensor::zeros([batch, heads, chunks, pairs, size, size], &device);
+        inverses = Tensor::cat(
+            vec![
+                Tensor::cat(vec![first, zeros], 5),
+                Tensor::cat(vec![below, second], 5),
+            ],
+            4,
+        );
+        size *= 2;
+    }
+    let inverse = inverses.reshape([batch, heads, chunks, padded, padded]);
+    if padded > chunk {
+        materialize(inverse.narrow(3, 0, chunk).narrow(4, 0, chunk))
+    } else {
+        inverse
     }
 }
 
