@@ -16,12 +16,13 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
     export PYTHONPATH=/tmp/site
 
 # 1. Kernel tests of every cell on CUDA against the f64 interpreter (same tolerances as on wgpu),
-#    then the chunked form against it (burn operations on CUDA: cubecl's autotuned matmuls,
-#    tf32 products on the tensor cores, hence its own tolerance; every case's worst error is
-#    logged).
+#    then the chunked form against it at T = 2048 with saturated gates, chunks of 64 (burn
+#    operations on CUDA: cubecl's autotuned matmuls, tf32 products on the tensor cores, hence
+#    its own tolerance; every case's worst error is logged). Its small shapes run in CI.
 timeout 120 gpu-bundle/kernels-cuda --test-threads 1 --skip chunked > "$out/kernel-tests.log" 2>&1
 echo "kernel tests: exit $?" | tee -a "$out/kernel-tests.log"
-timeout 30 gpu-bundle/kernels-cuda --test-threads 1 --nocapture chunked >> "$out/kernel-tests.log" 2>&1
+timeout 30 gpu-bundle/kernels-cuda --test-threads 1 --nocapture \
+    chunked_form_with_saturated_gates_and_long_sequences >> "$out/kernel-tests.log" 2>&1
 echo "chunked form tests: exit $?" | tee -a "$out/kernel-tests.log"
 
 # 2. rak's kernels at the shapes, f32 and bf16 (state always f32).
