@@ -209,17 +209,11 @@ impl Differentiator {
             None => self.cell.exprs.constant_expr(0.0),
         };
         for contribution in contributions {
-            let renaming: HashMap<IndexId, IndexId> = contribution
-                .indices
-                .iter()
-                .copied()
-                .zip(indices.iter().copied())
-                .collect();
-            let renamed = substitute(
+            let renamed = rename_indices(
                 &mut self.cell.exprs,
                 contribution.expr,
-                &renaming,
-                &mut HashMap::new(),
+                &contribution.indices,
+                &indices,
             );
             total = self.cell.exprs.add(total, renamed);
         }
@@ -271,6 +265,17 @@ impl Differentiator {
         }
         definitions
     }
+}
+
+/// `expr` with the index variables `from` renamed to `to`, position by position.
+pub fn rename_indices(
+    exprs: &mut ExprArena,
+    expr: ExprId,
+    from: &[IndexId],
+    to: &[IndexId],
+) -> ExprId {
+    let renaming = from.iter().copied().zip(to.iter().copied()).collect();
+    substitute(exprs, expr, &renaming, &mut HashMap::new())
 }
 
 /// `expr` with its free index variables renamed by `renaming`.

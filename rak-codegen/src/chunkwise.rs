@@ -37,10 +37,9 @@
 //! a [`NotChunkable`] saying which statement breaks the form and how (mLSTM has three states,
 //! Elman's update is nonlinear, a delta rule with a per-key decay is not taken).
 
-use crate::autodiff::substitute;
+use crate::autodiff::rename_indices;
 use crate::display::expr_text;
 use crate::ir::*;
-use std::collections::HashMap;
 use std::fmt;
 
 /// A per-step value of the chunked form: `expr`, ranging over `indices` (its free indices are
@@ -744,18 +743,8 @@ fn expand(cell: &mut Cell, expr: ExprId) -> Vec<Term> {
 /// The definition of `let` `l` with its indices renamed to `indices`.
 fn inline_let(cell: &mut Cell, l: LetId, indices: &[IndexId]) -> ExprId {
     let definition = &cell.lets[l.0];
-    let renaming: HashMap<IndexId, IndexId> = definition
-        .indices
-        .iter()
-        .copied()
-        .zip(indices.iter().copied())
-        .collect();
-    substitute(
-        &mut cell.exprs,
-        definition.expr,
-        &renaming,
-        &mut HashMap::new(),
-    )
+    let (expr, from) = (definition.expr, definition.indices.clone());
+    rename_indices(&mut cell.exprs, expr, &from, indices)
 }
 
 /// The factors of `all` left after taking out each of `part` once (factors compared by their
