@@ -429,8 +429,8 @@ struct DeltaStates<B: Backend> {
 /// `u_t = ν_t − S_{t−1}ᵀ β_t` solve `(I + L) U = N − diag(e^{b_{t−1}}) B S₀` with
 /// `L[t, s] = e^{b_{t−1} − b_s} β_t · κ_s` for s < t: `U = P − R S₀` for
 /// `[P, R] = (I + L)⁻¹ [N, diag(e^{b_{t−1}}) B]` (the inverse by [`unit_lower_inverse`], every
-/// chunk at once). Each chunk maps `S₀ ↦ (e^{b_C} I − K̃ᵀ R) S₀ + K̃ᵀ P` with `κ̃_s = e^{b_C − b_s} κ_s`; the
-/// maps compose by the same Hillis–Steele scan as the decays, with matrix products. Every
+/// chunk at once). Each chunk maps `S₀ ↦ (e^{b_C} I − K̃ᵀ R) S₀ + K̃ᵀ P` with
+/// `κ̃_s = e^{b_C − b_s} κ_s`; the maps compose by the same Hillis–Steele scan as the decays, with matrix products. Every
 /// exponent is a sum of log decays between its two ends, never positive.
 fn delta_chunk_states<B: Backend>(
     parts: &Chunks<B>,
