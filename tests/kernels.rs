@@ -298,7 +298,7 @@ fn compare<C: CellKernels>(
         "{} B={batch} T={time} H={heads} dims={dim} {schedule:?}",
         C::NAME
     );
-    let found = reference.differences(cell, &got, &context, TOLERANCE);
+    let found = beyond(reference.errors(cell, &got), &context, TOLERANCE);
     assert!(found.is_empty(), "{}", found.join("\n"));
 }
 
@@ -335,22 +335,6 @@ impl Reference {
         }
     }
 
-    /// One line, starting with `context`, for each tensor of `got` farther than `tolerance`
-    /// from the interpreter's, or not finite.
-    fn differences(
-        &self,
-        cell: &Cell,
-        got: &KernelResults,
-        context: &str,
-        tolerance: f64,
-    ) -> Vec<String> {
-        self.errors(cell, got)
-            .into_iter()
-            .filter(|(_, error)| error.is_nan() || *error > tolerance)
-            .map(|(what, error)| format!("{context}: {what}: relative error {error:e}"))
-            .collect()
-    }
-
     /// The relative error of each tensor of `got` (NaN where it holds a value that is not
     /// finite), and what it is.
     fn errors(&self, cell: &Cell, got: &KernelResults) -> Vec<(String, f64)> {
@@ -383,6 +367,16 @@ impl Reference {
             })
             .collect()
     }
+}
+
+/// One line, starting with `context`, for each of `errors` (from [`Reference::errors`]) above
+/// `tolerance` or NaN (a value that is not finite).
+fn beyond(errors: Vec<(String, f64)>, context: &str, tolerance: f64) -> Vec<String> {
+    errors
+        .into_iter()
+        .filter(|(_, error)| error.is_nan() || *error > tolerance)
+        .map(|(what, error)| format!("{context}: {what}: relative error {error:e}"))
+        .collect()
 }
 
 /// Steps between checkpoints in these tests (C).
@@ -1014,7 +1008,7 @@ fn compare_chunked(
     if let Some((what, error)) = worst {
         println!("{context}: worst relative error {error:.2e} ({what})");
     }
-    reference.differences(cell, &got, &context, CHUNKED_TOLERANCE)
+    beyond(errors, &context, CHUNKED_TOLERANCE)
 }
 
 /// Every cell with a chunked form: the five built-in ones (DeltaNet's the delta rule's) and three
