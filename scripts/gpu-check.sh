@@ -7,8 +7,9 @@
 # kernel tests of every cell on CUDA, `rak bench` at the issue's shapes (f32 and bf16, and the
 # chunked form), bench/peers.py (PyTorch loop, flash-linear-attention, compute and memory
 # floors), the seed's LM table (`rak train -m experiment=...` on the GPU, and a 4-layer D = 512
-# step) and `rak bench generate`, and writes the logs and the tables under $OUT (each step under
-# its own timeout; 575 s at most in all).
+# step), `rak bench generate` and a sweep of the schedule's knobs (`--cube-dim`, `--sum-parts`),
+# and writes the logs and the tables under $OUT (each step under its own timeout; 575 s at most
+# before the sweep, which comes last and gets what is left of the call's 600 s).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bundle=gpu-bundle
@@ -38,6 +39,6 @@ cat <<'TXT'
 Ready. Make one device call:
   command:   bash scripts/gpu-run.sh
   carry:     ["gpu-bundle"]
-  timeout_s: 590
+  timeout_s: 600
 Then copy the table from the returned table.md into BENCHMARKS.md, with the device, date and commit.
 TXT

@@ -2,7 +2,8 @@
 # Runs on the GPU machine (see scripts/gpu-check.sh, which prepares gpu-bundle/ here).
 # Everything it writes lands in $OUT: device.txt, kernel-tests.log, rak-bench.jsonl,
 # chunked.md, rak-chunked.jsonl, peers.jsonl, peers.log, table.md, lm.log, lm-table.md,
-# lm-d512.md, generate.md. Every step has a timeout: 575 s in all.
+# lm-d512.md, generate.md, sweep.md, sweep.jsonl. Every step has a timeout: 575 s in all for
+# steps 1-5; the schedule sweep (6) comes last and gets what is left of a 600 s call.
 set -uo pipefail
 out=${OUT:-/tmp/rak-gpu-out}
 mkdir -p "$out"
@@ -68,3 +69,10 @@ cat "$out/lm-table.md" "$out/lm-d512.md" 2>/dev/null
 timeout 25 gpu-bundle/rak bench generate --checkpoint "$runs/fused" \
     --prompt-lengths 1000,10000,100000 > "$out/generate.md" 2>&1
 cat "$out/generate.md"
+
+# 6. The schedule's knobs, side by side at one shape (f32): units per cube, and sums split
+#    among units or not (docs/compiler.md, "Split sums"); these set the defaults.
+timeout 50 gpu-bundle/rak bench --device cuda --repetitions 5 --warmup 1 --shape 8,2048,8,128 \
+    --cube-dim 64,128,256 --sum-parts 1,8 --json "$out/sweep.jsonl" > "$out/sweep.md" 2>&1
+echo "sweep: exit $?" >> "$out/sweep.md"
+cat "$out/sweep.md"

@@ -434,22 +434,25 @@ fn kernels_match_the_interpreter_for_every_cell() {
 /// Every cell under explicit splits, placements and input stages: tiles that do not divide the
 /// axis (33 = 4 × 8 + 1), a tile of one value, the whole axis; the workspace in shared and in
 /// global memory, over several launches (the shared workspace is saved and restored between
-/// them); blocks of staged inputs that do not divide the chunk (3) or the sequence (5).
+/// them); blocks of staged inputs that do not divide the chunk (3) or the sequence (5); sums
+/// split among units in parts that do not divide the summed axis (3 parts over 33 or 8
+/// values), and sums left to one unit each (1 part; the other tests split them into up to 8).
 #[test]
 fn split_tiles_and_workspace_placements() {
     use rak::codegen::schedule::Placement;
     let client = client();
     let variants = [
-        (Some(8), Placement::Shared, 33, 3),
-        (Some(8), Placement::Global, 33, 8),
-        (Some(1), Placement::Shared, 5, 1),
-        (None, Placement::Global, 5, 5),
+        (Some(8), Placement::Shared, 33, 3, 8),
+        (Some(8), Placement::Global, 33, 8, 3),
+        (Some(1), Placement::Shared, 5, 1, 1),
+        (None, Placement::Global, 5, 5, 1),
     ];
-    for (n, (tile, placement, dim, stage)) in variants.into_iter().enumerate() {
+    for (n, (tile, placement, dim, stage, sum_parts)) in variants.into_iter().enumerate() {
         let schedule = Schedule {
             tile,
             placement,
             stage,
+            sum_parts,
             ..cpu_schedule()
         };
         for_each_cell!(compare(
@@ -585,6 +588,32 @@ fn scan_then_single_steps_equal_the_whole_scan() {
             300 + n as u64
         ));
     }
+}
+
+rak::cell! {
+    /// Two states that read each other's previous values, one through a sum over its axis:
+    /// neither is updated in place (the reference cells all are), so the forward step keeps
+    /// a buffer for each new state and copies it over the old one after the step.
+    pub cell Coupled {
+        dims D;
+        input x[D];
+        param R[D, D] = normal(0.0, 0.3);
+        state a[D], b[D];
+        update a[i] = tanh(b[i] + x[i]);
+        update b[i] = sum(j) R[i, j] * a[j];
+        output y[i] = a[i] * b[i];
+    }
+}
+
+/// The forward step's copy of the new states (states not updated in place), in the scan and in
+/// the single-step kernel.
+#[test]
+fn states_not_updated_in_place() {
+    let client = client();
+    let compiled = Coupled::compile();
+    assert!(rak::codegen::schedule::in_place_states(&compiled.cell).is_empty());
+    compare::<Coupled>(&client, 2, 2 * CHUNK + 3, 2, 33, cpu_schedule(), 400);
+    check_scan_then_step::<Coupled>(&client, 2, 5, 2, 5, 401);
 }
 
 #[test]

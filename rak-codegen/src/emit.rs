@@ -24,7 +24,9 @@
 //!
 //! Kernels are generic over the element type `F` of inputs, parameters and outputs; states,
 //! intermediates and accumulations are f32. Every sub-expression becomes one `let`; a `sum`
-//! becomes a loop; identical sub-expressions are computed once where their indices allow.
+//! becomes a loop, split among units when its statement has fewer elements than the cube has
+//! units (comptime `cube_dim` and `sum_parts`); identical sub-expressions are computed once
+//! where their indices allow.
 
 use crate::ir::*;
 use crate::schedule::{Buffer, GradSplit, Pass, SplitPlan, WorkspaceLayout};
@@ -35,11 +37,12 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 /// The kernels and launchers of a cell, as items for a module that has
 /// `use cubecl::prelude::*;` in scope.
 pub fn emit_kernels(step: &BackwardStep) -> TokenStream {
-    let emitter = Emitter::new(step);
-    let forward = emitter.forward_kernel();
-    let backward = emitter.backward_kernel();
-    let step = emitter.step_kernel();
-    let launchers = emitter.launchers();
+    let forward_pass = Emitter::new(step, Pass::Forward);
+    let backward_pass = Emitter::new(step, Pass::Backward);
+    let forward = forward_pass.forward_kernel();
+    let backward = backward_pass.backward_kernel();
+    let step = forward_pass.step_kernel();
+    let launchers = forward_pass.launchers();
     quote! {
         #forward
         #backward
@@ -83,6 +86,9 @@ struct Emitter<'a> {
     /// The axis split across cubes, if any: inside a cube it has `tile` values, from
     /// `tile_start`.
     split: Option<SplitPlan>,
+    /// The states whose new values overwrite the old ones in place, in the forward pass (see
+    /// [`crate::schedule::in_place_states`]): there, `NewState` is `State`.
+    in_place: BTreeSet<StateId>,
 }
 
 fn ident(name: &str) -> Ident {
@@ -109,13 +115,23 @@ fn float(value: f64) -> TokenStream {
 }
 
 impl<'a> Emitter<'a> {
-    fn new(step: &'a BackwardStep) -> Self {
+    /// The emitter of the kernels of one pass (forward: the forward and step kernels).
+    fn new(step: &'a BackwardStep, pass: Pass) -> Self {
         Emitter {
             step,
             cell: &step.cell,
             sum_classes: crate::schedule::sum_classes(step),
             split: crate::schedule::split_plan(step),
+            in_place: match pass {
+                Pass::Forward => crate::schedule::in_place_states(&step.cell),
+                Pass::Backward => BTreeSet::new(),
+            },
         }
+    }
+
+    /// Every state of the cell.
+    fn states(&self) -> Vec<StateId> {
+        (0..self.cell.states.len()).map(StateId).collect()
     }
 
     fn dim(&self, dim: DimId) -> Ident {
@@ -208,6 +224,7 @@ impl<'a> Emitter<'a> {
             Buffer::ParamGradSum(p) => format_ident!("at_param_grad_sum_{}", cell.params[p.0].name),
             Buffer::ChunkStates => ident("at_chunk_states"),
             Buffer::Sum(expr) => format_ident!("at_sum_{}", expr.0),
+            Buffer::SumParts => ident("at_sum_parts"),
             Buffer::Grad(grad) => {
                 let (kind, name) = match grad {
                     Grad::Output(o) => ("output", &cell.outputs[o.0].name),
@@ -234,6 +251,7 @@ impl<'a> Emitter<'a> {
             quote!((#(#sizes)+*))
         };
         match buffer {
+            Buffer::SumParts => quote!((if sum_parts > 1 { cube_dim } else { 0usize })),
             Buffer::ChunkStates => quote!((#total * (chunk + 1))),
             Buffer::Input(_) if pass == Pass::Forward => quote!((#total * stage)),
             _ => total,
@@ -301,7 +319,9 @@ impl<'a> Emitter<'a> {
             let time_len = time as usize;
             let chunk_count = (time_len + chunk - 1) / chunk;
             let unit = UNIT_POS as usize;
-            let units = CUBE_DIM as usize;
+            // The launch's cube dim, known at compile time (loops over elements get constant
+            // trip counts).
+            let units = comptime![cube_dim];
             #offsets
             let base = cube * workspace_size;
             let mut shared = SharedMemory::<f32>::new(comptime![if shared_workspace {
@@ -503,7 +523,8 @@ impl<'a> Emitter<'a> {
         tokens
     }
 
-    /// One loop over the elements of `indices`, computing `expr` from materialised sums.
+    /// One loop over the elements of `indices`, computing `expr` from materialised sums. When
+    /// `expr` is itself a sum to compute, it may be split among units ([`Self::split_sum`]).
     fn element_loop(
         &self,
         ready: &HashSet<ExprId>,
@@ -521,7 +542,88 @@ impl<'a> Emitter<'a> {
             Some(guard) => quote!(if #guard { #(#statements)* #write }),
             None => quote!(#(#statements)* #write),
         };
-        self.for_each_element(self.local_numel(&shape), quote!(#decode #body))
+        let serial = self.for_each_element(self.local_numel(&shape), quote!(#decode #body));
+        match self.cell.exprs.get(expr) {
+            &Expr::Sum { index, body } if !ready.contains(&self.sum_class(expr)) => {
+                self.split_sum(ready, indices, index, body, serial, store)
+            }
+            _ => serial,
+        }
+    }
+
+    /// `target[indices] = Σ_index body` with each element's terms split among units, chosen at
+    /// compile time: when the statement has fewer elements than the cube has units, `parts`
+    /// units (at most [`Schedule::sum_parts`](crate::schedule::Schedule::sum_parts), at most
+    /// the summed dim) take every `parts`-th term of one element each and write their partial
+    /// sums to the workspace (`at_sum_parts`); after a barrier, each element adds up its parts
+    /// in order. Otherwise, or with `sum_parts` = 1, the `serial` loop.
+    fn split_sum(
+        &self,
+        ready: &HashSet<ExprId>,
+        indices: &[IndexId],
+        index: IndexId,
+        body: ExprId,
+        serial: TokenStream,
+        store: impl Fn(&Ident) -> TokenStream,
+    ) -> TokenStream {
+        let shape: Shape = indices.iter().map(|&i| self.cell.index_dim(i)).collect();
+        let numel = self.local_numel(&shape);
+        let extent = self.extent(self.cell.index_dim(index));
+        let decode = self.decode_indices(indices);
+        let guarded = |tokens: TokenStream| match self.split_guard(indices) {
+            Some(guard) => quote!(if #guard { #tokens }),
+            None => tokens,
+        };
+        let var = self.index_var(index);
+        let mut exprs = ExprEmitter::new(self, ready.clone());
+        let (term_statements, term) = exprs.term(index, body);
+        let outer = exprs.finish();
+        let add_term = match self.split_guard(&[index]) {
+            Some(guard) => quote!(if #guard { #(#term_statements)* partial += #term; }),
+            None => quote!(#(#term_statements)* partial += #term;),
+        };
+        let at = self.at(Buffer::SumParts);
+        let write_part = self.step_write(&at, quote!(part * #numel + e), quote!(partial));
+        let partials = guarded(quote! {
+            #(#outer)*
+            let mut partial = 0f32;
+            let mut #var = part;
+            while #var < #extent {
+                #add_term
+                #var += parts;
+            }
+            #write_part
+        });
+        let read_part = self.step_read(&at, quote!(p * #numel + e));
+        let total = ident("total");
+        let write = store(&total);
+        let add_up = guarded(quote! {
+            let mut total = 0f32;
+            for p in 0..parts {
+                let part_sum = #read_part;
+                total += part_sum;
+            }
+            #write
+        });
+        let add_up = self.for_each_element(numel.clone(), quote!(#decode #add_up));
+        let barrier = self.barrier();
+        quote! {
+            let parts = comptime![sum_parts.min(cube_dim / #numel.max(1)).min(#extent)];
+            if comptime![parts > 1] {
+                if unit < parts * #numel {
+                    let e = unit % #numel;
+                    let part = unit / #numel;
+                    #decode
+                    #partials
+                }
+                #barrier
+                #add_up
+                // The next split sum reuses the partial sums.
+                #barrier
+            } else {
+                #serial
+            }
+        }
     }
 
     /// Writes a workspace buffer from an expression, for every element of its shape.
@@ -608,19 +710,21 @@ impl<'a> Emitter<'a> {
         tokens
     }
 
-    /// `to = from` for every state (element `e`).
+    /// `to = from` for each of `states` (element `e`).
     fn copy_states(
         &self,
+        states: &[StateId],
         from: impl Fn(StateId) -> Place,
         to: impl Fn(StateId) -> Place,
     ) -> TokenStream {
         let mut tokens = TokenStream::new();
-        for (id, state) in self.cell.states.iter().enumerate() {
-            let value = match from(StateId(id)) {
+        for &id in states {
+            let state = &self.cell.states[id.0];
+            let value = match from(id) {
                 Place::Step(at) => self.step_read(&at, quote!(e)),
                 Place::Chunk(at) => quote!(workspace[base + #at + e]),
             };
-            let write = match to(StateId(id)) {
+            let write = match to(id) {
                 Place::Step(at) => self.step_write(&at, quote!(e), value),
                 Place::Chunk(at) => quote!(workspace[base + #at + e] = #value;),
             };
@@ -688,6 +792,10 @@ impl<'a> Emitter<'a> {
     }
 
     fn at(&self, buffer: Buffer) -> TokenStream {
+        let buffer = match buffer {
+            Buffer::NewState(s) if self.in_place.contains(&s) => Buffer::State(s),
+            buffer => buffer,
+        };
         let name = self.buffer_name(buffer);
         quote!(#name)
     }
@@ -712,7 +820,9 @@ impl<'a> Emitter<'a> {
             #(#[comptime] #dims: usize,)*
             #[comptime] chunk: usize,
             #tile
-            #[comptime] shared_workspace: bool
+            #[comptime] shared_workspace: bool,
+            #[comptime] cube_dim: usize,
+            #[comptime] sum_parts: usize
         }
     }
 
@@ -840,7 +950,7 @@ impl<'a> Emitter<'a> {
 
     /// One step of the forward scan, from the inputs in the workspace (slot `input_step`): the
     /// lets, the updates, the outputs (row `row` of each output argument), then the new states
-    /// become the states.
+    /// become the states (copied, except for states updated in place).
     fn forward_step(&self) -> TokenStream {
         let mut ready = HashSet::new();
         let lets_and_updates = self.lets_and_updates(&mut ready);
@@ -865,7 +975,14 @@ impl<'a> Emitter<'a> {
                 },
             ));
         }
+        // States updated in place are already where the next step reads them.
+        let copied: Vec<StateId> = self
+            .states()
+            .into_iter()
+            .filter(|s| !self.in_place.contains(s))
+            .collect();
         let advance = self.copy_states(
+            &copied,
             |s| self.step_place(Buffer::NewState(s)),
             |s| self.step_place(Buffer::State(s)),
         );
@@ -1024,10 +1141,12 @@ impl<'a> Emitter<'a> {
         let recompute_lets_and_updates = self.lets_and_updates(&mut HashSet::new());
         let keep_states = {
             let advance = self.copy_states(
+                &self.states(),
                 |s| self.step_place(Buffer::NewState(s)),
                 |s| self.step_place(Buffer::State(s)),
             );
             let store = self.copy_states(
+                &self.states(),
                 |s| self.step_place(Buffer::NewState(s)),
                 |s| Place::Chunk(self.chunk_slot(s, quote!(step + 1))),
             );
@@ -1035,10 +1154,12 @@ impl<'a> Emitter<'a> {
         };
         let load_primal_states = {
             let previous = self.copy_states(
+                &self.states(),
                 |s| Place::Chunk(self.chunk_slot(s, quote!(step))),
                 |s| self.step_place(Buffer::State(s)),
             );
             let current = self.copy_states(
+                &self.states(),
                 |s| Place::Chunk(self.chunk_slot(s, quote!(step + 1))),
                 |s| self.step_place(Buffer::NewState(s)),
             );
@@ -1084,6 +1205,7 @@ impl<'a> Emitter<'a> {
             ));
         }
         sinks.extend(self.copy_states(
+            &self.states(),
             |s| self.step_place(Buffer::Grad(Grad::StatePrevious(s))),
             |s| self.step_place(Buffer::Grad(Grad::StateFromNext(s))),
         ));
@@ -1212,6 +1334,8 @@ impl<'a> Emitter<'a> {
                 schedule.placement == ::rak::codegen::schedule::Placement::Shared;
         });
         dim_args.push(quote!(shared_workspace));
+        dim_args.push(quote!(schedule.cube_dim as usize));
+        dim_args.push(quote!(schedule.sum_parts));
         // `element` views a buffer as an array of F, `single` as an array of f32.
         let arrays = |kind: &str, list: TokenStream, count: usize| {
             let view = ident(kind);
@@ -1524,11 +1648,7 @@ impl<'e, 'a> ExprEmitter<'e, 'a> {
                 let name = self.fresh();
                 let var = emitter.index_var(index);
                 let extent = emitter.extent(emitter.cell.index_dim(index));
-                self.blocks.push(Vec::new());
-                self.frames.push((Some(index), HashMap::new()));
-                let term = self.emit(body);
-                self.frames.pop();
-                let statements = self.blocks.pop().unwrap_or_default();
+                let (statements, term) = self.term(index, body);
                 // A sum over the split axis adds up the cube's tile (a per-tile part).
                 let body = match emitter.split_guard(&[index]) {
                     Some(guard) => quote!(if #guard { #(#statements)* #name += #term; }),
@@ -1547,6 +1667,16 @@ impl<'e, 'a> ExprEmitter<'e, 'a> {
             frame.1.insert(expr, value.clone());
         }
         value
+    }
+
+    /// One term of `Σ_index body`: the statements computing `body` with `index` bound (in a new
+    /// scope, so that nothing depending on `index` is reused outside it), and its variable.
+    fn term(&mut self, index: IndexId, body: ExprId) -> (Vec<TokenStream>, Ident) {
+        self.blocks.push(Vec::new());
+        self.frames.push((Some(index), HashMap::new()));
+        let term = self.emit(body);
+        self.frames.pop();
+        (self.blocks.pop().unwrap_or_default(), term)
     }
 
     /// `let v = op(a);` with the function written out in f32 arithmetic.

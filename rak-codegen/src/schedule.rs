@@ -19,7 +19,9 @@
 //! indices, right before the first statement that needs it, so that an expression such as
 //! `tanh(Σ_j R[i, j]·h[j] + x[i])` is not recomputed inside every element of a statement that
 //! reads it (the backward of Elman reads it D² times per step). Sums equal up to renaming of
-//! their indices share one buffer and are computed once.
+//! their indices share one buffer and are computed once. A sum whose statement has fewer
+//! elements than the cube has units is split among units ([`Schedule::sum_parts`]); the partial
+//! sums wait in [`Buffer::SumParts`].
 //!
 //! [`Schedule::resolve`] fills in what a launch left open (tile, placement) from the shape and
 //! the device's limits; the kernel emitter ([`crate::emit`]) and the host both derive buffer
@@ -61,6 +63,11 @@ pub struct Schedule {
     pub tile: Option<usize>,
     /// Where the per-step buffers live.
     pub placement: Placement,
+    /// Units that may share one `sum`: when a statement whose value is a sum has fewer
+    /// elements than the cube has units, each element's terms are split among up to this many
+    /// units (strided), whose partial sums one unit then adds up in a fixed order (bitwise
+    /// reproducible). 1: every sum is a serial loop in one unit.
+    pub sum_parts: usize,
 }
 
 impl Default for Schedule {
@@ -72,6 +79,7 @@ impl Default for Schedule {
             stage: 8,
             tile: None,
             placement: Placement::Auto,
+            sum_parts: 8,
         }
     }
 }
@@ -86,6 +94,16 @@ impl Schedule {
             .step_by(per_launch)
             .map(|first| first..(first + per_launch).min(chunks))
             .collect()
+    }
+
+    /// Elements of the workspace buffer of partial sums ([`Buffer::SumParts`]): one per unit
+    /// when sums are split, else none.
+    pub fn sum_parts_size(&self) -> usize {
+        if self.sum_parts > 1 {
+            self.cube_dim as usize
+        } else {
+            0
+        }
     }
 }
 
@@ -328,6 +346,67 @@ fn split_along(step: &BackwardStep, dim: DimId) -> Option<SplitPlan> {
     (!replicated_sink).then_some(SplitPlan { dim, grads })
 }
 
+/// The states the forward step updates in place: S_t is written over S_{t−1} in one buffer
+/// ([`Buffer::State`]), so the step needs no `NewState` buffer and no copy of the new state over
+/// the old one. A state qualifies when its update reads S_{t−1} only at the element it writes
+/// (the unit that reads an element is the one that writes it), apart from the sums it
+/// materialises first, and no other update or output reads S_{t−1} (a cube's updates run one
+/// after the other without barriers between them; the outputs run after them). Lets run
+/// before the updates and may read S_{t−1} freely. Every reference cell qualifies; the
+/// backward scan, whose step reads S_{t−1} and S_t, keeps both buffers.
+pub fn in_place_states(cell: &Cell) -> std::collections::BTreeSet<StateId> {
+    /// The indices of every load of S_{t−1} of `state` under `expr`, not descending into sums
+    /// other than `expr` itself when `materialised` says they are computed beforehand.
+    fn previous_loads(
+        cell: &Cell,
+        expr: ExprId,
+        root: ExprId,
+        state: StateId,
+        materialised: bool,
+        found: &mut Vec<Vec<IndexId>>,
+    ) {
+        match cell.exprs.get(expr) {
+            Expr::Const(_) => {}
+            Expr::Load {
+                value: Value::State(s, StateTime::Previous),
+                indices,
+            } if *s == state => found.push(indices.clone()),
+            Expr::Load { .. } => {}
+            Expr::Unary(_, a) => previous_loads(cell, *a, root, state, materialised, found),
+            Expr::Binary(_, a, b) => {
+                previous_loads(cell, *a, root, state, materialised, found);
+                previous_loads(cell, *b, root, state, materialised, found);
+            }
+            Expr::Sum { .. } if materialised && expr != root => {}
+            Expr::Sum { body, .. } => previous_loads(cell, *body, root, state, materialised, found),
+        }
+    }
+    let loads = |expr: ExprId, state: StateId, materialised: bool| {
+        let mut found = Vec::new();
+        previous_loads(cell, expr, expr, state, materialised, &mut found);
+        found
+    };
+    (0..cell.states.len())
+        .map(StateId)
+        .filter(|&state| {
+            let own = cell.updates.iter().all(|update| {
+                if update.state == state {
+                    loads(update.expr, state, true)
+                        .iter()
+                        .all(|indices| *indices == update.indices)
+                } else {
+                    loads(update.expr, state, false).is_empty()
+                }
+            });
+            let outputs = cell
+                .outputs
+                .iter()
+                .all(|output| loads(output.expr, state, false).is_empty());
+            own && outputs
+        })
+        .collect()
+}
+
 /// One buffer of a cube's workspace.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Buffer {
@@ -335,9 +414,11 @@ pub enum Buffer {
     Input(InputId),
     /// An input before its activation (backward only).
     InputPreActivation(InputId),
-    /// S_{t−1} (then, after the step, S_t).
+    /// S_{t−1} (then, after the step, S_t; during the forward step of a state updated in place,
+    /// see [`in_place_states`], S_{t−1} then S_t element by element).
     State(StateId),
-    /// S_t while the step computes it.
+    /// S_t while the step computes it (not in the forward workspace of a state updated in
+    /// place).
     NewState(StateId),
     Let(LetId),
     Grad(Grad),
@@ -348,6 +429,9 @@ pub enum Buffer {
     /// A materialised `sum` (the representative of its class, see [`sum_classes`]), indexed by
     /// its free indices in id order.
     Sum(ExprId),
+    /// The partial sums of a `sum` split among units ([`Schedule::sum_parts`]): one element
+    /// per unit, reused by every split sum of the step ([`Schedule::sum_parts_size`]).
+    SumParts,
 }
 
 /// The materialised sums that are the same up to renaming of their index variables (autodiff
@@ -460,9 +544,15 @@ impl WorkspaceLayout {
             }
             buffers.push(Buffer::Input(InputId(id)));
         }
+        let in_place = match pass {
+            Pass::Forward => in_place_states(cell),
+            Pass::Backward => Default::default(),
+        };
         for id in 0..cell.states.len() {
             buffers.push(Buffer::State(StateId(id)));
-            buffers.push(Buffer::NewState(StateId(id)));
+            if !in_place.contains(&StateId(id)) {
+                buffers.push(Buffer::NewState(StateId(id)));
+            }
         }
         buffers.extend((0..cell.lets.len()).map(|l| Buffer::Let(LetId(l))));
         if pass == Pass::Backward {
@@ -475,11 +565,11 @@ impl WorkspaceLayout {
             buffers.extend(step.definitions.iter().map(|d| Buffer::Grad(d.grad)));
             buffers.extend((0..cell.params.len()).map(|p| Buffer::ParamGradSum(ParamId(p))));
         }
-        buffers.extend(
-            cell.sums_under(&step_roots(step, pass))
-                .into_iter()
-                .map(Buffer::Sum),
-        );
+        let sums = cell.sums_under(&step_roots(step, pass));
+        if !sums.is_empty() {
+            buffers.push(Buffer::SumParts);
+        }
+        buffers.extend(sums.into_iter().map(Buffer::Sum));
         // Last, so that the per-step buffers before it can move to shared memory together.
         if pass == Pass::Backward {
             buffers.push(Buffer::ChunkStates);
@@ -488,7 +578,8 @@ impl WorkspaceLayout {
     }
 
     /// The dims whose product is the buffer's size (for `ChunkStates`, which holds every state
-    /// once per chunk slot, before the slot count: see [`Self::chunk_states_size`]).
+    /// once per chunk slot, before the slot count: see [`Self::chunk_states_size`]; none for
+    /// `SumParts`, whose size depends on the schedule only).
     pub fn shapes(cell: &Cell, buffer: Buffer) -> Vec<Shape> {
         match buffer {
             Buffer::Input(i) | Buffer::InputPreActivation(i) => {
@@ -499,6 +590,7 @@ impl WorkspaceLayout {
             Buffer::Grad(g) => vec![cell.grad_shape(g).clone()],
             Buffer::ParamGradSum(p) => vec![cell.params[p.0].shape.clone()],
             Buffer::ChunkStates => cell.states.iter().map(|s| s.shape.clone()).collect(),
+            Buffer::SumParts => Vec::new(),
             Buffer::Sum(expr) => vec![
                 cell.free_indices(expr)
                     .iter()
@@ -545,6 +637,9 @@ impl WorkspaceLayout {
             .iter()
             .filter(|&&b| keep(b))
             .map(|&b| {
+                if b == Buffer::SumParts {
+                    return schedule.sum_parts_size();
+                }
                 let elements: usize = Self::shapes(cell, b)
                     .iter()
                     .map(|s| Cell::numel(s, dims))

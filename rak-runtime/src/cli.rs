@@ -188,7 +188,7 @@ impl crate::cells::CellVisitor for BenchRequest {
     }
 }
 
-/// Runs `rak bench`: one table row (and JSON line) per shape.
+/// Runs `rak bench`: one table row (and JSON line) per shape and schedule.
 #[allow(clippy::too_many_arguments)]
 fn bench(
     strategy: BenchStrategy,
@@ -196,7 +196,7 @@ fn bench(
     shapes: &[[usize; 4]],
     dtype: Dtype,
     device: Device,
-    schedule: rak_codegen::schedule::Schedule,
+    schedules: &[rak_codegen::schedule::Schedule],
     warmup: usize,
     repetitions: usize,
     json: Option<&Path>,
@@ -208,7 +208,10 @@ fn bench(
          schedule (forward; backward) |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|");
-    for &shape in shapes {
+    let runs = shapes
+        .iter()
+        .flat_map(|&shape| schedules.iter().map(move |&schedule| (shape, schedule)));
+    for (shape, schedule) in runs {
         let request = BenchRequest {
             strategy,
             shape,
@@ -228,7 +231,11 @@ fn bench(
             BenchStrategy::Chunked => format!("chunked, {} steps per chunk", s.chunk),
             BenchStrategy::Fused => {
                 let tile = s.tile.map_or("none".to_string(), |t| t.to_string());
-                format!("tile {tile}, {:?}", s.placement).to_lowercase()
+                format!(
+                    "{} units, tile {tile}, {:?}, sum parts {}",
+                    s.cube_dim, s.placement, s.sum_parts
+                )
+                .to_lowercase()
             }
         };
         let (forward_schedule, backward_schedule) = (
@@ -246,6 +253,7 @@ fn bench(
                 "device": format!("{device:?}").to_lowercase(), "batch": b, "time": t, "heads": h, "dim": d,
                 "forward_ms": forward, "forward_backward_ms": both, "repetitions": repetitions,
                 "chunk": schedule.chunk, "cube_dim": schedule.cube_dim,
+                "sum_parts": schedule.sum_parts,
                 "strategy": format!("{strategy:?}").to_lowercase(),
                 "forward_schedule": forward_schedule, "backward_schedule": backward_schedule,
             });
@@ -433,9 +441,9 @@ pub enum Command {
         /// Steps between checkpoints (fused), steps per chunk (chunked).
         #[arg(long, default_value_t = 64)]
         chunk: usize,
-        /// Units per cube.
-        #[arg(long, default_value_t = 128)]
-        cube_dim: u32,
+        /// Units per cube; several (`64,128,256`) time each shape under each.
+        #[arg(long, value_delimiter = ',', default_value = "128")]
+        cube_dim: Vec<u32>,
         /// Split each scan into launches of this many chunks (Mesa's software driver needs it
         /// for long scans).
         #[arg(long)]
@@ -449,6 +457,10 @@ pub enum Command {
         /// Where the per-step workspace lives.
         #[arg(long, value_enum, default_value_t = WorkspacePlacement::Auto)]
         placement: WorkspacePlacement,
+        /// Units that may share one sum of a statement with fewer elements than units (1: one
+        /// unit per element); several (`1,8`) time each shape under each.
+        #[arg(long, value_delimiter = ',', default_value = "8")]
+        sum_parts: Vec<usize>,
         /// Append one JSON object per shape to this file.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -762,23 +774,32 @@ pub fn run(cli: Cli) -> ExitCode {
             stage,
             tile,
             placement,
+            sum_parts,
             json,
         } => {
-            let schedule = rak_codegen::schedule::Schedule {
-                cube_dim,
-                chunk,
-                chunks_per_launch,
-                stage,
-                tile,
-                placement: placement.into(),
-            };
+            let schedules: Vec<rak_codegen::schedule::Schedule> = cube_dim
+                .iter()
+                .flat_map(|&cube_dim| {
+                    sum_parts
+                        .iter()
+                        .map(move |&sum_parts| rak_codegen::schedule::Schedule {
+                            cube_dim,
+                            chunk,
+                            chunks_per_launch,
+                            stage,
+                            tile,
+                            placement: placement.into(),
+                            sum_parts,
+                        })
+                })
+                .collect();
             match bench(
                 strategy,
                 &cell,
                 &shapes,
                 dtype,
                 device,
-                schedule,
+                &schedules,
                 warmup,
                 repetitions,
                 json.as_deref(),

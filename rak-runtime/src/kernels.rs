@@ -246,10 +246,11 @@ impl<C: CellKernels> CellRunner<C> {
             || schedule.chunks_per_launch == Some(0)
             || schedule.stage == 0
             || schedule.tile == Some(0)
+            || schedule.sum_parts == 0
         {
             return Err(KernelError(format!(
-                "schedule {schedule:?}: chunk, cube_dim, chunks_per_launch, stage and tile must \
-                 be at least 1"
+                "schedule {schedule:?}: chunk, cube_dim, chunks_per_launch, stage, tile and \
+                 sum_parts must be at least 1"
             )));
         }
         Ok(())

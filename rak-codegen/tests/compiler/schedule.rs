@@ -3,7 +3,9 @@
 
 use crate::common::{CELL_NAMES, compile_cell};
 use rak_codegen::ir::{Grad, InputId, StateId};
-use rak_codegen::schedule::{DeviceLimits, GradSplit, Pass, Placement, Schedule, split_plan};
+use rak_codegen::schedule::{
+    DeviceLimits, GradSplit, Pass, Placement, Schedule, in_place_states, split_plan,
+};
 
 /// The split axis of every reference cell, by name (`None`: one cube per sequence).
 #[test]
@@ -95,12 +97,18 @@ fn resolving_chooses_tile_and_placement() {
     let compiled = compile_cell("simple_rnn");
     let step = &compiled.backward;
     let open = Schedule::default();
-    // K = V = 128, 64 sequences: S and its new value alone are 2 × 128 × 128 × 4 = 128 KiB;
-    // at tile 32: 8 staged steps of inputs (3 × 128 + 32) + 2 × 128 × 32 + 32 floats = 45 KiB.
+    // K = V = 128, 64 sequences: S alone (updated in place) is 128 × 128 × 4 = 64 KiB; at tile
+    // 64: 8 staged steps of inputs (3 × 128 + 64) + 128 × 64 + 64 floats of the sum + 64
+    // partial sums = 46.5 KiB.
     let resolved = open
         .resolve(step, Pass::Forward, &[128, 128], 64, limits(48 * 1024, 1))
         .unwrap();
-    assert_eq!(resolved.tile, Some(32));
+    assert_eq!(resolved.tile, Some(64));
+    // The backward workspace holds more per step (S_{t−1}, S_t, their gradients): tile 8.
+    let resolved = open
+        .resolve(step, Pass::Backward, &[128, 128], 64, limits(48 * 1024, 1))
+        .unwrap();
+    assert_eq!(resolved.tile, Some(8));
     assert_eq!(resolved.placement, Placement::Shared);
     // More cubes wanted: smaller tiles.
     let resolved = open
@@ -138,7 +146,7 @@ fn shared_memory_too_small_is_refused() {
         .unwrap_err();
     assert!(
         error.starts_with(
-            "the forward workspace of cell `SimpleRnn` needs 147968 bytes of shared memory per \
+            "the forward workspace of cell `SimpleRnn` needs 82688 bytes of shared memory per \
              cube (tile 128), the device offers 49152"
         ),
         "{error}"
@@ -154,4 +162,56 @@ fn chunked_scans_for_long_sequences_of_linear_cells_only() {
     assert_eq!(pick_scan(false, 100 * long, 64), ScanKind::Recurrent);
     // Decoding one token at a time stays recurrent.
     assert_eq!(pick_scan(true, 1, 1), ScanKind::Recurrent);
+}
+
+/// Which states the forward step overwrites in place: every state of every reference cell;
+/// none where a state's update reads other elements of it directly (not through a sum computed
+/// first), or where another update or an output reads its previous value.
+#[test]
+fn states_updated_in_place() {
+    for name in CELL_NAMES {
+        let compiled = compile_cell(name);
+        let all: Vec<StateId> = (0..compiled.cell.states.len()).map(StateId).collect();
+        let in_place: Vec<StateId> = in_place_states(&compiled.cell).into_iter().collect();
+        assert_eq!(in_place, all, "{name}");
+    }
+    let cases = [
+        // The update is a sum over other elements of h: computed directly, element by element.
+        (
+            "update h[i] = sum(j) R[i, j] * h[j];",
+            "state h[D];",
+            vec![],
+        ),
+        // The same sum inside a larger expression is computed into a buffer first.
+        (
+            "update h[i] = tanh(sum(j) R[i, j] * h[j]);",
+            "state h[D];",
+            vec![0],
+        ),
+        // Each update reads the other's previous value: neither; only b reads a: b.
+        (
+            "update a[i] = b[i]; update b[i] = a[i];",
+            "state a[D], b[D];",
+            vec![],
+        ),
+        (
+            "update a[i] = a[i]; update b[i] = a[i] + b[i];",
+            "state a[D], b[D];",
+            vec![1],
+        ),
+    ];
+    for (updates, states, expected) in cases {
+        let source = format!(
+            "cell T {{ dims D; input x[D]; param R[D, D] = normal(0.0, 0.1); {states} {updates} \
+             output y[i] = x[i] + h_or_a[i]; }}"
+        );
+        let output = if states.contains("h[D]") { "h" } else { "a" };
+        let source = source.replace("h_or_a", output);
+        let compiled = rak_codegen::compile_str(&source).unwrap_or_else(|e| panic!("{e}"));
+        let found: Vec<usize> = in_place_states(&compiled.cell)
+            .into_iter()
+            .map(|s| s.0)
+            .collect();
+        assert_eq!(found, expected, "{updates}");
+    }
 }
