@@ -493,6 +493,14 @@ impl<'a> Emitter<'a> {
         Some(quote!(tile_start + #var < #dim))
     }
 
+    /// `tokens`, run only where [`Self::split_guard`] of `indices` holds (always without one).
+    fn guarded(&self, indices: &[IndexId], tokens: TokenStream) -> TokenStream {
+        match self.split_guard(indices) {
+            Some(guard) => quote!(if #guard { #tokens }),
+            None => tokens,
+        }
+    }
+
     fn index_var(&self, index: IndexId) -> Ident {
         format_ident!("{}_{}", self.cell.indices[index.0].name, index.0)
     }
@@ -538,10 +546,7 @@ impl<'a> Emitter<'a> {
         let value = exprs.emit(expr);
         let statements = exprs.finish();
         let write = store(&value);
-        let body = match self.split_guard(indices) {
-            Some(guard) => quote!(if #guard { #(#statements)* #write }),
-            None => quote!(#(#statements)* #write),
-        };
+        let body = self.guarded(indices, quote!(#(#statements)* #write));
         let serial = self.for_each_element(self.local_numel(&shape), quote!(#decode #body));
         match self.cell.exprs.get(expr) {
             &Expr::Sum { index, body } if !ready.contains(&self.sum_class(expr)) => {
@@ -570,41 +575,40 @@ impl<'a> Emitter<'a> {
         let numel = self.local_numel(&shape);
         let extent = self.extent(self.cell.index_dim(index));
         let decode = self.decode_indices(indices);
-        let guarded = |tokens: TokenStream| match self.split_guard(indices) {
-            Some(guard) => quote!(if #guard { #tokens }),
-            None => tokens,
-        };
         let var = self.index_var(index);
         let mut exprs = ExprEmitter::new(self, ready.clone());
         let (term_statements, term) = exprs.term(index, body);
         let outer = exprs.finish();
-        let add_term = match self.split_guard(&[index]) {
-            Some(guard) => quote!(if #guard { #(#term_statements)* partial += #term; }),
-            None => quote!(#(#term_statements)* partial += #term;),
-        };
+        let add_term = self.guarded(&[index], quote!(#(#term_statements)* partial += #term;));
         let at = self.at(Buffer::SumParts);
         let write_part = self.step_write(&at, quote!(part * #numel + e), quote!(partial));
-        let partials = guarded(quote! {
-            #(#outer)*
-            let mut partial = 0f32;
-            let mut #var = part;
-            while #var < #extent {
-                #add_term
-                #var += parts;
-            }
-            #write_part
-        });
+        let partials = self.guarded(
+            indices,
+            quote! {
+                #(#outer)*
+                let mut partial = 0f32;
+                let mut #var = part;
+                while #var < #extent {
+                    #add_term
+                    #var += parts;
+                }
+                #write_part
+            },
+        );
         let read_part = self.step_read(&at, quote!(p * #numel + e));
         let total = ident("total");
         let write = store(&total);
-        let add_up = guarded(quote! {
-            let mut total = 0f32;
-            for p in 0..parts {
-                let part_sum = #read_part;
-                total += part_sum;
-            }
-            #write
-        });
+        let add_up = self.guarded(
+            indices,
+            quote! {
+                let mut total = 0f32;
+                for p in 0..parts {
+                    let part_sum = #read_part;
+                    total += part_sum;
+                }
+                #write
+            },
+        );
         let add_up = self.for_each_element(numel.clone(), quote!(#decode #add_up));
         let barrier = self.barrier();
         quote! {
@@ -1650,10 +1654,7 @@ impl<'e, 'a> ExprEmitter<'e, 'a> {
                 let extent = emitter.extent(emitter.cell.index_dim(index));
                 let (statements, term) = self.term(index, body);
                 // A sum over the split axis adds up the cube's tile (a per-tile part).
-                let body = match emitter.split_guard(&[index]) {
-                    Some(guard) => quote!(if #guard { #(#statements)* #name += #term; }),
-                    None => quote!(#(#statements)* #name += #term;),
-                };
+                let body = emitter.guarded(&[index], quote!(#(#statements)* #name += #term;));
                 self.push(quote! {
                     let mut #name = 0f32;
                     for #var in 0..#extent {
