@@ -70,9 +70,10 @@ timeout 25 gpu-bundle/rak bench generate --checkpoint "$runs/fused" \
     --prompt-lengths 1000,10000,100000 > "$out/generate.md" 2>&1
 cat "$out/generate.md"
 
-# 6. The schedule's knobs, side by side at one shape (f32): units per cube, and sums split
-#    among units or not (docs/compiler.md, "Split sums"); these set the defaults.
+# 6. The schedule's knobs, side by side at one shape (f32): units per cube, sums split among
+#    units or not, states held in registers or not (docs/compiler.md, "Split sums", "States
+#    in registers"); these set the defaults.
 timeout 50 gpu-bundle/rak bench --device cuda --repetitions 5 --warmup 1 --shape 8,2048,8,128 \
-    --cube-dim 64,128,256 --sum-parts 1,8 --json "$out/sweep.jsonl" > "$out/sweep.md" 2>&1
+    --cube-dim 64,128,256 --sum-parts 1,8 --registers true,false --json "$out/sweep.jsonl" > "$out/sweep.md" 2>&1
 echo "sweep: exit $?" >> "$out/sweep.md"
 cat "$out/sweep.md"

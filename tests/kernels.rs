@@ -436,25 +436,38 @@ fn kernels_match_the_interpreter_for_every_cell() {
 /// global memory, over several launches (the shared workspace is saved and restored between
 /// them); blocks of staged inputs that do not divide the chunk (3) or the sequence (5); sums
 /// split among units in parts that do not divide the summed axis (3 parts over 33 or 8
-/// values), and sums left to one unit each (1 part; the other tests split them into up to 8).
+/// values), and sums left to one unit each (1 part; the other tests split them into up to 8);
+/// states held in registers (stored to and loaded from either placement) or not.
 #[test]
 fn split_tiles_and_workspace_placements() {
     use rak::codegen::schedule::Placement;
     let client = client();
     let variants = [
-        (Some(8), Placement::Shared, 33, 3, 8),
-        (Some(8), Placement::Global, 33, 8, 3),
-        (Some(1), Placement::Shared, 5, 1, 1),
-        (None, Placement::Global, 5, 5, 1),
+        (Some(8), Placement::Shared, 33, 3, 8, false),
+        (Some(8), Placement::Global, 33, 8, 3, true),
+        (Some(1), Placement::Shared, 5, 1, 1, true),
+        (None, Placement::Global, 5, 5, 1, false),
     ];
-    for (n, (tile, placement, dim, stage, sum_parts)) in variants.into_iter().enumerate() {
+    let simple_rnn = SimpleRnn::compile();
+    for (n, (tile, placement, dim, stage, sum_parts, registers)) in variants.into_iter().enumerate()
+    {
         let schedule = Schedule {
             tile,
             placement,
             stage,
             sum_parts,
+            registers,
             ..cpu_schedule()
         };
+        // The variants asking for registers get them (each tile fits the units).
+        let resolved = Schedule {
+            tile: tile.or(Some(dim)),
+            ..schedule
+        };
+        assert_eq!(
+            resolved.holds_states_in_registers(&simple_rnn.backward, &[dim, dim]),
+            registers
+        );
         for_each_cell!(compare(
             &client,
             2,

@@ -78,6 +78,32 @@ enum Transfer {
     StoreF32,
 }
 
+/// `target[indices] = Σ_index body`, a sum computed for each element of a statement.
+struct SumStatement<'i> {
+    indices: &'i [IndexId],
+    index: IndexId,
+    body: ExprId,
+}
+
+/// See [`Emitter::held_in_registers`]: the comptime layout of the states held in registers
+/// (`parts_S`, `lanes_S`, `slots_S`, whether this launch holds them: `in_registers`) and their
+/// arrays; their load from the workspace after the states are set; their store back to it
+/// (before a checkpoint and at the end), followed by a barrier.
+struct HeldInRegisters {
+    layout: TokenStream,
+    load: TokenStream,
+    store: TokenStream,
+}
+
+/// See [`Emitter::register_names`].
+struct RegisterNames {
+    parts: Ident,
+    lanes: Ident,
+    slots: Ident,
+    array: Ident,
+}
+
+#[derive(Clone)]
 struct Emitter<'a> {
     step: &'a BackwardStep,
     cell: &'a Cell,
@@ -89,6 +115,9 @@ struct Emitter<'a> {
     /// The states whose new values overwrite the old ones in place, in the forward pass (see
     /// [`crate::schedule::in_place_states`]): there, `NewState` is `State`.
     in_place: BTreeSet<StateId>,
+    /// The states the code being emitted holds in registers (the forward scan's register step,
+    /// see [`crate::schedule::register_states`]); empty elsewhere.
+    registers: BTreeSet<StateId>,
 }
 
 fn ident(name: &str) -> Ident {
@@ -126,7 +155,44 @@ impl<'a> Emitter<'a> {
                 Pass::Forward => crate::schedule::in_place_states(&step.cell),
                 Pass::Backward => BTreeSet::new(),
             },
+            registers: BTreeSet::new(),
         }
+    }
+
+    /// This emitter, holding `states` in registers.
+    fn with_registers(&self, states: BTreeSet<StateId>) -> Self {
+        Emitter {
+            registers: states,
+            ..self.clone()
+        }
+    }
+
+    /// The comptime names of a state held in registers: its units (`lanes_S`), its slots per
+    /// unit (`slots_S`), the units sharing each of its sums (`parts_S`), and its array.
+    fn register_names(&self, state: StateId) -> RegisterNames {
+        let name = &self.cell.states[state.0].name;
+        RegisterNames {
+            parts: format_ident!("parts_{name}"),
+            lanes: format_ident!("lanes_{name}"),
+            slots: format_ident!("slots_{name}"),
+            array: format_ident!("registers_{name}"),
+        }
+    }
+
+    /// The state held in registers that the body of a sum loads, if any.
+    fn register_state_of_sum(&self, body: ExprId) -> Option<StateId> {
+        let mut found = None;
+        self.cell.exprs.walk(body, &mut |_, node| {
+            if let Expr::Load {
+                value: Value::State(s, _),
+                ..
+            } = node
+                && self.registers.contains(s)
+            {
+                found = Some(*s);
+            }
+        });
+        found
     }
 
     /// Every state of the cell.
@@ -501,46 +567,74 @@ impl<'a> Emitter<'a> {
         }
     }
 
+    /// The dims of a statement's indices.
+    fn shape_of(&self, indices: &[IndexId]) -> Shape {
+        indices.iter().map(|&i| self.cell.index_dim(i)).collect()
+    }
+
     fn index_var(&self, index: IndexId) -> Ident {
         format_ident!("{}_{}", self.cell.indices[index.0].name, index.0)
     }
 
     /// `target[indices] = expr` for every element: `store(value)` writes one element. First
     /// materialises the `sum`s inside `expr` that this step has not computed yet (`ready`).
+    /// `followed_by_barrier`: the caller puts a barrier right after the statement (a split sum
+    /// then needs none of its own after it).
     fn statement(
         &self,
         ready: &mut HashSet<ExprId>,
         indices: &[IndexId],
         expr: ExprId,
+        followed_by_barrier: bool,
         store: impl Fn(&Ident) -> TokenStream,
     ) -> TokenStream {
+        let mut tokens = self.materialise_sums(ready, expr);
+        tokens.extend(self.element_loop(ready, indices, expr, followed_by_barrier, store));
+        tokens
+    }
+
+    /// Computes the `sum`s inside `expr` (not `expr` itself) that this step has not computed
+    /// yet into their buffers, each followed by a barrier.
+    fn materialise_sums(&self, ready: &mut HashSet<ExprId>, expr: ExprId) -> TokenStream {
         let mut tokens = TokenStream::new();
         for sum in self.cell.sums_under(&[expr]) {
             let class = self.sum_class(sum);
             if sum != expr && !ready.contains(&class) {
                 let free: Vec<IndexId> = self.cell.free_indices(sum).into_iter().collect();
                 let at = self.at(Buffer::Sum(class));
-                tokens.extend(self.element_loop(ready, &free, sum, |value| {
+                tokens.extend(self.element_loop(ready, &free, sum, true, |value| {
                     self.step_write(&at, quote!(e), quote!(#value))
                 }));
                 tokens.extend(self.barrier());
                 ready.insert(class);
             }
         }
-        tokens.extend(self.element_loop(ready, indices, expr, store));
         tokens
     }
 
     /// One loop over the elements of `indices`, computing `expr` from materialised sums. When
-    /// `expr` is itself a sum to compute, it may be split among units ([`Self::split_sum`]).
+    /// `expr` is itself a sum to compute, it may be split among units ([`Self::split_sum`]), or
+    /// read a state held in registers ([`Self::register_sum`]).
     fn element_loop(
         &self,
         ready: &HashSet<ExprId>,
         indices: &[IndexId],
         expr: ExprId,
+        followed_by_barrier: bool,
         store: impl Fn(&Ident) -> TokenStream,
     ) -> TokenStream {
-        let shape: Shape = indices.iter().map(|&i| self.cell.index_dim(i)).collect();
+        if let &Expr::Sum { index, body } = self.cell.exprs.get(expr)
+            && !ready.contains(&self.sum_class(expr))
+            && let Some(state) = self.register_state_of_sum(body)
+        {
+            let sum = SumStatement {
+                indices,
+                index,
+                body,
+            };
+            return self.register_sum(ready, &sum, state, followed_by_barrier, store);
+        }
+        let shape = self.shape_of(indices);
         let decode = self.decode_indices(indices);
         let mut exprs = ExprEmitter::new(self, ready.clone());
         let value = exprs.emit(expr);
@@ -550,10 +644,96 @@ impl<'a> Emitter<'a> {
         let serial = self.for_each_element(self.local_numel(&shape), quote!(#decode #body));
         match self.cell.exprs.get(expr) {
             &Expr::Sum { index, body } if !ready.contains(&self.sum_class(expr)) => {
-                self.split_sum(ready, indices, index, body, serial, store)
+                let sum = SumStatement {
+                    indices,
+                    index,
+                    body,
+                };
+                self.split_sum(ready, &sum, serial, followed_by_barrier, store)
             }
             _ => serial,
         }
+    }
+
+    /// The code shared by both ways of splitting `target[indices] = Σ_index body` among
+    /// `parts` units per element: each part's sum of its terms (`terms`, given the term's
+    /// statements and variable, adds them to `partial`), written to the partial sums
+    /// (`at_sum_parts`) or, with one part, stored; then, with several parts, a barrier and
+    /// each element's total of its parts in order, and a barrier before the next split sum
+    /// reuses the partial sums (unless `followed_by_barrier`). A state held in registers is
+    /// read at slot `slot` where its indices are the summed index and then `indices`.
+    fn partial_sums(
+        &self,
+        ready: &HashSet<ExprId>,
+        sum: &SumStatement,
+        parts: &TokenStream,
+        terms: impl Fn(TokenStream) -> TokenStream,
+        followed_by_barrier: bool,
+        store: impl Fn(&Ident) -> TokenStream,
+    ) -> (TokenStream, TokenStream) {
+        let shape = self.shape_of(sum.indices);
+        let numel = self.local_numel(&shape);
+        let decode = self.decode_indices(sum.indices);
+        let mut exprs = ExprEmitter::new(self, ready.clone());
+        let mut aligned = vec![sum.index];
+        aligned.extend_from_slice(sum.indices);
+        exprs.register_view = Some((aligned, quote!(slot)));
+        let (term_statements, term) = exprs.term(sum.index, sum.body);
+        let outer = exprs.finish();
+        let add_terms = terms(quote!(#(#term_statements)* partial += #term;));
+        let at = self.at(Buffer::SumParts);
+        let write_part = self.step_write(&at, quote!(part * #numel + e), quote!(partial));
+        let store_partial = store(&ident("partial"));
+        let partials = self.guarded(
+            sum.indices,
+            quote! {
+                #(#outer)*
+                let mut partial = 0f32;
+                #add_terms
+                if comptime![#parts > 1] {
+                    #write_part
+                } else {
+                    #store_partial
+                }
+            },
+        );
+        let partials = quote! {
+            if unit < #parts * #numel {
+                let e = unit % #numel;
+                let part = unit / #numel;
+                #decode
+                #partials
+            }
+        };
+        let read_part = self.step_read(&at, quote!(p * #numel + e));
+        let write = store(&ident("total"));
+        let add_up = self.guarded(
+            sum.indices,
+            quote! {
+                let mut total = 0f32;
+                for p in 0..#parts {
+                    let part_sum = #read_part;
+                    total += part_sum;
+                }
+                #write
+            },
+        );
+        let add_up = self.for_each_element(numel, quote!(#decode #add_up));
+        let barrier = self.barrier();
+        let reuse_barrier = if followed_by_barrier {
+            TokenStream::new()
+        } else {
+            // The next split sum reuses the partial sums.
+            barrier.clone()
+        };
+        let totals = quote! {
+            if comptime![#parts > 1] {
+                #barrier
+                #add_up
+                #reuse_barrier
+            }
+        };
+        (partials, totals)
     }
 
     /// `target[indices] = Σ_index body` with each element's terms split among units, chosen at
@@ -565,68 +745,78 @@ impl<'a> Emitter<'a> {
     fn split_sum(
         &self,
         ready: &HashSet<ExprId>,
-        indices: &[IndexId],
-        index: IndexId,
-        body: ExprId,
+        sum: &SumStatement,
         serial: TokenStream,
+        followed_by_barrier: bool,
         store: impl Fn(&Ident) -> TokenStream,
     ) -> TokenStream {
-        let shape: Shape = indices.iter().map(|&i| self.cell.index_dim(i)).collect();
+        let shape = self.shape_of(sum.indices);
         let numel = self.local_numel(&shape);
-        let extent = self.extent(self.cell.index_dim(index));
-        let decode = self.decode_indices(indices);
-        let var = self.index_var(index);
-        let mut exprs = ExprEmitter::new(self, ready.clone());
-        let (term_statements, term) = exprs.term(index, body);
-        let outer = exprs.finish();
-        let add_term = self.guarded(&[index], quote!(#(#term_statements)* partial += #term;));
-        let at = self.at(Buffer::SumParts);
-        let write_part = self.step_write(&at, quote!(part * #numel + e), quote!(partial));
-        let partials = self.guarded(
-            indices,
+        let extent = self.extent(self.cell.index_dim(sum.index));
+        let var = self.index_var(sum.index);
+        let parts = quote!(parts);
+        let terms = |add_term: TokenStream| {
+            let add_term = self.guarded(&[sum.index], add_term);
             quote! {
-                #(#outer)*
-                let mut partial = 0f32;
                 let mut #var = part;
                 while #var < #extent {
                     #add_term
                     #var += parts;
                 }
-                #write_part
-            },
-        );
-        let read_part = self.step_read(&at, quote!(p * #numel + e));
-        let total = ident("total");
-        let write = store(&total);
-        let add_up = self.guarded(
-            indices,
-            quote! {
-                let mut total = 0f32;
-                for p in 0..parts {
-                    let part_sum = #read_part;
-                    total += part_sum;
-                }
-                #write
-            },
-        );
-        let add_up = self.for_each_element(numel.clone(), quote!(#decode #add_up));
-        let barrier = self.barrier();
+            }
+        };
+        let (partials, totals) =
+            self.partial_sums(ready, sum, &parts, terms, followed_by_barrier, store);
         quote! {
             let parts = comptime![sum_parts.min(cube_dim / #numel.max(1)).min(#extent)];
             if comptime![parts > 1] {
-                if unit < parts * #numel {
-                    let e = unit % #numel;
-                    let part = unit / #numel;
-                    #decode
-                    #partials
-                }
-                #barrier
-                #add_up
-                // The next split sum reuses the partial sums.
-                #barrier
+                #partials
+                #totals
             } else {
                 #serial
             }
+        }
+    }
+
+    /// `target[indices] = Σ_index body` where `body` reads `state`, held in registers: the sum
+    /// is split as the state is held ([`crate::schedule::register_states`]): `parts_S` units
+    /// per element, unit `part` taking the terms `index = part + slot · parts_S`, each of which
+    /// reads the unit's own slot `slot` of the state (`lanes_S = parts_S × elements`). With one
+    /// part, each unit stores its element's total itself.
+    fn register_sum(
+        &self,
+        ready: &HashSet<ExprId>,
+        sum: &SumStatement,
+        state: StateId,
+        followed_by_barrier: bool,
+        store: impl Fn(&Ident) -> TokenStream,
+    ) -> TokenStream {
+        let names = self.register_names(state);
+        let (parts, slots) = (&names.parts, &names.slots);
+        let extent = self.extent(self.cell.index_dim(sum.index));
+        let var = self.index_var(sum.index);
+        let terms = |add_term: TokenStream| {
+            quote! {
+                #[unroll]
+                for slot in 0..#slots {
+                    let #var = part + slot * #parts;
+                    if #var < #extent {
+                        #add_term
+                    }
+                }
+            }
+        };
+        let (partials, totals) = self.partial_sums(
+            ready,
+            sum,
+            &quote!(#parts),
+            terms,
+            followed_by_barrier,
+            store,
+        );
+        quote! {
+            #partials
+            #totals
         }
     }
 
@@ -637,11 +827,43 @@ impl<'a> Emitter<'a> {
         buffer: Buffer,
         indices: &[IndexId],
         expr: ExprId,
+        followed_by_barrier: bool,
     ) -> TokenStream {
         let at = self.at(buffer);
-        self.statement(ready, indices, expr, |value| {
+        self.statement(ready, indices, expr, followed_by_barrier, |value| {
             self.step_write(&at, quote!(e), quote!(#value))
         })
+    }
+
+    /// `update S[indices] = expr` of a state held in registers: each unit computes its slots
+    /// (elements `unit + slot · lanes_S`), reading the state's old value from the same slot.
+    fn register_update(&self, ready: &mut HashSet<ExprId>, update: &Update) -> TokenStream {
+        let mut tokens = self.materialise_sums(ready, update.expr);
+        let names = self.register_names(update.state);
+        let (lanes, slots, array) = (&names.lanes, &names.slots, &names.array);
+        let numel = self.local_numel(&self.cell.states[update.state.0].shape);
+        let decode = self.decode_indices(&update.indices);
+        let mut exprs = ExprEmitter::new(self, ready.clone());
+        exprs.register_view = Some((update.indices.clone(), quote!(slot)));
+        let value = exprs.emit(update.expr);
+        let statements = exprs.finish();
+        let body = self.guarded(
+            &update.indices,
+            quote!(#(#statements)* #array[slot] = #value;),
+        );
+        tokens.extend(quote! {
+            if unit < #lanes {
+                #[unroll]
+                for slot in 0..#slots {
+                    let e = unit + slot * #lanes;
+                    if e < #numel {
+                        #decode
+                        #body
+                    }
+                }
+            }
+        });
+        tokens
     }
 
     fn input_arg(&self, id: usize) -> Ident {
@@ -684,18 +906,28 @@ impl<'a> Emitter<'a> {
         tokens
     }
 
-    /// Lets (each followed by a barrier) and updates into the new states.
+    /// Lets (each followed by a barrier) and updates into the new states (or the registers
+    /// holding them), then a barrier unless every state is held in registers.
     fn lets_and_updates(&self, ready: &mut HashSet<ExprId>) -> TokenStream {
         let mut tokens = self.lets(ready);
-        for update in &self.cell.updates {
-            tokens.extend(self.define_buffer(
-                ready,
-                Buffer::NewState(update.state),
-                &update.indices,
-                update.expr,
-            ));
+        let updates = &self.cell.updates;
+        for (n, update) in updates.iter().enumerate() {
+            if self.registers.contains(&update.state) {
+                tokens.extend(self.register_update(ready, update));
+            } else {
+                tokens.extend(self.define_buffer(
+                    ready,
+                    Buffer::NewState(update.state),
+                    &update.indices,
+                    update.expr,
+                    // The barrier after the updates follows the last.
+                    n + 1 == updates.len(),
+                ));
+            }
         }
-        tokens.extend(self.barrier());
+        if updates.iter().any(|u| !self.registers.contains(&u.state)) {
+            tokens.extend(self.barrier());
+        }
         tokens
     }
 
@@ -708,6 +940,7 @@ impl<'a> Emitter<'a> {
                 Buffer::Let(LetId(id)),
                 &definition.indices,
                 definition.expr,
+                true,
             ));
             tokens.extend(self.barrier());
         }
@@ -830,6 +1063,93 @@ impl<'a> Emitter<'a> {
         }
     }
 
+    /// The forward scan's code for the states it may hold in registers
+    /// ([`crate::schedule::register_states`]); all empty if there are none.
+    fn held_in_registers(&self, held: &BTreeSet<StateId>) -> HeldInRegisters {
+        let mut code = HeldInRegisters {
+            layout: TokenStream::new(),
+            load: TokenStream::new(),
+            store: TokenStream::new(),
+        };
+        if held.is_empty() {
+            return code;
+        }
+        let mut conditions = vec![quote!(registers)];
+        let mut arrays = TokenStream::new();
+        for &state in held {
+            let names = self.register_names(state);
+            let (parts, lanes, slots, array) =
+                (&names.parts, &names.lanes, &names.slots, &names.array);
+            let shape = &self.cell.states[state.0].shape;
+            let numel = self.local_numel(shape);
+            // The units sharing each sum over the first axis, the elements past the first axis
+            // being the sum's elements.
+            let (first, rest) = match shape.split_first() {
+                Some((&first, rest)) => {
+                    let first = self.extent(first);
+                    (quote!(#first), self.local_numel(&rest.to_vec()))
+                }
+                None => (quote!(1usize), quote!(1usize)),
+            };
+            code.layout.extend(quote! {
+                let #parts = comptime![::rak::codegen::schedule::register_parts(
+                    cube_dim, sum_parts, #first, #rest,
+                )];
+                let #lanes = comptime![#parts * #rest];
+                let #slots = comptime![(#numel + #lanes - 1) / #lanes.max(1)];
+            });
+            conditions.push(quote!(#parts >= 1));
+            arrays.extend(quote! {
+                let mut #array = Array::<f32>::new(comptime![if in_registers {
+                    #slots
+                } else {
+                    1usize
+                }]);
+            });
+            let at = self.at(Buffer::State(state));
+            let slot_loop = |body: TokenStream| {
+                quote! {
+                    if unit < #lanes {
+                        #[unroll]
+                        for slot in 0..#slots {
+                            let e = unit + slot * #lanes;
+                            if e < #numel {
+                                #body
+                            }
+                        }
+                    }
+                }
+            };
+            let read = self.step_read(&at, quote!(e));
+            code.load.extend(slot_loop(quote!(#array[slot] = #read;)));
+            code.store.extend(slot_loop(self.step_write(
+                &at,
+                quote!(e),
+                quote!(#array[slot]),
+            )));
+        }
+        code.layout.extend(quote! {
+            // Whether this launch holds the states in registers: asked for, and each state's
+            // sums have at least one unit per element.
+            let in_registers = comptime![#(#conditions)&&*];
+            #arrays
+        });
+        let (load, store, barrier) = (&code.load, &code.store, self.barrier());
+        code.load = quote! {
+            if comptime![in_registers] {
+                #load
+            }
+        };
+        // Other units read the workspace next (in their own order).
+        code.store = quote! {
+            if comptime![in_registers] {
+                #store
+                #barrier
+            }
+        };
+        code
+    }
+
     fn forward_kernel(&self) -> TokenStream {
         let cell = self.cell;
         let state_names = || cell.states.iter().map(|s| &s.name);
@@ -882,7 +1202,24 @@ impl<'a> Emitter<'a> {
             ));
         }
         let load_inputs = self.load_inputs(false);
-        let step = self.forward_step();
+        let held = crate::schedule::register_states(cell);
+        let step = if held.is_empty() {
+            self.forward_step()
+        } else {
+            let in_registers = self.with_registers(held.clone()).forward_step();
+            let in_workspace = self.forward_step();
+            quote! {
+                if comptime![in_registers] {
+                    #in_registers
+                } else {
+                    #in_workspace
+                }
+            }
+        };
+        let registers_param = (!held.is_empty()).then(|| quote!(#[comptime] registers: bool,));
+        let held = self.held_in_registers(&held);
+        let (register_layout, load_registers, store_registers) =
+            (held.layout, held.load, held.store);
         let mut finals_code = TokenStream::new();
         for (id, state) in cell.states.iter().enumerate() {
             let at = self.at(Buffer::State(StateId(id)));
@@ -913,8 +1250,10 @@ impl<'a> Emitter<'a> {
                 #[comptime] stage: usize,
                 #[comptime] has_initial: bool,
                 #[comptime] write_checkpoints: bool,
+                #registers_param
             ) {
                 #prelude
+                #register_layout
                 // A later launch of the same scan resumes from the states in the workspace.
                 if first_step == 0 {
                     #init_states
@@ -922,9 +1261,11 @@ impl<'a> Emitter<'a> {
                     #restore
                 }
                 #barrier
+                #load_registers
                 for t in first_step as usize..end_step as usize {
                     if comptime![write_checkpoints] {
                         if t % chunk == 0 {
+                            #store_registers
                             #write_checkpoints
                         }
                     }
@@ -946,6 +1287,7 @@ impl<'a> Emitter<'a> {
                     let row = (batch_index * time_len + t) * heads + head;
                     #step
                 }
+                #store_registers
                 #save
                 #finals_code
             }
@@ -959,7 +1301,7 @@ impl<'a> Emitter<'a> {
         let mut ready = HashSet::new();
         let lets_and_updates = self.lets_and_updates(&mut ready);
         let mut outputs_code = TokenStream::new();
-        for output in &self.cell.outputs {
+        for (n, output) in self.cell.outputs.iter().enumerate() {
             let arg = format_ident!("output_{}", output.name);
             let numel = self.shape_numel(&output.shape);
             let global = self.global_index(&output.indices);
@@ -969,6 +1311,8 @@ impl<'a> Emitter<'a> {
                 &mut ready,
                 &output.indices,
                 output.expr,
+                // The step's last barrier follows the last output.
+                n + 1 == self.cell.outputs.len(),
                 |value| {
                     let store = quote!(#arg[row * #numel + #global] = F::cast_from(#value););
                     if replicated {
@@ -1190,6 +1534,7 @@ impl<'a> Emitter<'a> {
                 Buffer::Grad(definition.grad),
                 &definition.indices,
                 definition.expr,
+                true,
             ));
             definitions.extend(self.barrier());
         }
@@ -1402,11 +1747,14 @@ impl<'a> Emitter<'a> {
                 }
             }
         };
+        // The forward scan's `registers` flag, if it has states to hold in registers.
+        let registers = (!crate::schedule::register_states(cell).is_empty())
+            .then(|| quote!(schedule.registers,));
         let forward_definition = definition(
             "forward",
             forward_arrays,
             3,
-            quote!(schedule.stage, true, true,),
+            quote!(schedule.stage, true, true, #registers),
         );
         let backward_definition = definition("backward", backward_arrays, 3, TokenStream::new());
         let step_arrays = inputs_n + params_n + states + outputs_n + 1;
@@ -1453,6 +1801,7 @@ impl<'a> Emitter<'a> {
                     schedule.stage,
                     buffers.initial_states.is_some(),
                     buffers.checkpoints.is_some(),
+                    #registers
                 ) };
             }
 
@@ -1531,6 +1880,9 @@ struct ExprEmitter<'e, 'a> {
     frames: Vec<(Option<IndexId>, HashMap<ExprId, Ident>)>,
     free: HashMap<ExprId, BTreeSet<IndexId>>,
     counter: usize,
+    /// Where the states held in registers are read: a load of one at these indices reads this
+    /// slot of its array (no other load of them is emitted).
+    register_view: Option<(Vec<IndexId>, TokenStream)>,
 }
 
 impl<'e, 'a> ExprEmitter<'e, 'a> {
@@ -1542,6 +1894,7 @@ impl<'e, 'a> ExprEmitter<'e, 'a> {
             frames: vec![(None, HashMap::new())],
             free: HashMap::new(),
             counter: 0,
+            register_view: None,
         }
     }
 
@@ -1709,6 +2062,20 @@ impl<'e, 'a> ExprEmitter<'e, 'a> {
         let emitter = self.emitter;
         let cell = emitter.cell;
         let flat = emitter.flat_index(indices);
+        if let Value::State(state, _) = value
+            && emitter.registers.contains(&state)
+        {
+            let slot = match &self.register_view {
+                Some((aligned, slot)) if aligned == indices => slot,
+                _ => panic!(
+                    "state `{}` is held in registers but read where no slot holds it \
+                     (register_states admitted a load the emitter cannot serve)",
+                    cell.states[state.0].name
+                ),
+            };
+            let array = emitter.register_names(state).array;
+            return quote!(#array[#slot]);
+        }
         let buffer = match value {
             Value::Input(i) => {
                 // The input buffers hold a block of steps: this step's slot.

@@ -68,6 +68,10 @@ pub struct Schedule {
     /// units (strided), whose partial sums one unit then adds up in a fixed order (bitwise
     /// reproducible). 1: every sum is a serial loop in one unit.
     pub sum_parts: usize,
+    /// Whether the forward scan holds the states that allow it ([`register_states`]) in
+    /// registers, where the launch's `cube_dim` and `sum_parts` allow it; else every state
+    /// lives in the workspace.
+    pub registers: bool,
 }
 
 impl Default for Schedule {
@@ -80,6 +84,7 @@ impl Default for Schedule {
             tile: None,
             placement: Placement::Auto,
             sum_parts: 8,
+            registers: true,
         }
     }
 }
@@ -405,6 +410,132 @@ pub fn in_place_states(cell: &Cell) -> std::collections::BTreeSet<StateId> {
             own && outputs
         })
         .collect()
+}
+
+/// The states the forward scan may hold in registers ([`Schedule::registers`]): each unit keeps
+/// its elements of the state from step to step, so that neither the update nor the sums that
+/// read the state go through the workspace. Unit `u` holds the elements `u + m · lanes` (slot
+/// `m`), where `lanes = parts × n`, `n` the elements of the state past its first axis and
+/// `parts` the units that share each sum over the first axis (as in a split sum, see
+/// [`Schedule::sum_parts`]); the `m`-th term of such a sum, `S[part + m · parts, f]`, is then
+/// the unit's own slot `m`.
+///
+/// A state qualifies when it is updated in place ([`in_place_states`]) by a statement that is
+/// not itself a `sum`, and every other read of it, in any let, update or output, is a load
+/// inside a `sum` over its first axis whose indices are the summed index followed by the
+/// indices of the elements the sum computes, in order (`Σ_i q[i] · S[i, j]` computing `o[j]`),
+/// with no other state loaded by that sum. SimpleRNN's, GLA's, RetNet's, Mamba2's and DeltaNet's
+/// states qualify, and mLSTM's `C` and `n`; Elman's `h` (`Σ_j R[i, j] · h[j]`) and mLSTM's
+/// `m` (read element-wise by the lets) do not. A launch holds them in registers when every one
+/// has at least one part ([`register_parts`]: `n ≤ cube_dim`); else in the workspace
+/// ([`Schedule::holds_states_in_registers`]).
+pub fn register_states(cell: &Cell) -> std::collections::BTreeSet<StateId> {
+    /// The state loads under `expr`, not descending into sums other than `expr` itself.
+    fn state_loads(
+        cell: &Cell,
+        expr: ExprId,
+        root: ExprId,
+        found: &mut Vec<(StateId, Vec<IndexId>)>,
+    ) {
+        match cell.exprs.get(expr) {
+            Expr::Const(_) => {}
+            Expr::Load {
+                value: Value::State(s, _),
+                indices,
+            } => found.push((*s, indices.clone())),
+            Expr::Load { .. } => {}
+            Expr::Unary(_, a) => state_loads(cell, *a, root, found),
+            Expr::Binary(_, a, b) => {
+                state_loads(cell, *a, root, found);
+                state_loads(cell, *b, root, found);
+            }
+            Expr::Sum { .. } if expr != root => {}
+            Expr::Sum { body, .. } => state_loads(cell, *body, root, found),
+        }
+    }
+    let loads = |expr: ExprId| {
+        let mut found = Vec::new();
+        state_loads(cell, expr, expr, &mut found);
+        found
+    };
+    let mut eligible = in_place_states(cell);
+    let statements = (cell.lets.iter().map(|l| (&l.indices, l.expr, None)))
+        .chain(
+            cell.updates
+                .iter()
+                .map(|u| (&u.indices, u.expr, Some(u.state))),
+        )
+        .chain(cell.outputs.iter().map(|o| (&o.indices, o.expr, None)));
+    for (indices, expr, updated) in statements {
+        let root_is_sum = matches!(cell.exprs.get(expr), Expr::Sum { .. });
+        if let Some(state) = updated
+            && root_is_sum
+        {
+            eligible.remove(&state);
+        }
+        // Outside sums: only the state's own update, at the element it writes.
+        if !root_is_sum {
+            for (state, at) in loads(expr) {
+                if updated != Some(state) || at != *indices {
+                    eligible.remove(&state);
+                }
+            }
+        }
+        for sum in cell.sums_under(&[expr]) {
+            let &Expr::Sum { index, .. } = cell.exprs.get(sum) else {
+                continue;
+            };
+            // The elements the sum computes: the statement's, or (materialised) its free
+            // indices in id order.
+            let elements: Vec<IndexId> = if sum == expr {
+                indices.clone()
+            } else {
+                cell.free_indices(sum).into_iter().collect()
+            };
+            let mut aligned = vec![index];
+            aligned.extend(elements);
+            let found = loads(sum);
+            let one_state = found.iter().all(|(s, _)| *s == found[0].0);
+            for (state, at) in found.iter() {
+                if !one_state || *at != aligned {
+                    eligible.remove(state);
+                }
+            }
+        }
+    }
+    eligible
+}
+
+/// The units that share each sum over the first axis of a state held in registers
+/// ([`register_states`]) whose first axis has `first` values and the rest `rest` elements (in
+/// one cube), under a launch's `cube_dim` and `sum_parts`: as many as `sum_parts` and the
+/// units allow, `rest` units each. 0: the launch cannot hold the state in registers (its `rest`
+/// elements outnumber the units). The forward kernel evaluates this at compile time.
+pub fn register_parts(cube_dim: usize, sum_parts: usize, first: usize, rest: usize) -> usize {
+    sum_parts.min(cube_dim / rest.max(1)).min(first)
+}
+
+impl Schedule {
+    /// Whether the forward scan, launched with this schedule (resolved: its tile set) at these
+    /// dim sizes, holds the states that allow it in registers ([`register_states`]).
+    pub fn holds_states_in_registers(&self, step: &BackwardStep, dims: &[usize]) -> bool {
+        let cell = &step.cell;
+        let held = register_states(cell);
+        let mut local = dims.to_vec();
+        if let (Some(plan), Some(tile)) = (split_plan(step), self.tile) {
+            local[plan.dim.0] = tile.min(dims[plan.dim.0]);
+        }
+        self.registers
+            && !held.is_empty()
+            && held.iter().all(|state| {
+                let shape = &cell.states[state.0].shape;
+                let (first, rest) = match shape.split_first() {
+                    Some((first, rest)) => (local[first.0], Cell::numel(&rest.to_vec(), &local)),
+                    None => (1, 1),
+                };
+                register_parts(self.cube_dim as usize, self.sum_parts, first, rest) >= 1
+            })
+    }
 }
 
 /// One buffer of a cube's workspace.

@@ -32,6 +32,9 @@ pub struct KernelTiming {
     /// What ran: the schedules with tile and placement chosen.
     pub forward_schedule: Schedule,
     pub backward_schedule: Schedule,
+    /// Whether the forward scan held the states in registers
+    /// ([`Schedule::holds_states_in_registers`]; false for the chunked scan).
+    pub forward_in_registers: bool,
 }
 
 /// A buffer of `len` pseudo-random values in [−1, 1) (deterministic).
@@ -154,6 +157,9 @@ pub fn time_cell<C: CellKernels, F: Float + CubeElement, R: Runtime>(
         forward_backward: median(both_times),
         forward_schedule: forward.schedule(),
         backward_schedule: backward.schedule(),
+        forward_in_registers: forward
+            .schedule()
+            .holds_states_in_registers(&runner.compiled().backward, &shape.dims),
     })
 }
 
@@ -213,6 +219,7 @@ pub fn time_chunked<C: CellKernels, B: AutodiffBackend>(
         forward_backward: median_wall_time(forward_backward, warmup, repetitions)?,
         forward_schedule: schedule,
         backward_schedule: schedule,
+        forward_in_registers: false,
     })
 }
 

@@ -238,10 +238,13 @@ fn bench(
                 .to_lowercase()
             }
         };
-        let (forward_schedule, backward_schedule) = (
+        let (mut forward_schedule, backward_schedule) = (
             describe(timing.forward_schedule),
             describe(timing.backward_schedule),
         );
+        if timing.forward_in_registers {
+            forward_schedule.push_str(", states in registers");
+        }
         println!(
             "| {} | {dtype:?} | {device:?} | {b} | {t} | {h} | {d} | {forward:.3} | {both:.3} | \
              {forward_schedule}; {backward_schedule} |",
@@ -253,7 +256,8 @@ fn bench(
                 "device": format!("{device:?}").to_lowercase(), "batch": b, "time": t, "heads": h, "dim": d,
                 "forward_ms": forward, "forward_backward_ms": both, "repetitions": repetitions,
                 "chunk": schedule.chunk, "cube_dim": schedule.cube_dim,
-                "sum_parts": schedule.sum_parts,
+                "sum_parts": schedule.sum_parts, "registers": schedule.registers,
+                "forward_in_registers": timing.forward_in_registers,
                 "strategy": format!("{strategy:?}").to_lowercase(),
                 "forward_schedule": forward_schedule, "backward_schedule": backward_schedule,
             });
@@ -461,6 +465,10 @@ pub enum Command {
         /// unit per element); several (`1,8`) time each shape under each.
         #[arg(long, value_delimiter = ',', default_value = "8")]
         sum_parts: Vec<usize>,
+        /// Whether the forward scan holds its states in registers where the cell and the
+        /// launch allow it; `true,false` times each shape both ways.
+        #[arg(long, value_delimiter = ',', default_value = "true")]
+        registers: Vec<bool>,
         /// Append one JSON object per shape to this file.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -775,14 +783,14 @@ pub fn run(cli: Cli) -> ExitCode {
             tile,
             placement,
             sum_parts,
+            registers,
             json,
         } => {
-            let schedules: Vec<rak_codegen::schedule::Schedule> = cube_dim
-                .iter()
-                .flat_map(|&cube_dim| {
-                    sum_parts
-                        .iter()
-                        .map(move |&sum_parts| rak_codegen::schedule::Schedule {
+            let mut schedules = Vec::new();
+            for &cube_dim in &cube_dim {
+                for &sum_parts in &sum_parts {
+                    for &registers in &registers {
+                        schedules.push(rak_codegen::schedule::Schedule {
                             cube_dim,
                             chunk,
                             chunks_per_launch,
@@ -790,9 +798,11 @@ pub fn run(cli: Cli) -> ExitCode {
                             tile,
                             placement: placement.into(),
                             sum_parts,
-                        })
-                })
-                .collect();
+                            registers,
+                        });
+                    }
+                }
+            }
             match bench(
                 strategy,
                 &cell,

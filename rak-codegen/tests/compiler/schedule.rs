@@ -4,7 +4,8 @@
 use crate::common::{CELL_NAMES, compile_cell};
 use rak_codegen::ir::{Grad, InputId, StateId};
 use rak_codegen::schedule::{
-    DeviceLimits, GradSplit, Pass, Placement, Schedule, in_place_states, split_plan,
+    DeviceLimits, GradSplit, Pass, Placement, Schedule, in_place_states, register_parts,
+    register_states, split_plan,
 };
 
 /// The split axis of every reference cell, by name (`None`: one cube per sequence).
@@ -214,4 +215,111 @@ fn states_updated_in_place() {
             .collect();
         assert_eq!(found, expected, "{updates}");
     }
+}
+
+/// Which states the forward scan may hold in registers: every state of the linear reference
+/// cells, mLSTM's `C` and `n` but not `m` (its lets read `m` element-wise), not Elman's `h`
+/// (each `h[i]` sums all of `h`); none where a sum reads the state at other indices than the
+/// summed index followed by the sum's elements, where a sum reads two states, or where a
+/// statement reads it outside a sum.
+#[test]
+fn states_held_in_registers() {
+    let mut found = Vec::new();
+    for name in CELL_NAMES {
+        let compiled = compile_cell(name);
+        let cell = &compiled.cell;
+        let held: Vec<&str> = register_states(cell)
+            .into_iter()
+            .map(|s| cell.states[s.0].name.as_str())
+            .collect();
+        found.push(format!("{name}: {}", held.join(" ")));
+    }
+    assert_eq!(
+        found,
+        [
+            "simple_rnn: S",
+            "gla: S",
+            "retnet: S",
+            "mamba2: h",
+            "deltanet: S",
+            "mlstm: C n",
+            "elman: ",
+        ]
+    );
+    let cases = [
+        // The cell's own pattern: the summed index first, then the output's.
+        (
+            "update S[i, j] = S[i, j] + x[i];",
+            "output o[j] = sum(i) x[i] * S[i, j];",
+            vec![0],
+        ),
+        // Summed along the second axis.
+        (
+            "update S[i, j] = S[i, j] + x[i];",
+            "output o[i] = sum(j) x[j] * S[i, j];",
+            vec![],
+        ),
+        // Read element-wise by an output.
+        (
+            "update S[i, j] = S[i, j] + x[i];",
+            "output o[i, j] = S[i, j];",
+            vec![],
+        ),
+        // Inside a larger expression: the sum is computed into a buffer first, still aligned.
+        (
+            "update S[i, j] = S[i, j] + x[i];",
+            "output o[j] = tanh(sum(i) x[i] * S[i, j]);",
+            vec![0],
+        ),
+        // One sum reads two states.
+        (
+            "update S[i, j] = S[i, j] + x[i]; update T[i, j] = T[i, j] * x[i];",
+            "output o[j] = sum(i) S[i, j] * T[i, j];",
+            vec![],
+        ),
+        // T's update is itself a sum: S only.
+        (
+            "update S[i, j] = S[i, j] + x[i]; update T[i, j] = sum(l) x[l] * x[j];",
+            "output o[j] = sum(i) x[i] * S[i, j];",
+            vec![0],
+        ),
+    ];
+    for (updates, outputs, expected) in cases {
+        let states = if updates.contains("T[") {
+            "state S[D, D], T[D, D];"
+        } else {
+            "state S[D, D];"
+        };
+        let source = format!("cell T {{ dims D; input x[D]; {states} {updates} {outputs} }}");
+        let compiled = rak_codegen::compile_str(&source).unwrap_or_else(|e| panic!("{e}"));
+        let found: Vec<usize> = register_states(&compiled.cell)
+            .into_iter()
+            .map(|s| s.0)
+            .collect();
+        assert_eq!(found, expected, "{updates} {outputs}");
+    }
+}
+
+/// Whether a launch holds SimpleRNN's state in registers: when each sum's elements (the tile
+/// of V) fit the units, unless switched off.
+#[test]
+fn launches_holding_states_in_registers() {
+    let compiled = compile_cell("simple_rnn");
+    let holds = |cube_dim: u32, tile: usize, registers: bool| {
+        let schedule = Schedule {
+            cube_dim,
+            tile: Some(tile),
+            registers,
+            ..Schedule::default()
+        };
+        schedule.holds_states_in_registers(&compiled.backward, &[128, 128])
+    };
+    assert!(holds(256, 64, true));
+    assert!(holds(64, 64, true));
+    assert!(!holds(64, 128, true));
+    assert!(!holds(256, 64, false));
+    assert_eq!(register_parts(256, 8, 128, 64), 4);
+    assert_eq!(register_parts(512, 8, 128, 32), 8);
+    assert_eq!(register_parts(64, 8, 3, 5), 3);
+    assert_eq!(register_parts(64, 8, 128, 128), 0);
 }
