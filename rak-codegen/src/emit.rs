@@ -768,7 +768,9 @@ impl<'a> Emitter<'a> {
         let (partials, totals) =
             self.partial_sums(ready, sum, &parts, terms, followed_by_barrier, store);
         quote! {
-            let parts = comptime![sum_parts.min(cube_dim / #numel.max(1)).min(#extent)];
+            let parts = comptime![::rak::codegen::schedule::split_sum_parts(
+                cube_dim, sum_parts, #extent, #numel,
+            )];
             if comptime![parts > 1] {
                 #partials
                 #totals
@@ -1092,7 +1094,7 @@ impl<'a> Emitter<'a> {
                 None => (quote!(1usize), quote!(1usize)),
             };
             code.layout.extend(quote! {
-                let #parts = comptime![::rak::codegen::schedule::register_parts(
+                let #parts = comptime![::rak::codegen::schedule::split_sum_parts(
                     cube_dim, sum_parts, #first, #rest,
                 )];
                 let #lanes = comptime![#parts * #rest];

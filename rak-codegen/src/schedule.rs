@@ -427,7 +427,7 @@ pub fn in_place_states(cell: &Cell) -> std::collections::BTreeSet<StateId> {
 /// with no other state loaded by that sum. SimpleRNN's, GLA's, RetNet's, Mamba2's and DeltaNet's
 /// states qualify, and mLSTM's `C` and `n`; Elman's `h` (`Σ_j R[i, j] · h[j]`) and mLSTM's
 /// `m` (read element-wise by the lets) do not. A launch holds them in registers when every one
-/// has at least one part ([`register_parts`]: `n ≤ cube_dim`); else in the workspace
+/// has at least one part ([`split_sum_parts`]: `n ≤ cube_dim`); else in the workspace
 /// ([`Schedule::holds_states_in_registers`]).
 pub fn register_states(cell: &Cell) -> std::collections::BTreeSet<StateId> {
     /// The state loads under `expr`, not descending into sums other than `expr` itself.
@@ -506,13 +506,14 @@ pub fn register_states(cell: &Cell) -> std::collections::BTreeSet<StateId> {
     eligible
 }
 
-/// The units that share each sum over the first axis of a state held in registers
-/// ([`register_states`]) whose first axis has `first` values and the rest `rest` elements (in
-/// one cube), under a launch's `cube_dim` and `sum_parts`: as many as `sum_parts` and the
-/// units allow, `rest` units each. 0: the launch cannot hold the state in registers (its `rest`
-/// elements outnumber the units). The forward kernel evaluates this at compile time.
-pub fn register_parts(cube_dim: usize, sum_parts: usize, first: usize, rest: usize) -> usize {
-    sum_parts.min(cube_dim / rest.max(1)).min(first)
+/// The units that share each element of a split sum ([`Schedule::sum_parts`]) of `elements`
+/// elements (in one cube), each the sum of `terms` terms, under a launch's `cube_dim` and
+/// `sum_parts`: as many as `sum_parts`, the units and the terms allow. The kernels evaluate
+/// this at compile time. For a state held in registers ([`register_states`]), the sums over its
+/// first axis (`terms` values; `elements` past it) are split so; 0 parts: the launch cannot
+/// hold the state in registers (its elements past the first axis outnumber the units).
+pub fn split_sum_parts(cube_dim: usize, sum_parts: usize, terms: usize, elements: usize) -> usize {
+    sum_parts.min(cube_dim / elements.max(1)).min(terms)
 }
 
 impl Schedule {
@@ -533,7 +534,7 @@ impl Schedule {
                     Some((first, rest)) => (local[first.0], Cell::numel(&rest.to_vec(), &local)),
                     None => (1, 1),
                 };
-                register_parts(self.cube_dim as usize, self.sum_parts, first, rest) >= 1
+                split_sum_parts(self.cube_dim as usize, self.sum_parts, first, rest) >= 1
             })
     }
 }

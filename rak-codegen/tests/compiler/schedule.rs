@@ -4,8 +4,8 @@
 use crate::common::{CELL_NAMES, compile_cell};
 use rak_codegen::ir::{Grad, InputId, StateId};
 use rak_codegen::schedule::{
-    DeviceLimits, GradSplit, Pass, Placement, Schedule, in_place_states, register_parts,
-    register_states, split_plan,
+    DeviceLimits, GradSplit, Pass, Placement, Schedule, in_place_states, register_states,
+    split_plan, split_sum_parts,
 };
 
 /// The split axis of every reference cell, by name (`None`: one cube per sequence).
@@ -318,8 +318,8 @@ fn launches_holding_states_in_registers() {
     assert!(holds(64, 64, true));
     assert!(!holds(64, 128, true));
     assert!(!holds(256, 64, false));
-    assert_eq!(register_parts(256, 8, 128, 64), 4);
-    assert_eq!(register_parts(512, 8, 128, 32), 8);
-    assert_eq!(register_parts(64, 8, 3, 5), 3);
-    assert_eq!(register_parts(64, 8, 128, 128), 0);
+    assert_eq!(split_sum_parts(256, 8, 128, 64), 4);
+    assert_eq!(split_sum_parts(512, 8, 128, 32), 8);
+    assert_eq!(split_sum_parts(64, 8, 3, 5), 3);
+    assert_eq!(split_sum_parts(64, 8, 128, 128), 0);
 }
