@@ -179,20 +179,12 @@ impl<'a> Emitter<'a> {
         }
     }
 
-    /// The state held in registers that the body of a sum loads, if any.
-    fn register_state_of_sum(&self, body: ExprId) -> Option<StateId> {
-        let mut found = None;
-        self.cell.exprs.walk(body, &mut |_, node| {
-            if let Expr::Load {
-                value: Value::State(s, _),
-                ..
-            } = node
-                && self.registers.contains(s)
-            {
-                found = Some(*s);
-            }
-        });
-        found
+    /// The state held in registers that a sum loads (not inside the sums it holds), if any.
+    fn register_state_of_sum(&self, sum: ExprId) -> Option<StateId> {
+        crate::schedule::direct_state_loads(self.cell, sum)
+            .into_iter()
+            .map(|(state, _)| state)
+            .find(|state| self.registers.contains(state))
     }
 
     /// Every state of the cell.
@@ -625,7 +617,7 @@ impl<'a> Emitter<'a> {
     ) -> TokenStream {
         if let &Expr::Sum { index, body } = self.cell.exprs.get(expr)
             && !ready.contains(&self.sum_class(expr))
-            && let Some(state) = self.register_state_of_sum(body)
+            && let Some(state) = self.register_state_of_sum(expr)
         {
             let sum = SumStatement {
                 indices,

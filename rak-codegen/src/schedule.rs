@@ -412,25 +412,9 @@ pub fn in_place_states(cell: &Cell) -> std::collections::BTreeSet<StateId> {
         .collect()
 }
 
-/// The states the forward scan may hold in registers ([`Schedule::registers`]): each unit keeps
-/// its elements of the state from step to step, so that neither the update nor the sums that
-/// read the state go through the workspace. Unit `u` holds the elements `u + m · lanes` (slot
-/// `m`), where `lanes = parts × n`, `n` the elements of the state past its first axis and
-/// `parts` the units that share each sum over the first axis (as in a split sum, see
-/// [`Schedule::sum_parts`]); the `m`-th term of such a sum, `S[part + m · parts, f]`, is then
-/// the unit's own slot `m`.
-///
-/// A state qualifies when it is updated in place ([`in_place_states`]) by a statement that is
-/// not itself a `sum`, and every other read of it, in any let, update or output, is a load
-/// inside a `sum` over its first axis whose indices are the summed index followed by the
-/// indices of the elements the sum computes, in order (`Σ_i q[i] · S[i, j]` computing `o[j]`),
-/// with no other state loaded by that sum. SimpleRNN's, GLA's, RetNet's, Mamba2's and DeltaNet's
-/// states qualify, and mLSTM's `C` and `n`; Elman's `h` (`Σ_j R[i, j] · h[j]`) and mLSTM's
-/// `m` (read element-wise by the lets) do not. A launch holds them in registers when every one
-/// has at least one part ([`split_sum_parts`]: `n ≤ cube_dim`); else in the workspace
-/// ([`Schedule::holds_states_in_registers`]).
-pub fn register_states(cell: &Cell) -> std::collections::BTreeSet<StateId> {
-    /// The state loads under `expr`, not descending into sums other than `expr` itself.
+/// The state loads of a statement's expression (or of a sum), with their indices: under `expr`,
+/// not descending into the sums inside it (computed into buffers first).
+pub fn direct_state_loads(cell: &Cell, expr: ExprId) -> Vec<(StateId, Vec<IndexId>)> {
     fn state_loads(
         cell: &Cell,
         expr: ExprId,
@@ -453,11 +437,30 @@ pub fn register_states(cell: &Cell) -> std::collections::BTreeSet<StateId> {
             Expr::Sum { body, .. } => state_loads(cell, *body, root, found),
         }
     }
-    let loads = |expr: ExprId| {
-        let mut found = Vec::new();
-        state_loads(cell, expr, expr, &mut found);
-        found
-    };
+    let mut found = Vec::new();
+    state_loads(cell, expr, expr, &mut found);
+    found
+}
+
+/// The states the forward scan may hold in registers ([`Schedule::registers`]): each unit keeps
+/// its elements of the state from step to step, so that neither the update nor the sums that
+/// read the state go through the workspace. Unit `u` holds the elements `u + m · lanes` (slot
+/// `m`), where `lanes = parts × n`, `n` the elements of the state past its first axis and
+/// `parts` the units that share each sum over the first axis (as in a split sum, see
+/// [`Schedule::sum_parts`]); the `m`-th term of such a sum, `S[part + m · parts, f]`, is then
+/// the unit's own slot `m`.
+///
+/// A state qualifies when it is updated in place ([`in_place_states`]) by a statement that is
+/// not itself a `sum`, and every other read of it, in any let, update or output, is a load
+/// inside a `sum` over its first axis whose indices are the summed index followed by the
+/// indices of the elements the sum computes, in order (`Σ_i q[i] · S[i, j]` computing `o[j]`),
+/// with no other state loaded by that sum. SimpleRNN's, GLA's, RetNet's, Mamba2's and DeltaNet's
+/// states qualify, and mLSTM's `C` and `n`; Elman's `h` (`Σ_j R[i, j] · h[j]`) and mLSTM's
+/// `m` (read element-wise by the lets) do not. A launch holds them in registers when every one
+/// has at least one part ([`split_sum_parts`]: `n ≤ cube_dim`); else in the workspace
+/// ([`Schedule::holds_states_in_registers`]).
+pub fn register_states(cell: &Cell) -> std::collections::BTreeSet<StateId> {
+    let loads = |expr: ExprId| direct_state_loads(cell, expr);
     let mut eligible = in_place_states(cell);
     let statements = (cell.lets.iter().map(|l| (&l.indices, l.expr, None)))
         .chain(
