@@ -157,3 +157,68 @@ fn cli_reports_errors_with_file_line_and_column() {
     assert!(stderr.contains("cannot read"), "{stderr}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn cli_emits_cuda_at_the_requested_dtype_and_schedule() {
+    let first_line = |args: &[&str]| {
+        let mut all = vec!["emit", "simple_rnn", "--target", "cuda"];
+        all.extend(args);
+        let (ok, stdout, stderr) = rak(&all);
+        assert!(ok, "{stderr}");
+        let (header, source) = stdout.split_once('\n').unwrap();
+        (header.to_string(), source.to_string())
+    };
+    let (header, source) = first_line(&["--dim", "128"]);
+    assert_eq!(
+        header,
+        "// rak emit: simple_rnn forward kernel, f32, K=128 V=128; cube_dim 64, tile 64, \
+         shared workspace, sum_parts 8, states in registers"
+    );
+    assert!(source.contains("extern \"C\" __global__"), "{source}");
+    let (header, _) = first_line(&[
+        "--dim",
+        "128",
+        "--cube-dim",
+        "128",
+        "--registers",
+        "false",
+        "--tile",
+        "8",
+    ]);
+    assert!(
+        header.ends_with("; cube_dim 128, tile 8, shared workspace, sum_parts 8"),
+        "{header}"
+    );
+    // The step kernel keeps the split axis whole; bf16 inputs and outputs.
+    let (header, source) = first_line(&["--pass", "step", "--dim", "16", "--dtype", "bf16"]);
+    assert!(
+        header.starts_with(
+            "// rak emit: simple_rnn step kernel, bf16, K=16 V=16; cube_dim 64, tile 16,"
+        ),
+        "{header}"
+    );
+    assert!(source.contains("__nv_bfloat16"), "{source}");
+    let (ok, _, stderr) = rak(&["emit", "simple_rnn", "--target", "cuda", "--dtype", "f64"]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("invalid value 'f64' for '--dtype"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn cli_output_into_a_closed_pipe_ends_quietly() {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_rak"))
+        .args(["emit", "simple_rnn", "--target", "cuda"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run rak");
+    // Closed before rak writes (it builds the kernel first), as `rak emit … | head -0` would.
+    drop(child.stdout.take());
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert!(output.status.success(), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

@@ -789,8 +789,7 @@ fn mismatched_buffers_are_refused_with_their_name() {
 #[test]
 #[cfg(not(feature = "cuda"))]
 fn cuda_and_wgsl_sources_of_every_cell() {
-    use rak::codegen::schedule::Pass;
-    use rak::kernels::SourceTarget;
+    use rak::kernels::{Kernel, SourceTarget};
     let schedule = Schedule {
         cube_dim: 32,
         chunk: 8,
@@ -806,18 +805,24 @@ fn cuda_and_wgsl_sources_of_every_cell() {
                 .dims
                 .len()
         ];
-        for (pass, pass_name) in [(Pass::Forward, "forward"), (Pass::Backward, "backward")] {
+        let kernels = [
+            (Kernel::Forward, "forward"),
+            (Kernel::Backward, "backward"),
+            (Kernel::Step, "step"),
+        ];
+        for (kernel, kernel_name) in kernels {
             for (target, extension) in [(SourceTarget::Cuda, "cu"), (SourceTarget::Wgsl, "wgsl")] {
                 let request = rak::kernels::SourceOf {
                     dims: &dims,
                     heads: 2,
                     schedule,
-                    pass,
+                    kernel,
                     target,
+                    dtype: rak::kernels::Dtype::F32,
                 };
-                let source = builtin.visit(request).unwrap();
+                let source = builtin.visit(request).unwrap().text;
                 insta::assert_snapshot!(
-                    format!("{}_{pass_name}_{extension}", builtin.file),
+                    format!("{}_{kernel_name}_{extension}", builtin.file),
                     source
                 );
             }

@@ -360,36 +360,14 @@ fn split_along(step: &BackwardStep, dim: DimId) -> Option<SplitPlan> {
 /// before the updates and may read S_{t−1} freely. Every reference cell qualifies; the
 /// backward scan, whose step reads S_{t−1} and S_t, keeps both buffers.
 pub fn in_place_states(cell: &Cell) -> std::collections::BTreeSet<StateId> {
-    /// The indices of every load of S_{t−1} of `state` under `expr`, not descending into sums
-    /// other than `expr` itself when `materialised` says they are computed beforehand.
-    fn previous_loads(
-        cell: &Cell,
-        expr: ExprId,
-        root: ExprId,
-        state: StateId,
-        materialised: bool,
-        found: &mut Vec<Vec<IndexId>>,
-    ) {
-        match cell.exprs.get(expr) {
-            Expr::Const(_) => {}
-            Expr::Load {
-                value: Value::State(s, StateTime::Previous),
-                indices,
-            } if *s == state => found.push(indices.clone()),
-            Expr::Load { .. } => {}
-            Expr::Unary(_, a) => previous_loads(cell, *a, root, state, materialised, found),
-            Expr::Binary(_, a, b) => {
-                previous_loads(cell, *a, root, state, materialised, found);
-                previous_loads(cell, *b, root, state, materialised, found);
-            }
-            Expr::Sum { .. } if materialised && expr != root => {}
-            Expr::Sum { body, .. } => previous_loads(cell, *body, root, state, materialised, found),
-        }
-    }
-    let loads = |expr: ExprId, state: StateId, materialised: bool| {
-        let mut found = Vec::new();
-        previous_loads(cell, expr, expr, state, materialised, &mut found);
-        found
+    // The indices of every load of S_{t−1} of `state` under `expr`; `materialised`: not inside
+    // the sums under it (other than `expr` itself), which are computed beforehand.
+    let loads = |expr: ExprId, state: StateId, materialised: bool| -> Vec<Vec<IndexId>> {
+        state_loads(cell, expr, !materialised)
+            .into_iter()
+            .filter(|load| load.state == state && load.time == StateTime::Previous)
+            .map(|load| load.indices)
+            .collect()
     };
     (0..cell.states.len())
         .map(StateId)
@@ -412,34 +390,50 @@ pub fn in_place_states(cell: &Cell) -> std::collections::BTreeSet<StateId> {
         .collect()
 }
 
-/// The state loads of a statement's expression (or of a sum), with their indices: under `expr`,
-/// not descending into the sums inside it (computed into buffers first).
-pub fn direct_state_loads(cell: &Cell, expr: ExprId) -> Vec<(StateId, Vec<IndexId>)> {
-    fn state_loads(
-        cell: &Cell,
-        expr: ExprId,
-        root: ExprId,
-        found: &mut Vec<(StateId, Vec<IndexId>)>,
-    ) {
+/// One load of a state in an expression.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StateLoad {
+    pub state: StateId,
+    pub time: StateTime,
+    pub indices: Vec<IndexId>,
+}
+
+/// The state loads under `expr`. `into_sums`: also those inside the sums under it; else only
+/// those outside them (and inside `expr` itself if it is a sum), as a statement sees them when
+/// its sums are computed into buffers first.
+pub fn state_loads(cell: &Cell, expr: ExprId, into_sums: bool) -> Vec<StateLoad> {
+    fn walk(cell: &Cell, expr: ExprId, root: ExprId, into_sums: bool, found: &mut Vec<StateLoad>) {
         match cell.exprs.get(expr) {
             Expr::Const(_) => {}
             Expr::Load {
-                value: Value::State(s, _),
+                value: Value::State(state, time),
                 indices,
-            } => found.push((*s, indices.clone())),
+            } => found.push(StateLoad {
+                state: *state,
+                time: *time,
+                indices: indices.clone(),
+            }),
             Expr::Load { .. } => {}
-            Expr::Unary(_, a) => state_loads(cell, *a, root, found),
+            Expr::Unary(_, a) => walk(cell, *a, root, into_sums, found),
             Expr::Binary(_, a, b) => {
-                state_loads(cell, *a, root, found);
-                state_loads(cell, *b, root, found);
+                walk(cell, *a, root, into_sums, found);
+                walk(cell, *b, root, into_sums, found);
             }
-            Expr::Sum { .. } if expr != root => {}
-            Expr::Sum { body, .. } => state_loads(cell, *body, root, found),
+            Expr::Sum { .. } if !into_sums && expr != root => {}
+            Expr::Sum { body, .. } => walk(cell, *body, root, into_sums, found),
         }
     }
     let mut found = Vec::new();
-    state_loads(cell, expr, expr, &mut found);
+    walk(cell, expr, expr, into_sums, &mut found);
     found
+}
+
+/// The state loads of a statement's expression (or of a sum), with their indices: under `expr`,
+/// not descending into the sums inside it (computed into buffers first).
+pub fn direct_state_loads(cell: &Cell, expr: ExprId) -> Vec<(StateId, Vec<IndexId>)> {
+    (state_loads(cell, expr, false).into_iter())
+        .map(|load| (load.state, load.indices))
+        .collect()
 }
 
 /// The states the forward scan may hold in registers ([`Schedule::registers`]): each unit keeps

@@ -107,6 +107,15 @@ fn expand(input: proc_macro2::TokenStream) -> Result<proc_macro2::TokenStream, D
                 #module::backward_definition::<F, R>(client, dims, heads, schedule)
             }
 
+            fn step_definition<F: #cubecl::Float + #cubecl::CubeElement, R: #cubecl::Runtime>(
+                client: &#cubecl::ComputeClient<R>,
+                dims: &[usize],
+                heads: usize,
+                schedule: ::rak::codegen::schedule::Schedule,
+            ) -> #cubecl::KernelDefinition {
+                #module::step_definition::<F, R>(client, dims, heads, schedule)
+            }
+
             fn launch_step<F: #cubecl::Float + #cubecl::CubeElement, R: #cubecl::Runtime>(
                 client: &#cubecl::ComputeClient<R>,
                 shape: &::rak::codegen::ScanShape,

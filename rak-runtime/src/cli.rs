@@ -3,7 +3,9 @@
 //! - `rak check CELL...`: compiles `.rak` files and reports every error with its location;
 //! - `rak show CELL [--backward] [--chunked]`: prints a cell's IR, the backward step derived
 //!   from it, its chunked form;
-//! - `rak emit CELL [--target rust|cuda|wgsl]`: prints the kernels generated for a cell;
+//! - `rak emit CELL [--target rust|cuda|wgsl]`: prints the kernels generated for a cell (CUDA
+//!   and WGSL at the sizes and schedule of `--dim`, `--dtype`, `--cube-dim`, `--sum-parts`,
+//!   `--registers`, `--tile`);
 //! - `rak bench`: times a built-in cell's kernels (or its chunked form) on this machine's device;
 //! - `rak train` and `rak test`: run jobs from the layered configuration in `configs/`
 //!   ([`crate::config`]), with overrides, a printout (`-c`), another main file (`-cn`) and
@@ -13,6 +15,7 @@
 
 use clap::{Parser, Subcommand};
 use rak_codegen::display::{backward_to_string, cell_to_string};
+use rak_codegen::schedule::Schedule;
 use rak_codegen::{CompiledCell, compile_str};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -39,13 +42,7 @@ pub enum Target {
     Wgsl,
 }
 
-/// Element types `rak bench` measures.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum Dtype {
-    F32,
-    F16,
-    Bf16,
-}
+pub use crate::kernels::Dtype;
 
 /// Devices `rak bench` runs on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -79,7 +76,7 @@ struct BenchRequest {
     shape: [usize; 4],
     dtype: Dtype,
     device: Device,
-    schedule: rak_codegen::schedule::Schedule,
+    schedule: Schedule,
     warmup: usize,
     repetitions: usize,
 }
@@ -196,7 +193,7 @@ fn bench(
     shapes: &[[usize; 4]],
     dtype: Dtype,
     device: Device,
-    schedules: &[rak_codegen::schedule::Schedule],
+    schedules: &[Schedule],
     warmup: usize,
     repetitions: usize,
     json: Option<&Path>,
@@ -227,7 +224,7 @@ fn bench(
             timing.forward.as_secs_f64() * 1e3,
             timing.forward_backward.as_secs_f64() * 1e3,
         );
-        let describe = |s: rak_codegen::schedule::Schedule| match strategy {
+        let describe = |s: Schedule| match strategy {
             BenchStrategy::Chunked => format!("chunked, {} steps per chunk", s.chunk),
             BenchStrategy::Fused => {
                 let tile = s.tile.map_or("none".to_string(), |t| t.to_string());
@@ -304,8 +301,12 @@ impl From<WorkspacePlacement> for rak_codegen::schedule::Placement {
 /// Which kernel `rak emit` prints.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum KernelPass {
+    /// The forward scan.
     Forward,
+    /// The backward scan.
     Backward,
+    /// One step of every stream (streaming generation).
+    Step,
 }
 
 /// What `rak bench` measures besides the kernels.
@@ -411,12 +412,29 @@ pub enum Command {
         cell: String,
         #[arg(long, value_enum, default_value_t = Target::Rust)]
         target: Target,
-        /// Which kernel (CUDA and WGSL only; the Rust source holds both).
+        /// Which kernel (CUDA and WGSL only; the Rust source holds all three).
         #[arg(long, value_enum, default_value_t = KernelPass::Forward)]
         pass: KernelPass,
         /// The size of every dim (CUDA and WGSL kernels are specialised on them).
         #[arg(long, default_value_t = 64)]
         dim: usize,
+        /// Element type of inputs, parameters and outputs (CUDA and WGSL).
+        #[arg(long, value_enum, default_value_t = Dtype::F32)]
+        dtype: Dtype,
+        /// Units per cube (CUDA and WGSL).
+        #[arg(long, default_value_t = Schedule::default().cube_dim)]
+        cube_dim: u32,
+        /// Units that may share one sum (CUDA and WGSL; 1: one unit per element).
+        #[arg(long, default_value_t = Schedule::default().sum_parts)]
+        sum_parts: usize,
+        /// Whether the forward scan holds its states in registers where it can (CUDA and WGSL).
+        #[arg(long, default_value_t = Schedule::default().registers, action = clap::ArgAction::Set)]
+        registers: bool,
+        /// Values of the split axis per cube (CUDA and WGSL; default: the tile a launch of
+        /// one sequence gets with 48 KiB of shared memory; a GPU launch of many sequences
+        /// takes smaller tiles, see `rak bench`'s schedule column).
+        #[arg(long)]
+        tile: Option<usize>,
     },
     /// Time a built-in cell's kernels (forward, and forward + backward) on this machine's device:
     /// medians of device-timed repetitions after warm-up.
@@ -445,8 +463,9 @@ pub enum Command {
         /// Steps between checkpoints (fused), steps per chunk (chunked).
         #[arg(long, default_value_t = 64)]
         chunk: usize,
-        /// Units per cube; several (`64,128,256`) time each shape under each.
-        #[arg(long, value_delimiter = ',', default_value = "128")]
+        /// Units per cube (default: the one training uses); several (`64,128,256`) time each
+        /// shape under each.
+        #[arg(long, value_delimiter = ',', default_values_t = [Schedule::default().cube_dim])]
         cube_dim: Vec<u32>,
         /// Split each scan into launches of this many chunks (Mesa's software driver needs it
         /// for long scans).
@@ -494,8 +513,18 @@ pub fn compile_file(path: &Path) -> Result<CompiledCell, String> {
     compile_str(&source).map_err(|errors| errors.render(&source, &path.display().to_string()))
 }
 
-/// The source `rak emit` prints.
-fn emit(cell: &str, target: Target, pass: KernelPass, dim: usize) -> Result<String, String> {
+/// What `rak emit` prints of a built-in cell's CUDA or WGSL kernel.
+struct EmitOptions {
+    pass: KernelPass,
+    /// The size of every dim.
+    dim: usize,
+    dtype: Dtype,
+    schedule: Schedule,
+}
+
+/// The source `rak emit` prints: for CUDA and WGSL, after a comment line that names the cell,
+/// the kernel, the sizes and the resolved schedule.
+fn emit(cell: &str, target: Target, options: EmitOptions) -> Result<String, String> {
     let builtin = crate::cells::Builtin::find(cell);
     if target == Target::Rust {
         let compiled = match builtin {
@@ -513,24 +542,46 @@ fn emit(cell: &str, target: Target, pass: KernelPass, dim: usize) -> Result<Stri
         ));
     };
     let compiled = compile_str(builtin.source).map_err(|e| e.to_string())?;
-    let dims = vec![dim; compiled.cell.dims.len()];
-    let pass = match pass {
-        KernelPass::Forward => rak_codegen::schedule::Pass::Forward,
-        KernelPass::Backward => rak_codegen::schedule::Pass::Backward,
+    let dims = vec![options.dim; compiled.cell.dims.len()];
+    let kernel = match options.pass {
+        KernelPass::Forward => crate::kernels::Kernel::Forward,
+        KernelPass::Backward => crate::kernels::Kernel::Backward,
+        KernelPass::Step => crate::kernels::Kernel::Step,
     };
-    let target = match target {
+    let kernel_target = match target {
         Target::Cuda => crate::kernels::SourceTarget::Cuda,
         _ => crate::kernels::SourceTarget::Wgsl,
     };
-    builtin
+    let source = builtin
         .visit(crate::kernels::SourceOf {
             dims: &dims,
             heads: 1,
-            schedule: Default::default(),
-            pass,
-            target,
+            schedule: options.schedule,
+            kernel,
+            target: kernel_target,
+            dtype: options.dtype,
         })
-        .map_err(|e| format!("error: {e}"))
+        .map_err(|e| format!("error: {e}"))?;
+    let schedule = source.schedule;
+    let sizes: Vec<String> = (compiled.cell.dims.iter())
+        .map(|d| format!("{}={}", d.name, options.dim))
+        .collect();
+    let lower = |value: &dyn std::fmt::Debug| format!("{value:?}").to_lowercase();
+    let mut header = format!(
+        "// rak emit: {} {} kernel, {}, {}; cube_dim {}, tile {}, {} workspace, sum_parts {}",
+        builtin.file,
+        lower(&kernel),
+        lower(&options.dtype),
+        sizes.join(" "),
+        schedule.cube_dim,
+        schedule.tile.map_or("none".into(), |t| t.to_string()),
+        lower(&schedule.placement),
+        schedule.sum_parts,
+    );
+    if source.states_in_registers {
+        header.push_str(", states in registers");
+    }
+    Ok(format!("{header}\n{}", source.text))
 }
 
 /// Parses the process's arguments, accepting Hydra's `-cn NAME` for `--config-name NAME` and
@@ -596,9 +647,9 @@ fn run_jobs(args: JobArgs, main_file: &str) -> Result<(), String> {
     if args.print_config {
         for job in &jobs {
             if jobs.len() > 1 {
-                println!("# ---- run `{}`", job.config.job.name);
+                print_output(&format!("# ---- run `{}`\n", job.config.job.name));
             }
-            print!("{}", job.to_toml());
+            print_output(&job.to_toml());
         }
         return Ok(());
     }
@@ -632,7 +683,7 @@ fn run_jobs(args: JobArgs, main_file: &str) -> Result<(), String> {
     }
     if !reports.is_empty() {
         let table = crate::jobs::table(&reports);
-        print!("{table}");
+        print_output(&table);
         if let Some(path) = &args.table {
             crate::checkpoint::write_atomically(path, table.as_bytes())?;
         }
@@ -641,6 +692,20 @@ fn run_jobs(args: JobArgs, main_file: &str) -> Result<(), String> {
 }
 
 /// Runs the command line; returns the process exit code.
+/// Prints `text` to stdout; a reader that stops early (`rak emit … | head`) ends the output
+/// quietly instead of a panic.
+fn print_output(text: &str) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    if let Err(error) = stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+        && error.kind() != std::io::ErrorKind::BrokenPipe
+    {
+        eprintln!("error: cannot write to stdout: {error}");
+    }
+}
+
 pub fn run(cli: Cli) -> ExitCode {
     let report = |result: Result<(), String>| match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -735,9 +800,29 @@ pub fn run(cli: Cli) -> ExitCode {
             target,
             pass,
             dim,
-        } => match emit(&cell, target, pass, dim) {
+            dtype,
+            cube_dim,
+            sum_parts,
+            registers,
+            tile,
+        } => match emit(
+            &cell,
+            target,
+            EmitOptions {
+                pass,
+                dim,
+                dtype,
+                schedule: Schedule {
+                    cube_dim,
+                    sum_parts,
+                    registers,
+                    tile,
+                    ..Schedule::default()
+                },
+            },
+        ) {
             Ok(source) => {
-                print!("{source}");
+                print_output(&source);
                 ExitCode::SUCCESS
             }
             Err(report) => {
@@ -764,7 +849,7 @@ pub fn run(cli: Cli) -> ExitCode {
                 },
             };
             let (_, table) = crate::jobs::infer_from_run(&request)?;
-            print!("{}", table.concat());
+            print_output(&table.concat());
             Ok(())
         })()),
         Command::Bench {
@@ -790,7 +875,7 @@ pub fn run(cli: Cli) -> ExitCode {
             for &cube_dim in &cube_dim {
                 for &sum_parts in &sum_parts {
                     for &registers in &registers {
-                        schedules.push(rak_codegen::schedule::Schedule {
+                        schedules.push(Schedule {
                             cube_dim,
                             chunk,
                             chunks_per_launch,
@@ -827,15 +912,17 @@ pub fn run(cli: Cli) -> ExitCode {
             chunked,
         } => match compile_file(&cell) {
             Ok(compiled) => {
-                print!("{}", cell_to_string(&compiled.cell));
+                print_output(&cell_to_string(&compiled.cell));
                 if backward {
                     println!();
-                    print!("{}", backward_to_string(&compiled.backward));
+                    print_output(&backward_to_string(&compiled.backward));
                 }
                 if chunked {
                     println!();
                     match rak_codegen::chunkwise::chunk_form(&compiled.cell) {
-                        Ok(form) => print!("{}", rak_codegen::display::chunk_form_to_string(&form)),
+                        Ok(form) => {
+                            print_output(&rak_codegen::display::chunk_form_to_string(&form))
+                        }
                         Err(reason) => println!("{reason}"),
                     }
                 }

@@ -68,6 +68,15 @@ pub trait CellKernels:
         schedule: Schedule,
     ) -> KernelDefinition;
 
+    /// The step kernel's definition at these sizes (its schedule as [`step_schedule`] makes
+    /// it), for printing its source.
+    fn step_definition<F: Float + CubeElement, R: Runtime>(
+        client: &ComputeClient<R>,
+        dims: &[usize],
+        heads: usize,
+        schedule: Schedule,
+    ) -> KernelDefinition;
+
     #[doc(hidden)]
     fn launch_step<F: Float + CubeElement, R: Runtime>(
         client: &ComputeClient<R>,
@@ -144,6 +153,16 @@ impl std::error::Error for KernelError {}
 /// Number of checkpoints the forward scan writes per sequence.
 pub fn checkpoint_count(time: usize, schedule: Schedule) -> usize {
     time.div_ceil(schedule.chunk)
+}
+
+/// The schedule of the step kernel (resolved then as the forward scan's): the split axis whole,
+/// so that no cube reads a state another one writes, and inputs staged one step at a time.
+pub fn step_schedule(split: Option<&SplitPlan>, dims: &[usize], schedule: Schedule) -> Schedule {
+    Schedule {
+        tile: split.map(|plan| dims[plan.dim.0]),
+        stage: 1,
+        ..schedule
+    }
 }
 
 /// A cell's kernels with the metadata needed to check buffers against a shape.
@@ -452,11 +471,7 @@ impl<C: CellKernels> CellRunner<C> {
             .check(&buffers.states)?;
         self.outputs(shape, "output", bytes)
             .check(&buffers.outputs)?;
-        let whole = Schedule {
-            tile: self.split.as_ref().map(|plan| shape.dims[plan.dim.0]),
-            stage: 1,
-            ..schedule
-        };
+        let whole = step_schedule(self.split.as_ref(), &shape.dims, schedule);
         let schedule = self.resolve(client, shape, whole, Pass::Forward)?;
         let workspace = self.workspace(client, shape, schedule, Pass::Forward);
         C::launch_step::<F, R>(client, shape, schedule, buffers, &workspace);
@@ -682,17 +697,50 @@ pub enum SourceTarget {
     Wgsl,
 }
 
-/// The CUDA C++ or WGSL source of a cell's forward or backward kernel for f32 inputs, at the
-/// given dim sizes (the kernels are specialised on them). Needs a wgpu adapter (the CPU one
-/// will do) to build the kernel definition.
+/// Which of a cell's kernels `kernel_source` prints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernel {
+    /// The forward scan.
+    Forward,
+    /// The backward scan.
+    Backward,
+    /// One step of every stream (streaming generation).
+    Step,
+}
+
+/// Element type of a kernel's inputs, parameters and outputs (states, checkpoints and the
+/// arithmetic are f32 whatever it is).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Dtype {
+    F32,
+    F16,
+    Bf16,
+}
+
+/// A kernel's printed source and the schedule it was generated under.
+#[derive(Clone, Debug)]
+pub struct KernelSource {
+    pub text: String,
+    /// The schedule resolved for the printed sizes (its tile and placement set).
+    pub schedule: Schedule,
+    /// Whether the kernel holds the cell's states in registers (forward scan only).
+    pub states_in_registers: bool,
+}
+
+/// The CUDA C++ or WGSL source of one of a cell's kernels for `dtype` inputs, at the given dim
+/// sizes (the kernels are specialised on them), under `schedule` resolved for one batch element
+/// of `heads` heads on a device with 48 KiB of shared memory per cube (set `schedule.tile` to
+/// print the tile a larger grid gets). Needs a wgpu adapter (the CPU one will do) to build the
+/// kernel definition.
 #[cfg(feature = "wgpu")]
 pub fn kernel_source<C: CellKernels>(
     dims: &[usize],
     heads: usize,
     schedule: Schedule,
-    pass: Pass,
+    kernel: Kernel,
     target: SourceTarget,
-) -> Result<String, KernelError> {
+    dtype: Dtype,
+) -> Result<KernelSource, KernelError> {
     use cubecl::Compiler;
     use cubecl::ir::{ElemType, StorageType, UIntKind};
     type Wgpu = cubecl::wgpu::WgpuRuntime;
@@ -703,16 +751,38 @@ pub fn kernel_source<C: CellKernels>(
         min_cubes: 1,
     };
     let compiled = C::compile();
+    let (schedule, pass) = match kernel {
+        Kernel::Forward => (schedule, Pass::Forward),
+        Kernel::Backward => (schedule, Pass::Backward),
+        Kernel::Step => {
+            let split = crate::codegen::schedule::split_plan(&compiled.backward);
+            (step_schedule(split.as_ref(), dims, schedule), Pass::Forward)
+        }
+    };
     let schedule = schedule
         .resolve(&compiled.backward, pass, dims, heads, limits)
         .map_err(KernelError)?;
-    let definition = match pass {
-        Pass::Forward => C::forward_definition::<f32, Wgpu>(&client, dims, heads, schedule),
-        Pass::Backward => C::backward_definition::<f32, Wgpu>(&client, dims, heads, schedule),
+    fn definition<C: CellKernels, F: Float + CubeElement>(
+        client: &ComputeClient<Wgpu>,
+        dims: &[usize],
+        heads: usize,
+        schedule: Schedule,
+        kernel: Kernel,
+    ) -> KernelDefinition {
+        match kernel {
+            Kernel::Forward => C::forward_definition::<F, Wgpu>(client, dims, heads, schedule),
+            Kernel::Backward => C::backward_definition::<F, Wgpu>(client, dims, heads, schedule),
+            Kernel::Step => C::step_definition::<F, Wgpu>(client, dims, heads, schedule),
+        }
+    }
+    let definition = match dtype {
+        Dtype::F32 => definition::<C, f32>(&client, dims, heads, schedule, kernel),
+        Dtype::F16 => definition::<C, half::f16>(&client, dims, heads, schedule, kernel),
+        Dtype::Bf16 => definition::<C, half::bf16>(&client, dims, heads, schedule, kernel),
     };
     let address = StorageType::Scalar(ElemType::UInt(UIntKind::U32));
     let failed = |error: &dyn fmt::Debug| {
-        KernelError(format!("cannot compile {} {pass:?}: {error:?}", C::NAME))
+        KernelError(format!("cannot compile {} {kernel:?}: {error:?}", C::NAME))
     };
     let source = match target {
         SourceTarget::Cuda => {
@@ -739,7 +809,13 @@ pub fn kernel_source<C: CellKernels>(
             .map(|source| source.to_string())
             .map_err(|e| failed(&e)),
     }?;
-    Ok(sort_declarations(&source))
+    let states_in_registers =
+        kernel == Kernel::Forward && schedule.holds_states_in_registers(&compiled.backward, dims);
+    Ok(KernelSource {
+        text: sort_declarations(&source),
+        schedule,
+        states_in_registers,
+    })
 }
 
 /// cubecl declares a kernel's mutable variables in hash order; sorting each run of such
@@ -768,16 +844,24 @@ pub struct SourceOf<'a> {
     pub dims: &'a [usize],
     pub heads: usize,
     pub schedule: Schedule,
-    pub pass: Pass,
+    pub kernel: Kernel,
     pub target: SourceTarget,
+    pub dtype: Dtype,
 }
 
 impl crate::cells::CellVisitor for SourceOf<'_> {
-    type Output = Result<String, KernelError>;
+    type Output = Result<KernelSource, KernelError>;
 
     #[cfg(feature = "wgpu")]
     fn visit<C: CellKernels>(self) -> Self::Output {
-        kernel_source::<C>(self.dims, self.heads, self.schedule, self.pass, self.target)
+        kernel_source::<C>(
+            self.dims,
+            self.heads,
+            self.schedule,
+            self.kernel,
+            self.target,
+            self.dtype,
+        )
     }
 
     #[cfg(not(feature = "wgpu"))]

@@ -1,0 +1,196 @@
+#!/usr/bin/env python3
+"""Compiles rak's generated CUDA kernels with NVRTC and ptxas, without a GPU.
+
+For every built-in cell, its forward, backward and step kernels (`rak emit --target cuda`) at several
+sizes, element types and schedules go through NVRTC with the options cubecl-cuda uses on an
+H100/H200 (`--gpu-architecture=sm_90a -lineinfo`), then through ptxas, whose report gives each
+kernel's registers per thread, spills and stack. Prints a Markdown table; exits 1 if any kernel
+fails to compile (the log names it), or if a kernel that holds its states in registers spills
+under the default schedule (the point of holding them there is to keep them out of memory;
+spills under other schedules are reported, not failed: ptxas trades registers for occupancy).
+
+Needs NVRTC, ptxas and the CUDA runtime headers: scripts/cuda-compile.sh fetches them (CUDA 13.0
+wheels from PyPI) and calls this script with `--cuda DIR`.
+"""
+
+import argparse
+import concurrent.futures
+import ctypes
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CELLS = sorted(p.stem for p in (ROOT / "cells").glob("*.rak"))
+
+
+@dataclass(frozen=True)
+class Kernel:
+    cell: str
+    pass_: str
+    dim: int
+    dtype: str = "f32"
+    cube_dim: int | None = None
+    registers: bool | None = None
+    tile: int | None = None
+
+    def at_default_schedule(self):
+        return self.cube_dim is None and self.registers is None and self.tile is None
+
+    def slug(self):
+        """A file name for this kernel's source."""
+        schedule = f"c{self.cube_dim}_r{self.registers}_t{self.tile}".replace("None", "-")
+        return f"{self.cell}_{self.pass_}_{self.dtype}_{self.dim}_{schedule}"
+
+    def emit_args(self):
+        args = [self.cell, "--target", "cuda", "--pass", self.pass_, "--dim", str(self.dim)]
+        args += ["--dtype", self.dtype]
+        if self.cube_dim is not None:
+            args += ["--cube-dim", str(self.cube_dim)]
+        if self.registers is not None:
+            args += ["--registers", str(self.registers).lower()]
+        if self.tile is not None:
+            args += ["--tile", str(self.tile)]
+        return args
+
+
+def kernels():
+    """Every cell's three kernels (forward scan, backward scan, single step) at the default
+    schedule (dims 64 and 128, f32; 128 in bf16 and f16), then SimpleRNN's forward scan under the schedules `rak bench`'s sweep times on the
+    GPU: 64, 128 and 256 units per cube, states in registers or not, the tile a 48 KiB launch
+    of one sequence gets (64) and the one the benchmark shape B=8 H=8 gets on a GPU (16)."""
+    for cell in CELLS:
+        for pass_ in ("forward", "backward", "step"):
+            yield Kernel(cell, pass_, 64)
+            yield Kernel(cell, pass_, 128)
+            yield Kernel(cell, pass_, 128, "bf16")
+            yield Kernel(cell, pass_, 128, "f16")
+    for cube_dim in (64, 128, 256):
+        for registers in (True, False):
+            for tile in (16, 64):
+                yield Kernel("simple_rnn", "forward", 128, "f32", cube_dim, registers, tile)
+
+
+class Nvrtc:
+    def __init__(self, cuda: Path, arch: str):
+        self.lib = ctypes.CDLL(str(cuda / "lib" / "libnvrtc.so.13"))
+        self.options = [
+            f"--gpu-architecture={arch}".encode(),
+            f"--include-path={cuda / 'include'}".encode(),
+            b"-lineinfo",
+        ]
+        version = (ctypes.c_int(), ctypes.c_int())
+        self.lib.nvrtcVersion(ctypes.byref(version[0]), ctypes.byref(version[1]))
+        self.version = f"{version[0].value}.{version[1].value}"
+
+    def ptx(self, source: str):
+        """The PTX of `source`, or None and NVRTC's log."""
+        lib = self.lib
+        program = ctypes.c_void_p()
+        status = lib.nvrtcCreateProgram(ctypes.byref(program), source.encode(), b"kernel.cu", 0, None, None)
+        if status != 0:
+            return None, f"nvrtcCreateProgram: status {status}"
+        try:
+            options = (ctypes.c_char_p * len(self.options))(*self.options)
+            status = lib.nvrtcCompileProgram(program, len(self.options), options)
+            size = ctypes.c_size_t()
+            lib.nvrtcGetProgramLogSize(program, ctypes.byref(size))
+            log = ctypes.create_string_buffer(size.value)
+            lib.nvrtcGetProgramLog(program, log)
+            if status != 0:
+                return None, log.value.decode(errors="replace")
+            lib.nvrtcGetPTXSize(program, ctypes.byref(size))
+            ptx = ctypes.create_string_buffer(size.value)
+            lib.nvrtcGetPTX(program, ptx)
+            return ptx.value.decode(), log.value.decode(errors="replace")
+        finally:
+            lib.nvrtcDestroyProgram(ctypes.byref(program))
+
+
+@dataclass
+class Result:
+    kernel: Kernel
+    schedule: str = ""
+    in_registers: bool = False
+    registers: int | None = None
+    spill_bytes: int = 0
+    stack_bytes: int = 0
+    error: str | None = None
+
+
+def compile_one(kernel: Kernel, rak: Path, nvrtc: Nvrtc, cuda: Path, arch: str, work: Path) -> Result:
+    result = Result(kernel)
+    emitted = subprocess.run([str(rak), "emit", *kernel.emit_args()], capture_output=True, text=True)
+    if emitted.returncode != 0:
+        result.error = f"rak emit failed: {emitted.stderr.strip()}"
+        return result
+    header, _, source = emitted.stdout.partition("\n")
+    # "// rak emit: CELL PASS kernel, DTYPE, SIZES; SCHEDULE"
+    result.schedule = header.split("; ", 1)[-1]
+    result.in_registers = "states in registers" in header
+    ptx, log = nvrtc.ptx(source)
+    name = kernel.slug()
+    if ptx is None:
+        (work / f"{name}.cu").write_text(source)
+        result.error = f"NVRTC: {log.strip()} (source: {work / (name + '.cu')})"
+        return result
+    ptx_path = work / f"{name}.ptx"
+    ptx_path.write_text(ptx)
+    report = subprocess.run(
+        [str(cuda / "bin" / "ptxas"), "-v", f"-arch={arch}", str(ptx_path), "-o", os.devnull],
+        capture_output=True,
+        text=True,
+    )
+    if report.returncode != 0:
+        result.error = f"ptxas: {report.stderr.strip()}"
+        return result
+    text = report.stderr
+    used = re.search(r"Used (\d+) registers", text)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
+    stack = re.search(r"(\d+) bytes stack frame", text)
+    result.registers = int(used.group(1)) if used else None
+    result.spill_bytes = int(spills.group(1)) + int(spills.group(2)) if spills else 0
+    result.stack_bytes = int(stack.group(1)) if stack else 0
+    return result
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cuda", type=Path, required=True, help="CUDA root: lib/libnvrtc.so.13, bin/ptxas, include/")
+    parser.add_argument("--rak", type=Path, default=ROOT / "target" / "release" / "rak")
+    parser.add_argument("--arch", default="sm_90a", help="what cubecl-cuda passes NVRTC on an H100/H200")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/rak-cuda-compile"))
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    nvrtc = Nvrtc(args.cuda, args.arch)
+    todo = list(kernels())
+    print(f"Compiling {len(todo)} kernels with NVRTC {nvrtc.version} for {args.arch}", file=sys.stderr)
+    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+        results = list(pool.map(lambda k: compile_one(k, args.rak, nvrtc, args.cuda, args.arch, args.work), todo))
+
+    print(f"NVRTC {nvrtc.version}, `--gpu-architecture={args.arch}`; registers per thread and spills from ptxas.\n")
+    print("| cell | kernel | dtype | dims | schedule | registers | spills (bytes) | stack (bytes) |")
+    print("|---|---|---|---:|---|---:|---:|---:|")
+    failures = []
+    for r in results:
+        k = r.kernel
+        if r.error:
+            failures.append(f"{k.cell} {k.pass_} {k.dtype} dim {k.dim} ({r.schedule}): {r.error}")
+            cells = "FAILED | | "
+        else:
+            cells = f"{r.registers} | {r.spill_bytes} | {r.stack_bytes}"
+            if r.in_registers and r.spill_bytes and k.at_default_schedule():
+                failures.append(f"{k.cell} {k.pass_} dim {k.dim} ({r.schedule}): holds its states in registers but spills {r.spill_bytes} bytes")
+        print(f"| {k.cell} | {k.pass_} | {k.dtype} | {k.dim} | {r.schedule} | {cells} |")
+    for failure in failures:
+        print(f"error: {failure}", file=sys.stderr)
+    print(f"{len(results) - len(failures)} of {len(results)} kernels compiled cleanly", file=sys.stderr)
+    sys.exit(1 if failures else 0)
+
+
+if __name__ == "__main__":
+    main()
