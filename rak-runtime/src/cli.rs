@@ -42,7 +42,7 @@ pub enum Target {
     Wgsl,
 }
 
-pub use crate::kernels::Dtype;
+pub use crate::kernels::{Dtype, Kernel};
 
 /// Devices `rak bench` runs on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -298,17 +298,6 @@ impl From<WorkspacePlacement> for rak_codegen::schedule::Placement {
     }
 }
 
-/// Which kernel `rak emit` prints.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum KernelPass {
-    /// The forward scan.
-    Forward,
-    /// The backward scan.
-    Backward,
-    /// One step of every stream (streaming generation).
-    Step,
-}
-
 /// What `rak bench` measures besides the kernels.
 #[derive(Debug, Subcommand)]
 pub enum BenchTarget {
@@ -413,8 +402,8 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = Target::Rust)]
         target: Target,
         /// Which kernel (CUDA and WGSL only; the Rust source holds all three).
-        #[arg(long, value_enum, default_value_t = KernelPass::Forward)]
-        pass: KernelPass,
+        #[arg(long, value_enum, default_value_t = Kernel::Forward)]
+        pass: Kernel,
         /// The size of every dim (CUDA and WGSL kernels are specialised on them).
         #[arg(long, default_value_t = 64)]
         dim: usize,
@@ -515,7 +504,7 @@ pub fn compile_file(path: &Path) -> Result<CompiledCell, String> {
 
 /// What `rak emit` prints of a built-in cell's CUDA or WGSL kernel.
 struct EmitOptions {
-    pass: KernelPass,
+    pass: Kernel,
     /// The size of every dim.
     dim: usize,
     dtype: Dtype,
@@ -543,11 +532,6 @@ fn emit(cell: &str, target: Target, options: EmitOptions) -> Result<String, Stri
     };
     let compiled = compile_str(builtin.source).map_err(|e| e.to_string())?;
     let dims = vec![options.dim; compiled.cell.dims.len()];
-    let kernel = match options.pass {
-        KernelPass::Forward => crate::kernels::Kernel::Forward,
-        KernelPass::Backward => crate::kernels::Kernel::Backward,
-        KernelPass::Step => crate::kernels::Kernel::Step,
-    };
     let kernel_target = match target {
         Target::Cuda => crate::kernels::SourceTarget::Cuda,
         _ => crate::kernels::SourceTarget::Wgsl,
@@ -557,7 +541,7 @@ fn emit(cell: &str, target: Target, options: EmitOptions) -> Result<String, Stri
             dims: &dims,
             heads: 1,
             schedule: options.schedule,
-            kernel,
+            kernel: options.pass,
             target: kernel_target,
             dtype: options.dtype,
         })
@@ -570,7 +554,7 @@ fn emit(cell: &str, target: Target, options: EmitOptions) -> Result<String, Stri
     let mut header = format!(
         "// rak emit: {} {} kernel, {}, {}; cube_dim {}, tile {}, {} workspace, sum_parts {}",
         builtin.file,
-        lower(&kernel),
+        lower(&options.pass),
         lower(&options.dtype),
         sizes.join(" "),
         schedule.cube_dim,

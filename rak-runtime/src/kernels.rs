@@ -697,8 +697,8 @@ pub enum SourceTarget {
     Wgsl,
 }
 
-/// Which of a cell's kernels `kernel_source` prints.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Which of a cell's kernels `kernel_source` (and `rak emit --pass`) prints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Kernel {
     /// The forward scan.
     Forward,
