@@ -224,24 +224,12 @@ fn bench(
             timing.forward.as_secs_f64() * 1e3,
             timing.forward_backward.as_secs_f64() * 1e3,
         );
-        let describe = |s: Schedule| match strategy {
+        let describe = |s: Schedule, states_in_registers: bool| match strategy {
             BenchStrategy::Chunked => format!("chunked, {} steps per chunk", s.chunk),
-            BenchStrategy::Fused => {
-                let tile = s.tile.map_or("none".to_string(), |t| t.to_string());
-                format!(
-                    "{} units, tile {tile}, {:?}, sum parts {}",
-                    s.cube_dim, s.placement, s.sum_parts
-                )
-                .to_lowercase()
-            }
+            BenchStrategy::Fused => describe_schedule(s, states_in_registers),
         };
-        let (mut forward_schedule, backward_schedule) = (
-            describe(timing.forward_schedule),
-            describe(timing.backward_schedule),
-        );
-        if timing.forward_in_registers {
-            forward_schedule.push_str(", states in registers");
-        }
+        let forward_schedule = describe(timing.forward_schedule, timing.forward_in_registers);
+        let backward_schedule = describe(timing.backward_schedule, false);
         println!(
             "| {} | {dtype:?} | {device:?} | {b} | {t} | {h} | {d} | {forward:.3} | {both:.3} | \
              {forward_schedule}; {backward_schedule} |",
@@ -546,26 +534,34 @@ fn emit(cell: &str, target: Target, options: EmitOptions) -> Result<String, Stri
             dtype: options.dtype,
         })
         .map_err(|e| format!("error: {e}"))?;
-    let schedule = source.schedule;
     let sizes: Vec<String> = (compiled.cell.dims.iter())
         .map(|d| format!("{}={}", d.name, options.dim))
         .collect();
-    let lower = |value: &dyn std::fmt::Debug| format!("{value:?}").to_lowercase();
-    let mut header = format!(
-        "// rak emit: {} {} kernel, {}, {}; cube_dim {}, tile {}, {} workspace, sum_parts {}",
+    let header = format!(
+        "// rak emit: {} {} kernel, {}, {}; {}",
         builtin.file,
-        lower(&options.pass),
-        lower(&options.dtype),
+        format!("{:?}", options.pass).to_lowercase(),
+        format!("{:?}", options.dtype).to_lowercase(),
         sizes.join(" "),
-        schedule.cube_dim,
-        schedule.tile.map_or("none".into(), |t| t.to_string()),
-        lower(&schedule.placement),
-        schedule.sum_parts,
+        describe_schedule(source.schedule, source.states_in_registers),
     );
-    if source.states_in_registers {
-        header.push_str(", states in registers");
-    }
     Ok(format!("{header}\n{}", source.text))
+}
+
+/// A fused kernel's resolved schedule in words, as `rak emit`'s header and `rak bench`'s
+/// schedule column print it.
+fn describe_schedule(schedule: Schedule, states_in_registers: bool) -> String {
+    let tile = schedule.tile.map_or("none".to_string(), |t| t.to_string());
+    let placement = format!("{:?}", schedule.placement).to_lowercase();
+    let registers = if states_in_registers {
+        ", states in registers"
+    } else {
+        ""
+    };
+    format!(
+        "cube_dim {}, tile {tile}, {placement} workspace, sum_parts {}{registers}",
+        schedule.cube_dim, schedule.sum_parts
+    )
 }
 
 /// Parses the process's arguments, accepting Hydra's `-cn NAME` for `--config-name NAME` and
