@@ -20,7 +20,7 @@ use rak::runtime::unfused::UnfusedScan;
 
 use burn::backend::Autodiff;
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::{Tensor, TensorData, TensorPrimitive};
 
 const TOLERANCE: f32 = 1e-4;
 
@@ -337,9 +337,96 @@ fn chunked_scan_matches_the_unfused_path_for_every_linear_cell() {
         found.extend(check_chunked(cell, [2, 11, 2], 5, 4, 2, 1.0));
     }
     // Gates near 0 (log decay ≈ −12 a step, ≈ −190 over a chunk of 16), per key (SimpleRNN)
-    // and scalar (Mamba2); 3 rounds of the scan across 5 chunks, 4 sub-chunks per chunk.
+    // and scalar (Mamba2); 5 chunks in a row, 4 sub-chunks per chunk.
     for cell in [&cells[0], &cells[3]] {
         found.extend(check_chunked(cell, [1, 70, 1], 4, 16, 4, 12.0));
+    }
+    assert!(found.is_empty(), "{}", found.join("\n"));
+}
+
+/// `B::linear_scan` over seeded tensors: log decays `[2, 3, 5, dk, dv]`, writes and states
+/// with K = 4, V = 3.
+fn linear_scan_on<B: FusedCellBackend>(
+    decay: &[f32],
+    [dk, dv]: [usize; 2],
+    writes: &[f32],
+    initial: &[f32],
+    reverse: bool,
+) -> Vec<f32> {
+    let after = B::linear_scan(
+        tensor::<B, 5>(decay.to_vec(), [2, 3, 5, dk, dv])
+            .into_primitive()
+            .tensor(),
+        tensor::<B, 5>(writes.to_vec(), [2, 3, 5, 4, 3])
+            .into_primitive()
+            .tensor(),
+        tensor::<B, 4>(initial.to_vec(), [2, 3, 4, 3])
+            .into_primitive()
+            .tensor(),
+        reverse,
+    );
+    values(Tensor::<B, 5>::from_primitive(TensorPrimitive::Float(
+        after,
+    )))
+}
+
+/// The recurrence across chunks of the chunked path against a loop in f64, for each way a
+/// decay spreads over the state (scalar, per key, per value), walked forward and in reverse,
+/// on the fusion wrapper and on the cubecl backend alone (its gradients are checked with the
+/// chunked scans above).
+#[test]
+fn linear_scan_matches_a_loop_for_every_decay_axis_and_direction() {
+    setup();
+    let ([sequences, steps, keys, values], mut found) = ([6, 5, 4, 3], Vec::new());
+    let writes = random(2, sequences * steps * keys * values, 1.0);
+    let initial = random(3, sequences * keys * values, 1.0);
+    for (axis, [dk, dv]) in [
+        ("scalar", [1, 1]),
+        ("key", [keys, 1]),
+        ("value", [1, values]),
+    ] {
+        let decay: Vec<f32> = random(1, sequences * steps * dk * dv, 2.0)
+            .into_iter()
+            .map(|x| -x.abs())
+            .collect();
+        for reverse in [false, true] {
+            let mut expected = vec![0f64; writes.len()];
+            for (sequence, element) in
+                (0..sequences).flat_map(|s| (0..keys * values).map(move |e| (s, e)))
+            {
+                let (key, value) = (element / values, element % values);
+                let mut carried = f64::from(initial[sequence * keys * values + element]);
+                for i in 0..steps {
+                    let n = if reverse { steps - 1 - i } else { i };
+                    let d = decay[((sequence * steps + n) * dk + key % dk) * dv + value % dv];
+                    let at = (sequence * steps + n) * keys * values + element;
+                    carried = f64::from(d).exp() * carried + f64::from(writes[at]);
+                    expected[at] = carried;
+                }
+            }
+            let runs = [
+                (
+                    "fusion",
+                    linear_scan_on::<Fused>(&decay, [dk, dv], &writes, &initial, reverse),
+                ),
+                (
+                    "cubecl",
+                    linear_scan_on::<Plain>(&decay, [dk, dv], &writes, &initial, reverse),
+                ),
+            ];
+            for (backend, got) in runs {
+                let error = got
+                    .iter()
+                    .zip(&expected)
+                    .map(|(g, e)| (f64::from(*g) - e).abs())
+                    .fold(0f64, f64::max);
+                if error > 1e-5 {
+                    found.push(format!(
+                        "decay per {axis}, reverse {reverse}, {backend}: error {error:.2e}"
+                    ));
+                }
+            }
+        }
     }
     assert!(found.is_empty(), "{}", found.join("\n"));
 }

@@ -14,6 +14,7 @@ use crate::codegen::ScanShape;
 use crate::codegen::chunkwise::chunk_form;
 use crate::codegen::ir::{InputId, OutputId, ParamId, StateId};
 use crate::codegen::schedule::Schedule;
+use crate::fused::FusedCellBackend;
 use crate::kernels::{
     BackwardBuffers, CellKernels, CellRunner, DeviceArray, ForwardBuffers, KernelError,
     checkpoint_count,
@@ -167,13 +168,17 @@ pub fn time_cell<C: CellKernels, F: Float + CubeElement, R: Runtime>(
 /// on the autodiff backend `B`: the forward scan on its inner backend, and forward + backward
 /// (the gradients of inputs and parameters) through autodiff; each repetition from its first
 /// launch to the device's synchronisation, median after warm-up.
-pub fn time_chunked<C: CellKernels, B: AutodiffBackend>(
+pub fn time_chunked<C: CellKernels, B>(
     device: &B::Device,
     shape: &ScanShape,
     schedule: Schedule,
     warmup: usize,
     repetitions: usize,
-) -> Result<KernelTiming, String> {
+) -> Result<KernelTiming, String>
+where
+    B: AutodiffBackend + FusedCellBackend,
+    B::InnerBackend: FusedCellBackend,
+{
     let compiled = C::compile();
     let cell = &compiled.cell;
     let form = chunk_form(cell).map_err(|e| e.to_string())?;

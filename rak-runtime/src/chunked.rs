@@ -12,8 +12,10 @@
 //!
 //! - **inter-chunk**: `o_t += (q_t ⊙ e^{b_t}) · S₀`; the chunk's write
 //!   `U = Σ_s (κ_s ⊙ e^{b_C − b_s}) ⊗ ν_s` and decay `e^{b_C}` give the next chunk's state
-//!   `S₁ = e^{b_C} ⊙ S₀ + U`; the states entering all chunks come from a scan of these affine
-//!   maps in log₂(chunks) rounds of element-wise operations (Hillis–Steele);
+//!   `S₁ = e^{b_C} ⊙ S₀ + U`; the states entering all chunks come from these affine maps
+//!   applied in order by [`linear_scan`], one unit per state element (a sequential walk:
+//!   memory traffic of one read and one write of each chunk's state, where a parallel prefix
+//!   scan of full states reads and writes them log₂(chunks) times);
 //! - **intra-chunk**: `o_t += Σ_{s ≤ t} (Σ_i q_t[i] κ_s[i] e^{b_t[i] − b_s[i]}) ν_s`, in
 //!   sub-chunks of c steps: between sub-chunks, every decay is split at the first step r of
 //!   the later sub-chunk, `e^{b_t − b_r} · e^{b_r − b_s}`, two factors that never exceed 1, and
@@ -33,6 +35,7 @@
 
 use crate::codegen::chunkwise::{ChunkForm, GateAxis};
 use crate::codegen::ir::{ExprId, IndexId};
+use crate::fused::{FusedCellBackend, linear_scan};
 use crate::unfused::{ScanResult, UnfusedScan, materialize};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
@@ -74,7 +77,7 @@ impl ChunkedScan<'_> {
     /// Runs the scan over packed inputs `[B, T, H, Σ input widths]` (before activation),
     /// parameters `[H, Σ parameter sizes]` and optional initial states `[B, H, Σ state sizes]`
     /// (else the state starts from its declared value), like [`UnfusedScan::run`].
-    pub fn run<B: Backend>(
+    pub fn run<B: FusedCellBackend>(
         &self,
         inputs: Tensor<B, 4>,
         params: Tensor<B, 2>,
@@ -221,7 +224,7 @@ impl ChunkedScan<'_> {
 
     /// The states entering each chunk `[B, H, chunks, K, V]` and the state after the last one
     /// `[B, H, K, V]`, from the state `initial` entering the first.
-    fn chunk_states<B: Backend>(
+    fn chunk_states<B: FusedCellBackend>(
         &self,
         parts: &Chunks<B>,
         initial: Tensor<B, 4>,
@@ -252,18 +255,9 @@ impl ChunkedScan<'_> {
             GateAxis::Key => total.reshape([batch, heads, chunks, keys, 1]),
             GateAxis::Value => total.reshape([batch, heads, chunks, 1, values]),
         };
-        // Each chunk is the affine map S ↦ e^{total} ⊙ S + writes; after round r, element n
-        // holds the composition of the maps of chunks n − 2^r + 1 ..= n.
-        let (mut decay, mut carried) = (total, writes);
-        let mut span = 1;
-        while span < chunks {
-            carried = carried.clone() + decay.clone().exp() * shifted(carried, span);
-            decay = decay.clone() + shifted(decay, span);
-            span *= 2;
-        }
-        let initial = initial.unsqueeze_dim::<5>(2);
-        let after = carried + decay.exp() * initial.clone();
-        entering_and_last(after, initial)
+        // Each chunk is the affine map S ↦ e^{total} ⊙ S + writes, applied chunk after chunk.
+        let after = linear_scan(total, writes, initial.clone());
+        entering_and_last(after, initial.unsqueeze_dim::<5>(2))
     }
 
     /// What each step reads of the state entering its chunk: `[B, H, chunks, C, V]`.
@@ -430,7 +424,8 @@ struct DeltaStates<B: Backend> {
 /// `L[t, s] = e^{b_{t−1} − b_s} β_t · κ_s` for s < t: `U = P − R S₀` for
 /// `[P, R] = (I + L)⁻¹ [N, diag(e^{b_{t−1}}) B]` (the inverse by [`unit_lower_inverse`], every
 /// chunk at once). Each chunk maps `S₀ ↦ (e^{b_C} I − K̃ᵀ R) S₀ + K̃ᵀ P` with
-/// `κ̃_s = e^{b_C − b_s} κ_s`; the maps compose by the same Hillis–Steele scan as the decays, with matrix products. Every
+/// `κ̃_s = e^{b_C − b_s} κ_s`; the maps compose by a Hillis–Steele scan, with matrix products
+/// (log₂ chunks rounds; a full map per chunk is no element-wise recurrence). Every
 /// exponent is a sum of log decays between its two ends, never positive.
 fn delta_chunk_states<B: Backend>(
     parts: &Chunks<B>,

@@ -1,5 +1,7 @@
 //! The fused cell under burn's autodiff: the forward scan writes checkpoints when any operand
-//! needs a gradient, and the operation's backward runs the generated backward scan.
+//! needs a gradient, and the operation's backward runs the generated backward scan. The
+//! chunked path's recurrence across chunks ([`super::linear_scan`]) is differentiated by the
+//! same recurrence walked in reverse ([`LinearScanBackward`]).
 
 use super::{FusedCellBackend, FusedForward, FusedGradients, FusedSettings};
 use crate::kernels::CellKernels;
@@ -10,6 +12,7 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::ops::FloatTensor;
+use burn::tensor::{Tensor, TensorPrimitive};
 use std::marker::PhantomData;
 
 /// The backward of a fused scan with `N` differentiable operands: inputs, parameters and, when
@@ -45,6 +48,77 @@ impl<B: FusedCellBackend, C: CellKernels, const N: usize> Backward<B, N> for Sca
             if let (Some(parent), Some(gradient)) = (parent, result.take()) {
                 grads.register::<B>(parent.id, gradient);
             }
+        }
+    }
+}
+
+/// The backward of [`super::linear_scan`] (forward walk) with respect to its log decays,
+/// writes and initial state. With G the gradient of every `after_n`, the gradient reaching
+/// `after_n` through every later step is `R_n = G_n + e^{d_{n+1}} ⊙ R_{n+1}`: the same
+/// recurrence walked in reverse, each step's decay moved one step earlier. Then the writes'
+/// gradient is R, the initial state's `e^{d_0} ⊙ R_0`, and the log decays'
+/// `R_n ⊙ e^{d_n} ⊙ after_{n−1}`, summed along the state axes a decay is broadcast along.
+#[derive(Debug)]
+struct LinearScanBackward;
+
+impl<B: FusedCellBackend> Backward<B, 3> for LinearScanBackward {
+    /// Log decays, the initial state and every state after a step.
+    type State = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>);
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 3>,
+        grads: &mut Gradients,
+        _checkpointer: &mut Checkpointer,
+    ) {
+        let (log_decay, initial, after) = ops.state;
+        let tensor = |primitive| Tensor::<B, 5>::from_primitive(TensorPrimitive::Float(primitive));
+        let (log_decay, after) = (tensor(log_decay), tensor(after));
+        let initial = Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(initial));
+        let grad = grads.consume::<B>(&ops.node);
+        let [batch, heads, steps, keys, values] = after.dims();
+        let [_, _, _, decay_keys, decay_values] = log_decay.dims();
+        let device = after.device();
+
+        let later_step = |x: Tensor<B, 5>, padding: Tensor<B, 5>| match steps {
+            1 => padding,
+            _ => Tensor::cat(vec![x.narrow(2, 1, steps - 1), padding], 2),
+        };
+        let next_decay = later_step(
+            log_decay.clone(),
+            Tensor::zeros([batch, heads, 1, decay_keys, decay_values], &device),
+        );
+        let nothing_after = Tensor::<B, 4>::zeros([batch, heads, keys, values], &device);
+        let reaching = tensor(B::linear_scan(
+            next_decay.into_primitive().tensor(),
+            grad,
+            nothing_after.into_primitive().tensor(),
+            true,
+        ));
+        let decay = log_decay.exp();
+        let [decay_parent, writes_parent, initial_parent] = ops.parents;
+        if let Some(parent) = decay_parent {
+            let first = initial.clone().unsqueeze_dim::<5>(2);
+            let before = match steps {
+                1 => first,
+                _ => Tensor::cat(vec![first, after.narrow(2, 0, steps - 1)], 2),
+            };
+            let mut gradient = reaching.clone() * decay.clone() * before;
+            if decay_keys < keys {
+                gradient = gradient.sum_dim(3);
+            }
+            if decay_values < values {
+                gradient = gradient.sum_dim(4);
+            }
+            grads.register::<B>(parent.id, gradient.into_primitive().tensor());
+        }
+        if let Some(parent) = initial_parent {
+            let gradient = (reaching.clone().narrow(2, 0, 1) * decay.narrow(2, 0, 1))
+                .reshape([batch, heads, keys, values]);
+            grads.register::<B>(parent.id, gradient.into_primitive().tensor());
+        }
+        if let Some(parent) = writes_parent {
+            grads.register::<B>(parent.id, reaching.into_primitive().tensor());
         }
     }
 }
@@ -124,6 +198,54 @@ impl<B: FusedCellBackend, CS: CheckpointStrategy> FusedCellBackend for Autodiff<
                 Some(initial.primitive.clone())
             ),
             None => scan!(2, [inputs.node.clone(), params.node.clone()], None),
+        }
+    }
+
+    fn linear_scan(
+        log_decay: FloatTensor<Self>,
+        writes: FloatTensor<Self>,
+        initial: FloatTensor<Self>,
+        reverse: bool,
+    ) -> FloatTensor<Self> {
+        if reverse {
+            // The forward walk over the steps in reverse order, differentiated as such.
+            let flipped = |primitive| {
+                Tensor::<Self, 5>::from_primitive(TensorPrimitive::Float(primitive))
+                    .flip([2])
+                    .into_primitive()
+                    .tensor()
+            };
+            let after = Self::linear_scan(flipped(log_decay), flipped(writes), initial, false);
+            return flipped(after);
+        }
+        let parents = [
+            log_decay.node.clone(),
+            writes.node.clone(),
+            initial.node.clone(),
+        ];
+        match LinearScanBackward
+            .prepare::<CS>(parents)
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let after = B::linear_scan(
+                    log_decay.primitive.clone(),
+                    writes.primitive,
+                    initial.primitive.clone(),
+                    false,
+                );
+                prep.finish(
+                    (log_decay.primitive, initial.primitive, after.clone()),
+                    after,
+                )
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::linear_scan(
+                log_decay.primitive,
+                writes.primitive,
+                initial.primitive,
+                false,
+            )),
         }
     }
 

@@ -1,6 +1,7 @@
 //! The fused cell on burn's cubecl backends (`CubeBackend`, what `Cuda` and `Wgpu` wrap): the
 //! packed tensors are split into one array per value, the generated kernels run through
-//! [`CellRunner`], and the results are packed again.
+//! [`CellRunner`], and the results are packed again. The chunked path's recurrence across
+//! chunks runs [`linear_scan_kernel`].
 
 use super::{FusedCellBackend, FusedForward, FusedGradients, FusedSettings};
 use crate::codegen::ScanShape;
@@ -113,6 +114,40 @@ where
                 &[batch, heads],
             ),
         )
+    }
+
+    fn linear_scan(
+        log_decay: CubeTensor<R>,
+        writes: CubeTensor<R>,
+        initial: CubeTensor<R>,
+        reverse: bool,
+    ) -> CubeTensor<R> {
+        let [batch, heads, steps, keys, values] = writes.meta.shape().dims::<5>();
+        let [_, _, _, decay_keys, decay_values] = log_decay.meta.shape().dims::<5>();
+        let [log_decay, writes, initial] = [log_decay, writes, initial].map(into_contiguous);
+        let (client, device) = (writes.client.clone(), writes.device.clone());
+        let after = empty_device::<R, F>(client.clone(), device, writes.meta.shape().clone());
+        let array = |tensor: &CubeTensor<R>| {
+            let len = tensor.meta.shape().num_elements();
+            unsafe { ArrayArg::from_raw_parts(tensor.handle.clone(), len) }
+        };
+        let (cubes, units) = grid(batch * heads * keys * values);
+        linear_scan_kernel::launch::<F, R>(
+            &client,
+            cubes,
+            units,
+            array(&log_decay),
+            array(&writes),
+            array(&initial),
+            array(&after),
+            steps as u32,
+            keys as u32,
+            values as u32,
+            decay_keys as u32,
+            decay_values as u32,
+            reverse,
+        );
+        after
     }
 
     fn fused_cell_backward<C: CellKernels>(
@@ -282,6 +317,49 @@ fn copy_columns<E: Float>(
             b[e] = a[packed];
         } else {
             b[packed] = a[e];
+        }
+        e += stride;
+    }
+}
+
+/// [`super::linear_scan`]: `after_n = exp(log_decay_n) ⊙ after_{n−1} + writes_n` for `steps`
+/// steps, in reverse when `reverse` (from `initial` after the last step). One unit per state
+/// element (grid-stride loop over `initial`'s elements) walks the steps with the state in a
+/// register, in f32; neighbouring units read neighbouring values, so every step's loads and
+/// stores are coalesced. The state is `keys × values`; `decay_keys` and `decay_values` are each
+/// 1 or the state's size along that axis.
+#[cube(launch)]
+fn linear_scan_kernel<E: Float>(
+    log_decay: &Array<E>,
+    writes: &Array<E>,
+    initial: &Array<E>,
+    after: &mut Array<E>,
+    steps: u32,
+    keys: u32,
+    values: u32,
+    decay_keys: u32,
+    decay_values: u32,
+    #[comptime] reverse: bool,
+) {
+    let steps = steps as usize;
+    let (keys, values) = (keys as usize, values as usize);
+    let (decay_keys, decay_values) = (decay_keys as usize, decay_values as usize);
+    let (state, decay_state) = (keys * values, decay_keys * decay_values);
+    let stride = CUBE_COUNT * CUBE_DIM as usize;
+    let mut e = ABSOLUTE_POS;
+    while e < initial.len() {
+        let (sequence, within) = (e / state, e % state);
+        // The decay of this element: its key's, its value's, or the state's one.
+        let key = (within / values) % decay_keys;
+        let value = (within % values) % decay_values;
+        let decay_at = sequence * steps * decay_state + key * decay_values + value;
+        let mut carried = f32::cast_from(initial[e]);
+        for i in 0..steps {
+            let n = if comptime![reverse] { steps - 1 - i } else { i };
+            let decay = f32::cast_from(log_decay[decay_at + n * decay_state]).exp();
+            let at = (sequence * steps + n) * state + within;
+            carried = decay * carried + f32::cast_from(writes[at]);
+            after[at] = E::cast_from(carried);
         }
         e += stride;
     }

@@ -1,6 +1,6 @@
 //! The fused cell inside burn's fusion wrapper (the default `Cuda` and `Wgpu` backends): each
 //! scan is a custom operation of the fusion stream, which hands its operands to the wrapped
-//! backend when the stream reaches it.
+//! backend when the stream reaches it; so is the chunked path's recurrence across chunks.
 
 use super::{FusedCellBackend, FusedForward, FusedGradients, FusedSettings};
 use crate::kernels::CellKernels;
@@ -78,6 +78,31 @@ impl<B: FusionBackend + FusedCellBackend, C: CellKernels> Operation<B::FusionRun
     }
 }
 
+/// The recurrence across chunks ([`super::linear_scan`]) as a stream operation: log decays,
+/// writes and the initial state in; the state after every step out.
+#[derive(Debug)]
+struct LinearScan<B> {
+    description: CustomOpIr,
+    reverse: bool,
+    backend: PhantomData<B>,
+}
+
+impl<B: FusionBackend + FusedCellBackend> Operation<B::FusionRuntime> for LinearScan<B> {
+    fn execute(
+        &self,
+        handles: &mut HandleContainer<<B::FusionRuntime as FusionRuntime>::FusionHandle>,
+    ) {
+        let ([log_decay, writes, initial], [after]) = self.description.as_fixed();
+        let result = B::linear_scan(
+            handles.get_float_tensor::<B>(log_decay),
+            handles.get_float_tensor::<B>(writes),
+            handles.get_float_tensor::<B>(initial),
+            self.reverse,
+        );
+        handles.register_float_tensor::<B>(&after.id, result);
+    }
+}
+
 impl<B: FusionBackend + FusedCellBackend> FusedCellBackend for Fusion<B> {
     fn fused_cell_forward<C: CellKernels>(
         inputs: FloatTensor<Self>,
@@ -133,6 +158,34 @@ impl<B: FusionBackend + FusedCellBackend> FusedCellBackend for Fusion<B> {
             final_states: next(),
             checkpoints: checkpoints.then(&mut next),
         }
+    }
+
+    fn linear_scan(
+        log_decay: FloatTensor<Self>,
+        writes: FloatTensor<Self>,
+        initial: FloatTensor<Self>,
+        reverse: bool,
+    ) -> FloatTensor<Self> {
+        let client = writes.client.clone();
+        let after = TensorIr::uninit(
+            client.create_empty_handle(),
+            writes.shape.clone(),
+            writes.dtype,
+        );
+        let operands = [log_decay, writes, initial];
+        let streams = OperationStreams::with_inputs(operands.iter());
+        let operands = operands.map(|t| t.into_ir());
+        let description = CustomOpIr::new("rak_linear_scan", &operands, &[after]);
+        let operation = LinearScan::<B> {
+            description: description.clone(),
+            reverse,
+            backend: PhantomData,
+        };
+        let [after]: [FloatTensor<Self>; 1] = client
+            .register(streams, OperationIr::Custom(description), operation)
+            .try_into()
+            .expect("the linear scan registers one result");
+        after
     }
 
     fn fused_cell_backward<C: CellKernels>(

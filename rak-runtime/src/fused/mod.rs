@@ -3,6 +3,9 @@
 //! of the fusion stream ([`fusion`]), and under burn's autodiff with the generated backward
 //! kernel as the operation's backward ([`autodiff`]).
 //!
+//! The same backends run the chunked path's recurrence across chunks ([`linear_scan`]): a
+//! diagonal linear recurrence walked sequentially by one unit per state element.
+//!
 //! Tensors are packed as [`crate::packing`] describes. The final states are returned without
 //! a gradient (truncated backpropagation through time detaches them anyway): the backward
 //! scan starts from a zero final-state gradient.
@@ -78,6 +81,18 @@ pub trait FusedCellBackend: Backend {
         None
     }
 
+    /// The diagonal linear recurrence across chunks ([`linear_scan`]): log decays
+    /// `[B, H, N, Dk, Dv]` (`Dk` 1 or K, `Dv` 1 or V: broadcast along the state), writes
+    /// `[B, H, N, K, V]` and the state `[B, H, K, V]` before the first → the state after each
+    /// of the N steps, `[B, H, N, K, V]`. `reverse` walks the N steps from the last, starting
+    /// from `initial` after it (what the backward of the forward walk needs).
+    fn linear_scan(
+        log_decay: FloatTensor<Self>,
+        writes: FloatTensor<Self>,
+        initial: FloatTensor<Self>,
+        reverse: bool,
+    ) -> FloatTensor<Self>;
+
     /// The backward scan from the output gradient (the final-state gradient is zero).
     fn fused_cell_backward<C: CellKernels>(
         inputs: FloatTensor<Self>,
@@ -122,4 +137,25 @@ pub fn fused_cell<B: FusedCellBackend, C: CellKernels>(
         Tensor::from_primitive(TensorPrimitive::Float(forward.outputs)),
         Tensor::from_primitive(TensorPrimitive::Float(forward.final_states)),
     )
+}
+
+/// `after_n = exp(log_decay_n) ⊙ after_{n−1} + writes_n` along axis 2 (n = 0 … N − 1), from
+/// `after_{−1} = initial`: log decays `[B, H, N, Dk, Dv]` (broadcast along a state axis of
+/// size 1), writes `[B, H, N, K, V]`, initial `[B, H, K, V]` → every `after_n`,
+/// `[B, H, N, K, V]`. One unit per state element walks the N steps in order and keeps the
+/// state in a register: the work and the memory traffic grow with N, not N log N as in a
+/// parallel prefix scan of full states; each product of decays is taken step by step, so no
+/// exponent is formed from sums over many steps. Differentiable on an autodiff backend.
+pub fn linear_scan<B: FusedCellBackend>(
+    log_decay: Tensor<B, 5>,
+    writes: Tensor<B, 5>,
+    initial: Tensor<B, 4>,
+) -> Tensor<B, 5> {
+    let after = B::linear_scan(
+        log_decay.into_primitive().tensor(),
+        writes.into_primitive().tensor(),
+        initial.into_primitive().tensor(),
+        false,
+    );
+    Tensor::from_primitive(TensorPrimitive::Float(after))
 }
