@@ -431,6 +431,46 @@ fn linear_scan_matches_a_loop_for_every_decay_axis_and_direction() {
     assert!(found.is_empty(), "{}", found.join("\n"));
 }
 
+/// The scores within sub-chunks under a per-key decay against a loop in f64, with decays
+/// near 0 (exponents down to −60), on the fusion wrapper and on the cubecl backend alone (its
+/// gradients are checked with the chunked scans above).
+#[test]
+fn decayed_scores_match_a_loop() {
+    setup();
+    let [blocks, steps, keys] = [3, 4, 5];
+    let len = blocks * steps * keys;
+    let (query, key) = (random(4, len, 1.0), random(5, len, 1.0));
+    let decay: Vec<f32> = random(6, len, 20.0).into_iter().map(|x| -x.abs()).collect();
+    let at = |m: usize, t: usize, i: usize| (m * steps + t) * keys + i;
+    let mut expected = vec![0f64; blocks * steps * steps];
+    for (m, t, s) in
+        (0..blocks).flat_map(|m| (0..steps).flat_map(move |t| (0..=t).map(move |s| (m, t, s))))
+    {
+        expected[(m * steps + t) * steps + s] = (0..keys)
+            .map(|i| {
+                let exponent: f64 = (s + 1..=t).map(|u| f64::from(decay[at(m, u, i)])).sum();
+                f64::from(query[at(m, t, i)]) * f64::from(key[at(m, s, i)]) * exponent.exp()
+            })
+            .sum();
+    }
+    fn scores<B: FusedCellBackend>(operands: [&[f32]; 3], shape: [usize; 3]) -> Vec<f32> {
+        let [query, key, decay] = operands.map(|x| tensor::<B, 3>(x.to_vec(), shape));
+        values(rak::runtime::fused::decayed_scores(query, key, decay))
+    }
+    let operands = [&query[..], &key[..], &decay[..]];
+    for (backend, got) in [
+        ("fusion", scores::<Fused>(operands, [blocks, steps, keys])),
+        ("cubecl", scores::<Plain>(operands, [blocks, steps, keys])),
+    ] {
+        let error = got
+            .iter()
+            .zip(&expected)
+            .map(|(g, e)| (f64::from(*g) - e).abs())
+            .fold(0f64, f64::max);
+        assert!(error < 1e-5, "{backend}: error {error:.2e}");
+    }
+}
+
 #[test]
 fn cells_without_a_chunked_form_are_refused_with_the_reason() {
     setup();

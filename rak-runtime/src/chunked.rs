@@ -19,8 +19,9 @@
 //! - **intra-chunk**: `o_t += Σ_{s ≤ t} (Σ_i q_t[i] κ_s[i] e^{b_t[i] − b_s[i]}) ν_s`, in
 //!   sub-chunks of c steps: between sub-chunks, every decay is split at the first step r of
 //!   the later sub-chunk, `e^{b_t − b_r} · e^{b_r − b_s}`, two factors that never exceed 1, and
-//!   the products are matrix products; within a sub-chunk the decays are taken pairwise. A
-//!   scalar decay needs neither: its `e^{b_t − b_s}` multiplies the `[C, C]` score matrix.
+//!   the products are matrix products; within a sub-chunk the decays are taken pairwise, by
+//!   one kernel for a per-key decay ([`decayed_scores`], which stores no `[c, c, K]` factors).
+//!   A scalar decay needs neither: its `e^{b_t − b_s}` multiplies the `[C, C]` score matrix.
 //!
 //! No exponent is positive for decays at most 1 (every gate of the built-in cells), so no
 //! factor overflows however small the gates get; masked entries are zeroed before their
@@ -35,7 +36,7 @@
 
 use crate::codegen::chunkwise::{ChunkForm, GateAxis};
 use crate::codegen::ir::{ExprId, IndexId};
-use crate::fused::{FusedCellBackend, linear_scan};
+use crate::fused::{FusedCellBackend, decayed_scores, linear_scan};
 use crate::unfused::{ScanResult, UnfusedScan, materialize};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
@@ -275,7 +276,7 @@ impl ChunkedScan<'_> {
     }
 
     /// What each step reads of the writes of its own chunk, up to itself: `[B, H, chunks, C, V]`.
-    fn intra_chunk<B: Backend>(
+    fn intra_chunk<B: FusedCellBackend>(
         &self,
         parts: &Chunks<B>,
         query: Tensor<B, 5>,
@@ -298,33 +299,34 @@ impl ChunkedScan<'_> {
         };
         let log_decay = parts.log_decay.clone();
         let [q, k, v, x] = [query.clone(), key.clone(), value.clone(), log_decay].map(split);
-        let causal =
-            lower_triangle::<B>(sub_chunk, &device).reshape([1, 1, 1, 1, sub_chunk, sub_chunk, 1]);
-        // Within a sub-chunk: b_t − b_s for every pair s ≤ t, `[…, t, s, width]`.
-        let between = segment_sums(x.clone());
-        let pairwise = masked_exp(between.clone(), causal);
         let width = x.dims()[5];
         let mut read = match self.form.gate_axis {
             GateAxis::Value => {
+                // b_t − b_s for every pair s ≤ t, `[…, t, s, V]`, taken pairwise.
+                let causal = lower_triangle::<B>(sub_chunk, &device)
+                    .reshape([1, 1, 1, 1, sub_chunk, sub_chunk, 1]);
+                let pairwise = masked_exp(segment_sums(x.clone()), causal);
                 let scores = q.clone().matmul(k.swap_dims(4, 5)).unsqueeze_dim::<7>(6);
                 (scores * pairwise * v.unsqueeze_dim::<7>(4))
                     .sum_dim(5)
                     .reshape([batch, heads, chunks, subs, sub_chunk, width])
             }
-            _ => (q.clone().unsqueeze_dim::<7>(5) * k.unsqueeze_dim::<7>(4) * pairwise)
-                .sum_dim(6)
-                .reshape([batch, heads, chunks, subs, sub_chunk, sub_chunk])
-                .matmul(v),
+            _ => {
+                // The `[c, c]` scores of each sub-chunk by one kernel, which takes the
+                // pairwise decays without storing them.
+                let blocks = batch * heads * chunks * subs;
+                let flat = |x: Tensor<B, 6>| x.reshape([blocks, sub_chunk, width]);
+                decayed_scores(flat(q.clone()), flat(k), flat(x.clone()))
+                    .reshape([batch, heads, chunks, subs, sub_chunk, sub_chunk])
+                    .matmul(v)
+            }
         };
         if subs > 1 {
             // Earlier sub-chunks: each decay split at the first step r of the reading
-            // sub-chunk I: b_t − b_r, within I (the column s = r of the pairwise sums), and
-            // b_r − b_s for s in an earlier sub-chunk J, the sum of the rest of J after s, of
-            // the sub-chunks strictly between J and I, and of step r.
-            let sub_shape = [batch, heads, chunks, subs, sub_chunk, width];
-            let to_reader = materialize(between.narrow(5, 0, 1))
-                .reshape(sub_shape)
-                .exp();
+            // sub-chunk I: b_t − b_r, within I, and b_r − b_s for s in an earlier sub-chunk
+            // J, the sum of the rest of J after s, of the sub-chunks strictly between J and
+            // I, and of step r.
+            let to_reader = since_first_step(x.clone()).exp();
             let rest_of_writer =
                 sum_after(x.clone(), 4).reshape([batch, heads, chunks, 1, chunk, width]);
             // Σ_{J < K ≤ I} of the sub-chunks' totals, `[…, I, J, width]`, moved one sub-chunk
@@ -577,6 +579,17 @@ fn segment_sums<B: Backend>(x: Tensor<B, 6>) -> Tensor<B, 7> {
         .tril(-1)
         .reshape([1, 1, 1, 1, n, n, 1]);
     (x.unsqueeze_dim::<7>(5) * after).cumsum(4)
+}
+
+/// `[…, c, w]` → Σ_{0 < u ≤ t} x_u for each step t of each sub-chunk (dim 4): the sums from
+/// the sub-chunk's first step, which they exclude, as one running sum.
+fn since_first_step<B: Backend>(x: Tensor<B, 6>) -> Tensor<B, 6> {
+    let [batch, heads, chunks, subs, steps, width] = x.dims();
+    let first = Tensor::zeros([batch, heads, chunks, subs, 1, width], &x.device());
+    if steps == 1 {
+        return first;
+    }
+    Tensor::cat(vec![first, materialize(x.narrow(4, 1, steps - 1))], 4).cumsum(4)
 }
 
 /// Σ_{u > t} x_u along `dim`, summed from the far end (not a difference of two sums, for the

@@ -1,7 +1,8 @@
 //! The fused cell under burn's autodiff: the forward scan writes checkpoints when any operand
 //! needs a gradient, and the operation's backward runs the generated backward scan. The
 //! chunked path's recurrence across chunks ([`super::linear_scan`]) is differentiated by the
-//! same recurrence walked in reverse ([`LinearScanBackward`]).
+//! same recurrence walked in reverse ([`LinearScanBackward`]), and its scores within
+//! sub-chunks by their backward kernel ([`DecayedScoresBackward`]).
 
 use super::{FusedCellBackend, FusedForward, FusedGradients, FusedSettings};
 use crate::kernels::CellKernels;
@@ -119,6 +120,31 @@ impl<B: FusedCellBackend> Backward<B, 3> for LinearScanBackward {
         }
         if let Some(parent) = writes_parent {
             grads.register::<B>(parent.id, reaching.into_primitive().tensor());
+        }
+    }
+}
+
+/// The backward of [`super::decayed_scores`]: its backward kernel, from the queries, keys and
+/// log decays kept from the forward.
+#[derive(Debug)]
+struct DecayedScoresBackward;
+
+impl<B: FusedCellBackend> Backward<B, 3> for DecayedScoresBackward {
+    type State = [FloatTensor<B>; 3];
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 3>,
+        grads: &mut Gradients,
+        _checkpointer: &mut Checkpointer,
+    ) {
+        let [query, key, log_decay] = ops.state;
+        let grad = grads.consume::<B>(&ops.node);
+        let gradients = B::decayed_scores_backward(query, key, log_decay, grad);
+        for (parent, gradient) in ops.parents.into_iter().zip(gradients) {
+            if let Some(parent) = parent {
+                grads.register::<B>(parent.id, gradient);
+            }
         }
     }
 }
@@ -247,6 +273,45 @@ impl<B: FusedCellBackend, CS: CheckpointStrategy> FusedCellBackend for Autodiff<
                 false,
             )),
         }
+    }
+
+    fn decayed_scores(
+        query: FloatTensor<Self>,
+        key: FloatTensor<Self>,
+        log_decay: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let parents = [query.node.clone(), key.node.clone(), log_decay.node.clone()];
+        let operands = [query.primitive, key.primitive, log_decay.primitive];
+        match DecayedScoresBackward
+            .prepare::<CS>(parents)
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let [query, key, log_decay] = operands.clone();
+                prep.finish(operands, B::decayed_scores(query, key, log_decay))
+            }
+            OpsKind::UnTracked(prep) => {
+                let [query, key, log_decay] = operands;
+                prep.finish(B::decayed_scores(query, key, log_decay))
+            }
+        }
+    }
+
+    fn decayed_scores_backward(
+        query: FloatTensor<Self>,
+        key: FloatTensor<Self>,
+        log_decay: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> [FloatTensor<Self>; 3] {
+        // Not differentiated again.
+        B::decayed_scores_backward(
+            query.primitive,
+            key.primitive,
+            log_decay.primitive,
+            grad.primitive,
+        )
+        .map(Self::from_inner)
     }
 
     fn fused_cell_backward<C: CellKernels>(

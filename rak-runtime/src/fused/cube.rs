@@ -1,7 +1,8 @@
 //! The fused cell on burn's cubecl backends (`CubeBackend`, what `Cuda` and `Wgpu` wrap): the
 //! packed tensors are split into one array per value, the generated kernels run through
 //! [`CellRunner`], and the results are packed again. The chunked path's recurrence across
-//! chunks runs [`linear_scan_kernel`].
+//! chunks runs [`linear_scan_kernel`], its scores within sub-chunks [`decayed_scores_kernel`]
+//! and [`decayed_scores_backward_kernel`].
 
 use super::{FusedCellBackend, FusedForward, FusedGradients, FusedSettings};
 use crate::codegen::ScanShape;
@@ -127,19 +128,15 @@ where
         let [log_decay, writes, initial] = [log_decay, writes, initial].map(into_contiguous);
         let (client, device) = (writes.client.clone(), writes.device.clone());
         let after = empty_device::<R, F>(client.clone(), device, writes.meta.shape().clone());
-        let array = |tensor: &CubeTensor<R>| {
-            let len = tensor.meta.shape().num_elements();
-            unsafe { ArrayArg::from_raw_parts(tensor.handle.clone(), len) }
-        };
         let (cubes, units) = grid(batch * heads * keys * values);
         linear_scan_kernel::launch::<F, R>(
             &client,
             cubes,
             units,
-            array(&log_decay),
-            array(&writes),
-            array(&initial),
-            array(&after),
+            whole(&log_decay),
+            whole(&writes),
+            whole(&initial),
+            whole(&after),
             steps as u32,
             keys as u32,
             values as u32,
@@ -148,6 +145,61 @@ where
             reverse,
         );
         after
+    }
+
+    fn decayed_scores(
+        query: CubeTensor<R>,
+        key: CubeTensor<R>,
+        log_decay: CubeTensor<R>,
+    ) -> CubeTensor<R> {
+        let [blocks, steps, keys] = query.meta.shape().dims::<3>();
+        let [query, key, log_decay] = [query, key, log_decay].map(into_contiguous);
+        let (client, device) = (query.client.clone(), query.device.clone());
+        let scores =
+            empty_device::<R, F>(client.clone(), device, Shape::new([blocks, steps, steps]));
+        decayed_scores_kernel::launch::<F, R>(
+            &client,
+            one_cube_per_block(blocks),
+            CubeDim::new_1d((steps * steps) as u32),
+            whole(&query),
+            whole(&key),
+            whole(&log_decay),
+            whole(&scores),
+            blocks as u32,
+            keys as u32,
+            steps,
+        );
+        scores
+    }
+
+    fn decayed_scores_backward(
+        query: CubeTensor<R>,
+        key: CubeTensor<R>,
+        log_decay: CubeTensor<R>,
+        grad: CubeTensor<R>,
+    ) -> [CubeTensor<R>; 3] {
+        let [blocks, steps, keys] = query.meta.shape().dims::<3>();
+        let [query, key, log_decay, grad] = [query, key, log_decay, grad].map(into_contiguous);
+        let (client, device) = (query.client.clone(), query.device.clone());
+        let gradients = [(); 3].map(|()| {
+            empty_device::<R, F>(client.clone(), device.clone(), query.meta.shape().clone())
+        });
+        decayed_scores_backward_kernel::launch::<F, R>(
+            &client,
+            one_cube_per_block(blocks),
+            CubeDim::new_1d(keys.clamp(1, 256) as u32),
+            whole(&query),
+            whole(&key),
+            whole(&log_decay),
+            whole(&grad),
+            whole(&gradients[0]),
+            whole(&gradients[1]),
+            whole(&gradients[2]),
+            blocks as u32,
+            keys as u32,
+            steps,
+        );
+        gradients
     }
 
     fn fused_cell_backward<C: CellKernels>(
@@ -233,6 +285,18 @@ fn columns<R: CubeRuntime>(
 fn grid(len: usize) -> (CubeCount, CubeDim) {
     let cubes = len.div_ceil(256).clamp(1, 65_535) as u32;
     (CubeCount::Static(cubes, 1, 1), CubeDim::new_1d(256))
+}
+
+/// A contiguous tensor as a kernel's array argument.
+fn whole<R: CubeRuntime>(tensor: &CubeTensor<R>) -> ArrayArg<R> {
+    let len = tensor.meta.shape().num_elements();
+    unsafe { ArrayArg::from_raw_parts(tensor.handle.clone(), len) }
+}
+
+/// One cube per block of `blocks` (cubes past wgpu's 65,535 per grid dimension loop over the
+/// rest).
+fn one_cube_per_block(blocks: usize) -> CubeCount {
+    CubeCount::Static(blocks.clamp(1, 65_535) as u32, 1, 1)
 }
 
 /// The columns of each slot of a packed tensor (rows × `packing.width`), as arrays.
@@ -362,5 +426,115 @@ fn linear_scan_kernel<E: Float>(
             after[at] = E::cast_from(carried);
         }
         e += stride;
+    }
+}
+
+/// [`super::decayed_scores`]: one cube per sub-chunk `m` of `steps` steps (looping over the
+/// sub-chunks past the grid), one unit per pair (t, s); the unit sums over the keys, each
+/// exponent summed over the steps s < u ≤ t.
+#[cube(launch)]
+fn decayed_scores_kernel<E: Float>(
+    query: &Array<E>,
+    key: &Array<E>,
+    log_decay: &Array<E>,
+    scores: &mut Array<E>,
+    blocks: u32,
+    keys: u32,
+    #[comptime] steps: usize,
+) {
+    let (blocks, keys) = (blocks as usize, keys as usize);
+    let unit = UNIT_POS as usize;
+    let (t, s) = (unit / steps, unit % steps);
+    let mut m = CUBE_POS;
+    while m < blocks {
+        let base = m * steps * keys;
+        let mut score = 0f32;
+        if s <= t {
+            for i in 0..keys {
+                let mut exponent = 0f32;
+                for u in s + 1..t + 1 {
+                    exponent += f32::cast_from(log_decay[base + u * keys + i]);
+                }
+                let q = f32::cast_from(query[base + t * keys + i]);
+                let k = f32::cast_from(key[base + s * keys + i]);
+                score += q * k * exponent.exp();
+            }
+        }
+        scores[(m * steps + t) * steps + s] = E::cast_from(score);
+        m += CUBE_COUNT;
+    }
+}
+
+/// The gradients of [`decayed_scores_kernel`]'s operands from the scores' gradient `grad`:
+/// one cube per sub-chunk, which first shares `grad`'s `[steps, steps]` block, then one unit
+/// per key i (looping over the keys past the cube) walks the pairs: for each s, the steps
+/// t ≥ s with the exponent built up one step at a time, giving ∂q_t and ∂k_s; the log decay
+/// of step u takes the pair's contribution `grad · q_t · k_s · e^{…}` of every pair with
+/// s < u ≤ t, by suffix sums over t.
+#[cube(launch)]
+fn decayed_scores_backward_kernel<E: Float>(
+    query: &Array<E>,
+    key: &Array<E>,
+    log_decay: &Array<E>,
+    grad: &Array<E>,
+    grad_query: &mut Array<E>,
+    grad_key: &mut Array<E>,
+    grad_log_decay: &mut Array<E>,
+    blocks: u32,
+    keys: u32,
+    #[comptime] steps: usize,
+) {
+    let (blocks, keys) = (blocks as usize, keys as usize);
+    let units = CUBE_DIM as usize;
+    let mut tile = SharedMemory::<f32>::new(comptime![steps * steps]);
+    let mut m = CUBE_POS;
+    while m < blocks {
+        let mut e = UNIT_POS as usize;
+        while e < steps * steps {
+            tile[e] = f32::cast_from(grad[m * steps * steps + e]);
+            e += units;
+        }
+        sync_cube();
+        let base = m * steps * keys;
+        let mut i = UNIT_POS as usize;
+        while i < keys {
+            let mut grad_q = Array::<f32>::new(steps);
+            let mut grad_x = Array::<f32>::new(steps);
+            let mut contribution = Array::<f32>::new(steps);
+            for t in 0..steps {
+                grad_q[t] = 0f32;
+                grad_x[t] = 0f32;
+            }
+            for s in 0..steps {
+                let k = f32::cast_from(key[base + s * keys + i]);
+                let mut exponent = 0f32;
+                let mut grad_k = 0f32;
+                for t in s..steps {
+                    if t > s {
+                        exponent += f32::cast_from(log_decay[base + t * keys + i]);
+                    }
+                    let decayed = tile[t * steps + s] * exponent.exp();
+                    let q = f32::cast_from(query[base + t * keys + i]);
+                    grad_q[t] += decayed * k;
+                    grad_k += decayed * q;
+                    contribution[t] = decayed * q * k;
+                }
+                grad_key[base + s * keys + i] = E::cast_from(grad_k);
+                let mut suffix = 0f32;
+                for j in 0..steps - 1 - s {
+                    let u = steps - 1 - j;
+                    suffix += contribution[u];
+                    grad_x[u] += suffix;
+                }
+            }
+            for t in 0..steps {
+                grad_query[base + t * keys + i] = E::cast_from(grad_q[t]);
+                grad_log_decay[base + t * keys + i] = E::cast_from(grad_x[t]);
+            }
+            i += units;
+        }
+        // The next sub-chunk overwrites the shared block.
+        sync_cube();
+        m += CUBE_COUNT;
     }
 }

@@ -1,6 +1,6 @@
 //! The fused cell inside burn's fusion wrapper (the default `Cuda` and `Wgpu` backends): each
 //! scan is a custom operation of the fusion stream, which hands its operands to the wrapped
-//! backend when the stream reaches it; so is the chunked path's recurrence across chunks.
+//! backend when the stream reaches it; so are the chunked path's kernels.
 
 use super::{FusedCellBackend, FusedForward, FusedGradients, FusedSettings};
 use crate::kernels::CellKernels;
@@ -103,6 +103,57 @@ impl<B: FusionBackend + FusedCellBackend> Operation<B::FusionRuntime> for Linear
     }
 }
 
+/// The scores within sub-chunks ([`super::decayed_scores`]) as a stream operation: queries,
+/// keys and log decays in, scores out; or, `backward`, with the scores' gradient in, the
+/// three gradients out.
+#[derive(Debug)]
+struct DecayedScores<B> {
+    description: CustomOpIr,
+    backward: bool,
+    backend: PhantomData<B>,
+}
+
+impl<B: FusionBackend + FusedCellBackend> Operation<B::FusionRuntime> for DecayedScores<B> {
+    fn execute(
+        &self,
+        handles: &mut HandleContainer<<B::FusionRuntime as FusionRuntime>::FusionHandle>,
+    ) {
+        let operands = &self.description.inputs;
+        let [query, key, log_decay] =
+            [0, 1, 2].map(|at| handles.get_float_tensor::<B>(&operands[at]));
+        let results = &self.description.outputs;
+        if self.backward {
+            let grad = handles.get_float_tensor::<B>(&operands[3]);
+            let gradients = B::decayed_scores_backward(query, key, log_decay, grad);
+            for (result, gradient) in results.iter().zip(gradients) {
+                handles.register_float_tensor::<B>(&result.id, gradient);
+            }
+        } else {
+            let scores = B::decayed_scores(query, key, log_decay);
+            handles.register_float_tensor::<B>(&results[0].id, scores);
+        }
+    }
+}
+
+/// Registers `operation`, a custom operation named `name` over `operands` into `results`, and
+/// returns its results.
+fn register_custom<B: FusionBackend, O: Operation<B::FusionRuntime> + 'static>(
+    name: &'static str,
+    operands: Vec<FloatTensor<Fusion<B>>>,
+    results: Vec<TensorIr>,
+    operation: impl FnOnce(CustomOpIr) -> O,
+) -> Vec<FloatTensor<Fusion<B>>> {
+    let client = operands[0].client.clone();
+    let streams = OperationStreams::with_inputs(operands.iter());
+    let operands: Vec<TensorIr> = operands.into_iter().map(|t| t.into_ir()).collect();
+    let description = CustomOpIr::new(name, &operands, &results);
+    client.register(
+        streams,
+        OperationIr::Custom(description.clone()),
+        operation(description),
+    )
+}
+
 impl<B: FusionBackend + FusedCellBackend> FusedCellBackend for Fusion<B> {
     fn fused_cell_forward<C: CellKernels>(
         inputs: FloatTensor<Self>,
@@ -186,6 +237,57 @@ impl<B: FusionBackend + FusedCellBackend> FusedCellBackend for Fusion<B> {
             .try_into()
             .expect("the linear scan registers one result");
         after
+    }
+
+    fn decayed_scores(
+        query: FloatTensor<Self>,
+        key: FloatTensor<Self>,
+        log_decay: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let [blocks, steps, _] = query.shape.dims::<3>();
+        let scores = TensorIr::uninit(
+            query.client.create_empty_handle(),
+            Shape::new([blocks, steps, steps]),
+            query.dtype,
+        );
+        let mut results = register_custom::<B, _>(
+            "rak_decayed_scores",
+            vec![query, key, log_decay],
+            vec![scores],
+            |description| DecayedScores::<B> {
+                description,
+                backward: false,
+                backend: PhantomData,
+            },
+        );
+        results.remove(0)
+    }
+
+    fn decayed_scores_backward(
+        query: FloatTensor<Self>,
+        key: FloatTensor<Self>,
+        log_decay: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> [FloatTensor<Self>; 3] {
+        let gradients = [(); 3].map(|()| {
+            TensorIr::uninit(
+                query.client.create_empty_handle(),
+                query.shape.clone(),
+                query.dtype,
+            )
+        });
+        register_custom::<B, _>(
+            "rak_decayed_scores_backward",
+            vec![query, key, log_decay, grad],
+            gradients.to_vec(),
+            |description| DecayedScores::<B> {
+                description,
+                backward: true,
+                backend: PhantomData,
+            },
+        )
+        .try_into()
+        .expect("the scores' backward registers three results")
     }
 
     fn fused_cell_backward<C: CellKernels>(

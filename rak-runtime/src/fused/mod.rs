@@ -3,8 +3,11 @@
 //! of the fusion stream ([`fusion`]), and under burn's autodiff with the generated backward
 //! kernel as the operation's backward ([`autodiff`]).
 //!
-//! The same backends run the chunked path's recurrence across chunks ([`linear_scan`]): a
-//! diagonal linear recurrence walked sequentially by one unit per state element.
+//! The same backends run two parts of the chunked path ([`crate::chunked`]) as kernels of
+//! their own: the recurrence across chunks ([`linear_scan`]), a diagonal linear recurrence
+//! walked sequentially by one unit per state element, and the scores within a sub-chunk
+//! under a per-key decay ([`decayed_scores`]), whose pairwise decays burn operations would
+//! materialise (`c` times the size of the queries).
 //!
 //! Tensors are packed as [`crate::packing`] describes. The final states are returned without
 //! a gradient (truncated backpropagation through time detaches them anyway): the backward
@@ -93,6 +96,23 @@ pub trait FusedCellBackend: Backend {
         reverse: bool,
     ) -> FloatTensor<Self>;
 
+    /// The scores within sub-chunks under a per-key decay ([`decayed_scores`]): queries, keys
+    /// and log decays `[M, c, K]` → `[M, c, c]`.
+    fn decayed_scores(
+        query: FloatTensor<Self>,
+        key: FloatTensor<Self>,
+        log_decay: FloatTensor<Self>,
+    ) -> FloatTensor<Self>;
+
+    /// The gradients of [`FusedCellBackend::decayed_scores`]'s queries, keys and log decays
+    /// from the scores' gradient `[M, c, c]` (entries above the diagonal are ignored).
+    fn decayed_scores_backward(
+        query: FloatTensor<Self>,
+        key: FloatTensor<Self>,
+        log_decay: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> [FloatTensor<Self>; 3];
+
     /// The backward scan from the output gradient (the final-state gradient is zero).
     fn fused_cell_backward<C: CellKernels>(
         inputs: FloatTensor<Self>,
@@ -158,4 +178,24 @@ pub fn linear_scan<B: FusedCellBackend>(
         false,
     );
     Tensor::from_primitive(TensorPrimitive::Float(after))
+}
+
+/// The scores of every pair of steps s ≤ t of a sub-chunk under a per-key decay:
+/// `A[m, t, s] = Σ_i q[m, t, i] · k[m, s, i] · exp(Σ_{s < u ≤ t} x[m, u, i])`, 0 for s > t,
+/// from queries `q`, keys `k` and log decays `x`, each `[M, c, K]` (M sub-chunks of c steps),
+/// → `[M, c, c]`. Each exponent is summed over the steps between its two ends (never
+/// positive for decays at most 1, never a difference of two sums). One cube per sub-chunk,
+/// one unit per pair; the backward, one unit per key, walks the pairs with the exponent built
+/// up step by step. Nothing `[M, c, c, K]` is stored. Differentiable on an autodiff backend.
+pub fn decayed_scores<B: FusedCellBackend>(
+    query: Tensor<B, 3>,
+    key: Tensor<B, 3>,
+    log_decay: Tensor<B, 3>,
+) -> Tensor<B, 3> {
+    let scores = B::decayed_scores(
+        query.into_primitive().tensor(),
+        key.into_primitive().tensor(),
+        log_decay.into_primitive().tensor(),
+    );
+    Tensor::from_primitive(TensorPrimitive::Float(scores))
 }
