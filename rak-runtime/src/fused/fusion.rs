@@ -217,26 +217,22 @@ impl<B: FusionBackend + FusedCellBackend> FusedCellBackend for Fusion<B> {
         initial: FloatTensor<Self>,
         reverse: bool,
     ) -> FloatTensor<Self> {
-        let client = writes.client.clone();
         let after = TensorIr::uninit(
-            client.create_empty_handle(),
+            writes.client.create_empty_handle(),
             writes.shape.clone(),
             writes.dtype,
         );
-        let operands = [log_decay, writes, initial];
-        let streams = OperationStreams::with_inputs(operands.iter());
-        let operands = operands.map(|t| t.into_ir());
-        let description = CustomOpIr::new("rak_linear_scan", &operands, &[after]);
-        let operation = LinearScan::<B> {
-            description: description.clone(),
-            reverse,
-            backend: PhantomData,
-        };
-        let [after]: [FloatTensor<Self>; 1] = client
-            .register(streams, OperationIr::Custom(description), operation)
-            .try_into()
-            .expect("the linear scan registers one result");
-        after
+        let mut results = register_custom::<B, _>(
+            "rak_linear_scan",
+            vec![log_decay, writes, initial],
+            vec![after],
+            |description| LinearScan::<B> {
+                description,
+                reverse,
+                backend: PhantomData,
+            },
+        );
+        results.remove(0)
     }
 
     fn decayed_scores(
