@@ -188,20 +188,19 @@ impl<B: FusionBackend + FusedCellBackend> FusedCellBackend for Fusion<B> {
                 DType::F32,
             ));
         }
-        let mut operands = vec![inputs.clone(), params.clone()];
-        operands.extend(initial_states.iter().cloned());
-        let streams = OperationStreams::with_inputs(operands.iter());
-        let operands: Vec<TensorIr> = operands.into_iter().map(|t| t.into_ir()).collect();
-        let description = CustomOpIr::new("rak_forward_scan", &operands, &results);
-        let operation = ForwardScan::<B, C> {
-            description: description.clone(),
-            settings: settings.clone(),
-            has_initial: initial_states.is_some(),
-            checkpoints,
-            backend: PhantomData,
-        };
-        let mut results = client
-            .register(streams, OperationIr::Custom(description), operation)
+        let has_initial = initial_states.is_some();
+        let mut operands = vec![inputs, params];
+        operands.extend(initial_states);
+        let mut results =
+            register_custom::<B, _>("rak_forward_scan", operands, results, |description| {
+                ForwardScan::<B, C> {
+                    description,
+                    settings: settings.clone(),
+                    has_initial,
+                    checkpoints,
+                    backend: PhantomData,
+                }
+            })
             .into_iter();
         let mut next = || results.next().expect("the scan registers its results");
         FusedForward {
@@ -294,7 +293,7 @@ impl<B: FusionBackend + FusedCellBackend> FusedCellBackend for Fusion<B> {
         settings: &FusedSettings,
     ) -> FusedGradients<Self> {
         let client = inputs.client.clone();
-        let results = [
+        let results = vec![
             TensorIr::uninit(
                 client.create_empty_handle(),
                 inputs.shape.clone(),
@@ -316,19 +315,18 @@ impl<B: FusionBackend + FusedCellBackend> FusedCellBackend for Fusion<B> {
                 )
             },
         ];
-        let operands = [inputs, params, checkpoints, grad_outputs];
-        let streams = OperationStreams::with_inputs(operands.iter());
-        let operands = operands.map(|t| t.into_ir());
-        let description = CustomOpIr::new("rak_backward_scan", &operands, &results);
-        let operation = BackwardScan::<B, C> {
-            description: description.clone(),
-            settings: settings.clone(),
-            backend: PhantomData,
-        };
-        let [inputs, params, initial_states]: [FloatTensor<Self>; 3] = client
-            .register(streams, OperationIr::Custom(description), operation)
-            .try_into()
-            .expect("the backward scan registers three results");
+        let [inputs, params, initial_states]: [FloatTensor<Self>; 3] = register_custom::<B, _>(
+            "rak_backward_scan",
+            vec![inputs, params, checkpoints, grad_outputs],
+            results,
+            |description| BackwardScan::<B, C> {
+                description,
+                settings: settings.clone(),
+                backend: PhantomData,
+            },
+        )
+        .try_into()
+        .expect("the backward scan registers three results");
         FusedGradients {
             inputs,
             params,
