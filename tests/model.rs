@@ -471,6 +471,95 @@ fn decayed_scores_match_a_loop() {
     }
 }
 
+/// The scores across sub-chunks and their three gradients (of `Σ w ⊙ A` for a random `w`)
+/// against loops in f64, on the fusion wrapper and on the cubecl backend alone; the gates of
+/// pairs of sub-chunks J ≥ I and the weights of pairs not scored must change nothing.
+#[test]
+fn scores_across_sub_chunks_and_their_gradients_match_loops() {
+    setup();
+    let [blocks, subs, sub_chunk, keys] = [2, 3, 3, 4];
+    let steps = subs * sub_chunk;
+    let len = blocks * steps * keys;
+    let (query, key) = (random(7, len, 1.0), random(8, len, 1.0));
+    let gates: Vec<f32> = random(9, blocks * subs * subs * keys, 1.0)
+        .into_iter()
+        .map(f32::abs)
+        .collect();
+    let weights = random(10, blocks * steps * steps, 1.0);
+    let at = |m: usize, t: usize, i: usize| (m * steps + t) * keys + i;
+    let gate_at = |m: usize, t: usize, s: usize, i: usize| {
+        ((m * subs + t / sub_chunk) * subs + s / sub_chunk) * keys + i
+    };
+    let f = |x: &[f32], at: usize| f64::from(x[at]);
+    let mut expected = [
+        vec![0f64; blocks * steps * steps],
+        vec![0f64; len],
+        vec![0f64; len],
+        vec![0f64; gates.len()],
+    ];
+    for (m, t, s) in (0..blocks)
+        .flat_map(|m| (0..steps).flat_map(move |t| (0..steps).map(move |s| (m, t, s))))
+        .filter(|&(_, t, s)| s / sub_chunk < t / sub_chunk)
+    {
+        let w = f(&weights, (m * steps + t) * steps + s);
+        for i in 0..keys {
+            let (q, k, g) = (
+                f(&query, at(m, t, i)),
+                f(&key, at(m, s, i)),
+                f(&gates, gate_at(m, t, s, i)),
+            );
+            expected[0][(m * steps + t) * steps + s] += q * g * k;
+            expected[1][at(m, t, i)] += w * g * k;
+            expected[2][at(m, s, i)] += w * g * q;
+            expected[3][gate_at(m, t, s, i)] += w * q * k;
+        }
+    }
+    fn run<B: AutodiffBackend + FusedCellBackend>(
+        operands: [&[f32]; 4],
+        [blocks, subs, steps, keys]: [usize; 4],
+    ) -> [Vec<f32>; 4] {
+        let [query, key] = [operands[0], operands[1]]
+            .map(|x| tensor::<B, 3>(x.to_vec(), [blocks, steps, keys]).require_grad());
+        let gates = tensor::<B, 4>(operands[2].to_vec(), [blocks, subs, subs, keys]).require_grad();
+        let weights = tensor::<B, 3>(operands[3].to_vec(), [blocks, steps, steps]);
+        let scores = rak::runtime::fused::scores_across_sub_chunks(
+            query.clone(),
+            key.clone(),
+            gates.clone(),
+        );
+        let grads = (scores.clone() * weights).sum().backward();
+        let grad = |x: &Tensor<B, 3>| values(x.grad(&grads).expect("a gradient"));
+        [
+            values(scores),
+            grad(&query),
+            grad(&key),
+            values(gates.grad(&grads).expect("a gradient")),
+        ]
+    }
+    let operands = [&query[..], &key[..], &gates[..], &weights[..]];
+    let shape = [blocks, subs, steps, keys];
+    let mut found = Vec::new();
+    for (backend, got) in [
+        ("fusion", run::<Fused>(operands, shape)),
+        ("cubecl", run::<Plain>(operands, shape)),
+    ] {
+        for (what, (got, expected)) in ["scores", "∂query", "∂key", "∂gates"]
+            .iter()
+            .zip(got.iter().zip(&expected))
+        {
+            let error = got
+                .iter()
+                .zip(expected)
+                .map(|(g, e)| (f64::from(*g) - e).abs())
+                .fold(0f64, f64::max);
+            if error > 1e-5 {
+                found.push(format!("{backend} {what}: error {error:.2e}"));
+            }
+        }
+    }
+    assert!(found.is_empty(), "{}", found.join("\n"));
+}
+
 #[test]
 fn cells_without_a_chunked_form_are_refused_with_the_reason() {
     setup();

@@ -18,10 +18,13 @@
 //!   scan of full states reads and writes them log₂(chunks) times);
 //! - **intra-chunk**: `o_t += Σ_{s ≤ t} (Σ_i q_t[i] κ_s[i] e^{b_t[i] − b_s[i]}) ν_s`, in
 //!   sub-chunks of c steps: between sub-chunks, every decay is split at the first step r of
-//!   the later sub-chunk, `e^{b_t − b_r} · e^{b_r − b_s}`, two factors that never exceed 1, and
-//!   the products are matrix products; within a sub-chunk the decays are taken pairwise, by
-//!   one kernel for a per-key decay ([`decayed_scores`], which stores no `[c, c, K]` factors).
-//!   A scalar decay needs neither: its `e^{b_t − b_s}` multiplies the `[C, C]` score matrix.
+//!   the later sub-chunk, `e^{b_t − b_r} · e^{b_r − b_s}`, factors that never exceed 1; for a
+//!   per-key decay `e^{b_r − b_s}` is in turn the factor of s's sub-chunk J after s and the
+//!   gate between J and I, and one kernel applies the gates pair by pair of sub-chunks
+//!   ([`scores_across_sub_chunks`], which stores no keys scaled per pair); within a sub-chunk
+//!   the decays are taken pairwise, by one kernel for a per-key decay ([`decayed_scores`],
+//!   which stores no `[c, c, K]` factors); then the `[C, C]` scores multiply the values. A
+//!   scalar decay needs neither: its `e^{b_t − b_s}` multiplies the `[C, C]` score matrix.
 //!
 //! No exponent is positive for decays at most 1 (every gate of the built-in cells), so no
 //! factor overflows however small the gates get; masked entries are zeroed before their
@@ -36,7 +39,7 @@
 
 use crate::codegen::chunkwise::{ChunkForm, GateAxis};
 use crate::codegen::ir::{ExprId, IndexId};
-use crate::fused::{FusedCellBackend, decayed_scores, linear_scan};
+use crate::fused::{FusedCellBackend, decayed_scores, linear_scan, scores_across_sub_chunks};
 use crate::unfused::{ScanResult, UnfusedScan, materialize};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
@@ -306,7 +309,10 @@ impl ChunkedScan<'_> {
                 let causal = lower_triangle::<B>(sub_chunk, &device)
                     .reshape([1, 1, 1, 1, sub_chunk, sub_chunk, 1]);
                 let pairwise = masked_exp(segment_sums(x.clone()), causal);
-                let scores = q.clone().matmul(k.swap_dims(4, 5)).unsqueeze_dim::<7>(6);
+                let scores = q
+                    .clone()
+                    .matmul(k.clone().swap_dims(4, 5))
+                    .unsqueeze_dim::<7>(6);
                 (scores * pairwise * v.unsqueeze_dim::<7>(4))
                     .sum_dim(5)
                     .reshape([batch, heads, chunks, subs, sub_chunk, width])
@@ -316,7 +322,7 @@ impl ChunkedScan<'_> {
                 // pairwise decays without storing them.
                 let blocks = batch * heads * chunks * subs;
                 let flat = |x: Tensor<B, 6>| x.reshape([blocks, sub_chunk, width]);
-                decayed_scores(flat(q.clone()), flat(k), flat(x.clone()))
+                decayed_scores(flat(q.clone()), flat(k.clone()), flat(x.clone()))
                     .reshape([batch, heads, chunks, subs, sub_chunk, sub_chunk])
                     .matmul(v)
             }
@@ -327,10 +333,9 @@ impl ChunkedScan<'_> {
             // J, the sum of the rest of J after s, of the sub-chunks strictly between J and
             // I, and of step r.
             let to_reader = since_first_step(x.clone()).exp();
-            let rest_of_writer =
-                sum_after(x.clone(), 4).reshape([batch, heads, chunks, 1, chunk, width]);
+            let rest_of_writer = sum_after(x.clone(), 4);
             // Σ_{J < K ≤ I} of the sub-chunks' totals, `[…, I, J, width]`, moved one sub-chunk
-            // on: Σ_{J < K < I}.
+            // on: Σ_{J < K < I}; then step r of I: the exponent between the sub-chunks.
             let totals = x
                 .clone()
                 .sum_dim(4)
@@ -343,29 +348,55 @@ impl ChunkedScan<'_> {
                 ],
                 3,
             );
-            let strictly_between = materialize(
-                strictly_between
-                    .unsqueeze_dim::<7>(5)
-                    .expand([batch, heads, chunks, subs, subs, sub_chunk, width]),
-            )
-            .reshape([batch, heads, chunks, subs, chunk, width]);
-            let first_step = materialize(x.narrow(4, 0, 1));
-            let before = earlier_sub_chunks::<B>(subs, sub_chunk, &device);
-            let from_writer = masked_exp(rest_of_writer + strictly_between + first_step, before);
-            let whole = |x: Tensor<B, 5>| -> Tensor<B, 6> {
-                let width = x.dims()[4];
-                x.unsqueeze_dim::<6>(3)
-                    .expand([batch, heads, chunks, subs, chunk, width])
-            };
+            let between = strictly_between + materialize(x.narrow(4, 0, 1));
             read = read
                 + match self.form.gate_axis {
                     GateAxis::Value => {
+                        // The decays multiply the values: expanded per reading sub-chunk.
+                        let between = materialize(
+                            between
+                                .unsqueeze_dim::<7>(5)
+                                .expand([batch, heads, chunks, subs, subs, sub_chunk, width]),
+                        )
+                        .reshape([batch, heads, chunks, subs, chunk, width]);
+                        let rest_of_writer =
+                            rest_of_writer.reshape([batch, heads, chunks, 1, chunk, width]);
+                        let before = earlier_sub_chunks::<B>(subs, sub_chunk, &device);
+                        let from_writer = masked_exp(rest_of_writer + between, before);
+                        let whole = |x: Tensor<B, 5>| -> Tensor<B, 6> {
+                            let width = x.dims()[4];
+                            x.unsqueeze_dim::<6>(3)
+                                .expand([batch, heads, chunks, subs, chunk, width])
+                        };
                         let scores = q.matmul(whole(key).swap_dims(4, 5));
                         scores.matmul(whole(value) * from_writer) * to_reader
                     }
-                    _ => (q * to_reader)
-                        .matmul((whole(key) * from_writer).swap_dims(4, 5))
-                        .matmul(whole(value)),
+                    _ => {
+                        // The decays multiply the keys: e^{b_t − b_r} goes with the query,
+                        // e^{rest of J after s} with the key, and the gates between the
+                        // sub-chunks, `[…, I, J, K]`, stay apart for one kernel to apply.
+                        let blocks = batch * heads * chunks;
+                        let earlier = Tensor::<B, 2>::ones([subs, subs], &device)
+                            .tril(-1)
+                            .reshape([1, 1, 1, subs, subs, 1]);
+                        let gates = masked_exp(between, earlier);
+                        let flat = |x: Tensor<B, 6>| x.reshape([blocks, chunk, width]);
+                        scores_across_sub_chunks(
+                            flat(q * to_reader),
+                            flat(k * rest_of_writer.exp()),
+                            gates.reshape([blocks, subs, subs, width]),
+                        )
+                        .reshape([batch, heads, chunks, chunk, chunk])
+                        .matmul(value.clone())
+                        .reshape([
+                            batch,
+                            heads,
+                            chunks,
+                            subs,
+                            sub_chunk,
+                            value.dims()[4],
+                        ])
+                    }
                 };
         }
         let values = read.dims()[5];

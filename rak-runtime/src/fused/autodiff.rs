@@ -1,10 +1,10 @@
 //! The fused cell under burn's autodiff: the forward scan writes checkpoints when any operand
 //! needs a gradient, and the operation's backward runs the generated backward scan. The
 //! chunked path's recurrence across chunks ([`super::linear_scan`]) is differentiated by the
-//! same recurrence walked in reverse ([`LinearScanBackward`]), and its scores within
-//! sub-chunks by their backward kernel ([`DecayedScoresBackward`]).
+//! same recurrence walked in reverse ([`LinearScanBackward`]), and its scores of pairs of
+//! steps by their backward kernels ([`BlockScoresBackward`]).
 
-use super::{FusedCellBackend, FusedForward, FusedGradients, FusedSettings};
+use super::{BlockScores, FusedCellBackend, FusedForward, FusedGradients, FusedSettings};
 use crate::kernels::CellKernels;
 use burn::backend::Autodiff;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -124,12 +124,12 @@ impl<B: FusedCellBackend> Backward<B, 3> for LinearScanBackward {
     }
 }
 
-/// The backward of [`super::decayed_scores`]: its backward kernel, from the queries, keys and
-/// log decays kept from the forward.
+/// The backward of [`FusedCellBackend::block_scores`] of either form: its backward kernel,
+/// from the queries, keys and factors kept from the forward.
 #[derive(Debug)]
-struct DecayedScoresBackward;
+struct BlockScoresBackward(BlockScores);
 
-impl<B: FusedCellBackend> Backward<B, 3> for DecayedScoresBackward {
+impl<B: FusedCellBackend> Backward<B, 3> for BlockScoresBackward {
     type State = [FloatTensor<B>; 3];
 
     fn backward(
@@ -138,9 +138,9 @@ impl<B: FusedCellBackend> Backward<B, 3> for DecayedScoresBackward {
         grads: &mut Gradients,
         _checkpointer: &mut Checkpointer,
     ) {
-        let [query, key, log_decay] = ops.state;
+        let [query, key, factors] = ops.state;
         let grad = grads.consume::<B>(&ops.node);
-        let gradients = B::decayed_scores_backward(query, key, log_decay, grad);
+        let gradients = B::block_scores_backward(self.0, query, key, factors, grad);
         for (parent, gradient) in ops.parents.into_iter().zip(gradients) {
             if let Some(parent) = parent {
                 grads.register::<B>(parent.id, gradient);
@@ -275,40 +275,43 @@ impl<B: FusedCellBackend, CS: CheckpointStrategy> FusedCellBackend for Autodiff<
         }
     }
 
-    fn decayed_scores(
+    fn block_scores(
+        form: BlockScores,
         query: FloatTensor<Self>,
         key: FloatTensor<Self>,
-        log_decay: FloatTensor<Self>,
+        factors: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
-        let parents = [query.node.clone(), key.node.clone(), log_decay.node.clone()];
-        let operands = [query.primitive, key.primitive, log_decay.primitive];
-        match DecayedScoresBackward
+        let parents = [query.node.clone(), key.node.clone(), factors.node.clone()];
+        let operands = [query.primitive, key.primitive, factors.primitive];
+        match BlockScoresBackward(form)
             .prepare::<CS>(parents)
             .compute_bound()
             .stateful()
         {
             OpsKind::Tracked(prep) => {
-                let [query, key, log_decay] = operands.clone();
-                prep.finish(operands, B::decayed_scores(query, key, log_decay))
+                let [query, key, factors] = operands.clone();
+                prep.finish(operands, B::block_scores(form, query, key, factors))
             }
             OpsKind::UnTracked(prep) => {
-                let [query, key, log_decay] = operands;
-                prep.finish(B::decayed_scores(query, key, log_decay))
+                let [query, key, factors] = operands;
+                prep.finish(B::block_scores(form, query, key, factors))
             }
         }
     }
 
-    fn decayed_scores_backward(
+    fn block_scores_backward(
+        form: BlockScores,
         query: FloatTensor<Self>,
         key: FloatTensor<Self>,
-        log_decay: FloatTensor<Self>,
+        factors: FloatTensor<Self>,
         grad: FloatTensor<Self>,
     ) -> [FloatTensor<Self>; 3] {
         // Not differentiated again.
-        B::decayed_scores_backward(
+        B::block_scores_backward(
+            form,
             query.primitive,
             key.primitive,
-            log_decay.primitive,
+            factors.primitive,
             grad.primitive,
         )
         .map(Self::from_inner)

@@ -2,9 +2,10 @@
 //! packed tensors are split into one array per value, the generated kernels run through
 //! [`CellRunner`], and the results are packed again. The chunked path's recurrence across
 //! chunks runs [`linear_scan_kernel`], its scores within sub-chunks [`decayed_scores_kernel`]
-//! and [`decayed_scores_backward_kernel`].
+//! and [`decayed_scores_backward_kernel`], and across sub-chunks
+//! [`scores_across_sub_chunks_kernel`] and [`scores_across_sub_chunks_backward_kernel`].
 
-use super::{FusedCellBackend, FusedForward, FusedGradients, FusedSettings};
+use super::{BlockScores, FusedCellBackend, FusedForward, FusedGradients, FusedSettings};
 use crate::codegen::ScanShape;
 use crate::kernels::{
     BackwardBuffers, CellKernels, CellRunner, DeviceArray, ForwardBuffers, StepBuffers,
@@ -147,58 +148,106 @@ where
         after
     }
 
-    fn decayed_scores(
+    fn block_scores(
+        form: BlockScores,
         query: CubeTensor<R>,
         key: CubeTensor<R>,
-        log_decay: CubeTensor<R>,
+        factors: CubeTensor<R>,
     ) -> CubeTensor<R> {
         let [blocks, steps, keys] = query.meta.shape().dims::<3>();
-        let [query, key, log_decay] = [query, key, log_decay].map(into_contiguous);
+        let [query, key, factors] = [query, key, factors].map(into_contiguous);
         let (client, device) = (query.client.clone(), query.device.clone());
         let scores =
             empty_device::<R, F>(client.clone(), device, Shape::new([blocks, steps, steps]));
-        decayed_scores_kernel::launch::<F, R>(
-            &client,
-            one_cube_per_block(blocks),
-            CubeDim::new_1d((steps * steps) as u32),
-            whole(&query),
-            whole(&key),
-            whole(&log_decay),
-            whole(&scores),
-            blocks as u32,
-            keys as u32,
-            steps,
-        );
+        let [query, key, factors, scores_arg] = [&query, &key, &factors, &scores].map(whole);
+        let (cubes, blocks, keys) = (one_cube_per_block(blocks), blocks as u32, keys as u32);
+        match form {
+            BlockScores::WithinSubChunk => decayed_scores_kernel::launch::<F, R>(
+                &client,
+                cubes,
+                CubeDim::new_1d((steps * steps) as u32),
+                query,
+                key,
+                factors,
+                scores_arg,
+                blocks,
+                keys,
+                steps,
+            ),
+            BlockScores::AcrossSubChunks { sub_chunk } => {
+                scores_across_sub_chunks_kernel::launch::<F, R>(
+                    &client,
+                    cubes,
+                    CubeDim::new_1d((steps * steps).min(256) as u32),
+                    query,
+                    key,
+                    factors,
+                    scores_arg,
+                    blocks,
+                    keys,
+                    steps,
+                    sub_chunk,
+                )
+            }
+        }
         scores
     }
 
-    fn decayed_scores_backward(
+    fn block_scores_backward(
+        form: BlockScores,
         query: CubeTensor<R>,
         key: CubeTensor<R>,
-        log_decay: CubeTensor<R>,
+        factors: CubeTensor<R>,
         grad: CubeTensor<R>,
     ) -> [CubeTensor<R>; 3] {
         let [blocks, steps, keys] = query.meta.shape().dims::<3>();
-        let [query, key, log_decay, grad] = [query, key, log_decay, grad].map(into_contiguous);
-        let (client, device) = (query.client.clone(), query.device.clone());
-        let gradients = [(); 3].map(|()| {
-            empty_device::<R, F>(client.clone(), device.clone(), query.meta.shape().clone())
+        let operands = [query, key, factors, grad].map(into_contiguous);
+        let (client, device) = (operands[0].client.clone(), operands[0].device.clone());
+        let gradients = [&operands[0], &operands[1], &operands[2]].map(|operand| {
+            empty_device::<R, F>(client.clone(), device.clone(), operand.meta.shape().clone())
         });
-        decayed_scores_backward_kernel::launch::<F, R>(
-            &client,
+        let [query, key, factors, grad] = operands.each_ref().map(whole);
+        let [grad_query, grad_key, grad_factors] = gradients.each_ref().map(whole);
+        let (cubes, units) = (
             one_cube_per_block(blocks),
             CubeDim::new_1d(keys.clamp(1, 256) as u32),
-            whole(&query),
-            whole(&key),
-            whole(&log_decay),
-            whole(&grad),
-            whole(&gradients[0]),
-            whole(&gradients[1]),
-            whole(&gradients[2]),
-            blocks as u32,
-            keys as u32,
-            steps,
         );
+        let (blocks, keys) = (blocks as u32, keys as u32);
+        match form {
+            BlockScores::WithinSubChunk => decayed_scores_backward_kernel::launch::<F, R>(
+                &client,
+                cubes,
+                units,
+                query,
+                key,
+                factors,
+                grad,
+                grad_query,
+                grad_key,
+                grad_factors,
+                blocks,
+                keys,
+                steps,
+            ),
+            BlockScores::AcrossSubChunks { sub_chunk } => {
+                scores_across_sub_chunks_backward_kernel::launch::<F, R>(
+                    &client,
+                    cubes,
+                    units,
+                    query,
+                    key,
+                    factors,
+                    grad,
+                    grad_query,
+                    grad_key,
+                    grad_factors,
+                    blocks,
+                    keys,
+                    steps,
+                    sub_chunk,
+                )
+            }
+        }
         gradients
     }
 
@@ -535,6 +584,113 @@ fn decayed_scores_backward_kernel<E: Float>(
         }
         // The next sub-chunk overwrites the shared block.
         sync_cube();
+        m += CUBE_COUNT;
+    }
+}
+
+/// [`super::scores_across_sub_chunks`]: one cube per chunk `m` of `steps` steps (looping over
+/// the chunks past the grid), whose units take the pairs (t, s) in turn; a pair with s in an
+/// earlier sub-chunk J than t's sub-chunk I sums `q_t · g_IJ · k_s` over the keys, any other
+/// pair scores 0.
+#[cube(launch)]
+fn scores_across_sub_chunks_kernel<E: Float>(
+    query: &Array<E>,
+    key: &Array<E>,
+    gates: &Array<E>,
+    scores: &mut Array<E>,
+    blocks: u32,
+    keys: u32,
+    #[comptime] steps: usize,
+    #[comptime] sub_chunk: usize,
+) {
+    let (blocks, keys) = (blocks as usize, keys as usize);
+    let subs = comptime![steps / sub_chunk];
+    let units = CUBE_DIM as usize;
+    let mut m = CUBE_POS;
+    while m < blocks {
+        let base = m * steps * keys;
+        let mut pair = UNIT_POS as usize;
+        while pair < steps * steps {
+            let (t, s) = (pair / steps, pair % steps);
+            let (reader, writer) = (t / sub_chunk, s / sub_chunk);
+            let mut score = 0f32;
+            if writer < reader {
+                let gate_at = ((m * subs + reader) * subs + writer) * keys;
+                for i in 0..keys {
+                    let q = f32::cast_from(query[base + t * keys + i]);
+                    let k = f32::cast_from(key[base + s * keys + i]);
+                    score += q * f32::cast_from(gates[gate_at + i]) * k;
+                }
+            }
+            scores[m * steps * steps + pair] = E::cast_from(score);
+            pair += units;
+        }
+        m += CUBE_COUNT;
+    }
+}
+
+/// The gradients of [`scores_across_sub_chunks_kernel`]'s operands from the scores' gradient
+/// `grad`: one cube per chunk, one unit per key i (looping over the keys past the cube),
+/// which walks the pairs of sub-chunks J < I and, within them, the pairs (t, s): with
+/// `G_ts` the gradient of the pair's score, `∂q_t += g_IJ Σ_s G_ts k_s`,
+/// `∂k_s += g_IJ Σ_t G_ts q_t` and `∂g_IJ = Σ_t q_t Σ_s G_ts k_s`; the gates of pairs
+/// J ≥ I get 0.
+#[cube(launch)]
+fn scores_across_sub_chunks_backward_kernel<E: Float>(
+    query: &Array<E>,
+    key: &Array<E>,
+    gates: &Array<E>,
+    grad: &Array<E>,
+    grad_query: &mut Array<E>,
+    grad_key: &mut Array<E>,
+    grad_gates: &mut Array<E>,
+    blocks: u32,
+    keys: u32,
+    #[comptime] steps: usize,
+    #[comptime] sub_chunk: usize,
+) {
+    let (blocks, keys) = (blocks as usize, keys as usize);
+    let subs = comptime![steps / sub_chunk];
+    let units = CUBE_DIM as usize;
+    let mut m = CUBE_POS;
+    while m < blocks {
+        let base = m * steps * keys;
+        let mut i = UNIT_POS as usize;
+        while i < keys {
+            let mut grad_q = Array::<f32>::new(steps);
+            let mut grad_k = Array::<f32>::new(steps);
+            for t in 0..steps {
+                grad_q[t] = 0f32;
+                grad_k[t] = 0f32;
+            }
+            for reader in 0..subs {
+                for writer in 0..subs {
+                    let gate_at = ((m * subs + reader) * subs + writer) * keys + i;
+                    let mut grad_gate = 0f32;
+                    if writer < reader {
+                        let gate = f32::cast_from(gates[gate_at]);
+                        for t in reader * sub_chunk..(reader + 1) * sub_chunk {
+                            let q = f32::cast_from(query[base + t * keys + i]);
+                            // Σ_s G_ts k_s over the writing sub-chunk.
+                            let mut through = 0f32;
+                            for s in writer * sub_chunk..(writer + 1) * sub_chunk {
+                                let g = f32::cast_from(grad[(m * steps + t) * steps + s]);
+                                through += g * f32::cast_from(key[base + s * keys + i]);
+                                grad_k[s] += g * q * gate;
+                            }
+                            grad_q[t] += through * gate;
+                            grad_gate += through * q;
+                        }
+                    }
+                    grad_gates[gate_at] = E::cast_from(grad_gate);
+                }
+            }
+            for t in 0..steps {
+                grad_query[base + t * keys + i] = E::cast_from(grad_q[t]);
+                grad_key[base + t * keys + i] = E::cast_from(grad_k[t]);
+            }
+            i += units;
+        }
         m += CUBE_COUNT;
     }
 }

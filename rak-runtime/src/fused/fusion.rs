@@ -2,7 +2,7 @@
 //! scan is a custom operation of the fusion stream, which hands its operands to the wrapped
 //! backend when the stream reaches it; so are the chunked path's kernels.
 
-use super::{FusedCellBackend, FusedForward, FusedGradients, FusedSettings};
+use super::{BlockScores, FusedCellBackend, FusedForward, FusedGradients, FusedSettings};
 use crate::kernels::CellKernels;
 use crate::packing::Packing;
 use burn::tensor::ops::FloatTensor;
@@ -103,33 +103,34 @@ impl<B: FusionBackend + FusedCellBackend> Operation<B::FusionRuntime> for Linear
     }
 }
 
-/// The scores within sub-chunks ([`super::decayed_scores`]) as a stream operation: queries,
-/// keys and log decays in, scores out; or, `backward`, with the scores' gradient in, the
-/// three gradients out.
+/// The scores of pairs of a chunk's steps ([`FusedCellBackend::block_scores`]) as a stream
+/// operation: queries, keys and factors in, scores out; or, `backward`, with the scores'
+/// gradient in, the three gradients out.
 #[derive(Debug)]
-struct DecayedScores<B> {
+struct BlockScoresOp<B> {
     description: CustomOpIr,
+    form: BlockScores,
     backward: bool,
     backend: PhantomData<B>,
 }
 
-impl<B: FusionBackend + FusedCellBackend> Operation<B::FusionRuntime> for DecayedScores<B> {
+impl<B: FusionBackend + FusedCellBackend> Operation<B::FusionRuntime> for BlockScoresOp<B> {
     fn execute(
         &self,
         handles: &mut HandleContainer<<B::FusionRuntime as FusionRuntime>::FusionHandle>,
     ) {
         let operands = &self.description.inputs;
-        let [query, key, log_decay] =
+        let [query, key, factors] =
             [0, 1, 2].map(|at| handles.get_float_tensor::<B>(&operands[at]));
         let results = &self.description.outputs;
         if self.backward {
             let grad = handles.get_float_tensor::<B>(&operands[3]);
-            let gradients = B::decayed_scores_backward(query, key, log_decay, grad);
+            let gradients = B::block_scores_backward(self.form, query, key, factors, grad);
             for (result, gradient) in results.iter().zip(gradients) {
                 handles.register_float_tensor::<B>(&result.id, gradient);
             }
         } else {
-            let scores = B::decayed_scores(query, key, log_decay);
+            let scores = B::block_scores(self.form, query, key, factors);
             handles.register_float_tensor::<B>(&results[0].id, scores);
         }
     }
@@ -234,10 +235,11 @@ impl<B: FusionBackend + FusedCellBackend> FusedCellBackend for Fusion<B> {
         results.remove(0)
     }
 
-    fn decayed_scores(
+    fn block_scores(
+        form: BlockScores,
         query: FloatTensor<Self>,
         key: FloatTensor<Self>,
-        log_decay: FloatTensor<Self>,
+        factors: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
         let [blocks, steps, _] = query.shape.dims::<3>();
         let scores = TensorIr::uninit(
@@ -246,11 +248,12 @@ impl<B: FusionBackend + FusedCellBackend> FusedCellBackend for Fusion<B> {
             query.dtype,
         );
         let mut results = register_custom::<B, _>(
-            "rak_decayed_scores",
-            vec![query, key, log_decay],
+            "rak_block_scores",
+            vec![query, key, factors],
             vec![scores],
-            |description| DecayedScores::<B> {
+            |description| BlockScoresOp::<B> {
                 description,
+                form,
                 backward: false,
                 backend: PhantomData,
             },
@@ -258,25 +261,27 @@ impl<B: FusionBackend + FusedCellBackend> FusedCellBackend for Fusion<B> {
         results.remove(0)
     }
 
-    fn decayed_scores_backward(
+    fn block_scores_backward(
+        form: BlockScores,
         query: FloatTensor<Self>,
         key: FloatTensor<Self>,
-        log_decay: FloatTensor<Self>,
+        factors: FloatTensor<Self>,
         grad: FloatTensor<Self>,
     ) -> [FloatTensor<Self>; 3] {
-        let gradients = [(); 3].map(|()| {
+        let gradients = [&query, &key, &factors].map(|operand| {
             TensorIr::uninit(
-                query.client.create_empty_handle(),
-                query.shape.clone(),
-                query.dtype,
+                operand.client.create_empty_handle(),
+                operand.shape.clone(),
+                operand.dtype,
             )
         });
         register_custom::<B, _>(
-            "rak_decayed_scores_backward",
-            vec![query, key, log_decay, grad],
+            "rak_block_scores_backward",
+            vec![query, key, factors, grad],
             gradients.to_vec(),
-            |description| DecayedScores::<B> {
+            |description| BlockScoresOp::<B> {
                 description,
+                form,
                 backward: true,
                 backend: PhantomData,
             },

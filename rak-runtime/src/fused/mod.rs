@@ -7,7 +7,9 @@
 //! their own: the recurrence across chunks ([`linear_scan`]), a diagonal linear recurrence
 //! walked sequentially by one unit per state element, and the scores within a sub-chunk
 //! under a per-key decay ([`decayed_scores`]), whose pairwise decays burn operations would
-//! materialise (`c` times the size of the queries).
+//! materialise (`c` times the size of the queries), and across sub-chunks
+//! ([`scores_across_sub_chunks`]), whose keys scaled per pair of sub-chunks they would
+//! (`C / c` times the size of the keys).
 //!
 //! Tensors are packed as [`crate::packing`] describes. The final states are returned without
 //! a gradient (truncated backpropagation through time detaches them anyway): the backward
@@ -53,6 +55,17 @@ pub struct FusedGradients<B: Backend> {
     pub initial_states: FloatTensor<B>,
 }
 
+/// Which pairs of steps of a chunk [`FusedCellBackend::block_scores`] scores, and what its
+/// third operand (the factors) is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BlockScores {
+    /// Pairs s ≤ t within one sub-chunk ([`decayed_scores`]); the factors are the log decays.
+    WithinSubChunk,
+    /// Pairs in different sub-chunks of `sub_chunk` steps, s in an earlier one than t
+    /// ([`scores_across_sub_chunks`]); the factors are the gates between sub-chunks.
+    AcrossSubChunks { sub_chunk: usize },
+}
+
 /// Backends that run a cell's generated kernels.
 pub trait FusedCellBackend: Backend {
     /// The forward scan; writes checkpoints if `checkpoints` is true.
@@ -96,20 +109,24 @@ pub trait FusedCellBackend: Backend {
         reverse: bool,
     ) -> FloatTensor<Self>;
 
-    /// The scores within sub-chunks under a per-key decay ([`decayed_scores`]): queries, keys
-    /// and log decays `[M, c, K]` → `[M, c, c]`.
-    fn decayed_scores(
+    /// The scores of pairs of steps of a chunk under a per-key decay, `[M, C, C]`, of the
+    /// pairs `form` says: within sub-chunks ([`decayed_scores`]: queries, keys and log decays
+    /// `[M, c, K]`, C = c) or across them ([`scores_across_sub_chunks`]: queries and keys
+    /// `[M, C, K]`, gates between sub-chunks `[M, C / c, C / c, K]`).
+    fn block_scores(
+        form: BlockScores,
         query: FloatTensor<Self>,
         key: FloatTensor<Self>,
-        log_decay: FloatTensor<Self>,
+        factors: FloatTensor<Self>,
     ) -> FloatTensor<Self>;
 
-    /// The gradients of [`FusedCellBackend::decayed_scores`]'s queries, keys and log decays
-    /// from the scores' gradient `[M, c, c]` (entries above the diagonal are ignored).
-    fn decayed_scores_backward(
+    /// The gradients of [`FusedCellBackend::block_scores`]'s queries, keys and factors from
+    /// the scores' gradient `[M, C, C]` (entries of pairs outside `form` are ignored).
+    fn block_scores_backward(
+        form: BlockScores,
         query: FloatTensor<Self>,
         key: FloatTensor<Self>,
-        log_decay: FloatTensor<Self>,
+        factors: FloatTensor<Self>,
         grad: FloatTensor<Self>,
     ) -> [FloatTensor<Self>; 3];
 
@@ -192,10 +209,50 @@ pub fn decayed_scores<B: FusedCellBackend>(
     key: Tensor<B, 3>,
     log_decay: Tensor<B, 3>,
 ) -> Tensor<B, 3> {
-    let scores = B::decayed_scores(
+    block_scores(BlockScores::WithinSubChunk, query, key, log_decay)
+}
+
+/// The scores of every pair of steps of a chunk in different sub-chunks, s in an earlier
+/// one than t: `A[m, t, s] = Σ_i q[m, t, i] · g[m, I, J, i] · k[m, s, i]` for t in
+/// sub-chunk I and s in sub-chunk J < I, 0 elsewhere (the diagonal blocks included), from
+/// queries `q` and keys `k` `[M, C, K]` and gates between sub-chunks `g` `[M, n, n, K]`
+/// (C = n · c; entries with J ≥ I are ignored), → `[M, C, C]`. With a per-key decay, the
+/// chunked path splits each pair's decay at the first step r of t's sub-chunk I into
+/// factors of t (in `q`), of s (in `k`) and of the sub-chunks between (in `g`); the
+/// product of queries and keys scaled per pair (I, J), `n` times the size of the keys,
+/// is never stored. One cube per chunk, one unit per pair; the backward, one unit per key,
+/// walks the pairs. Differentiable on an autodiff backend.
+pub fn scores_across_sub_chunks<B: FusedCellBackend>(
+    query: Tensor<B, 3>,
+    key: Tensor<B, 3>,
+    gates: Tensor<B, 4>,
+) -> Tensor<B, 3> {
+    let (steps, subs) = (query.dims()[1], gates.dims()[1]);
+    assert_eq!(
+        steps % subs,
+        0,
+        "{steps} steps do not split into {subs} sub-chunks"
+    );
+    let sub_chunk = steps / subs;
+    block_scores(
+        BlockScores::AcrossSubChunks { sub_chunk },
+        query,
+        key,
+        gates,
+    )
+}
+
+fn block_scores<B: FusedCellBackend, const D: usize>(
+    form: BlockScores,
+    query: Tensor<B, 3>,
+    key: Tensor<B, 3>,
+    factors: Tensor<B, D>,
+) -> Tensor<B, 3> {
+    let scores = B::block_scores(
+        form,
         query.into_primitive().tensor(),
         key.into_primitive().tensor(),
-        log_decay.into_primitive().tensor(),
+        factors.into_primitive().tensor(),
     );
     Tensor::from_primitive(TensorPrimitive::Float(scores))
 }
