@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Compiles every built-in cell's generated CUDA kernels with NVRTC and ptxas, here, without a
-# GPU (scripts/cuda_compile.py: forward, backward and step kernels, several sizes, f32, bf16
-# and f16, and the schedules the GPU sweep times), and prints each kernel's registers and
-# spills as Markdown.
+# Compiles every built-in cell's generated CUDA kernels, and the chunked path's own kernels, with
+# NVRTC and ptxas, here, without a GPU (scripts/cuda_compile.py: forward, backward and step
+# kernels, several sizes, f32, bf16 and f16, and the schedules the GPU sweep times), and prints
+# each kernel's registers and spills as Markdown.
 # Fails if a kernel does not compile, or if one that holds its states in registers spills under
 # the default schedule.
 #

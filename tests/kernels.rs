@@ -830,6 +830,26 @@ fn cuda_and_wgsl_sources_of_every_cell() {
     }
 }
 
+/// The chunked path's own kernels (`rak emit linear_scan --target cuda`, …) at small sizes:
+/// chunks of 8 steps in sub-chunks of 4, 4 keys.
+#[test]
+#[cfg(not(feature = "cuda"))]
+fn cuda_and_wgsl_sources_of_the_chunked_path_kernels() {
+    use rak::kernels::{Dtype, SourceTarget};
+    use rak::runtime::fused::{ChunkedKernel, ChunkedSizes, chunked_kernel_source};
+    let sizes = ChunkedSizes {
+        chunk: 8,
+        sub_chunk: 4,
+        keys: 4,
+    };
+    for kernel in ChunkedKernel::ALL {
+        for (target, extension) in [(SourceTarget::Cuda, "cu"), (SourceTarget::Wgsl, "wgsl")] {
+            let source = chunked_kernel_source(kernel, sizes, target, Dtype::F32).unwrap();
+            insta::assert_snapshot!(format!("chunked_{}_{extension}", kernel.name()), source);
+        }
+    }
+}
+
 /// f16 inputs, parameters and outputs (f32 state and arithmetic), where the adapter has f16.
 /// The reference runs on the same f16-rounded inputs, so outputs differ by their f16 rounding
 /// (relative 2⁻¹¹) and f32 arithmetic: tolerance 2e-3.

@@ -382,10 +382,14 @@ pub enum Command {
         cells: Vec<PathBuf>,
     },
     /// Print the kernels generated for a cell: the cubecl Rust source, or the CUDA C++ or WGSL
-    /// that cubecl compiles it to (built-in cells only; no GPU needed).
+    /// that cubecl compiles it to (built-in cells only; no GPU needed); or the CUDA C++ or WGSL
+    /// of one of the chunked path's own kernels.
     Emit {
-        /// A `.rak` file, or a built-in cell (`simple_rnn`, `gla`, `retnet`, `mamba2`,
-        /// `deltanet`, `mlstm`, `elman`).
+        /// A `.rak` file, a built-in cell (`simple_rnn`, `gla`, `retnet`, `mamba2`,
+        /// `deltanet`, `mlstm`, `elman`), or a kernel of the chunked path (`linear_scan`,
+        /// `linear_scan_reverse`, `decayed_scores`, `decayed_scores_backward`,
+        /// `scores_across_sub_chunks`, `scores_across_sub_chunks_backward`; `--dim` is then
+        /// the number of keys).
         cell: String,
         #[arg(long, value_enum, default_value_t = Target::Rust)]
         target: Target,
@@ -412,6 +416,12 @@ pub enum Command {
         /// takes smaller tiles, see `rak bench`'s schedule column).
         #[arg(long)]
         tile: Option<usize>,
+        /// Steps per chunk (the chunked path's kernels).
+        #[arg(long, default_value_t = 64)]
+        chunk: usize,
+        /// Steps per sub-chunk (the chunked path's kernels).
+        #[arg(long, default_value_t = crate::chunked::SUB_CHUNK)]
+        sub_chunk: usize,
     },
     /// Time a built-in cell's kernels (forward, and forward + backward) on this machine's device:
     /// medians of device-timed repetitions after warm-up.
@@ -497,11 +507,17 @@ struct EmitOptions {
     dim: usize,
     dtype: Dtype,
     schedule: Schedule,
+    /// Steps per chunk and per sub-chunk (the chunked path's kernels).
+    chunk: usize,
+    sub_chunk: usize,
 }
 
 /// The source `rak emit` prints: for CUDA and WGSL, after a comment line that names the cell,
 /// the kernel, the sizes and the resolved schedule.
 fn emit(cell: &str, target: Target, options: EmitOptions) -> Result<String, String> {
+    if let Some(kernel) = crate::fused::ChunkedKernel::find(cell) {
+        return emit_chunked(kernel, target, &options);
+    }
     let builtin = crate::cells::Builtin::find(cell);
     if target == Target::Rust {
         let compiled = match builtin {
@@ -546,6 +562,47 @@ fn emit(cell: &str, target: Target, options: EmitOptions) -> Result<String, Stri
         describe_schedule(source.schedule, source.states_in_registers),
     );
     Ok(format!("{header}\n{}", source.text))
+}
+
+/// [`emit`] of one of the chunked path's kernels, after a comment line that names it, its
+/// sizes and its units per cube.
+fn emit_chunked(
+    kernel: crate::fused::ChunkedKernel,
+    target: Target,
+    options: &EmitOptions,
+) -> Result<String, String> {
+    let target = match target {
+        Target::Cuda => crate::kernels::SourceTarget::Cuda,
+        Target::Wgsl => crate::kernels::SourceTarget::Wgsl,
+        Target::Rust => {
+            return Err(format!(
+                "error: `{}` is a kernel of the chunked path, written in rak-runtime/src/fused/cube.rs; \
+                 `--target cuda` or `--target wgsl` prints what it compiles to",
+                kernel.name()
+            ));
+        }
+    };
+    let (chunk, sub_chunk) = (options.chunk, options.sub_chunk);
+    if chunk == 0 || sub_chunk == 0 || !chunk.is_multiple_of(sub_chunk) {
+        return Err(format!(
+            "error: --sub-chunk {sub_chunk} must divide --chunk {chunk} (both positive)"
+        ));
+    }
+    let sizes = crate::fused::ChunkedSizes {
+        chunk,
+        sub_chunk,
+        keys: options.dim,
+    };
+    let source = crate::fused::chunked_kernel_source(kernel, sizes, target, options.dtype)
+        .map_err(|e| format!("error: {e}"))?;
+    let header = format!(
+        "// rak emit: chunked path {} kernel, {}, C={chunk} c={sub_chunk} K={}; {} units per cube",
+        kernel.name(),
+        format!("{:?}", options.dtype).to_lowercase(),
+        options.dim,
+        kernel.units(sizes),
+    );
+    Ok(format!("{header}\n{source}"))
 }
 
 /// A fused kernel's resolved schedule in words, as `rak emit`'s header and `rak bench`'s
@@ -785,6 +842,8 @@ pub fn run(cli: Cli) -> ExitCode {
             sum_parts,
             registers,
             tile,
+            chunk,
+            sub_chunk,
         } => match emit(
             &cell,
             target,
@@ -799,6 +858,8 @@ pub fn run(cli: Cli) -> ExitCode {
                     tile,
                     ..Schedule::default()
                 },
+                chunk,
+                sub_chunk,
             },
         ) {
             Ok(source) => {

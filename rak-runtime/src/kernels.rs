@@ -741,10 +741,8 @@ pub fn kernel_source<C: CellKernels>(
     target: SourceTarget,
     dtype: Dtype,
 ) -> Result<KernelSource, KernelError> {
-    use cubecl::Compiler;
-    use cubecl::ir::{ElemType, StorageType, UIntKind};
     type Wgpu = cubecl::wgpu::WgpuRuntime;
-    let client = Wgpu::client(&Default::default());
+    let client = source_client();
     // Printed as it would run on a CUDA device (48 KiB of shared memory), at batch 1.
     let limits = DeviceLimits {
         shared_memory_bytes: 48 * 1024,
@@ -780,10 +778,34 @@ pub fn kernel_source<C: CellKernels>(
         Dtype::F16 => definition::<C, half::f16>(&client, dims, heads, schedule, kernel),
         Dtype::Bf16 => definition::<C, half::bf16>(&client, dims, heads, schedule, kernel),
     };
+    let source = compile_definition(definition, target)
+        .map_err(|error| KernelError(format!("cannot compile {} {kernel:?}: {error}", C::NAME)))?;
+    let states_in_registers =
+        kernel == Kernel::Forward && schedule.holds_states_in_registers(&compiled.backward, dims);
+    Ok(KernelSource {
+        text: source,
+        schedule,
+        states_in_registers,
+    })
+}
+
+/// A wgpu client to build kernel definitions on (the CPU adapter will do), for printing their
+/// sources.
+#[cfg(feature = "wgpu")]
+pub(crate) fn source_client() -> ComputeClient<cubecl::wgpu::WgpuRuntime> {
+    cubecl::wgpu::WgpuRuntime::client(&Default::default())
+}
+
+/// `definition` compiled to `target`'s source (32-bit addresses, unchecked accesses, as the
+/// kernels launch), its declarations sorted; the error is the compiler's, printed.
+#[cfg(feature = "wgpu")]
+pub(crate) fn compile_definition(
+    definition: KernelDefinition,
+    target: SourceTarget,
+) -> Result<String, String> {
+    use cubecl::Compiler;
+    use cubecl::ir::{ElemType, StorageType, UIntKind};
     let address = StorageType::Scalar(ElemType::UInt(UIntKind::U32));
-    let failed = |error: &dyn fmt::Debug| {
-        KernelError(format!("cannot compile {} {kernel:?}: {error:?}", C::NAME))
-    };
     let source = match target {
         SourceTarget::Cuda => {
             type CudaCompiler = cubecl_cpp::shared::CppCompiler<
@@ -797,7 +819,7 @@ pub fn kernel_source<C: CellKernels>(
                     address,
                 )
                 .map(|source| source.to_string())
-                .map_err(|e| failed(&e))
+                .map_err(|e| format!("{e:?}"))
         }
         SourceTarget::Wgsl => cubecl::wgpu::WgslCompiler::default()
             .compile(
@@ -807,15 +829,9 @@ pub fn kernel_source<C: CellKernels>(
                 address,
             )
             .map(|source| source.to_string())
-            .map_err(|e| failed(&e)),
+            .map_err(|e| format!("{e:?}")),
     }?;
-    let states_in_registers =
-        kernel == Kernel::Forward && schedule.holds_states_in_registers(&compiled.backward, dims);
-    Ok(KernelSource {
-        text: sort_declarations(&source),
-        schedule,
-        states_in_registers,
-    })
+    Ok(sort_declarations(&source))
 }
 
 /// cubecl declares a kernel's mutable variables in hash order; sorting each run of such

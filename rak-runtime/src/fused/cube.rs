@@ -165,7 +165,7 @@ where
             BlockScores::WithinSubChunk => decayed_scores_kernel::launch::<F, R>(
                 &client,
                 cubes,
-                CubeDim::new_1d((steps * steps) as u32),
+                block_scores_units(form, steps),
                 query,
                 key,
                 factors,
@@ -178,7 +178,7 @@ where
                 scores_across_sub_chunks_kernel::launch::<F, R>(
                     &client,
                     cubes,
-                    CubeDim::new_1d((steps * steps).min(256) as u32),
+                    block_scores_units(form, steps),
                     query,
                     key,
                     factors,
@@ -210,7 +210,7 @@ where
         let [grad_query, grad_key, grad_factors] = gradients.each_ref().map(whole);
         let (cubes, units) = (
             one_cube_per_block(blocks),
-            CubeDim::new_1d(keys.clamp(1, 256) as u32),
+            block_scores_backward_units(keys),
         );
         let (blocks, keys) = (blocks as u32, keys as u32);
         match form {
@@ -332,8 +332,27 @@ fn columns<R: CubeRuntime>(
 /// Cubes and units for a grid-stride loop over `len` elements (at most 65,535 cubes: wgpu's
 /// limit per grid dimension).
 fn grid(len: usize) -> (CubeCount, CubeDim) {
-    let cubes = len.div_ceil(256).clamp(1, 65_535) as u32;
-    (CubeCount::Static(cubes, 1, 1), CubeDim::new_1d(256))
+    let cubes = len.div_ceil(GRID_UNITS as usize).clamp(1, 65_535) as u32;
+    (CubeCount::Static(cubes, 1, 1), CubeDim::new_1d(GRID_UNITS))
+}
+
+/// Units per cube of a grid-stride loop.
+const GRID_UNITS: u32 = 256;
+
+/// Units per cube of the scores' kernels over blocks of `steps` steps:
+/// [`decayed_scores_kernel`] has one per pair of its sub-chunk, [`scores_across_sub_chunks_kernel`]
+/// at most 256, which take the pairs in turn.
+fn block_scores_units(form: BlockScores, steps: usize) -> CubeDim {
+    match form {
+        BlockScores::WithinSubChunk => CubeDim::new_1d((steps * steps) as u32),
+        BlockScores::AcrossSubChunks { .. } => CubeDim::new_1d((steps * steps).min(256) as u32),
+    }
+}
+
+/// Units per cube of the scores' backward kernels: one per key, at most 256 (which loop over
+/// the rest).
+fn block_scores_backward_units(keys: usize) -> CubeDim {
+    CubeDim::new_1d(keys.clamp(1, 256) as u32)
 }
 
 /// A contiguous tensor as a kernel's array argument.
@@ -692,5 +711,201 @@ fn scores_across_sub_chunks_backward_kernel<E: Float>(
             i += units;
         }
         m += CUBE_COUNT;
+    }
+}
+
+/// The chunked path's own kernels (the rest of it is cubecl's matrix products and burn's
+/// element-wise operations), for printing their sources: `rak emit`, the snapshot tests and
+/// `scripts/cuda-compile.sh`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChunkedKernel {
+    /// [`linear_scan_kernel`] forward: the recurrence across chunks.
+    LinearScan,
+    /// [`linear_scan_kernel`] in reverse: its backward.
+    LinearScanReverse,
+    /// [`decayed_scores_kernel`]: the scores within a sub-chunk.
+    DecayedScores,
+    /// [`decayed_scores_backward_kernel`].
+    DecayedScoresBackward,
+    /// [`scores_across_sub_chunks_kernel`]: the scores between a chunk's sub-chunks.
+    ScoresAcrossSubChunks,
+    /// [`scores_across_sub_chunks_backward_kernel`].
+    ScoresAcrossSubChunksBackward,
+}
+
+impl ChunkedKernel {
+    pub const ALL: [ChunkedKernel; 6] = [
+        ChunkedKernel::LinearScan,
+        ChunkedKernel::LinearScanReverse,
+        ChunkedKernel::DecayedScores,
+        ChunkedKernel::DecayedScoresBackward,
+        ChunkedKernel::ScoresAcrossSubChunks,
+        ChunkedKernel::ScoresAcrossSubChunksBackward,
+    ];
+
+    /// Its name in `rak emit`, snake case.
+    pub fn name(self) -> &'static str {
+        match self {
+            ChunkedKernel::LinearScan => "linear_scan",
+            ChunkedKernel::LinearScanReverse => "linear_scan_reverse",
+            ChunkedKernel::DecayedScores => "decayed_scores",
+            ChunkedKernel::DecayedScoresBackward => "decayed_scores_backward",
+            ChunkedKernel::ScoresAcrossSubChunks => "scores_across_sub_chunks",
+            ChunkedKernel::ScoresAcrossSubChunksBackward => "scores_across_sub_chunks_backward",
+        }
+    }
+
+    /// The kernel of that name.
+    pub fn find(name: &str) -> Option<ChunkedKernel> {
+        Self::ALL.into_iter().find(|kernel| kernel.name() == name)
+    }
+
+    /// Units per cube of its launches at `sizes`.
+    pub fn units(self, sizes: ChunkedSizes) -> u32 {
+        let units = match self {
+            ChunkedKernel::LinearScan | ChunkedKernel::LinearScanReverse => {
+                CubeDim::new_1d(GRID_UNITS)
+            }
+            ChunkedKernel::DecayedScores => {
+                block_scores_units(BlockScores::WithinSubChunk, sizes.sub_chunk)
+            }
+            ChunkedKernel::ScoresAcrossSubChunks => {
+                let sub_chunk = sizes.sub_chunk;
+                block_scores_units(BlockScores::AcrossSubChunks { sub_chunk }, sizes.chunk)
+            }
+            ChunkedKernel::DecayedScoresBackward | ChunkedKernel::ScoresAcrossSubChunksBackward => {
+                block_scores_backward_units(sizes.keys)
+            }
+        };
+        units.num_elems()
+    }
+}
+
+/// The sizes the chunked path's kernels are specialised on or launched with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChunkedSizes {
+    /// Steps per chunk (the scores across sub-chunks work on whole chunks).
+    pub chunk: usize,
+    /// Steps per sub-chunk.
+    pub sub_chunk: usize,
+    /// Keys (the scores' backward kernels take one unit per key).
+    pub keys: usize,
+}
+
+/// The CUDA C++ or WGSL source of one of the chunked path's kernels for `dtype` operands,
+/// launched as the chunked path launches it at `sizes`. Needs a wgpu adapter (the CPU one will
+/// do) to build the kernel definition.
+#[cfg(feature = "wgpu")]
+pub fn chunked_kernel_source(
+    kernel: ChunkedKernel,
+    sizes: ChunkedSizes,
+    target: crate::kernels::SourceTarget,
+    dtype: crate::kernels::Dtype,
+) -> Result<String, crate::kernels::KernelError> {
+    use crate::kernels::Dtype;
+    let client = crate::kernels::source_client();
+    let definition = match dtype {
+        Dtype::F32 => chunked_kernel_definition::<f32, _>(&client, kernel, sizes),
+        Dtype::F16 => chunked_kernel_definition::<half::f16, _>(&client, kernel, sizes),
+        Dtype::Bf16 => chunked_kernel_definition::<half::bf16, _>(&client, kernel, sizes),
+    };
+    crate::kernels::compile_definition(definition, target).map_err(|error| {
+        let name = kernel.name();
+        crate::kernels::KernelError(format!("cannot compile the chunked path's {name}: {error}"))
+    })
+}
+
+/// The definition of `kernel` for `E` operands, with the units per cube its launch takes.
+fn chunked_kernel_definition<E: Float + CubeElement, R: Runtime>(
+    client: &ComputeClient<R>,
+    kernel: ChunkedKernel,
+    sizes: ChunkedSizes,
+) -> KernelDefinition {
+    let ChunkedSizes {
+        chunk, sub_chunk, ..
+    } = sizes;
+    let array = || ArrayCompilationArg { inplace: None };
+    let settings = KernelSettings::default().cube_dim(CubeDim::new_1d(kernel.units(sizes)));
+    let client = client.clone();
+    match kernel {
+        ChunkedKernel::LinearScan | ChunkedKernel::LinearScanReverse => {
+            linear_scan_kernel::LinearScanKernel::<E, R>::new(
+                settings,
+                client,
+                array(),
+                array(),
+                array(),
+                array(),
+                (),
+                (),
+                (),
+                (),
+                (),
+                kernel == ChunkedKernel::LinearScanReverse,
+            )
+            .define()
+        }
+        ChunkedKernel::DecayedScores => decayed_scores_kernel::DecayedScoresKernel::<E, R>::new(
+            settings,
+            client,
+            array(),
+            array(),
+            array(),
+            array(),
+            (),
+            (),
+            sub_chunk,
+        )
+        .define(),
+        ChunkedKernel::DecayedScoresBackward => {
+            decayed_scores_backward_kernel::DecayedScoresBackwardKernel::<E, R>::new(
+                settings,
+                client,
+                array(),
+                array(),
+                array(),
+                array(),
+                array(),
+                array(),
+                array(),
+                (),
+                (),
+                sub_chunk,
+            )
+            .define()
+        }
+        ChunkedKernel::ScoresAcrossSubChunks => {
+            scores_across_sub_chunks_kernel::ScoresAcrossSubChunksKernel::<E, R>::new(
+                settings,
+                client,
+                array(),
+                array(),
+                array(),
+                array(),
+                (),
+                (),
+                chunk,
+                sub_chunk,
+            )
+            .define()
+        }
+        ChunkedKernel::ScoresAcrossSubChunksBackward => {
+            scores_across_sub_chunks_backward_kernel::ScoresAcrossSubChunksBackwardKernel::<E, R>::new(
+                settings,
+                client,
+                array(),
+                array(),
+                array(),
+                array(),
+                array(),
+                array(),
+                array(),
+                (),
+                (),
+                chunk,
+                sub_chunk,
+            )
+            .define()
+        }
     }
 }

@@ -19,6 +19,10 @@ pub mod autodiff;
 pub mod cube;
 pub mod fusion;
 
+#[cfg(feature = "wgpu")]
+pub use cube::chunked_kernel_source;
+pub use cube::{ChunkedKernel, ChunkedSizes};
+
 use crate::codegen::schedule::Schedule;
 use crate::kernels::CellKernels;
 use burn::tensor::backend::Backend;
