@@ -34,8 +34,9 @@ for dtype in f32 bf16; do
 done
 
 # 2b. The compiler's chunked form of SimpleRNN at the same shapes (burn operations, matrix
-#     products; timed to synchronisation), f32.
-timeout 60 gpu-bundle/rak bench --device cuda --strategy chunked --repetitions 5 --warmup 1 \
+#     products; timed to synchronisation), f32, then its own kernels timed alone (`--parts`:
+#     their share of the scan says whether they or the matrix products come next).
+timeout 60 gpu-bundle/rak bench --device cuda --strategy chunked --parts --repetitions 5 --warmup 1 \
     --shape 8,2048,8,128 --shape 4,2048,16,128 --shape 16,512,4,64 --shape 1,16384,8,128 \
     --json "$out/rak-chunked.jsonl" > "$out/chunked.md" 2>&1
 echo "chunked bench: exit $?" >> "$out/chunked.md"

@@ -1062,6 +1062,53 @@ fn multirun_of_three_experiments_ends_with_the_table_then_tests_and_plots_them()
                 && l.contains("chunked, 8 steps per chunk")),
         "{table}"
     );
+    // `--parts`: the chunked path's own kernels timed alone, with their shares of the scan
+    // (chunks of 32 steps: two sub-chunks of 16, so the scores across them run too).
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_rak"))
+        .args([
+            "bench",
+            "--strategy",
+            "chunked",
+            "--cell",
+            "simple_rnn",
+            "--parts",
+        ])
+        .args(["--shape", "1,40,2,4", "--chunk", "32", "--warmup", "0"])
+        .args(["--repetitions", "1"])
+        .output()
+        .expect("rak bench --strategy chunked --parts runs");
+    let table = String::from_utf8_lossy(&output.stdout).to_string();
+    assert!(output.status.success(), "{output:?}");
+    for (kernel, launch) in [
+        ("linear_scan", "2 states [4, 4] through 2 chunks"),
+        ("decayed_scores", "8 sub-chunks of 16 steps"),
+        ("scores_across_sub_chunks", "4 chunks of 2 sub-chunks"),
+        ("the rest (whole scan: ", ""),
+    ] {
+        let prefix = format!("| 1 | 40 | 2 | 4 | {kernel}");
+        assert!(
+            table
+                .lines()
+                .any(|l| l.starts_with(&prefix) && l.contains(launch) && l.ends_with(" % |")),
+            "no row for {kernel}: {table}"
+        );
+    }
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_rak"))
+        .args([
+            "bench",
+            "--cell",
+            "simple_rnn",
+            "--parts",
+            "--shape",
+            "1,8,1,4",
+        ])
+        .output()
+        .expect("rak bench --parts runs");
+    assert!(!output.status.success());
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("it needs --strategy chunked"),
+        "{output:?}"
+    );
     let output = bench_chunked("mlstm");
     assert!(!output.status.success());
     assert!(

@@ -11,10 +11,12 @@
 
 use crate::chunked::{ChunkedScan, SUB_CHUNK};
 use crate::codegen::ScanShape;
+use crate::codegen::chunkwise::GateAxis;
 use crate::codegen::chunkwise::chunk_form;
+use crate::codegen::ir::IndexId;
 use crate::codegen::ir::{InputId, OutputId, ParamId, StateId};
 use crate::codegen::schedule::Schedule;
-use crate::fused::FusedCellBackend;
+use crate::fused::{BlockScores, ChunkedKernel, FusedCellBackend};
 use crate::kernels::{
     BackwardBuffers, CellKernels, CellRunner, DeviceArray, ForwardBuffers, KernelError,
     checkpoint_count,
@@ -26,7 +28,7 @@ use cubecl::prelude::*;
 use std::time::{Duration, Instant};
 
 /// Medians of the timed repetitions.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct KernelTiming {
     pub forward: Duration,
     pub forward_backward: Duration,
@@ -36,6 +38,21 @@ pub struct KernelTiming {
     /// Whether the forward scan held the states in registers
     /// ([`Schedule::holds_states_in_registers`]; false for the chunked scan).
     pub forward_in_registers: bool,
+    /// The chunked path's own kernels timed alone at the sizes the scan gives them
+    /// ([`time_chunked`] when asked; empty otherwise).
+    pub parts: Vec<PartTiming>,
+}
+
+/// One of the chunked path's own kernels timed alone, forward and backward (medians).
+#[derive(Clone, Debug, PartialEq)]
+pub struct PartTiming {
+    /// The forward kernel; the backward one is `linear_scan` in reverse, or the scores'
+    /// backward kernel.
+    pub kernel: ChunkedKernel,
+    /// What one launch covers, in words.
+    pub launch: String,
+    pub forward: Duration,
+    pub backward: Duration,
 }
 
 /// A buffer of `len` pseudo-random values in [−1, 1) (deterministic).
@@ -161,19 +178,22 @@ pub fn time_cell<C: CellKernels, F: Float + CubeElement, R: Runtime>(
         forward_in_registers: forward
             .schedule()
             .holds_states_in_registers(&runner.compiled().backward, &shape.dims),
+        parts: Vec::new(),
     })
 }
 
 /// Times `C`'s chunked scan ([`crate::chunked`]) at `shape` in chunks of `schedule.chunk` steps
 /// on the autodiff backend `B`: the forward scan on its inner backend, and forward + backward
 /// (the gradients of inputs and parameters) through autodiff; each repetition from its first
-/// launch to the device's synchronisation, median after warm-up.
+/// launch to the device's synchronisation, median after warm-up. With `parts`, the chunked
+/// path's own kernels are then timed alone too ([`time_chunked_parts`]).
 pub fn time_chunked<C: CellKernels, B>(
     device: &B::Device,
     shape: &ScanShape,
     schedule: Schedule,
     warmup: usize,
     repetitions: usize,
+    parts: bool,
 ) -> Result<KernelTiming, String>
 where
     B: AutodiffBackend + FusedCellBackend,
@@ -219,13 +239,137 @@ where
         let _ = (inputs.grad(&grads), params.grad(&grads));
         sync()
     };
+    let (forward, forward_backward) = (
+        median_wall_time(forward, warmup, repetitions)?,
+        median_wall_time(forward_backward, warmup, repetitions)?,
+    );
+    let parts = match parts {
+        true => time_chunked_parts::<B::InnerBackend>(device, &scan, shape, warmup, repetitions)?,
+        false => Vec::new(),
+    };
     Ok(KernelTiming {
-        forward: median_wall_time(forward, warmup, repetitions)?,
-        forward_backward: median_wall_time(forward_backward, warmup, repetitions)?,
+        forward,
+        forward_backward,
         forward_schedule: schedule,
         backward_schedule: schedule,
         forward_in_registers: false,
+        parts,
     })
+}
+
+/// Times the chunked path's own kernels that `scan` runs at `shape`, each alone on random
+/// operands of the sizes the scan gives it (log decays in [−1, 0)), forward and backward,
+/// each repetition from its launch to the device's synchronisation: the recurrence across
+/// chunks (unless the cell has the delta rule, whose states are not element-wise), and for a
+/// per-key decay the scores within sub-chunks and across them (when a chunk has more than one
+/// sub-chunk). What the scan spends besides is matrix products and element-wise operations.
+pub fn time_chunked_parts<B: FusedCellBackend>(
+    device: &B::Device,
+    scan: &ChunkedScan,
+    shape: &ScanShape,
+    warmup: usize,
+    repetitions: usize,
+) -> Result<Vec<PartTiming>, String> {
+    let form = scan.form;
+    let size = |index: IndexId| shape.dims[form.cell.index_dim(index).0];
+    let (keys, values) = (size(form.key.indices[0]), size(form.value.indices[0]));
+    let (chunk, sub_chunk) = (scan.chunk.max(1), scan.sub_chunk_steps());
+    let (sequences, chunks) = (shape.batch * shape.heads, shape.time.div_ceil(chunk));
+    // Random operands of `shape`: log decays in [−1, 0), anything else in [−1, 1).
+    let (log_decays, others) = ((-1.0, 0.0), (-1.0, 1.0));
+    let random = |shape: &[usize], (low, high): (f64, f64)| {
+        let values = [shape.iter().product::<usize>()];
+        let tensor = Tensor::<B, 1>::random(values, Distribution::Uniform(low, high), device);
+        B::float_reshape(tensor.into_primitive().tensor(), shape.into())
+    };
+    let sync = || B::sync(device).map_err(|e| format!("device synchronisation failed: {e:?}"));
+    let time = |run: &dyn Fn()| {
+        median_wall_time(
+            || {
+                run();
+                sync()
+            },
+            warmup,
+            repetitions,
+        )
+    };
+    let mut parts = Vec::new();
+    if form.delta.is_none() {
+        let (decay_keys, decay_values) = match form.gate_axis {
+            GateAxis::Key => (keys, 1),
+            GateAxis::Value => (1, values),
+            GateAxis::Scalar => (1, 1),
+        };
+        let [b, h] = [shape.batch, shape.heads];
+        let log_decay = random(&[b, h, chunks, decay_keys, decay_values], log_decays);
+        let writes = random(&[b, h, chunks, keys, values], others);
+        let initial = random(&[b, h, keys, values], others);
+        let walk = |reverse: bool| {
+            B::linear_scan(log_decay.clone(), writes.clone(), initial.clone(), reverse);
+        };
+        parts.push(PartTiming {
+            kernel: ChunkedKernel::LinearScan,
+            launch: format!("{sequences} states [{keys}, {values}] through {chunks} chunks"),
+            forward: time(&|| walk(false))?,
+            backward: time(&|| walk(true))?,
+        });
+    }
+    if form.delta.is_none() && form.gate_axis == GateAxis::Key {
+        let subs = chunk / sub_chunk;
+        let mut forms = vec![(
+            ChunkedKernel::DecayedScores,
+            BlockScores::WithinSubChunk,
+            sequences * chunks * subs,
+            sub_chunk,
+            format!(
+                "{} sub-chunks of {sub_chunk} steps",
+                sequences * chunks * subs
+            ),
+        )];
+        if subs > 1 {
+            forms.push((
+                ChunkedKernel::ScoresAcrossSubChunks,
+                BlockScores::AcrossSubChunks { sub_chunk },
+                sequences * chunks,
+                chunk,
+                format!("{} chunks of {subs} sub-chunks", sequences * chunks),
+            ));
+        }
+        for (kernel, block_form, blocks, steps, launch) in forms {
+            let (query, key) = (
+                random(&[blocks, steps, keys], others),
+                random(&[blocks, steps, keys], others),
+            );
+            // The gates between sub-chunks are exponentials of log decays: in (e^{−1}, 1].
+            let factors = match block_form {
+                BlockScores::WithinSubChunk => random(&[blocks, steps, keys], log_decays),
+                BlockScores::AcrossSubChunks { .. } => {
+                    let subs = steps / sub_chunk;
+                    B::float_exp(random(&[blocks, subs, subs, keys], log_decays))
+                }
+            };
+            let grad = random(&[blocks, steps, steps], others);
+            let forward = time(&|| {
+                B::block_scores(block_form, query.clone(), key.clone(), factors.clone());
+            })?;
+            let backward = time(&|| {
+                B::block_scores_backward(
+                    block_form,
+                    query.clone(),
+                    key.clone(),
+                    factors.clone(),
+                    grad.clone(),
+                );
+            })?;
+            parts.push(PartTiming {
+                kernel,
+                launch,
+                forward,
+                backward,
+            });
+        }
+    }
+    Ok(parts)
 }
 
 /// The median wall time of `run` over `repetitions` calls, after `warmup` untimed ones.

@@ -78,6 +78,16 @@ impl<B: Backend> Chunks<B> {
 }
 
 impl ChunkedScan<'_> {
+    /// The steps per sub-chunk the scan uses: the largest divisor of the chunk up to
+    /// [`ChunkedScan::sub_chunk`].
+    pub fn sub_chunk_steps(&self) -> usize {
+        let chunk = self.chunk.max(1);
+        (1..=self.sub_chunk.clamp(1, chunk))
+            .rev()
+            .find(|c| chunk.is_multiple_of(*c))
+            .unwrap_or(1)
+    }
+
     /// Runs the scan over packed inputs `[B, T, H, Σ input widths]` (before activation),
     /// parameters `[H, Σ parameter sizes]` and optional initial states `[B, H, Σ state sizes]`
     /// (else the state starts from its declared value), like [`UnfusedScan::run`].
@@ -120,11 +130,7 @@ impl ChunkedScan<'_> {
             .into_iter();
         let mut next = || evaluated.next().expect("one tensor per factor");
 
-        let chunk = self.chunk.max(1);
-        let sub_chunk = (1..=self.sub_chunk.clamp(1, chunk))
-            .rev()
-            .find(|c| chunk.is_multiple_of(*c))
-            .unwrap_or(1);
+        let (chunk, sub_chunk) = (self.chunk.max(1), self.sub_chunk_steps());
         let chunks = time.div_ceil(chunk);
         // `[B, T, H, w]` → `[B, H, chunks, C, w]`, the last chunk padded with zeros: no write,
         // no decay (log 1), so the final state is unchanged by the padding.

@@ -79,6 +79,8 @@ struct BenchRequest {
     schedule: Schedule,
     warmup: usize,
     repetitions: usize,
+    /// Whether to time the chunked path's own kernels alone too (chunked only).
+    parts: bool,
 }
 
 impl crate::cells::CellVisitor for BenchRequest {
@@ -111,6 +113,7 @@ impl crate::cells::CellVisitor for BenchRequest {
                             schedule,
                             warmup,
                             repetitions,
+                            self.parts,
                         );
                     }
                     (BenchStrategy::Chunked, Dtype::F16) => {
@@ -120,6 +123,7 @@ impl crate::cells::CellVisitor for BenchRequest {
                             schedule,
                             warmup,
                             repetitions,
+                            self.parts,
                         );
                     }
                     (BenchStrategy::Chunked, Dtype::Bf16) => {
@@ -129,6 +133,7 @@ impl crate::cells::CellVisitor for BenchRequest {
                             schedule,
                             warmup,
                             repetitions,
+                            self.parts,
                         );
                     }
                     (BenchStrategy::Fused, _) => {}
@@ -197,9 +202,16 @@ fn bench(
     warmup: usize,
     repetitions: usize,
     json: Option<&Path>,
+    parts: bool,
 ) -> Result<(), String> {
     let builtin = crate::cells::Builtin::find(cell)
         .ok_or_else(|| format!("error: `{cell}` is not a built-in cell"))?;
+    if parts && strategy != BenchStrategy::Chunked {
+        return Err(
+            "error: --parts times the chunked path's kernels: it needs --strategy chunked".into(),
+        );
+    }
+    let mut part_rows = Vec::new();
     println!(
         "| cell | dtype | device | B | T | H | dims | forward (ms) | forward+backward (ms) | \
          schedule (forward; backward) |"
@@ -217,8 +229,10 @@ fn bench(
             schedule,
             warmup,
             repetitions,
+            parts,
         };
         let timing = builtin.visit(request).map_err(|e| format!("error: {e}"))?;
+        part_rows.extend(part_table_rows(shape, &timing));
         let [b, t, h, d] = shape;
         let (forward, both) = (
             timing.forward.as_secs_f64() * 1e3,
@@ -256,7 +270,55 @@ fn bench(
                 .map_err(|e| format!("error: cannot write `{}`: {e}", path.display()))?;
         }
     }
+    if parts {
+        println!(
+            "\nThe chunked path's own kernels, each timed alone at the sizes the scan gives it \
+             (launch to synchronisation, medians); the rest of the scan is matrix products and \
+             element-wise operations.\n"
+        );
+        println!(
+            "| B | T | H | dims | kernel | launch | forward (ms) | share of the forward | \
+             backward (ms) | forward+backward: share of the scan's |"
+        );
+        println!("|---|---|---|---|---|---|---|---|---|---|");
+        for row in part_rows {
+            println!("{row}");
+        }
+    }
     Ok(())
+}
+
+/// The rows of `rak bench --parts`'s table for one shape: each of the chunked path's kernels
+/// with its share of the whole scan's forward, and of its forward + backward (the kernel's
+/// forward and backward together), then the rest of the scan.
+fn part_table_rows(shape: [usize; 4], timing: &crate::bench::KernelTiming) -> Vec<String> {
+    let [b, t, h, d] = shape;
+    let ms = |duration: std::time::Duration| duration.as_secs_f64() * 1e3;
+    let (forward, both) = (ms(timing.forward), ms(timing.forward_backward));
+    let share = |part: f64, whole: f64| format!("{:.0} %", 100.0 * part / whole);
+    let mut rows = Vec::new();
+    let (mut parts_forward, mut parts_both) = (0.0, 0.0);
+    for part in &timing.parts {
+        let (part_forward, part_backward) = (ms(part.forward), ms(part.backward));
+        parts_forward += part_forward;
+        parts_both += part_forward + part_backward;
+        rows.push(format!(
+            "| {b} | {t} | {h} | {d} | {} | {} | {part_forward:.3} | {} | {part_backward:.3} | {} |",
+            part.kernel.name(),
+            part.launch,
+            share(part_forward, forward),
+            share(part_forward + part_backward, both),
+        ));
+    }
+    rows.push(format!(
+        "| {b} | {t} | {h} | {d} | the rest (whole scan: {forward:.3} ms forward, {both:.3} ms \
+         forward+backward) | | {:.3} | {} | {:.3} | {} |",
+        forward - parts_forward,
+        share(forward - parts_forward, forward),
+        both - forward - (parts_both - parts_forward),
+        share(both - parts_both, both),
+    ));
+    rows
 }
 
 /// `rak bench --strategy`: what is timed.
@@ -478,6 +540,10 @@ pub enum Command {
         /// Append one JSON object per shape to this file.
         #[arg(long)]
         json: Option<PathBuf>,
+        /// With `--strategy chunked`: also time the chunked path's own kernels alone, at the
+        /// sizes the scan gives them, and print what share of the scan's time they take.
+        #[arg(long)]
+        parts: bool,
     },
     /// Print a cell's IR, in the DSL's notation.
     Show {
@@ -911,6 +977,7 @@ pub fn run(cli: Cli) -> ExitCode {
             sum_parts,
             registers,
             json,
+            parts,
         } => {
             let mut schedules = Vec::new();
             for &cube_dim in &cube_dim {
@@ -939,6 +1006,7 @@ pub fn run(cli: Cli) -> ExitCode {
                 warmup,
                 repetitions,
                 json.as_deref(),
+                parts,
             ) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(report) => {
