@@ -2,8 +2,9 @@
 # Runs on the GPU machine (see scripts/gpu-check.sh, which prepares gpu-bundle/ here).
 # Everything it writes lands in $OUT: device.txt, kernel-tests.log, rak-bench.jsonl,
 # chunked.md, rak-chunked.jsonl, peers.jsonl, peers.log, table.md, lm.log, lm-table.md,
-# lm-d512.md, generate.md, sweep.md, sweep.jsonl. Every step has a timeout: 575 s in all for
-# steps 1-5; the schedule sweep (6) comes last and gets what is left of a 600 s call.
+# lm-d512.md, generate.md, sweep.md, sweep.jsonl, chunked-no-fusion.md,
+# rak-chunked-no-fusion.jsonl. Every step has a timeout: 575 s in all for steps 1-5; the
+# schedule sweep (6) and the chunked form without fusion (7) get what is left of a 600 s call.
 set -uo pipefail
 out=${OUT:-/tmp/rak-gpu-out}
 mkdir -p "$out"
@@ -78,3 +79,12 @@ timeout 50 gpu-bundle/rak bench --device cuda --repetitions 5 --warmup 1 --shape
     --cube-dim 64,128,256 --sum-parts 1,8 --registers true,false --json "$out/sweep.jsonl" > "$out/sweep.md" 2>&1
 echo "sweep: exit $?" >> "$out/sweep.md"
 cat "$out/sweep.md"
+
+# 7. If the call has time left: the chunked form without burn's fusion wrapper (the cubecl
+#    backend alone), to see what fusing its element-wise operations gains (step 2b runs it
+#    inside the wrapper, as training does).
+timeout 40 gpu-bundle/rak bench --device cuda --strategy chunked --fusion false --repetitions 5 \
+    --warmup 1 --shape 8,2048,8,128 --shape 4,2048,16,128 --shape 16,512,4,64 --shape 1,16384,8,128 \
+    --json "$out/rak-chunked-no-fusion.jsonl" > "$out/chunked-no-fusion.md" 2>&1
+echo "chunked without fusion: exit $?" >> "$out/chunked-no-fusion.md"
+cat "$out/chunked-no-fusion.md"

@@ -1049,17 +1049,18 @@ fn multirun_of_three_experiments_ends_with_the_table_then_tests_and_plots_them()
         std::process::Command::new(env!("CARGO_BIN_EXE_rak"))
             .args(["bench", "--strategy", "chunked", "--cell", cell])
             .args(["--shape", "1,24,1,4", "--chunk", "8", "--warmup", "0"])
-            .args(["--repetitions", "1"])
+            .args(["--repetitions", "1", "--fusion", "false"])
             .output()
             .expect("rak bench --strategy chunked runs")
     };
+    // Without burn's fusion wrapper here; with it (the default, as training runs) below.
     let output = bench_chunked("gla");
     let table = String::from_utf8_lossy(&output.stdout).to_string();
     assert!(
         table
             .lines()
             .any(|l| l.starts_with("| gla | F32 | Wgpu | 1 | 24 | 1 | 4 |")
-                && l.contains("chunked, 8 steps per chunk")),
+                && l.contains("chunked, 8 steps per chunk, no fusion")),
         "{table}"
     );
     // `--parts`: the chunked path's own kernels timed alone, with their shares of the scan
@@ -1079,6 +1080,10 @@ fn multirun_of_three_experiments_ends_with_the_table_then_tests_and_plots_them()
         .expect("rak bench --strategy chunked --parts runs");
     let table = String::from_utf8_lossy(&output.stdout).to_string();
     assert!(output.status.success(), "{output:?}");
+    assert!(
+        table.contains("chunked, 32 steps per chunk, fusion;"),
+        "{table}"
+    );
     for (kernel, launch) in [
         ("linear_scan", "2 states [4, 4] through 2 chunks"),
         ("decayed_scores", "8 sub-chunks of 16 steps"),

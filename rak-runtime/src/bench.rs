@@ -6,8 +6,9 @@
 //!
 //! `rak bench --strategy chunked` times the cell's chunked form instead ([`time_chunked`]):
 //! burn operations rather than one kernel, so it is timed from the first launch to the device's
-//! synchronisation (launch overheads included), forward on the cubecl backend, forward +
-//! backward through burn's autodiff.
+//! synchronisation (launch overheads included), forward on the cubecl backend inside burn's
+//! fusion wrapper as training runs it (or not: `--fusion false`), forward + backward through
+//! burn's autodiff; `--parts` adds the chunked path's own kernels timed alone.
 
 use crate::chunked::{ChunkedScan, SUB_CHUNK};
 use crate::codegen::ScanShape;
@@ -22,8 +23,10 @@ use crate::kernels::{
     checkpoint_count,
 };
 use crate::packing::Packing;
+use burn::backend::Autodiff;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Distribution, Tensor};
+use burn_cubecl::{CubeRuntime, FloatElement};
 use cubecl::prelude::*;
 use std::time::{Duration, Instant};
 
@@ -182,23 +185,52 @@ pub fn time_cell<C: CellKernels, F: Float + CubeElement, R: Runtime>(
     })
 }
 
-/// Times `C`'s chunked scan ([`crate::chunked`]) at `shape` in chunks of `schedule.chunk` steps
-/// on the autodiff backend `B`: the forward scan on its inner backend, and forward + backward
+/// `rak bench --strategy chunked` at one shape, on the cubecl backend of runtime `R` with
+/// `F` elements under autodiff, inside burn's fusion wrapper (as training runs) or not.
+#[derive(Clone, Copy)]
+pub struct ChunkedBench<'a> {
+    pub shape: &'a ScanShape,
+    pub schedule: Schedule,
+    pub warmup: usize,
+    pub repetitions: usize,
+    /// Whether to time the chunked path's own kernels alone too.
+    pub parts: bool,
+}
+
+impl ChunkedBench<'_> {
+    pub fn run<C: CellKernels, R: CubeRuntime, F: FloatElement>(
+        &self,
+        fusion: bool,
+    ) -> Result<KernelTiming, String> {
+        type Cube<R, F> = burn_cubecl::CubeBackend<R, F, i32, u32>;
+        let device = Default::default();
+        match fusion {
+            true => time_chunked::<C, Autodiff<burn_fusion::Fusion<Cube<R, F>>>>(&device, self),
+            false => time_chunked::<C, Autodiff<Cube<R, F>>>(&device, self),
+        }
+    }
+}
+
+/// Times `C`'s chunked scan ([`crate::chunked`]) at `bench.shape` in chunks of
+/// `bench.schedule.chunk` steps on the autodiff backend `B`: the forward scan on its inner backend, and forward + backward
 /// (the gradients of inputs and parameters) through autodiff; each repetition from its first
-/// launch to the device's synchronisation, median after warm-up. With `parts`, the chunked
+/// launch to the device's synchronisation, median after warm-up. With `bench.parts`, the chunked
 /// path's own kernels are then timed alone too ([`time_chunked_parts`]).
 pub fn time_chunked<C: CellKernels, B>(
     device: &B::Device,
-    shape: &ScanShape,
-    schedule: Schedule,
-    warmup: usize,
-    repetitions: usize,
-    parts: bool,
+    bench: &ChunkedBench,
 ) -> Result<KernelTiming, String>
 where
     B: AutodiffBackend + FusedCellBackend,
     B::InnerBackend: FusedCellBackend,
 {
+    let ChunkedBench {
+        shape,
+        schedule,
+        warmup,
+        repetitions,
+        parts,
+    } = *bench;
     let compiled = C::compile();
     let cell = &compiled.cell;
     let form = chunk_form(cell).map_err(|e| e.to_string())?;

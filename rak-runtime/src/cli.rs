@@ -81,6 +81,8 @@ struct BenchRequest {
     repetitions: usize,
     /// Whether to time the chunked path's own kernels alone too (chunked only).
     parts: bool,
+    /// Whether the chunked scan runs inside burn's fusion wrapper, as training runs it.
+    fusion: bool,
 }
 
 impl crate::cells::CellVisitor for BenchRequest {
@@ -102,39 +104,23 @@ impl crate::cells::CellVisitor for BenchRequest {
         macro_rules! time_on {
             ($runtime:ty, $client:expr) => {{
                 let client = $client;
-                type Chunked<F> =
-                    burn::backend::Autodiff<crate::burn_cubecl::CubeBackend<$runtime, F, i32, u32>>;
-                let device = Default::default();
+                let (fusion, parts) = (self.fusion, self.parts);
+                let chunked = crate::bench::ChunkedBench {
+                    shape: &shape,
+                    schedule,
+                    warmup,
+                    repetitions,
+                    parts,
+                };
                 match (self.strategy, self.dtype) {
                     (BenchStrategy::Chunked, Dtype::F32) => {
-                        return crate::bench::time_chunked::<C, Chunked<f32>>(
-                            &device,
-                            &shape,
-                            schedule,
-                            warmup,
-                            repetitions,
-                            self.parts,
-                        );
+                        return chunked.run::<C, $runtime, f32>(fusion);
                     }
                     (BenchStrategy::Chunked, Dtype::F16) => {
-                        return crate::bench::time_chunked::<C, Chunked<half::f16>>(
-                            &device,
-                            &shape,
-                            schedule,
-                            warmup,
-                            repetitions,
-                            self.parts,
-                        );
+                        return chunked.run::<C, $runtime, half::f16>(fusion);
                     }
                     (BenchStrategy::Chunked, Dtype::Bf16) => {
-                        return crate::bench::time_chunked::<C, Chunked<half::bf16>>(
-                            &device,
-                            &shape,
-                            schedule,
-                            warmup,
-                            repetitions,
-                            self.parts,
-                        );
+                        return chunked.run::<C, $runtime, half::bf16>(fusion);
                     }
                     (BenchStrategy::Fused, _) => {}
                 }
@@ -203,6 +189,7 @@ fn bench(
     repetitions: usize,
     json: Option<&Path>,
     parts: bool,
+    fusion: bool,
 ) -> Result<(), String> {
     let builtin = crate::cells::Builtin::find(cell)
         .ok_or_else(|| format!("error: `{cell}` is not a built-in cell"))?;
@@ -230,6 +217,7 @@ fn bench(
             warmup,
             repetitions,
             parts,
+            fusion,
         };
         let timing = builtin.visit(request).map_err(|e| format!("error: {e}"))?;
         part_rows.extend(part_table_rows(shape, &timing));
@@ -239,7 +227,10 @@ fn bench(
             timing.forward_backward.as_secs_f64() * 1e3,
         );
         let describe = |s: Schedule, states_in_registers: bool| match strategy {
-            BenchStrategy::Chunked => format!("chunked, {} steps per chunk", s.chunk),
+            BenchStrategy::Chunked => {
+                let wrapper = if fusion { "fusion" } else { "no fusion" };
+                format!("chunked, {} steps per chunk, {wrapper}", s.chunk)
+            }
             BenchStrategy::Fused => describe_schedule(s, states_in_registers),
         };
         let forward_schedule = describe(timing.forward_schedule, timing.forward_in_registers);
@@ -259,6 +250,7 @@ fn bench(
                 "forward_in_registers": timing.forward_in_registers,
                 "strategy": format!("{strategy:?}").to_lowercase(),
                 "forward_schedule": forward_schedule, "backward_schedule": backward_schedule,
+                "fusion": strategy == BenchStrategy::Chunked && fusion,
             });
             use std::io::Write;
             let mut file = std::fs::OpenOptions::new()
@@ -544,6 +536,10 @@ pub enum Command {
         /// sizes the scan gives them, and print what share of the scan's time they take.
         #[arg(long)]
         parts: bool,
+        /// With `--strategy chunked`: run inside burn's fusion wrapper (element-wise operations
+        /// fused into fewer kernels), as training does; `false` times the cubecl backend alone.
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+        fusion: bool,
     },
     /// Print a cell's IR, in the DSL's notation.
     Show {
@@ -978,6 +974,7 @@ pub fn run(cli: Cli) -> ExitCode {
             registers,
             json,
             parts,
+            fusion,
         } => {
             let mut schedules = Vec::new();
             for &cube_dim in &cube_dim {
@@ -1007,6 +1004,7 @@ pub fn run(cli: Cli) -> ExitCode {
                 repetitions,
                 json.as_deref(),
                 parts,
+                fusion,
             ) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(report) => {
