@@ -220,7 +220,9 @@ fn bench(
             fusion,
         };
         let timing = builtin.visit(request).map_err(|e| format!("error: {e}"))?;
-        part_rows.extend(part_table_rows(shape, &timing));
+        if parts {
+            part_rows.extend(part_table_rows(shape, &timing));
+        }
         let [b, t, h, d] = shape;
         let (forward, both) = (
             timing.forward.as_secs_f64() * 1e3,
