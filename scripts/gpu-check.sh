@@ -8,8 +8,9 @@
 # chunked form), bench/peers.py (PyTorch loop, flash-linear-attention, compute and memory
 # floors), the seed's LM table (`rak train -m experiment=...` on the GPU, and a 4-layer D = 512
 # step), `rak bench generate` and a sweep of the schedule's knobs (`--cube-dim`, `--sum-parts`),
-# and writes the logs and the tables under $OUT (each step under its own timeout; 575 s at most
-# before the sweep, which comes last and gets what is left of the call's 600 s).
+# and packs the logs and the tables into $OUT/results.tar.gz after every step (each step under its
+# own timeout; 575 s at most before the sweep and the chunked form without fusion, which come
+# last and get what is left of the call's 600 s).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bundle=gpu-bundle
@@ -34,11 +35,20 @@ gzip -9 "$bundle/rak" "$bundle/kernels-cuda"
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d "$bundle/whl" fla-core==0.6.0
 
+# What the bundle was built from, for the device's record (device.txt) and BENCHMARKS.md.
+{
+    git rev-parse HEAD
+    git status --porcelain --untracked-files=no | grep -q . && echo "with uncommitted changes"
+    date -u
+} > "$bundle/commit.txt" || true
+
 du -sh "$bundle"/*
 cat <<'TXT'
 Ready. Make one device call:
   command:   bash scripts/gpu-run.sh
   carry:     ["gpu-bundle"]
   timeout_s: 600
-Then copy the table from the returned table.md into BENCHMARKS.md, with the device, date and commit.
+The call returns results.tar.gz (every log and table; a device call brings back at most 8 files),
+with device.txt and table.md beside it. Unpack it (tar xzf results.tar.gz -C some-folder), then copy
+table.md into BENCHMARKS.md with the device, the date and the commit (device.txt has all three).
 TXT

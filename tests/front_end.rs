@@ -204,6 +204,17 @@ fn cli_emits_cuda_at_the_requested_dtype_and_schedule() {
         stderr.contains("invalid value 'f64' for '--dtype"),
         "{stderr}"
     );
+    // The chunked path's kernels: sub-chunks that do not divide the chunk, or larger than the
+    // path takes (one unit per pair: 32² units per cube), are refused before any compile.
+    for (sub_chunk, message) in [
+        ("24", "--sub-chunk 24 must divide --chunk 64"),
+        ("32", "sub-chunks of at most 16 steps"),
+    ] {
+        let target = ["--target", "cuda", "--sub-chunk", sub_chunk];
+        let (ok, _, stderr) = rak(&[&["emit", "decayed_scores"][..], &target].concat());
+        assert!(!ok);
+        assert!(stderr.contains(message), "{stderr}");
+    }
 }
 
 #[test]

@@ -475,7 +475,7 @@ pub enum Command {
         /// Steps per chunk (the chunked path's kernels).
         #[arg(long, default_value_t = 64)]
         chunk: usize,
-        /// Steps per sub-chunk (the chunked path's kernels).
+        /// Steps per sub-chunk (the chunked path's kernels; at most the path's own, 16).
         #[arg(long, default_value_t = crate::chunked::SUB_CHUNK)]
         sub_chunk: usize,
     },
@@ -650,6 +650,13 @@ fn emit_chunked(
     if chunk == 0 || sub_chunk == 0 || !chunk.is_multiple_of(sub_chunk) {
         return Err(format!(
             "error: --sub-chunk {sub_chunk} must divide --chunk {chunk} (both positive)"
+        ));
+    }
+    if sub_chunk > crate::chunked::SUB_CHUNK {
+        return Err(format!(
+            "error: --sub-chunk {sub_chunk}: the chunked path takes sub-chunks of at most {} \
+             steps (`decayed_scores` has one unit per pair of a sub-chunk's steps)",
+            crate::chunked::SUB_CHUNK
         ));
     }
     let sizes = crate::fused::ChunkedSizes {
