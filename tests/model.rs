@@ -344,42 +344,44 @@ fn chunked_scan_matches_the_unfused_path_for_every_linear_cell() {
     assert!(found.is_empty(), "{}", found.join("\n"));
 }
 
-/// `B::linear_scan` over seeded tensors: log decays `[2, 3, 5, dk, dv]`, writes and states
-/// with K = 4, V = 3.
-fn linear_scan_on<B: FusedCellBackend>(
-    decay: &[f32],
+/// `B::linear_scan` over seeded tensors (log decays `[2, 3, 5, dk, dv]`, writes and states
+/// with K = 4, V = 3), and the gradients of `Σ weights ⊙ after` with respect to the log
+/// decays, the writes and the initial state.
+fn linear_scan_on<B: AutodiffBackend + FusedCellBackend>(
+    [decay, writes, initial, weights]: [&[f32]; 4],
     [dk, dv]: [usize; 2],
-    writes: &[f32],
-    initial: &[f32],
     reverse: bool,
-) -> Vec<f32> {
-    let after = B::linear_scan(
-        tensor::<B, 5>(decay.to_vec(), [2, 3, 5, dk, dv])
-            .into_primitive()
-            .tensor(),
-        tensor::<B, 5>(writes.to_vec(), [2, 3, 5, 4, 3])
-            .into_primitive()
-            .tensor(),
-        tensor::<B, 4>(initial.to_vec(), [2, 3, 4, 3])
-            .into_primitive()
-            .tensor(),
+) -> [Vec<f32>; 4] {
+    let decay = tensor::<B, 5>(decay.to_vec(), [2, 3, 5, dk, dv]).require_grad();
+    let writes = tensor::<B, 5>(writes.to_vec(), [2, 3, 5, 4, 3]).require_grad();
+    let initial = tensor::<B, 4>(initial.to_vec(), [2, 3, 4, 3]).require_grad();
+    let after = Tensor::<B, 5>::from_primitive(TensorPrimitive::Float(B::linear_scan(
+        decay.clone().into_primitive().tensor(),
+        writes.clone().into_primitive().tensor(),
+        initial.clone().into_primitive().tensor(),
         reverse,
-    );
-    values(Tensor::<B, 5>::from_primitive(TensorPrimitive::Float(
-        after,
-    )))
+    )));
+    let weights = tensor::<B, 5>(weights.to_vec(), [2, 3, 5, 4, 3]);
+    let grads = (after.clone() * weights).sum().backward();
+    [
+        values(after),
+        values(decay.grad(&grads).expect("a gradient")),
+        values(writes.grad(&grads).expect("a gradient")),
+        values(initial.grad(&grads).expect("a gradient")),
+    ]
 }
 
-/// The recurrence across chunks of the chunked path against a loop in f64, for each way a
-/// decay spreads over the state (scalar, per key, per value), walked forward and in reverse,
-/// on the fusion wrapper and on the cubecl backend alone (its gradients are checked with the
-/// chunked scans above).
+/// The recurrence across chunks of the chunked path and its three gradients against loops
+/// in f64, for each way a decay spreads over the state (scalar, per key, per value), walked
+/// forward and in reverse, on the fusion wrapper and on the cubecl backend alone; and
+/// `running_sum` (the walk without decay) against sums in f64 along each axis.
 #[test]
 fn linear_scan_matches_a_loop_for_every_decay_axis_and_direction() {
     setup();
     let ([sequences, steps, keys, values], mut found) = ([6, 5, 4, 3], Vec::new());
     let writes = random(2, sequences * steps * keys * values, 1.0);
     let initial = random(3, sequences * keys * values, 1.0);
+    let weights = random(4, writes.len(), 1.0);
     for (axis, [dk, dv]) in [
         ("scalar", [1, 1]),
         ("key", [keys, 1]),
@@ -390,39 +392,107 @@ fn linear_scan_matches_a_loop_for_every_decay_axis_and_direction() {
             .map(|x| -x.abs())
             .collect();
         for reverse in [false, true] {
-            let mut expected = vec![0f64; writes.len()];
+            // The walk, then the gradient reaching each step from the later ones, in f64.
+            let mut expected = [
+                vec![0f64; writes.len()],
+                vec![0f64; decay.len()],
+                vec![0f64; writes.len()],
+                vec![0f64; initial.len()],
+            ];
             for (sequence, element) in
                 (0..sequences).flat_map(|s| (0..keys * values).map(move |e| (s, e)))
             {
                 let (key, value) = (element / values, element % values);
-                let mut carried = f64::from(initial[sequence * keys * values + element]);
-                for i in 0..steps {
-                    let n = if reverse { steps - 1 - i } else { i };
-                    let d = decay[((sequence * steps + n) * dk + key % dk) * dv + value % dv];
-                    let at = (sequence * steps + n) * keys * values + element;
-                    carried = f64::from(d).exp() * carried + f64::from(writes[at]);
-                    expected[at] = carried;
+                let start = sequence * keys * values + element;
+                let step = |i: usize| if reverse { steps - 1 - i } else { i };
+                let decay_at =
+                    |n: usize| ((sequence * steps + n) * dk + key % dk) * dv + value % dv;
+                let at = |n: usize| (sequence * steps + n) * keys * values + element;
+                let mut carried = f64::from(initial[start]);
+                for n in (0..steps).map(step) {
+                    carried =
+                        f64::from(decay[decay_at(n)]).exp() * carried + f64::from(writes[at(n)]);
+                    expected[0][at(n)] = carried;
+                }
+                let mut reaching = 0f64;
+                for i in (0..steps).rev() {
+                    let n = step(i);
+                    if i + 1 < steps {
+                        reaching *= f64::from(decay[decay_at(step(i + 1))]).exp();
+                    }
+                    reaching += f64::from(weights[at(n)]);
+                    let before = match i {
+                        0 => f64::from(initial[start]),
+                        _ => expected[0][at(step(i - 1))],
+                    };
+                    let decayed = reaching * f64::from(decay[decay_at(n)]).exp();
+                    expected[1][decay_at(n)] += decayed * before;
+                    expected[2][at(n)] = reaching;
+                    if i == 0 {
+                        expected[3][start] = decayed;
+                    }
                 }
             }
+            let operands = [&decay[..], &writes[..], &initial[..], &weights[..]];
             let runs = [
                 (
                     "fusion",
-                    linear_scan_on::<Fused>(&decay, [dk, dv], &writes, &initial, reverse),
+                    linear_scan_on::<Fused>(operands, [dk, dv], reverse),
                 ),
                 (
                     "cubecl",
-                    linear_scan_on::<Plain>(&decay, [dk, dv], &writes, &initial, reverse),
+                    linear_scan_on::<Plain>(operands, [dk, dv], reverse),
                 ),
             ];
             for (backend, got) in runs {
-                let error = got
+                for (what, (got, expected)) in ["after", "∂log decay", "∂writes", "∂initial"]
                     .iter()
-                    .zip(&expected)
-                    .map(|(g, e)| (f64::from(*g) - e).abs())
-                    .fold(0f64, f64::max);
-                if error > 1e-5 {
+                    .zip(got.iter().zip(&expected))
+                {
+                    let error = got
+                        .iter()
+                        .zip(expected)
+                        .map(|(g, e)| (f64::from(*g) - e).abs())
+                        .fold(0f64, f64::max);
+                    if error > 1e-5 {
+                        found.push(format!(
+                            "decay per {axis}, reverse {reverse}, {backend} {what}: error {error:.2e}"
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    // Running sums along each axis of a `[2, 3, 5]` tensor, both ways.
+    let x = random(5, 30, 1.0);
+    for dim in 0..3 {
+        for reverse in [false, true] {
+            let shape = [2, 3, 5];
+            let sums = rak::runtime::fused::running_sum(
+                tensor::<Fused, 3>(x.clone(), shape),
+                dim,
+                reverse,
+            );
+            let got = sums.into_data().to_vec::<f32>().expect("f32 tensor");
+            let strides = [15, 5, 1];
+            for (flat, got) in got.iter().enumerate() {
+                let position = (flat / strides[dim]) % shape[dim];
+                let expected: f64 = (0..shape[dim])
+                    .filter(|&u| {
+                        if reverse {
+                            u >= position
+                        } else {
+                            u <= position
+                        }
+                    })
+                    .map(|u| {
+                        let moved = flat - position * strides[dim] + u * strides[dim];
+                        f64::from(x[moved])
+                    })
+                    .sum();
+                if (f64::from(*got) - expected).abs() > 1e-5 {
                     found.push(format!(
-                        "decay per {axis}, reverse {reverse}, {backend}: error {error:.2e}"
+                        "running_sum along {dim}, reverse {reverse}: {got} at {flat}, expected {expected}"
                     ));
                 }
             }

@@ -39,7 +39,9 @@
 
 use crate::codegen::chunkwise::{ChunkForm, GateAxis};
 use crate::codegen::ir::{ExprId, IndexId};
-use crate::fused::{FusedCellBackend, decayed_scores, linear_scan, scores_across_sub_chunks};
+use crate::fused::{
+    FusedCellBackend, decayed_scores, linear_scan, running_sum, scores_across_sub_chunks,
+};
 use crate::unfused::{ScanResult, UnfusedScan, materialize};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
@@ -151,7 +153,7 @@ impl ChunkedScan<'_> {
             segment_sums(steps).reshape([batch, heads, chunks, chunk, chunk])
         });
         let parts = Chunks {
-            decay: log_decay.clone().cumsum(3),
+            decay: running_sum(log_decay.clone(), 3, false),
             scalar_between,
             log_decay,
             key: cut(next()),
@@ -466,7 +468,7 @@ struct DeltaStates<B: Backend> {
 /// `κ̃_s = e^{b_C − b_s} κ_s`; the maps compose by a Hillis–Steele scan, with matrix products
 /// (log₂ chunks rounds; a full map per chunk is no element-wise recurrence). Every
 /// exponent is a sum of log decays between its two ends, never positive.
-fn delta_chunk_states<B: Backend>(
+fn delta_chunk_states<B: FusedCellBackend>(
     parts: &Chunks<B>,
     read_back: Tensor<B, 5>,
     initial: Tensor<B, 4>,
@@ -609,29 +611,30 @@ fn masked_exp<B: Backend, const D: usize>(x: Tensor<B, D>, mask: Tensor<B, D>) -
 /// the sum of the terms between s and t, not the difference of two sums from the start, so it
 /// keeps its precision however far from 0 the sums from the start drift (saturated gates: by
 /// hundreds within a chunk, where a difference would lose every digit a small entry has).
-fn segment_sums<B: Backend>(x: Tensor<B, 6>) -> Tensor<B, 7> {
+fn segment_sums<B: FusedCellBackend>(x: Tensor<B, 6>) -> Tensor<B, 7> {
     let n = x.dims()[4];
     // 1 where s < u, `[u, s]`.
     let after = Tensor::<B, 2>::ones([n, n], &x.device())
         .tril(-1)
         .reshape([1, 1, 1, 1, n, n, 1]);
-    (x.unsqueeze_dim::<7>(5) * after).cumsum(4)
+    running_sum(x.unsqueeze_dim::<7>(5) * after, 4, false)
 }
 
 /// `[…, c, w]` → Σ_{0 < u ≤ t} x_u for each step t of each sub-chunk (dim 4): the sums from
 /// the sub-chunk's first step, which they exclude, as one running sum.
-fn since_first_step<B: Backend>(x: Tensor<B, 6>) -> Tensor<B, 6> {
+fn since_first_step<B: FusedCellBackend>(x: Tensor<B, 6>) -> Tensor<B, 6> {
     let [batch, heads, chunks, subs, steps, width] = x.dims();
     let first = Tensor::zeros([batch, heads, chunks, subs, 1, width], &x.device());
     if steps == 1 {
         return first;
     }
-    Tensor::cat(vec![first, materialize(x.narrow(4, 1, steps - 1))], 4).cumsum(4)
+    let from_second = Tensor::cat(vec![first, materialize(x.narrow(4, 1, steps - 1))], 4);
+    running_sum(from_second, 4, false)
 }
 
 /// Σ_{u > t} x_u along `dim`, summed from the far end (not a difference of two sums, for the
 /// reason given at [`segment_sums`]).
-fn sum_after<B: Backend, const D: usize>(x: Tensor<B, D>, dim: usize) -> Tensor<B, D> {
+fn sum_after<B: FusedCellBackend, const D: usize>(x: Tensor<B, D>, dim: usize) -> Tensor<B, D> {
     let n = x.dims()[dim];
     let mut last = x.dims();
     last[dim] = 1;
@@ -640,8 +643,7 @@ fn sum_after<B: Backend, const D: usize>(x: Tensor<B, D>, dim: usize) -> Tensor<
         return zero;
     }
     let later = Tensor::cat(vec![materialize(x.narrow(dim, 1, n - 1)), zero], dim);
-    let axis = [dim as isize];
-    later.flip(axis).cumsum(dim).flip(axis)
+    running_sum(later, dim, true)
 }
 
 /// `[n, n]`: 1 where column ≤ row.

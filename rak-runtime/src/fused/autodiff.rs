@@ -1,7 +1,7 @@
 //! The fused cell under burn's autodiff: the forward scan writes checkpoints when any operand
 //! needs a gradient, and the operation's backward runs the generated backward scan. The
 //! chunked path's recurrence across chunks ([`super::linear_scan`]) is differentiated by the
-//! same recurrence walked in reverse ([`LinearScanBackward`]), and its scores of pairs of
+//! same recurrence walked the other way ([`LinearScanBackward`]), and its scores of pairs of
 //! steps by their backward kernels ([`BlockScoresBackward`]).
 
 use super::{BlockScores, FusedCellBackend, FusedForward, FusedGradients, FusedSettings};
@@ -53,14 +53,18 @@ impl<B: FusedCellBackend, C: CellKernels, const N: usize> Backward<B, N> for Sca
     }
 }
 
-/// The backward of [`super::linear_scan`] (forward walk) with respect to its log decays,
-/// writes and initial state. With G the gradient of every `after_n`, the gradient reaching
-/// `after_n` through every later step is `R_n = G_n + e^{d_{n+1}} ⊙ R_{n+1}`: the same
-/// recurrence walked in reverse, each step's decay moved one step earlier. Then the writes'
-/// gradient is R, the initial state's `e^{d_0} ⊙ R_0`, and the log decays'
-/// `R_n ⊙ e^{d_n} ⊙ after_{n−1}`, summed along the state axes a decay is broadcast along.
+/// The backward of [`FusedCellBackend::linear_scan`] walking in either direction, with
+/// respect to its log decays, writes and initial state. In the walk's order (step `n − 1`
+/// before step `n`; the reverse walk's steps taken from the last), with G the gradient of
+/// every `after_n`, the gradient reaching `after_n` through every later step of the walk is
+/// `R_n = G_n + e^{d_{n+1}} ⊙ R_{n+1}`: the same recurrence walked the other way, each
+/// step's decay moved one step against the walk. Then the writes' gradient is R, the initial
+/// state's `e^{d_0} ⊙ R_0`, and the log decays' `R_n ⊙ e^{d_n} ⊙ after_{n−1}`, summed along
+/// the state axes a decay is broadcast along.
 #[derive(Debug)]
-struct LinearScanBackward;
+struct LinearScanBackward {
+    reverse: bool,
+}
 
 impl<B: FusedCellBackend> Backward<B, 3> for LinearScanBackward {
     /// Log decays, the initial state and every state after a step.
@@ -80,30 +84,30 @@ impl<B: FusedCellBackend> Backward<B, 3> for LinearScanBackward {
         let [batch, heads, steps, keys, values] = after.dims();
         let [_, _, _, decay_keys, decay_values] = log_decay.dims();
         let device = after.device();
-
-        let later_step = |x: Tensor<B, 5>, padding: Tensor<B, 5>| match steps {
+        let reverse = self.reverse;
+        // Along axis 2, each step gets the value of the step before it in the walk (`previous`)
+        // or after it (`next`), `padding` where there is none.
+        let moved = |x: Tensor<B, 5>, padding: Tensor<B, 5>, previous: bool| match steps {
             1 => padding,
+            _ if previous != reverse => Tensor::cat(vec![padding, x.narrow(2, 0, steps - 1)], 2),
             _ => Tensor::cat(vec![x.narrow(2, 1, steps - 1), padding], 2),
         };
-        let next_decay = later_step(
+        let next_decay = moved(
             log_decay.clone(),
             Tensor::zeros([batch, heads, 1, decay_keys, decay_values], &device),
+            false,
         );
         let nothing_after = Tensor::<B, 4>::zeros([batch, heads, keys, values], &device);
         let reaching = tensor(B::linear_scan(
             next_decay.into_primitive().tensor(),
             grad,
             nothing_after.into_primitive().tensor(),
-            true,
+            !reverse,
         ));
         let decay = log_decay.exp();
         let [decay_parent, writes_parent, initial_parent] = ops.parents;
         if let Some(parent) = decay_parent {
-            let first = initial.clone().unsqueeze_dim::<5>(2);
-            let before = match steps {
-                1 => first,
-                _ => Tensor::cat(vec![first, after.narrow(2, 0, steps - 1)], 2),
-            };
+            let before = moved(after, initial.clone().unsqueeze_dim::<5>(2), true);
             let mut gradient = reaching.clone() * decay.clone() * before;
             if decay_keys < keys {
                 gradient = gradient.sum_dim(3);
@@ -114,7 +118,8 @@ impl<B: FusedCellBackend> Backward<B, 3> for LinearScanBackward {
             grads.register::<B>(parent.id, gradient.into_primitive().tensor());
         }
         if let Some(parent) = initial_parent {
-            let gradient = (reaching.clone().narrow(2, 0, 1) * decay.narrow(2, 0, 1))
+            let first = if reverse { steps - 1 } else { 0 };
+            let gradient = (reaching.clone().narrow(2, first, 1) * decay.narrow(2, first, 1))
                 .reshape([batch, heads, keys, values]);
             grads.register::<B>(parent.id, gradient.into_primitive().tensor());
         }
@@ -233,23 +238,12 @@ impl<B: FusedCellBackend, CS: CheckpointStrategy> FusedCellBackend for Autodiff<
         initial: FloatTensor<Self>,
         reverse: bool,
     ) -> FloatTensor<Self> {
-        if reverse {
-            // The forward walk over the steps in reverse order, differentiated as such.
-            let flipped = |primitive| {
-                Tensor::<Self, 5>::from_primitive(TensorPrimitive::Float(primitive))
-                    .flip([2])
-                    .into_primitive()
-                    .tensor()
-            };
-            let after = Self::linear_scan(flipped(log_decay), flipped(writes), initial, false);
-            return flipped(after);
-        }
         let parents = [
             log_decay.node.clone(),
             writes.node.clone(),
             initial.node.clone(),
         ];
-        match LinearScanBackward
+        match (LinearScanBackward { reverse })
             .prepare::<CS>(parents)
             .compute_bound()
             .stateful()
@@ -259,7 +253,7 @@ impl<B: FusedCellBackend, CS: CheckpointStrategy> FusedCellBackend for Autodiff<
                     log_decay.primitive.clone(),
                     writes.primitive,
                     initial.primitive.clone(),
-                    false,
+                    reverse,
                 );
                 prep.finish(
                     (log_decay.primitive, initial.primitive, after.clone()),
@@ -270,7 +264,7 @@ impl<B: FusedCellBackend, CS: CheckpointStrategy> FusedCellBackend for Autodiff<
                 log_decay.primitive,
                 writes.primitive,
                 initial.primitive,
-                false,
+                reverse,
             )),
         }
     }

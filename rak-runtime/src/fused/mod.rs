@@ -201,6 +201,35 @@ pub fn linear_scan<B: FusedCellBackend>(
     Tensor::from_primitive(TensorPrimitive::Float(after))
 }
 
+/// The running sums of `x` along `dim`, inclusive: `y_t = Σ_{u ≤ t} x_u`, or with `reverse`
+/// `y_t = Σ_{u ≥ t} x_u`, each summed in order from the end it starts at. It is the
+/// recurrence of [`linear_scan`] without decay, walked by one unit per line along `dim`, each
+/// value read once (burn's `cumsum` reads the whole prefix again for every position: `n²/2`
+/// reads along an axis of `n`, and its reverse takes two flips besides). Differentiable on an
+/// autodiff backend: the backward is the walk the other way.
+pub fn running_sum<B: FusedCellBackend, const D: usize>(
+    x: Tensor<B, D>,
+    dim: usize,
+    reverse: bool,
+) -> Tensor<B, D> {
+    let dims = x.dims();
+    let steps = dims[dim];
+    let lines: usize = dims[..dim].iter().product();
+    let across: usize = dims[dim + 1..].iter().product();
+    let device = x.device();
+    let no_decay = Tensor::<B, 5>::zeros([lines, 1, steps, 1, 1], &device);
+    let start = Tensor::<B, 4>::zeros([lines, 1, across, 1], &device);
+    let sums = B::linear_scan(
+        no_decay.into_primitive().tensor(),
+        x.reshape([lines, 1, steps, across, 1])
+            .into_primitive()
+            .tensor(),
+        start.into_primitive().tensor(),
+        reverse,
+    );
+    Tensor::<B, 5>::from_primitive(TensorPrimitive::Float(sums)).reshape(dims)
+}
+
 /// The scores of every pair of steps s ≤ t of a sub-chunk under a per-key decay:
 /// `A[m, t, s] = Σ_i q[m, t, i] · k[m, s, i] · exp(Σ_{s < u ≤ t} x[m, u, i])`, 0 for s > t,
 /// from queries `q`, keys `k` and log decays `x`, each `[M, c, K]` (M sub-chunks of c steps),
