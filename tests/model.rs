@@ -507,7 +507,14 @@ fn linear_scan_matches_a_loop_for_every_decay_axis_and_direction() {
 #[test]
 fn decayed_scores_match_a_loop() {
     setup();
-    let [blocks, steps, keys] = [3, 4, 5];
+    // Small blocks, and sub-chunks of the path's 16 steps with more keys than the kernel has
+    // units per step (16), not a multiple of them.
+    for [blocks, steps, keys] in [[3, 4, 5], [2, 16, 37]] {
+        decayed_scores_match_a_loop_at([blocks, steps, keys]);
+    }
+}
+
+fn decayed_scores_match_a_loop_at([blocks, steps, keys]: [usize; 3]) {
     let len = blocks * steps * keys;
     let (query, key) = (random(4, len, 1.0), random(5, len, 1.0));
     let decay: Vec<f32> = random(6, len, 20.0).into_iter().map(|x| -x.abs()).collect();
@@ -537,7 +544,10 @@ fn decayed_scores_match_a_loop() {
             .zip(&expected)
             .map(|(g, e)| (f64::from(*g) - e).abs())
             .fold(0f64, f64::max);
-        assert!(error < 1e-5, "{backend}: error {error:.2e}");
+        assert!(
+            error < 1e-5,
+            "{backend}, {blocks} blocks of {steps} steps, {keys} keys: error {error:.2e}"
+        );
     }
 }
 
@@ -547,7 +557,18 @@ fn decayed_scores_match_a_loop() {
 #[test]
 fn scores_across_sub_chunks_and_their_gradients_match_loops() {
     setup();
-    let [blocks, subs, sub_chunk, keys] = [2, 3, 3, 4];
+    // Small blocks, and chunks of sub-chunks of the path's 16 steps with more keys than the
+    // kernel stages at a time (32), not a multiple of them.
+    let mut found = Vec::new();
+    for shape in [[2, 3, 3, 4], [1, 3, 16, 37]] {
+        found.extend(scores_across_sub_chunks_match_loops_at(shape));
+    }
+    assert!(found.is_empty(), "{}", found.join("\n"));
+}
+
+fn scores_across_sub_chunks_match_loops_at(
+    [blocks, subs, sub_chunk, keys]: [usize; 4],
+) -> Vec<String> {
     let steps = subs * sub_chunk;
     let len = blocks * steps * keys;
     let (query, key) = (random(7, len, 1.0), random(8, len, 1.0));
@@ -623,11 +644,14 @@ fn scores_across_sub_chunks_and_their_gradients_match_loops() {
                 .map(|(g, e)| (f64::from(*g) - e).abs())
                 .fold(0f64, f64::max);
             if error > 1e-5 {
-                found.push(format!("{backend} {what}: error {error:.2e}"));
+                found.push(format!(
+                    "{backend} {what}, {blocks} chunks of {subs} × {sub_chunk} steps, \
+                     {keys} keys: error {error:.2e}"
+                ));
             }
         }
     }
-    assert!(found.is_empty(), "{}", found.join("\n"));
+    found
 }
 
 #[test]
@@ -1115,21 +1139,24 @@ fn multirun_of_three_experiments_ends_with_the_table_then_tests_and_plots_them()
         .filter(|l| l.starts_with("| 10 |") || l.starts_with("| 40 |"))
         .collect();
     assert_eq!(bench_rows.len(), 2, "{bench}");
-    let bench_chunked = |cell: &str| {
+    let bench_chunked = |cell: &str, dtype: &str| {
         std::process::Command::new(env!("CARGO_BIN_EXE_rak"))
             .args(["bench", "--strategy", "chunked", "--cell", cell])
+            .args(["--dtype", dtype])
             .args(["--shape", "1,24,1,4", "--chunk", "8", "--warmup", "0"])
             .args(["--repetitions", "1", "--fusion", "false"])
             .output()
             .expect("rak bench --strategy chunked runs")
     };
     // Without burn's fusion wrapper here; with it (the default, as training runs) below.
-    let output = bench_chunked("gla");
+    // f16 inputs, parameters and outputs (Mesa's software adapter offers f16), cast to f32
+    // for the scan and back.
+    let output = bench_chunked("gla", "f16");
     let table = String::from_utf8_lossy(&output.stdout).to_string();
     assert!(
         table
             .lines()
-            .any(|l| l.starts_with("| gla | F32 | Wgpu | 1 | 24 | 1 | 4 |")
+            .any(|l| l.starts_with("| gla | F16 | Wgpu | 1 | 24 | 1 | 4 |")
                 && l.contains("chunked, 8 steps per chunk, no fusion")),
         "{table}"
     );
@@ -1184,7 +1211,7 @@ fn multirun_of_three_experiments_ends_with_the_table_then_tests_and_plots_them()
         String::from_utf8_lossy(&output.stderr).contains("it needs --strategy chunked"),
         "{output:?}"
     );
-    let output = bench_chunked("mlstm");
+    let output = bench_chunked("mlstm", "f32");
     assert!(!output.status.success());
     assert!(
         String::from_utf8_lossy(&output.stderr).contains("cell Mlstm has no chunked form"),

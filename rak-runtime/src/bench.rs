@@ -19,14 +19,14 @@ use crate::codegen::ir::{InputId, OutputId, ParamId, StateId};
 use crate::codegen::schedule::Schedule;
 use crate::fused::{BlockScores, ChunkedKernel, FusedCellBackend};
 use crate::kernels::{
-    BackwardBuffers, CellKernels, CellRunner, DeviceArray, ForwardBuffers, KernelError,
+    BackwardBuffers, CellKernels, CellRunner, DeviceArray, Dtype, ForwardBuffers, KernelError,
     checkpoint_count,
 };
 use crate::packing::Packing;
 use burn::backend::Autodiff;
-use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::{Distribution, Tensor};
-use burn_cubecl::{CubeRuntime, FloatElement};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{DType, Distribution, FloatDType, Tensor};
+use burn_cubecl::CubeRuntime;
 use cubecl::prelude::*;
 use std::time::{Duration, Instant};
 
@@ -185,11 +185,16 @@ pub fn time_cell<C: CellKernels, F: Float + CubeElement, R: Runtime>(
     })
 }
 
-/// `rak bench --strategy chunked` at one shape, on the cubecl backend of runtime `R` with
-/// `F` elements under autodiff, inside burn's fusion wrapper (as training runs) or not.
+/// `rak bench --strategy chunked` at one shape, on the cubecl backend of runtime `R` under
+/// autodiff, inside burn's fusion wrapper (as training runs) or not.
 #[derive(Clone, Copy)]
 pub struct ChunkedBench<'a> {
     pub shape: &'a ScanShape,
+    /// The element type of the scan's inputs, parameters and outputs. The scan runs in f32
+    /// whatever it is (its decays, states and products: the half types would round the
+    /// cumulative log decays to a few digits); a half type is cast to f32 on the way in and
+    /// back on the way out, inside the timed region.
+    pub dtype: Dtype,
     pub schedule: Schedule,
     pub warmup: usize,
     pub repetitions: usize,
@@ -198,24 +203,24 @@ pub struct ChunkedBench<'a> {
 }
 
 impl ChunkedBench<'_> {
-    pub fn run<C: CellKernels, R: CubeRuntime, F: FloatElement>(
+    pub fn run<C: CellKernels, R: CubeRuntime>(
         &self,
         fusion: bool,
     ) -> Result<KernelTiming, String> {
-        type Cube<R, F> = burn_cubecl::CubeBackend<R, F, i32, u32>;
+        type Cube<R> = burn_cubecl::CubeBackend<R, f32, i32, u32>;
         let device = Default::default();
         match fusion {
-            true => time_chunked::<C, Autodiff<burn_fusion::Fusion<Cube<R, F>>>>(&device, self),
-            false => time_chunked::<C, Autodiff<Cube<R, F>>>(&device, self),
+            true => time_chunked::<C, Autodiff<burn_fusion::Fusion<Cube<R>>>>(&device, self),
+            false => time_chunked::<C, Autodiff<Cube<R>>>(&device, self),
         }
     }
 }
 
 /// Times `C`'s chunked scan ([`crate::chunked`]) at `bench.shape` in chunks of
-/// `bench.schedule.chunk` steps on the autodiff backend `B`: the forward scan on its inner
-/// backend, and forward + backward (the gradients of inputs and parameters) through autodiff;
-/// each repetition from its first launch to the device's synchronisation, median after
-/// warm-up. With `bench.parts`, the chunked path's own kernels are then timed alone too
+/// `bench.schedule.chunk` steps on the autodiff backend `B` (whose float elements are f32):
+/// the forward scan on its inner backend, and forward + backward (the gradients of inputs and
+/// parameters) through autodiff, with inputs, parameters and outputs of `bench.dtype`; each repetition
+/// from its first launch to the device's synchronisation, median after warm-up. With `bench.parts`, the chunked path's own kernels are then timed alone too
 /// ([`time_chunked_parts`]).
 pub fn time_chunked<C: CellKernels, B>(
     device: &B::Device,
@@ -227,6 +232,7 @@ where
 {
     let ChunkedBench {
         shape,
+        dtype,
         schedule,
         warmup,
         repetitions,
@@ -238,21 +244,26 @@ where
     let dims = &shape.dims;
     let [batch, time, heads] = [shape.batch, shape.time, shape.heads];
     let uniform = Distribution::Uniform(-1.0, 1.0);
+    // Inputs, parameters and outputs in `dtype`, the scan in f32.
+    let (dtype, f32) = (dtype.float_dtype(), FloatDType::F32);
     let inputs = Tensor::<B::InnerBackend, 4>::random(
         [batch, time, heads, Packing::inputs(cell, dims).width],
         uniform,
         device,
-    );
+    )
+    .cast(dtype);
     let params = Tensor::<B::InnerBackend, 2>::random(
         [heads, Packing::params(cell, dims).width],
         uniform,
         device,
-    );
+    )
+    .cast(dtype);
     let weights = Tensor::<B, 4>::random(
         [batch, time, heads, Packing::outputs(cell, dims).width],
         uniform,
         device,
-    );
+    )
+    .cast(dtype);
     let scan = ChunkedScan {
         form: &form,
         dims,
@@ -261,14 +272,24 @@ where
     };
     let sync = || B::sync(device).map_err(|e| format!("device synchronisation failed: {e:?}"));
     let forward = || {
-        scan.run(inputs.clone(), params.clone(), None)?;
+        let result = scan.run(
+            in_dtype(inputs.clone(), f32),
+            in_dtype(params.clone(), f32),
+            None,
+        )?;
+        let _ = in_dtype(result.outputs, dtype);
         sync()
     };
     let forward_backward = || {
         let inputs = Tensor::<B, 4>::from_inner(inputs.clone()).require_grad();
         let params = Tensor::<B, 2>::from_inner(params.clone()).require_grad();
-        let result = scan.run(inputs.clone(), params.clone(), None)?;
-        let grads = (result.outputs * weights.clone()).sum().backward();
+        let result = scan.run(
+            in_dtype(inputs.clone(), f32),
+            in_dtype(params.clone(), f32),
+            None,
+        )?;
+        let outputs = in_dtype(result.outputs, dtype);
+        let grads = (outputs * weights.clone()).sum().backward();
         let _ = (inputs.grad(&grads), params.grad(&grads));
         sync()
     };
@@ -288,6 +309,14 @@ where
         forward_in_registers: false,
         parts,
     })
+}
+
+/// `x` with elements of `dtype`: cast unless they already are.
+fn in_dtype<B: Backend, const D: usize>(x: Tensor<B, D>, dtype: FloatDType) -> Tensor<B, D> {
+    match x.dtype() == DType::from(dtype) {
+        true => x,
+        false => x.cast(dtype),
+    }
 }
 
 /// Times the chunked path's own kernels that `scan` runs at `shape`, each alone on random

@@ -107,22 +107,14 @@ impl crate::cells::CellVisitor for BenchRequest {
                 let (fusion, parts) = (self.fusion, self.parts);
                 let chunked = crate::bench::ChunkedBench {
                     shape: &shape,
+                    dtype: self.dtype,
                     schedule,
                     warmup,
                     repetitions,
                     parts,
                 };
-                match (self.strategy, self.dtype) {
-                    (BenchStrategy::Chunked, Dtype::F32) => {
-                        return chunked.run::<C, $runtime, f32>(fusion);
-                    }
-                    (BenchStrategy::Chunked, Dtype::F16) => {
-                        return chunked.run::<C, $runtime, half::f16>(fusion);
-                    }
-                    (BenchStrategy::Chunked, Dtype::Bf16) => {
-                        return chunked.run::<C, $runtime, half::bf16>(fusion);
-                    }
-                    (BenchStrategy::Fused, _) => {}
+                if self.strategy == BenchStrategy::Chunked {
+                    return chunked.run::<C, $runtime>(fusion);
                 }
                 match self.dtype {
                     Dtype::F32 => crate::bench::time_cell::<C, f32, $runtime>(
@@ -655,7 +647,7 @@ fn emit_chunked(
     if sub_chunk > crate::chunked::SUB_CHUNK {
         return Err(format!(
             "error: --sub-chunk {sub_chunk}: the chunked path takes sub-chunks of at most {} \
-             steps (`decayed_scores` has one unit per pair of a sub-chunk's steps)",
+             steps, and its kernels are launched for those",
             crate::chunked::SUB_CHUNK
         ));
     }

@@ -717,6 +717,17 @@ pub enum Dtype {
     Bf16,
 }
 
+impl Dtype {
+    /// burn's name of the type.
+    pub fn float_dtype(self) -> burn::tensor::FloatDType {
+        match self {
+            Dtype::F32 => burn::tensor::FloatDType::F32,
+            Dtype::F16 => burn::tensor::FloatDType::F16,
+            Dtype::Bf16 => burn::tensor::FloatDType::BF16,
+        }
+    }
+}
+
 /// A kernel's printed source and the schedule it was generated under.
 #[derive(Clone, Debug)]
 pub struct KernelSource {

@@ -173,6 +173,7 @@ where
                 blocks,
                 keys,
                 steps,
+                score_lanes(steps),
             ),
             BlockScores::AcrossSubChunks { sub_chunk } => {
                 scores_across_sub_chunks_kernel::launch::<F, R>(
@@ -340,14 +341,25 @@ fn grid(len: usize) -> (CubeCount, CubeDim) {
 const GRID_UNITS: u32 = 256;
 
 /// Units per cube of the scores' kernels over blocks of `steps` steps:
-/// [`decayed_scores_kernel`] has one per pair of its sub-chunk, [`scores_across_sub_chunks_kernel`]
-/// at most 256, which take the pairs in turn.
+/// [`decayed_scores_kernel`] has [`score_lanes`] per step, [`scores_across_sub_chunks_kernel`]
+/// one per pair of steps of two sub-chunks.
 fn block_scores_units(form: BlockScores, steps: usize) -> CubeDim {
     match form {
-        BlockScores::WithinSubChunk => CubeDim::new_1d((steps * steps) as u32),
-        BlockScores::AcrossSubChunks { .. } => CubeDim::new_1d((steps * steps).min(256) as u32),
+        BlockScores::WithinSubChunk => CubeDim::new_1d((steps * score_lanes(steps)) as u32),
+        BlockScores::AcrossSubChunks { sub_chunk } => {
+            CubeDim::new_1d((sub_chunk * sub_chunk) as u32)
+        }
     }
 }
+
+/// The units of [`decayed_scores_kernel`] that share the keys of one step of a sub-chunk of
+/// `steps` steps: 16, or as many as the steps (its last phase takes one unit per pair).
+fn score_lanes(steps: usize) -> usize {
+    steps.max(16)
+}
+
+/// Keys staged in shared memory at a time by [`scores_across_sub_chunks_kernel`].
+const KEY_TILE: usize = 32;
 
 /// Units per cube of the scores' backward kernels: one per key, at most 256 (which loop over
 /// the rest).
@@ -498,8 +510,11 @@ fn linear_scan_kernel<E: Float>(
 }
 
 /// [`super::decayed_scores`]: one cube per sub-chunk `m` of `steps` steps (looping over the
-/// sub-chunks past the grid), one unit per pair (t, s); the unit sums over the keys, each
-/// exponent summed over the steps s < u ≤ t.
+/// sub-chunks past the grid), `lanes` units per step s (`lanes` from [`score_lanes`]), which
+/// split the keys among them: neighbouring units read neighbouring keys. For each of its keys
+/// i a unit walks the steps t ≥ s with the exponent built up one step at a time (the sum over
+/// s < u ≤ t, in that order) and adds `q_t · k_s · e^{…}` to its partial score of the pair;
+/// then one unit per pair sums the lanes' partial scores, through shared memory.
 #[cube(launch)]
 fn decayed_scores_kernel<E: Float>(
     query: &Array<E>,
@@ -509,36 +524,66 @@ fn decayed_scores_kernel<E: Float>(
     blocks: u32,
     keys: u32,
     #[comptime] steps: usize,
+    #[comptime] lanes: usize,
 ) {
     let (blocks, keys) = (blocks as usize, keys as usize);
     let unit = UNIT_POS as usize;
-    let (t, s) = (unit / steps, unit % steps);
+    let (s, lane) = (unit / lanes, unit % lanes);
+    // The partial score of each pair (t, s) and lane, a row of lanes + 1 per pair (no two
+    // pairs' rows start in the same bank).
+    let row = comptime![lanes + 1];
+    let mut partial = SharedMemory::<f32>::new(comptime![steps * steps * (lanes + 1)]);
     let mut m = CUBE_POS;
     while m < blocks {
         let base = m * steps * keys;
-        let mut score = 0f32;
-        if s <= t {
-            for i in 0..keys {
-                let mut exponent = 0f32;
-                for u in s + 1..t + 1 {
-                    exponent += f32::cast_from(log_decay[base + u * keys + i]);
-                }
-                let q = f32::cast_from(query[base + t * keys + i]);
-                let k = f32::cast_from(key[base + s * keys + i]);
-                score += q * k * exponent.exp();
-            }
+        // Unrolled over the steps, so that the partial scores stay in registers.
+        let mut sums = Array::<f32>::new(steps);
+        #[unroll]
+        for t in 0..steps {
+            sums[t] = 0f32;
         }
-        scores[(m * steps + t) * steps + s] = E::cast_from(score);
+        let mut i = lane;
+        while i < keys {
+            let k = f32::cast_from(key[base + s * keys + i]);
+            let mut exponent = 0f32;
+            #[unroll]
+            for t in 0..steps {
+                if t >= s {
+                    if t > s {
+                        exponent += f32::cast_from(log_decay[base + t * keys + i]);
+                    }
+                    let q = f32::cast_from(query[base + t * keys + i]);
+                    sums[t] += q * k * exponent.exp();
+                }
+            }
+            i += lanes;
+        }
+        #[unroll]
+        for t in 0..steps {
+            partial[(t * steps + s) * row + lane] = sums[t];
+        }
+        sync_cube();
+        // Unit `t · steps + s` sums the pair (t, s) (0 for s > t: no lane walked it).
+        if unit < steps * steps {
+            let mut score = 0f32;
+            for l in 0..lanes {
+                score += partial[unit * row + l];
+            }
+            scores[m * steps * steps + unit] = E::cast_from(score);
+        }
+        // The next sub-chunk overwrites the partial scores.
+        sync_cube();
         m += CUBE_COUNT;
     }
 }
 
 /// The gradients of [`decayed_scores_kernel`]'s operands from the scores' gradient `grad`:
 /// one cube per sub-chunk, which first shares `grad`'s `[steps, steps]` block, then one unit
-/// per key i (looping over the keys past the cube) walks the pairs: for each s, the steps
-/// t ≥ s with the exponent built up one step at a time, giving ∂q_t and ∂k_s; the log decay
-/// of step u takes the pair's contribution `grad · q_t · k_s · e^{…}` of every pair with
-/// s < u ≤ t, by suffix sums over t.
+/// per key i (looping over the keys past the cube) reads its key's queries and log decays of
+/// the sub-chunk once and walks the pairs: for each s, the steps t ≥ s with the exponent built
+/// up one step at a time, giving ∂q_t and ∂k_s; the log decay of step u takes the pair's
+/// contribution `grad · q_t · k_s · e^{…}` of every pair with s < u ≤ t, by suffix sums over
+/// t. The walks over t are unrolled, so that the per-step values and sums stay in registers.
 #[cube(launch)]
 fn decayed_scores_backward_kernel<E: Float>(
     query: &Array<E>,
@@ -566,10 +611,15 @@ fn decayed_scores_backward_kernel<E: Float>(
         let base = m * steps * keys;
         let mut i = UNIT_POS as usize;
         while i < keys {
+            let mut q = Array::<f32>::new(steps);
+            let mut x = Array::<f32>::new(steps);
             let mut grad_q = Array::<f32>::new(steps);
             let mut grad_x = Array::<f32>::new(steps);
             let mut contribution = Array::<f32>::new(steps);
+            #[unroll]
             for t in 0..steps {
+                q[t] = f32::cast_from(query[base + t * keys + i]);
+                x[t] = f32::cast_from(log_decay[base + t * keys + i]);
                 grad_q[t] = 0f32;
                 grad_x[t] = 0f32;
             }
@@ -577,24 +627,32 @@ fn decayed_scores_backward_kernel<E: Float>(
                 let k = f32::cast_from(key[base + s * keys + i]);
                 let mut exponent = 0f32;
                 let mut grad_k = 0f32;
-                for t in s..steps {
-                    if t > s {
-                        exponent += f32::cast_from(log_decay[base + t * keys + i]);
+                #[unroll]
+                for t in 0..steps {
+                    contribution[t] = 0f32;
+                    if t >= s {
+                        if t > s {
+                            exponent += x[t];
+                        }
+                        let decayed = tile[t * steps + s] * exponent.exp();
+                        grad_q[t] += decayed * k;
+                        grad_k += decayed * q[t];
+                        contribution[t] = decayed * q[t] * k;
                     }
-                    let decayed = tile[t * steps + s] * exponent.exp();
-                    let q = f32::cast_from(query[base + t * keys + i]);
-                    grad_q[t] += decayed * k;
-                    grad_k += decayed * q;
-                    contribution[t] = decayed * q * k;
                 }
                 grad_key[base + s * keys + i] = E::cast_from(grad_k);
+                // Suffix sums from the last step down to s + 1 (the terms before s are 0).
                 let mut suffix = 0f32;
-                for j in 0..steps - 1 - s {
+                #[unroll]
+                for j in 0..steps - 1 {
                     let u = steps - 1 - j;
                     suffix += contribution[u];
-                    grad_x[u] += suffix;
+                    if u > s {
+                        grad_x[u] += suffix;
+                    }
                 }
             }
+            #[unroll]
             for t in 0..steps {
                 grad_query[base + t * keys + i] = E::cast_from(grad_q[t]);
                 grad_log_decay[base + t * keys + i] = E::cast_from(grad_x[t]);
@@ -608,9 +666,11 @@ fn decayed_scores_backward_kernel<E: Float>(
 }
 
 /// [`super::scores_across_sub_chunks`]: one cube per chunk `m` of `steps` steps (looping over
-/// the chunks past the grid), whose units take the pairs (t, s) in turn; a pair with s in an
-/// earlier sub-chunk J than t's sub-chunk I sums `q_t · g_IJ · k_s` over the keys, any other
-/// pair scores 0.
+/// the chunks past the grid), one unit per pair of steps of two sub-chunks, which takes the
+/// pairs of sub-chunks (I, J) in turn: for J earlier than I, the pair (t, s) of t in I and s
+/// in J sums `q_t · (g_IJ · k_s)` over the keys, which the cube stages in shared memory
+/// [`KEY_TILE`] at a time (read by neighbouring units at neighbouring keys); any other pair
+/// scores 0.
 #[cube(launch)]
 fn scores_across_sub_chunks_kernel<E: Float>(
     query: &Array<E>,
@@ -624,25 +684,58 @@ fn scores_across_sub_chunks_kernel<E: Float>(
 ) {
     let (blocks, keys) = (blocks as usize, keys as usize);
     let subs = comptime![steps / sub_chunk];
-    let units = CUBE_DIM as usize;
+    let (tile, row) = (comptime![KEY_TILE], comptime![KEY_TILE + 1]);
+    let units = comptime![sub_chunk * sub_chunk];
+    let unit = UNIT_POS as usize;
+    let (t_in, s_in) = (unit / sub_chunk, unit % sub_chunk);
+    // One tile of keys of the reading sub-chunk's queries, then of the writing sub-chunk's
+    // gated keys (from `gated` on), a row of `tile + 1` per step (no two steps' rows start in
+    // the same bank). One shared array, not two of one size: cubecl lays out arrays of equal
+    // size in no fixed order, and the printed kernels are compared with snapshots.
+    let gated = comptime![sub_chunk * (KEY_TILE + 1)];
+    let mut staged = SharedMemory::<f32>::new(comptime![2 * sub_chunk * (KEY_TILE + 1)]);
     let mut m = CUBE_POS;
     while m < blocks {
         let base = m * steps * keys;
-        let mut pair = UNIT_POS as usize;
-        while pair < steps * steps {
-            let (t, s) = (pair / steps, pair % steps);
-            let (reader, writer) = (t / sub_chunk, s / sub_chunk);
-            let mut score = 0f32;
-            if writer < reader {
-                let gate_at = ((m * subs + reader) * subs + writer) * keys;
-                for i in 0..keys {
-                    let q = f32::cast_from(query[base + t * keys + i]);
-                    let k = f32::cast_from(key[base + s * keys + i]);
-                    score += q * f32::cast_from(gates[gate_at + i]) * k;
+        for reader in 0..subs {
+            for writer in 0..subs {
+                let (t, s) = (reader * sub_chunk + t_in, writer * sub_chunk + s_in);
+                let mut score = 0f32;
+                if writer < reader {
+                    let gate_at = ((m * subs + reader) * subs + writer) * keys;
+                    let mut first = 0usize;
+                    while first < keys {
+                        let mut e = unit;
+                        while e < sub_chunk * tile {
+                            let (step, column) = (e / tile, e % tile);
+                            let i = first + column;
+                            let mut q = 0f32;
+                            let mut k = 0f32;
+                            if i < keys {
+                                q = f32::cast_from(
+                                    query[base + (reader * sub_chunk + step) * keys + i],
+                                );
+                                k = f32::cast_from(gates[gate_at + i])
+                                    * f32::cast_from(
+                                        key[base + (writer * sub_chunk + step) * keys + i],
+                                    );
+                            }
+                            staged[step * row + column] = q;
+                            staged[gated + step * row + column] = k;
+                            e += units;
+                        }
+                        sync_cube();
+                        for column in 0..tile {
+                            score +=
+                                staged[t_in * row + column] * staged[gated + s_in * row + column];
+                        }
+                        // The next tile overwrites these.
+                        sync_cube();
+                        first += tile;
+                    }
                 }
+                scores[(m * steps + t) * steps + s] = E::cast_from(score);
             }
-            scores[m * steps * steps + pair] = E::cast_from(score);
-            pair += units;
         }
         m += CUBE_COUNT;
     }
@@ -855,6 +948,7 @@ fn chunked_kernel_definition<E: Float + CubeElement, R: Runtime>(
             (),
             (),
             sub_chunk,
+            score_lanes(sub_chunk),
         )
         .define(),
         ChunkedKernel::DecayedScoresBackward => {

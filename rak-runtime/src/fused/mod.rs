@@ -235,8 +235,9 @@ pub fn running_sum<B: FusedCellBackend, const D: usize>(
 /// from queries `q`, keys `k` and log decays `x`, each `[M, c, K]` (M sub-chunks of c steps),
 /// → `[M, c, c]`. Each exponent is summed over the steps between its two ends (never
 /// positive for decays at most 1, never a difference of two sums). One cube per sub-chunk,
-/// one unit per pair; the backward, one unit per key, walks the pairs with the exponent built
-/// up step by step. Nothing `[M, c, c, K]` is stored. Differentiable on an autodiff backend.
+/// whose units split the keys of each step s and walk the steps t ≥ s with the exponent built
+/// up step by step; the backward, one unit per key, walks the pairs the same way. Nothing
+/// `[M, c, c, K]` is stored. Differentiable on an autodiff backend.
 pub fn decayed_scores<B: FusedCellBackend>(
     query: Tensor<B, 3>,
     key: Tensor<B, 3>,
@@ -253,8 +254,9 @@ pub fn decayed_scores<B: FusedCellBackend>(
 /// chunked path splits each pair's decay at the first step r of t's sub-chunk I into
 /// factors of t (in `q`), of s (in `k`) and of the sub-chunks between (in `g`); the
 /// product of queries and keys scaled per pair (I, J), `n` times the size of the keys,
-/// is never stored. One cube per chunk, one unit per pair; the backward, one unit per key,
-/// walks the pairs. Differentiable on an autodiff backend.
+/// is never stored. One cube per chunk, one unit per pair of steps of two sub-chunks, the
+/// keys staged in shared memory a tile at a time; the backward, one unit per key, walks the
+/// pairs. Differentiable on an autodiff backend.
 pub fn scores_across_sub_chunks<B: FusedCellBackend>(
     query: Tensor<B, 3>,
     key: Tensor<B, 3>,
