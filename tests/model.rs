@@ -449,11 +449,7 @@ fn linear_scan_matches_a_loop_for_every_decay_axis_and_direction() {
                     .iter()
                     .zip(got.iter().zip(&expected))
                 {
-                    let error = got
-                        .iter()
-                        .zip(expected)
-                        .map(|(g, e)| (f64::from(*g) - e).abs())
-                        .fold(0f64, f64::max);
+                    let error = max_error(got, expected);
                     if error > 1e-5 {
                         found.push(format!(
                             "decay per {axis}, reverse {reverse}, {backend} {what}: error {error:.2e}"
@@ -501,6 +497,14 @@ fn linear_scan_matches_a_loop_for_every_decay_axis_and_direction() {
     assert!(found.is_empty(), "{}", found.join("\n"));
 }
 
+/// The largest absolute difference between `got` and the f64 reference `expected`.
+fn max_error(got: &[f32], expected: &[f64]) -> f64 {
+    got.iter()
+        .zip(expected)
+        .map(|(g, e)| (f64::from(*g) - e).abs())
+        .fold(0f64, f64::max)
+}
+
 /// The scores within sub-chunks under a per-key decay against a loop in f64, with decays
 /// near 0 (exponents down to −60), on the fusion wrapper and on the cubecl backend alone (its
 /// gradients are checked with the chunked scans above).
@@ -539,11 +543,7 @@ fn decayed_scores_match_a_loop_at([blocks, steps, keys]: [usize; 3]) {
         ("fusion", scores::<Fused>(operands, [blocks, steps, keys])),
         ("cubecl", scores::<Plain>(operands, [blocks, steps, keys])),
     ] {
-        let error = got
-            .iter()
-            .zip(&expected)
-            .map(|(g, e)| (f64::from(*g) - e).abs())
-            .fold(0f64, f64::max);
+        let error = max_error(&got, &expected);
         assert!(
             error < 1e-5,
             "{backend}, {blocks} blocks of {steps} steps, {keys} keys: error {error:.2e}"
@@ -638,11 +638,7 @@ fn scores_across_sub_chunks_match_loops_at(
             .iter()
             .zip(got.iter().zip(&expected))
         {
-            let error = got
-                .iter()
-                .zip(expected)
-                .map(|(g, e)| (f64::from(*g) - e).abs())
-                .fold(0f64, f64::max);
+            let error = max_error(got, expected);
             if error > 1e-5 {
                 found.push(format!(
                     "{backend} {what}, {blocks} chunks of {subs} × {sub_chunk} steps, \
