@@ -743,10 +743,13 @@ fn scores_across_sub_chunks_kernel<E: Float>(
 
 /// The gradients of [`scores_across_sub_chunks_kernel`]'s operands from the scores' gradient
 /// `grad`: one cube per chunk, one unit per key i (looping over the keys past the cube),
-/// which walks the pairs of sub-chunks J < I and, within them, the pairs (t, s): with
-/// `G_ts` the gradient of the pair's score, `∂q_t += g_IJ Σ_s G_ts k_s`,
-/// `∂k_s += g_IJ Σ_t G_ts q_t` and `∂g_IJ = Σ_t q_t Σ_s G_ts k_s`; the gates of pairs
-/// J ≥ I get 0.
+/// all reading the same gradient at a time. With `G_ts` the gradient of the
+/// score of the pair (t, s), for t in sub-chunk I and s in an earlier sub-chunk J:
+/// `∂q_t = Σ_J g_IJ Σ_s G_ts k_s` and `∂g_IJ = Σ_t q_t Σ_s G_ts k_s`, walked reading
+/// sub-chunk after reading sub-chunk; then `∂k_s = Σ_I g_IJ Σ_t G_ts q_t`, walked writing
+/// sub-chunk after writing sub-chunk. The gates of pairs J ≥ I get 0. Within a pair of
+/// sub-chunks the walks are unrolled over their steps, so that the unit's queries, keys and
+/// sums of two sub-chunks stay in registers.
 #[cube(launch)]
 fn scores_across_sub_chunks_backward_kernel<E: Float>(
     query: &Array<E>,
@@ -769,37 +772,75 @@ fn scores_across_sub_chunks_backward_kernel<E: Float>(
         let base = m * steps * keys;
         let mut i = UNIT_POS as usize;
         while i < keys {
-            let mut grad_q = Array::<f32>::new(steps);
-            let mut grad_k = Array::<f32>::new(steps);
-            for t in 0..steps {
-                grad_q[t] = 0f32;
-                grad_k[t] = 0f32;
-            }
+            // One sub-chunk's values of key i: the reading one's queries and their gradients,
+            // or the writing one's keys and theirs.
+            let mut own = Array::<f32>::new(sub_chunk);
+            let mut sums = Array::<f32>::new(sub_chunk);
+            let mut other = Array::<f32>::new(sub_chunk);
             for reader in 0..subs {
+                let first_t = reader * sub_chunk;
+                #[unroll]
+                for t in 0..sub_chunk {
+                    own[t] = f32::cast_from(query[base + (first_t + t) * keys + i]);
+                    sums[t] = 0f32;
+                }
                 for writer in 0..subs {
                     let gate_at = ((m * subs + reader) * subs + writer) * keys + i;
                     let mut grad_gate = 0f32;
                     if writer < reader {
                         let gate = f32::cast_from(gates[gate_at]);
-                        for t in reader * sub_chunk..(reader + 1) * sub_chunk {
-                            let q = f32::cast_from(query[base + t * keys + i]);
+                        let first_s = writer * sub_chunk;
+                        #[unroll]
+                        for s in 0..sub_chunk {
+                            other[s] = f32::cast_from(key[base + (first_s + s) * keys + i]);
+                        }
+                        #[unroll]
+                        for t in 0..sub_chunk {
                             // Σ_s G_ts k_s over the writing sub-chunk.
+                            let row = (m * steps + first_t + t) * steps + first_s;
                             let mut through = 0f32;
-                            for s in writer * sub_chunk..(writer + 1) * sub_chunk {
-                                let g = f32::cast_from(grad[(m * steps + t) * steps + s]);
-                                through += g * f32::cast_from(key[base + s * keys + i]);
-                                grad_k[s] += g * q * gate;
+                            #[unroll]
+                            for s in 0..sub_chunk {
+                                through += f32::cast_from(grad[row + s]) * other[s];
                             }
-                            grad_q[t] += through * gate;
-                            grad_gate += through * q;
+                            sums[t] += through * gate;
+                            grad_gate += through * own[t];
                         }
                     }
                     grad_gates[gate_at] = E::cast_from(grad_gate);
                 }
+                #[unroll]
+                for t in 0..sub_chunk {
+                    grad_query[base + (first_t + t) * keys + i] = E::cast_from(sums[t]);
+                }
             }
-            for t in 0..steps {
-                grad_query[base + t * keys + i] = E::cast_from(grad_q[t]);
-                grad_key[base + t * keys + i] = E::cast_from(grad_k[t]);
+            for writer in 0..subs {
+                let first_s = writer * sub_chunk;
+                #[unroll]
+                for s in 0..sub_chunk {
+                    sums[s] = 0f32;
+                }
+                for reader in writer + 1..subs {
+                    let gate_at = ((m * subs + reader) * subs + writer) * keys + i;
+                    let gate = f32::cast_from(gates[gate_at]);
+                    let first_t = reader * sub_chunk;
+                    #[unroll]
+                    for t in 0..sub_chunk {
+                        other[t] = gate * f32::cast_from(query[base + (first_t + t) * keys + i]);
+                    }
+                    #[unroll]
+                    for t in 0..sub_chunk {
+                        let row = (m * steps + first_t + t) * steps + first_s;
+                        #[unroll]
+                        for s in 0..sub_chunk {
+                            sums[s] += f32::cast_from(grad[row + s]) * other[t];
+                        }
+                    }
+                }
+                #[unroll]
+                for s in 0..sub_chunk {
+                    grad_key[base + (first_s + s) * keys + i] = E::cast_from(sums[s]);
+                }
             }
             i += units;
         }
