@@ -219,8 +219,9 @@ impl ChunkedBench<'_> {
 /// Times `C`'s chunked scan ([`crate::chunked`]) at `bench.shape` in chunks of
 /// `bench.schedule.chunk` steps on the autodiff backend `B` (whose float elements are f32):
 /// the forward scan on its inner backend, and forward + backward (the gradients of inputs and
-/// parameters) through autodiff, with inputs, parameters and outputs of `bench.dtype`; each repetition
-/// from its first launch to the device's synchronisation, median after warm-up. With `bench.parts`, the chunked path's own kernels are then timed alone too
+/// parameters) through autodiff, with inputs, parameters and outputs of `bench.dtype`; each
+/// repetition from its first launch to the device's synchronisation, median after warm-up.
+/// With `bench.parts`, the chunked path's own kernels are then timed alone too
 /// ([`time_chunked_parts`]).
 pub fn time_chunked<C: CellKernels, B>(
     device: &B::Device,
