@@ -8,7 +8,7 @@
   floor (bytes in + out at the measured copy bandwidth).
 
 Timings: CUDA events, median of repetitions after warm-up. Writes one JSON object per
-measurement to --out. Correctness: fla and the loop are compared at a small shape first.
+measurement to --out, as it is taken. Correctness: fla and the loop are compared at a small shape first.
 """
 
 import argparse
@@ -86,11 +86,14 @@ def main():
     args = parser.parse_args()
     device = torch.device("cuda")
     torch.manual_seed(0)
-    records = []
+    # Each measurement is written as soon as it is taken: a run cut short keeps what it measured.
+    out = open(args.out, "w")
 
     def emit(**record):
-        records.append(record)
-        print(json.dumps(record), flush=True)
+        line = json.dumps(record)
+        print(line, flush=True)
+        out.write(line + "\n")
+        out.flush()
 
     fp32_flops, copy_bw = floors(device)
     emit(kind="floors", device=torch.cuda.get_device_name(), fp32_tflops=fp32_flops / 1e12, copy_tb_per_s=copy_bw / 1e12)
@@ -138,9 +141,7 @@ def main():
                 both_ms = time_ms(forward_backward(simple_rnn_loop, inputs), 1, 3)
                 emit(kind="peer", peer="torch_loop", **shape, forward_ms=forward_ms, forward_backward_ms=both_ms)
 
-    with open(args.out, "w") as file:
-        for record in records:
-            file.write(json.dumps(record) + "\n")
+    out.close()
 
 
 if __name__ == "__main__":

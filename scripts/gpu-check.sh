@@ -9,8 +9,8 @@
 # floors), the seed's LM table (`rak train -m experiment=...` on the GPU, and a 4-layer D = 512
 # step), `rak bench generate` and a sweep of the schedule's knobs (`--cube-dim`, `--sum-parts`),
 # and packs the logs and the tables into $OUT/results.tar.gz after every step (each step under its
-# own timeout; 575 s at most before the sweep and the chunked form without fusion, which come
-# last and get what is left of the call's 600 s).
+# own cap and a deadline 585 s into the call, in order of need: the sweep and the chunked form
+# without fusion come last and get what the others leave).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bundle=gpu-bundle

@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine (see scripts/gpu-check.sh, which prepares gpu-bundle/ here).
 # It writes into a results folder: device.txt (GPU, date, the bundle's commit, CUDA libraries
-# found), kernel-tests.log, rak-bench.jsonl, chunked.md, rak-chunked.jsonl, peers.jsonl,
-# peers.log, table.md, lm.log, lm-table.md, lm-d512.md, generate.md, sweep.md, sweep.jsonl,
-# chunked-no-fusion.md, rak-chunked-no-fusion.jsonl. A device call returns at most 8 files of
-# $OUT, so the folder is packed into $OUT/results.tar.gz after every step (a call cut short
-# still returns what the finished steps wrote), and device.txt and table.md are copied beside
-# it. Every step has a timeout: 575 s in all for steps 1-5; the schedule sweep (6) and the
-# chunked form without fusion (7) get what is left of a 600 s call.
+# found), kernel-tests.log, rak-bench.jsonl, chunked.md, rak-chunked.jsonl, chunked-bf16.md,
+# peers.jsonl, peers.log, table.md, lm.log, lm-table.md, lm-d512.md, generate.md, sweep.md,
+# sweep.jsonl, chunked-no-fusion.md, rak-chunked-no-fusion.jsonl, steps.log. A device call
+# returns at most 8 files of $OUT, so the folder is packed into $OUT/results.tar.gz after every
+# step (a call cut short still returns what the finished steps wrote), and device.txt and
+# table.md (remade from what is measured so far) are copied beside it.
+#
+# Every step runs under a timeout: its own cap, and never past the call's deadline (585 s
+# after the start, within the device call's 600 s). The steps come in order of need: a step
+# that ends early leaves its time to the later ones, and a step that finds no time left is
+# skipped and says so in steps.log. (RAK_GPU_DEADLINE_S sets another deadline, for a dry run.)
 set -uo pipefail
 out=${OUT:-/tmp/rak-gpu-out}
 res=/tmp/rak-gpu-results
@@ -15,7 +19,26 @@ rm -rf "$res" /tmp/rak-runs
 mkdir -p "$out" "$res"
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
+deadline=$((SECONDS + ${RAK_GPU_DEADLINE_S:-585}))
+# `within CAP COMMAND…`: runs COMMAND under `timeout`, for at most CAP seconds and never past
+# the deadline; logs each step's exit status and time to steps.log.
+within() {
+    local cap=$1 left started=$SECONDS status
+    shift
+    left=$((deadline - SECONDS))
+    ((left < cap)) && cap=$left
+    if ((cap < 5)); then
+        echo "skipped (no time left): $*" >> "$res/steps.log"
+        return 124
+    fi
+    timeout "$cap" "$@"
+    status=$?
+    echo "exit $status after $((SECONDS - started)) s (cap $cap s): $*" >> "$res/steps.log"
+    return $status
+}
 save() {
+    python3 bench/table.py "$res/rak-bench.jsonl" "$res/peers.jsonl" "$res/rak-chunked.jsonl" \
+        > "$res/table.md" 2>&1
     tar -czf "$out/results.tar.gz.part" -C "$res" . && mv -f "$out/results.tar.gz.part" "$out/results.tar.gz"
     for file in device.txt table.md; do
         [ -e "$res/$file" ] && cp -f "$res/$file" "$out/$file"
@@ -50,42 +73,47 @@ chmod +x gpu-bundle/rak gpu-bundle/kernels-cuda
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site gpu-bundle/whl/*.whl &&
     export PYTHONPATH=/tmp/site
 
+shapes=(--shape 8,2048,8,128 --shape 4,2048,16,128 --shape 16,512,4,64 --shape 1,16384,8,128)
+
 # 1. Kernel tests of every cell on CUDA against the f64 interpreter (same tolerances as on wgpu),
 #    then the chunked form against it at T = 2048 with saturated gates, chunks of 64 (burn
 #    operations on CUDA: cubecl's autotuned matmuls, tf32 products on the tensor cores, hence
 #    its own tolerance; every case's worst error is logged). Its small shapes run in CI.
-timeout 120 gpu-bundle/kernels-cuda --test-threads 1 --skip chunked > "$res/kernel-tests.log" 2>&1
+within 120 gpu-bundle/kernels-cuda --test-threads 1 --skip chunked > "$res/kernel-tests.log" 2>&1
 echo "kernel tests: exit $?" | tee -a "$res/kernel-tests.log"
-timeout 30 gpu-bundle/kernels-cuda --test-threads 1 --nocapture \
+within 30 gpu-bundle/kernels-cuda --test-threads 1 --nocapture \
     chunked_form_with_saturated_gates_and_long_sequences >> "$res/kernel-tests.log" 2>&1
 echo "chunked form tests: exit $?" | tee -a "$res/kernel-tests.log"
 save
 
 # 2. rak's kernels at the issue's shapes, f32 and bf16 (state always f32).
 for dtype in f32 bf16; do
-    timeout 65 gpu-bundle/rak bench --device cuda --dtype "$dtype" --repetitions 5 --warmup 1 \
-        --shape 8,2048,8,128 --shape 4,2048,16,128 --shape 16,512,4,64 --shape 1,16384,8,128 \
-        --json "$res/rak-bench.jsonl" 2>&1 | tee -a "$res/kernel-tests.log"
+    within 65 gpu-bundle/rak bench --device cuda --dtype "$dtype" --repetitions 5 --warmup 1 \
+        "${shapes[@]}" --json "$res/rak-bench.jsonl" 2>&1 | tee -a "$res/kernel-tests.log"
 done
 save
 
 # 2b. The compiler's chunked form of SimpleRNN at the same shapes (burn operations, matrix
 #     products; timed to synchronisation), f32, then its own kernels timed alone (`--parts`:
 #     their share of the scan says whether they or the matrix products come next).
-timeout 60 gpu-bundle/rak bench --device cuda --strategy chunked --parts --repetitions 5 --warmup 1 \
-    --shape 8,2048,8,128 --shape 4,2048,16,128 --shape 16,512,4,64 --shape 1,16384,8,128 \
-    --json "$res/rak-chunked.jsonl" > "$res/chunked.md" 2>&1
+within 60 gpu-bundle/rak bench --device cuda --strategy chunked --parts --repetitions 5 --warmup 1 \
+    "${shapes[@]}" --json "$res/rak-chunked.jsonl" > "$res/chunked.md" 2>&1
 echo "chunked bench: exit $?" >> "$res/chunked.md"
 cat "$res/chunked.md"
 save
 
-# 3. Peers and floors on the same GPU.
-timeout 110 python3 bench/peers.py --out "$res/peers.jsonl" > "$res/peers.log" 2>&1
+# 3. Peers and floors on the same GPU (f32 and bf16); table.md is remade by `save`.
+within 110 python3 bench/peers.py --out "$res/peers.jsonl" > "$res/peers.log" 2>&1
 echo "peers: exit $?" >> "$res/peers.log"
-
-python3 bench/table.py "$res/rak-bench.jsonl" "$res/peers.jsonl" "$res/rak-chunked.jsonl" \
-    > "$res/table.md" 2>&1
+save
 cat "$res/table.md"
+
+# 3b. The chunked form with bf16 inputs, parameters and outputs (the scan in f32, casts in
+#     the timed region), beside chunk_gla's bf16 rows.
+within 45 gpu-bundle/rak bench --device cuda --strategy chunked --dtype bf16 --repetitions 5 \
+    --warmup 1 "${shapes[@]}" --json "$res/rak-chunked.jsonl" > "$res/chunked-bf16.md" 2>&1
+echo "chunked bench, bf16: exit $?" >> "$res/chunked-bf16.md"
+cat "$res/chunked-bf16.md"
 save
 
 # 4. The seed's table on the GPU: total train / val / test time per strategy (the per-step
@@ -93,11 +121,11 @@ save
 #    the chunked form), the seed's model on dummy data; then tokens/s of a training step of
 #    a 4-layer D = 512 LM.
 runs=/tmp/rak-runs
-timeout 75 gpu-bundle/rak train -m experiment=unfused,fused_projection,fused,chunked model=seed \
+within 75 gpu-bundle/rak train -m experiment=unfused,fused_projection,fused,chunked model=seed \
     data=dummy steps=100 eval_every=100 checkpoint_every=100 "job.run_dir=$runs/{name}" \
     --table "$res/lm-table.md" > "$res/lm.log" 2>&1
 echo "lm table: exit $?" >> "$res/lm.log"
-timeout 25 gpu-bundle/rak train experiment=fused data=dummy model.layers=4 model.d_model=512 \
+within 25 gpu-bundle/rak train experiment=fused data=dummy model.layers=4 model.d_model=512 \
     model.heads=4 "model.dims=[128, 128]" steps=20 eval_every=20 checkpoint_every=20 \
     test_batches=1 "job.name=d512" "job.run_dir=$runs/{name}" --table "$res/lm-d512.md" \
     >> "$res/lm.log" 2>&1
@@ -106,7 +134,7 @@ cat "$res/lm-table.md" "$res/lm-d512.md" 2>/dev/null
 save
 
 # 5. Streaming generation: time and device memory against prompt length.
-timeout 25 gpu-bundle/rak bench generate --checkpoint "$runs/fused" \
+within 25 gpu-bundle/rak bench generate --checkpoint "$runs/fused" \
     --prompt-lengths 1000,10000,100000 > "$res/generate.md" 2>&1
 cat "$res/generate.md"
 save
@@ -114,7 +142,7 @@ save
 # 6. The schedule's knobs, side by side at one shape (f32): units per cube, sums split among
 #    units or not, states held in registers or not (docs/compiler.md, "Split sums", "States
 #    in registers"); these set the defaults.
-timeout 50 gpu-bundle/rak bench --device cuda --repetitions 5 --warmup 1 --shape 8,2048,8,128 \
+within 50 gpu-bundle/rak bench --device cuda --repetitions 5 --warmup 1 --shape 8,2048,8,128 \
     --cube-dim 64,128,256 --sum-parts 1,8 --registers true,false --json "$res/sweep.jsonl" > "$res/sweep.md" 2>&1
 echo "sweep: exit $?" >> "$res/sweep.md"
 cat "$res/sweep.md"
@@ -123,10 +151,9 @@ save
 # 7. If the call has time left: the chunked form without burn's fusion wrapper (the cubecl
 #    backend alone), to see what fusing its element-wise operations gains (step 2b runs it
 #    inside the wrapper, as training does).
-timeout 40 gpu-bundle/rak bench --device cuda --strategy chunked --fusion false --repetitions 5 \
-    --warmup 1 --shape 8,2048,8,128 --shape 4,2048,16,128 --shape 16,512,4,64 --shape 1,16384,8,128 \
-    --json "$res/rak-chunked-no-fusion.jsonl" > "$res/chunked-no-fusion.md" 2>&1
+within 40 gpu-bundle/rak bench --device cuda --strategy chunked --fusion false --repetitions 5 \
+    --warmup 1 "${shapes[@]}" --json "$res/rak-chunked-no-fusion.jsonl" > "$res/chunked-no-fusion.md" 2>&1
 echo "chunked without fusion: exit $?" >> "$res/chunked-no-fusion.md"
 cat "$res/chunked-no-fusion.md"
 save
-
+cat "$res/steps.log"
