@@ -31,6 +31,7 @@ CHUNKED = "chunked path"
 CHUNKED_KERNELS = [
     "linear_scan",
     "linear_scan_reverse",
+    "running_sum",
     "decayed_scores",
     "decayed_scores_backward",
     "scores_across_sub_chunks",

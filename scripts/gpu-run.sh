@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine (see scripts/gpu-check.sh, which prepares gpu-bundle/ here).
 # It writes into a results folder: device.txt (GPU, date, the bundle's commit, CUDA libraries
-# found), kernel-tests.log, rak-bench.jsonl, chunked.md, rak-chunked.jsonl, chunked-bf16.md,
-# peers.jsonl, peers.log, table.md, lm.log, lm-table.md, lm-d512.md, generate.md, sweep.md,
-# sweep.jsonl, chunked-no-fusion.md, rak-chunked-no-fusion.jsonl, steps.log. A device call
+# found), kernel-tests.log, rak-bench.jsonl, chunked.md, rak-chunked.jsonl, peers.jsonl,
+# peers.log, table.md, chunked-bf16.md, kernel-profile.md, kernel-profile.log, lm.log,
+# lm-table.md, lm-d512.md, generate.md, sweep.md, sweep.jsonl, chunked-no-fusion.md,
+# rak-chunked-no-fusion.jsonl, steps.log. A device call
 # returns at most 8 files of $OUT, so the folder is packed into $OUT/results.tar.gz after every
 # step (a call cut short still returns what the finished steps wrote), and device.txt and
 # table.md (remade from what is measured so far) are copied beside it.
@@ -114,6 +115,24 @@ within 45 gpu-bundle/rak bench --device cuda --strategy chunked --dtype bf16 --r
     --warmup 1 "${shapes[@]}" --json "$res/rak-chunked.jsonl" > "$res/chunked-bf16.md" 2>&1
 echo "chunked bench, bf16: exit $?" >> "$res/chunked-bf16.md"
 cat "$res/chunked-bf16.md"
+save
+
+# 3c. Where the chunked form's time goes, kernel by kernel, at B=4 T=2048 H=16 K=V=128 (f32):
+#     cubecl's profiler times every launch alone (a cubecl.toml in the working directory turns
+#     it on) and bench/kernel_profile.py sums the launches by kind, for one forward and one
+#     forward + backward after a warm-up: launches and time per kernel kind (matrix products,
+#     fused element-wise, copies, the chunked path's own kernels).
+profile=/tmp/rak-profile
+mkdir -p "$profile"
+printf '[profiling.logger]\nlevel = "basic"\nfile = "%s"\nappend = false\n' \
+    "$res/kernel-profile.log" > "$profile/cubecl.toml"
+rak=$PWD/gpu-bundle/rak
+(cd "$profile" && within 40 "$rak" bench --device cuda --strategy chunked --repetitions 1 \
+    --warmup 1 --shape 4,2048,16,128) > "$res/kernel-profile.md" 2>&1
+echo "profiled bench: exit $?" >> "$res/kernel-profile.md"
+python3 bench/kernel_profile.py "$res/kernel-profile.log" "forward, warm-up (autotuning)" \
+    forward "forward + backward, warm-up" "forward + backward" >> "$res/kernel-profile.md" 2>&1
+cat "$res/kernel-profile.md"
 save
 
 # 4. The seed's table on the GPU: total train / val / test time per strategy (the per-step

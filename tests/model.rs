@@ -14,7 +14,7 @@ use rak::codegen::schedule::Schedule;
 use rak::kernels::CellKernels;
 use rak::runtime::burn;
 use rak::runtime::chunked::ChunkedScan;
-use rak::runtime::fused::{FusedCellBackend, FusedSettings, fused_cell};
+use rak::runtime::fused::{FusedCellBackend, FusedSettings, SumOver, fused_cell};
 use rak::runtime::packing::Packing;
 use rak::runtime::unfused::UnfusedScan;
 
@@ -371,10 +371,28 @@ fn linear_scan_on<B: AutodiffBackend + FusedCellBackend>(
     ]
 }
 
+/// `running_sum` of `x` along `dim` over `over` and the gradient of `Σ weights · sums` with
+/// respect to `x`, on backend `B`.
+fn running_sum_on<B: AutodiffBackend + FusedCellBackend>(
+    x: &[f32],
+    weights: &[f32],
+    shape: [usize; 3],
+    dim: usize,
+    over: SumOver,
+) -> [Vec<f32>; 2] {
+    let x = tensor::<B, 3>(x.to_vec(), shape).require_grad();
+    let sums = rak::runtime::fused::running_sum(x.clone(), dim, over);
+    let grads = (sums.clone() * tensor::<B, 3>(weights.to_vec(), shape))
+        .sum()
+        .backward();
+    [values(sums), values(x.grad(&grads).expect("a gradient"))]
+}
+
 /// The recurrence across chunks of the chunked path and its three gradients against loops
 /// in f64, for each way a decay spreads over the state (scalar, per key, per value), walked
 /// forward and in reverse, on the fusion wrapper and on the cubecl backend alone; and
-/// `running_sum` (the walk without decay) against sums in f64 along each axis.
+/// `running_sum` and its gradient against sums in f64 along each axis, over each span of
+/// steps, on both.
 #[test]
 fn linear_scan_matches_a_loop_for_every_decay_axis_and_direction() {
     setup();
@@ -459,37 +477,57 @@ fn linear_scan_matches_a_loop_for_every_decay_axis_and_direction() {
             }
         }
     }
-    // Running sums along each axis of a `[2, 3, 5]` tensor, both ways.
-    let x = random(5, 30, 1.0);
+    // Running sums along each axis of a `[2, 3, 5]` tensor over each span of steps, and their
+    // gradients, against sums in f64.
+    let (x, weights) = (random(5, 30, 1.0), random(6, 30, 1.0));
+    let (shape, strides) = ([2, 3, 5], [15, 5, 1]);
     for dim in 0..3 {
-        for reverse in [false, true] {
-            let shape = [2, 3, 5];
-            let sums = rak::runtime::fused::running_sum(
-                tensor::<Fused, 3>(x.clone(), shape),
-                dim,
-                reverse,
-            );
-            let got = sums.into_data().to_vec::<f32>().expect("f32 tensor");
-            let strides = [15, 5, 1];
-            for (flat, got) in got.iter().enumerate() {
+        for over in [
+            SumOver::UpTo,
+            SumOver::Before,
+            SumOver::From,
+            SumOver::After,
+        ] {
+            let counted = |u: usize, t: usize| match over {
+                SumOver::UpTo => u <= t,
+                SumOver::Before => u < t,
+                SumOver::From => u >= t,
+                SumOver::After => u > t,
+            };
+            // y_t = Σ_{u counted at t} x_u, and ∂x_u = Σ_{t counting u} w_t, in f64.
+            let (mut sums, mut gradient) = (vec![0f64; x.len()], vec![0f64; x.len()]);
+            for (flat, (sum, gradient)) in sums.iter_mut().zip(&mut gradient).enumerate() {
                 let position = (flat / strides[dim]) % shape[dim];
-                let expected: f64 = (0..shape[dim])
-                    .filter(|&u| {
-                        if reverse {
-                            u >= position
-                        } else {
-                            u <= position
-                        }
-                    })
-                    .map(|u| {
-                        let moved = flat - position * strides[dim] + u * strides[dim];
-                        f64::from(x[moved])
-                    })
-                    .sum();
-                if (f64::from(*got) - expected).abs() > 1e-5 {
-                    found.push(format!(
-                        "running_sum along {dim}, reverse {reverse}: {got} at {flat}, expected {expected}"
-                    ));
+                let at = |u: usize| flat - position * strides[dim] + u * strides[dim];
+                for u in 0..shape[dim] {
+                    if counted(u, position) {
+                        *sum += f64::from(x[at(u)]);
+                    }
+                    if counted(position, u) {
+                        *gradient += f64::from(weights[at(u)]);
+                    }
+                }
+            }
+            let expected = [sums, gradient];
+            let runs = [
+                (
+                    "fusion",
+                    running_sum_on::<Fused>(&x, &weights, shape, dim, over),
+                ),
+                (
+                    "cubecl",
+                    running_sum_on::<Plain>(&x, &weights, shape, dim, over),
+                ),
+            ];
+            for (backend, got) in runs {
+                for (what, (got, expected)) in ["sums", "∂x"].iter().zip(got.iter().zip(&expected))
+                {
+                    let error = max_error(got, expected);
+                    if error > 1e-5 {
+                        found.push(format!(
+                            "running_sum along {dim} over {over:?}, {backend} {what}: error {error:.2e}"
+                        ));
+                    }
                 }
             }
         }

@@ -17,10 +17,11 @@
 //!   memory traffic of one read and one write of each chunk's state, where a parallel prefix
 //!   scan of full states reads and writes them log₂(chunks) times);
 //! - **intra-chunk**: `o_t += Σ_{s ≤ t} (Σ_i q_t[i] κ_s[i] e^{b_t[i] − b_s[i]}) ν_s`, in
-//!   sub-chunks of c steps: between sub-chunks, every decay is split at the first step r of
-//!   the later sub-chunk, `e^{b_t − b_r} · e^{b_r − b_s}`, factors that never exceed 1; for a
-//!   per-key decay `e^{b_r − b_s}` is in turn the factor of s's sub-chunk J after s and the
-//!   gate between J and I, and one kernel applies the gates pair by pair of sub-chunks
+//!   sub-chunks of c steps: between sub-chunks, every decay is split where the later
+//!   sub-chunk I starts (after step r − 1, the last of the sub-chunk before it),
+//!   `e^{b_t − b_{r−1}} · e^{b_{r−1} − b_s}`, factors that never exceed 1; for a per-key decay
+//!   `e^{b_{r−1} − b_s}` is in turn the factor of s's sub-chunk J after s and the gate of the
+//!   sub-chunks strictly between J and I, and one kernel applies the gates pair by pair of sub-chunks
 //!   ([`scores_across_sub_chunks`], which stores no keys scaled per pair); within a sub-chunk
 //!   the decays are taken pairwise, by one kernel for a per-key decay ([`decayed_scores`],
 //!   which stores no `[c, c, K]` factors); then the `[C, C]` scores multiply the values. A
@@ -31,7 +32,8 @@
 //! exponential, so they add no infinities to the gradients either.
 //!
 //! Every exponent that is not measured from the chunk's start (`b_t − b_s`, `b_C − b_s`) is
-//! summed over the steps between its ends ([`segment_sums`], [`sum_after`]), never taken as the
+//! summed over the steps between its ends ([`segment_sums`], [`running_sum`] over the steps
+//! after each, [`SumOver::After`]), never taken as the
 //! difference of two sums from the start: with saturated gates those sums reach −1000 within a
 //! chunk, where f32 keeps only about 1e-4 of absolute precision, and a difference would carry
 //! that error into every factor (and ≈ 5e-4 into the gradient of Mamba2's `A_log` at T = 2048,
@@ -40,7 +42,7 @@
 use crate::codegen::chunkwise::{ChunkForm, GateAxis};
 use crate::codegen::ir::{ExprId, IndexId};
 use crate::fused::{
-    FusedCellBackend, decayed_scores, linear_scan, running_sum, scores_across_sub_chunks,
+    FusedCellBackend, SumOver, decayed_scores, linear_scan, running_sum, scores_across_sub_chunks,
 };
 use crate::unfused::{ScanResult, UnfusedScan, materialize};
 use burn::tensor::backend::Backend;
@@ -150,10 +152,10 @@ impl ChunkedScan<'_> {
             let steps = log_decay
                 .clone()
                 .reshape([batch, heads, chunks, 1, chunk, 1]);
-            segment_sums(steps).reshape([batch, heads, chunks, chunk, chunk])
+            segment_sums(steps, SumOver::UpTo).reshape([batch, heads, chunks, chunk, chunk])
         });
         let parts = Chunks {
-            decay: running_sum(log_decay.clone(), 3, false),
+            decay: running_sum(log_decay.clone(), 3, SumOver::UpTo),
             scalar_between,
             log_decay,
             key: cut(next()),
@@ -251,7 +253,7 @@ impl ChunkedScan<'_> {
             chunk - 1..chunk,
             0..width,
         ]));
-        let to_end = sum_after(parts.log_decay.clone(), 3).exp();
+        let to_end = running_sum(parts.log_decay.clone(), 3, SumOver::After).exp();
         let writes = match self.form.gate_axis {
             GateAxis::Scalar | GateAxis::Key => (parts.key.clone() * to_end)
                 .swap_dims(3, 4)
@@ -316,7 +318,7 @@ impl ChunkedScan<'_> {
                 // b_t − b_s for every pair s ≤ t, `[…, t, s, V]`, taken pairwise.
                 let causal = lower_triangle::<B>(sub_chunk, &device)
                     .reshape([1, 1, 1, 1, sub_chunk, sub_chunk, 1]);
-                let pairwise = masked_exp(segment_sums(x.clone()), causal);
+                let pairwise = masked_exp(segment_sums(x.clone(), SumOver::UpTo), causal);
                 let scores = q
                     .clone()
                     .matmul(k.clone().swap_dims(4, 5))
@@ -336,27 +338,20 @@ impl ChunkedScan<'_> {
             }
         };
         if subs > 1 {
-            // Earlier sub-chunks: each decay split at the first step r of the reading
-            // sub-chunk I: b_t − b_r, within I, and b_r − b_s for s in an earlier sub-chunk
-            // J, the sum of the rest of J after s, of the sub-chunks strictly between J and
-            // I, and of step r.
-            let to_reader = since_first_step(x.clone()).exp();
-            let rest_of_writer = sum_after(x.clone(), 4);
-            // Σ_{J < K ≤ I} of the sub-chunks' totals, `[…, I, J, width]`, moved one sub-chunk
-            // on: Σ_{J < K < I}; then step r of I: the exponent between the sub-chunks.
+            // Earlier sub-chunks: each decay split where the reading sub-chunk I starts:
+            // b_t − b_{r−1} (r the first step of I), the steps of I up to t, and
+            // b_{r−1} − b_s for s in an earlier sub-chunk J, the sum of the rest of J after
+            // s and of the sub-chunks strictly between J and I.
+            let to_reader = running_sum(x.clone(), 4, SumOver::UpTo).exp();
+            let rest_of_writer = running_sum(x.clone(), 4, SumOver::After);
+            // Σ_{J < K < I} of the sub-chunks' totals, `[…, I, J, width]`: the exponent of
+            // the gates between sub-chunks.
             let totals = x
                 .clone()
                 .sum_dim(4)
                 .reshape([batch, heads, chunks, 1, subs, width]);
-            let through = segment_sums(totals).reshape([batch, heads, chunks, subs, subs, width]);
-            let strictly_between = Tensor::cat(
-                vec![
-                    Tensor::zeros([batch, heads, chunks, 1, subs, width], &device),
-                    materialize(through.narrow(3, 0, subs - 1)),
-                ],
-                3,
-            );
-            let between = strictly_between + materialize(x.narrow(4, 0, 1));
+            let between = segment_sums(totals, SumOver::Before)
+                .reshape([batch, heads, chunks, subs, subs, width]);
             read = read
                 + match self.form.gate_axis {
                     GateAxis::Value => {
@@ -495,7 +490,8 @@ fn delta_chunk_states<B: FusedCellBackend>(
     // maps of chunks n − 2^r + 1 ..= n (the identity padding the first chunks).
     let identity = Tensor::<B, 2>::eye(keys, &device).reshape([1, 1, 1, keys, keys]);
     let whole_chunk = materialize(parts.decay.clone().narrow(3, chunk - 1, 1)).exp();
-    let key_t = (key * sum_after(parts.log_decay.clone(), 3).exp()).swap_dims(3, 4);
+    let key_t =
+        (key * running_sum(parts.log_decay.clone(), 3, SumOver::After).exp()).swap_dims(3, 4);
     let mut map = identity.clone() * whole_chunk - key_t.clone().matmul(pseudo_keys.clone());
     let mut carried = key_t.matmul(pseudo.clone());
     let mut span = 1;
@@ -607,43 +603,22 @@ fn masked_exp<B: Backend, const D: usize>(x: Tensor<B, D>, mask: Tensor<B, D>) -
     (x * mask.clone()).exp() * mask
 }
 
-/// `[…, n, w]` → `[…, t, s, w]`: Σ_{s < u ≤ t} x_u where s ≤ t, 0 elsewhere. Each entry is
-/// the sum of the terms between s and t, not the difference of two sums from the start, so it
-/// keeps its precision however far from 0 the sums from the start drift (saturated gates: by
-/// hundreds within a chunk, where a difference would lose every digit a small entry has).
-fn segment_sums<B: FusedCellBackend>(x: Tensor<B, 6>) -> Tensor<B, 7> {
+/// `[…, n, w]` → `[…, t, s, w]`: Σ_{s < u ≤ t} x_u where s ≤ t (`over` [`SumOver::UpTo`]), or
+/// Σ_{s < u < t} where s < t ([`SumOver::Before`]), 0 elsewhere. Each entry is the sum of the
+/// terms between s and t, not the difference of two sums from the start, so it keeps its
+/// precision however far from 0 the sums from the start drift (saturated gates: by hundreds
+/// within a chunk, where a difference would lose every digit a small entry has).
+fn segment_sums<B: FusedCellBackend>(x: Tensor<B, 6>, over: SumOver) -> Tensor<B, 7> {
+    assert!(
+        matches!(over, SumOver::UpTo | SumOver::Before),
+        "segment sums run from s to t"
+    );
     let n = x.dims()[4];
     // 1 where s < u, `[u, s]`.
     let after = Tensor::<B, 2>::ones([n, n], &x.device())
         .tril(-1)
         .reshape([1, 1, 1, 1, n, n, 1]);
-    running_sum(x.unsqueeze_dim::<7>(5) * after, 4, false)
-}
-
-/// `[…, c, w]` → Σ_{0 < u ≤ t} x_u for each step t of each sub-chunk (dim 4): the sums from
-/// the sub-chunk's first step, which they exclude, as one running sum.
-fn since_first_step<B: FusedCellBackend>(x: Tensor<B, 6>) -> Tensor<B, 6> {
-    let [batch, heads, chunks, subs, steps, width] = x.dims();
-    let first = Tensor::zeros([batch, heads, chunks, subs, 1, width], &x.device());
-    if steps == 1 {
-        return first;
-    }
-    let from_second = Tensor::cat(vec![first, materialize(x.narrow(4, 1, steps - 1))], 4);
-    running_sum(from_second, 4, false)
-}
-
-/// Σ_{u > t} x_u along `dim`, summed from the far end (not a difference of two sums, for the
-/// reason given at [`segment_sums`]).
-fn sum_after<B: FusedCellBackend, const D: usize>(x: Tensor<B, D>, dim: usize) -> Tensor<B, D> {
-    let n = x.dims()[dim];
-    let mut last = x.dims();
-    last[dim] = 1;
-    let zero = Tensor::zeros(last, &x.device());
-    if n == 1 {
-        return zero;
-    }
-    let later = Tensor::cat(vec![materialize(x.narrow(dim, 1, n - 1)), zero], dim);
-    running_sum(later, dim, true)
+    running_sum(x.unsqueeze_dim::<7>(5) * after, 4, over)
 }
 
 /// `[n, n]`: 1 where column ≤ row.

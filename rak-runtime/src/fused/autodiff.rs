@@ -1,10 +1,11 @@
 //! The fused cell under burn's autodiff: the forward scan writes checkpoints when any operand
 //! needs a gradient, and the operation's backward runs the generated backward scan. The
 //! chunked path's recurrence across chunks ([`super::linear_scan`]) is differentiated by the
-//! same recurrence walked the other way ([`LinearScanBackward`]), and its scores of pairs of
-//! steps by their backward kernels ([`BlockScoresBackward`]).
+//! same recurrence walked the other way ([`LinearScanBackward`]), its running sums by the
+//! running sums the other way ([`RunningSumBackward`]), and its scores of pairs of steps by
+//! their backward kernels ([`BlockScoresBackward`]).
 
-use super::{BlockScores, FusedCellBackend, FusedForward, FusedGradients, FusedSettings};
+use super::{BlockScores, FusedCellBackend, FusedForward, FusedGradients, FusedSettings, SumOver};
 use crate::kernels::CellKernels;
 use burn::backend::Autodiff;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -49,6 +50,30 @@ impl<B: FusedCellBackend, C: CellKernels, const N: usize> Backward<B, N> for Sca
             if let (Some(parent), Some(gradient)) = (parent, result.take()) {
                 grads.register::<B>(parent.id, gradient);
             }
+        }
+    }
+}
+
+/// The backward of [`FusedCellBackend::running_sum`]: a running sum is a linear map whose
+/// transpose is the running sum over [`SumOver::adjoint`] (x_u reaches y_t for u ≤ t exactly
+/// when y_t's gradient reaches x_u for t ≥ u).
+#[derive(Debug)]
+struct RunningSumBackward {
+    over: SumOver,
+}
+
+impl<B: FusedCellBackend> Backward<B, 1> for RunningSumBackward {
+    type State = ();
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 1>,
+        grads: &mut Gradients,
+        _checkpointer: &mut Checkpointer,
+    ) {
+        let grad = grads.consume::<B>(&ops.node);
+        if let [Some(parent)] = ops.parents {
+            grads.register::<B>(parent.id, B::running_sum(grad, self.over.adjoint()));
         }
     }
 }
@@ -267,6 +292,13 @@ impl<B: FusedCellBackend, CS: CheckpointStrategy> FusedCellBackend for Autodiff<
                 reverse,
             )),
         }
+    }
+
+    fn running_sum(x: FloatTensor<Self>, over: SumOver) -> FloatTensor<Self> {
+        (RunningSumBackward { over })
+            .prepare::<CS>([x.node.clone()])
+            .compute_bound()
+            .stateless(B::running_sum(x.primitive, over))
     }
 
     fn block_scores(

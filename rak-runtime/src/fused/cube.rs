@@ -1,11 +1,12 @@
 //! The fused cell on burn's cubecl backends (`CubeBackend`, what `Cuda` and `Wgpu` wrap): the
 //! packed tensors are split into one array per value, the generated kernels run through
 //! [`CellRunner`], and the results are packed again. The chunked path's recurrence across
-//! chunks runs [`linear_scan_kernel`], its scores within sub-chunks [`decayed_scores_kernel`]
+//! chunks runs [`linear_scan_kernel`], its running sums of log decays [`running_sum_kernel`],
+//! its scores within sub-chunks [`decayed_scores_kernel`]
 //! and [`decayed_scores_backward_kernel`], and across sub-chunks
 //! [`scores_across_sub_chunks_kernel`] and [`scores_across_sub_chunks_backward_kernel`].
 
-use super::{BlockScores, FusedCellBackend, FusedForward, FusedGradients, FusedSettings};
+use super::{BlockScores, FusedCellBackend, FusedForward, FusedGradients, FusedSettings, SumOver};
 use crate::codegen::ScanShape;
 use crate::kernels::{
     BackwardBuffers, CellKernels, CellRunner, DeviceArray, ForwardBuffers, StepBuffers,
@@ -146,6 +147,26 @@ where
             reverse,
         );
         after
+    }
+
+    fn running_sum(x: CubeTensor<R>, over: SumOver) -> CubeTensor<R> {
+        let [lines, steps, across] = x.meta.shape().dims::<3>();
+        let x = into_contiguous(x);
+        let (client, device) = (x.client.clone(), x.device.clone());
+        let sums = empty_device::<R, F>(client.clone(), device, x.meta.shape().clone());
+        let (cubes, units) = grid(lines * across);
+        running_sum_kernel::launch::<F, R>(
+            &client,
+            cubes,
+            units,
+            whole(&x),
+            whole(&sums),
+            steps as u32,
+            across as u32,
+            over.reverse(),
+            over.exclusive(),
+        );
+        sums
     }
 
     fn block_scores(
@@ -509,6 +530,41 @@ fn linear_scan_kernel<E: Float>(
     }
 }
 
+/// [`super::running_sum`] along axis 1 of `x` `[lines, steps, across]`: one unit per line
+/// and position across (grid-stride loop) walks the steps, from the last when `reverse`,
+/// with the sum in a register in f32, and writes it after adding its step's value, or before
+/// when `exclusive`. Neighbouring units read neighbouring values when `across` > 1.
+#[cube(launch)]
+fn running_sum_kernel<E: Float>(
+    x: &Array<E>,
+    sums: &mut Array<E>,
+    steps: u32,
+    across: u32,
+    #[comptime] reverse: bool,
+    #[comptime] exclusive: bool,
+) {
+    let (steps, across) = (steps as usize, across as usize);
+    let stride = CUBE_COUNT * CUBE_DIM as usize;
+    let walks = x.len() / steps;
+    let mut e = ABSOLUTE_POS;
+    while e < walks {
+        let (line, position) = (e / across, e % across);
+        let mut sum = 0.0f32;
+        for i in 0..steps {
+            let n = if comptime![reverse] { steps - 1 - i } else { i };
+            let at = (line * steps + n) * across + position;
+            if comptime![exclusive] {
+                sums[at] = E::cast_from(sum);
+                sum += f32::cast_from(x[at]);
+            } else {
+                sum += f32::cast_from(x[at]);
+                sums[at] = E::cast_from(sum);
+            }
+        }
+        e += stride;
+    }
+}
+
 /// [`super::decayed_scores`]: one cube per sub-chunk `m` of `steps` steps (looping over the
 /// sub-chunks past the grid), `lanes` units per step s (`lanes` from [`score_lanes`]), which
 /// split the keys among them: neighbouring units read neighbouring keys. For each of its keys
@@ -857,6 +913,8 @@ pub enum ChunkedKernel {
     LinearScan,
     /// [`linear_scan_kernel`] in reverse: its backward.
     LinearScanReverse,
+    /// [`running_sum_kernel`], inclusive from the first step (the cumulative log decays).
+    RunningSum,
     /// [`decayed_scores_kernel`]: the scores within a sub-chunk.
     DecayedScores,
     /// [`decayed_scores_backward_kernel`].
@@ -868,9 +926,10 @@ pub enum ChunkedKernel {
 }
 
 impl ChunkedKernel {
-    pub const ALL: [ChunkedKernel; 6] = [
+    pub const ALL: [ChunkedKernel; 7] = [
         ChunkedKernel::LinearScan,
         ChunkedKernel::LinearScanReverse,
+        ChunkedKernel::RunningSum,
         ChunkedKernel::DecayedScores,
         ChunkedKernel::DecayedScoresBackward,
         ChunkedKernel::ScoresAcrossSubChunks,
@@ -882,6 +941,7 @@ impl ChunkedKernel {
         match self {
             ChunkedKernel::LinearScan => "linear_scan",
             ChunkedKernel::LinearScanReverse => "linear_scan_reverse",
+            ChunkedKernel::RunningSum => "running_sum",
             ChunkedKernel::DecayedScores => "decayed_scores",
             ChunkedKernel::DecayedScoresBackward => "decayed_scores_backward",
             ChunkedKernel::ScoresAcrossSubChunks => "scores_across_sub_chunks",
@@ -897,9 +957,9 @@ impl ChunkedKernel {
     /// Units per cube of its launches at `sizes`.
     pub fn units(self, sizes: ChunkedSizes) -> u32 {
         let units = match self {
-            ChunkedKernel::LinearScan | ChunkedKernel::LinearScanReverse => {
-                CubeDim::new_1d(GRID_UNITS)
-            }
+            ChunkedKernel::LinearScan
+            | ChunkedKernel::LinearScanReverse
+            | ChunkedKernel::RunningSum => CubeDim::new_1d(GRID_UNITS),
             ChunkedKernel::DecayedScores => {
                 block_scores_units(BlockScores::WithinSubChunk, sizes.sub_chunk)
             }
@@ -979,6 +1039,17 @@ fn chunked_kernel_definition<E: Float + CubeElement, R: Runtime>(
             )
             .define()
         }
+        ChunkedKernel::RunningSum => running_sum_kernel::RunningSumKernel::<E, R>::new(
+            settings,
+            client,
+            array(),
+            array(),
+            (),
+            (),
+            false,
+            false,
+        )
+        .define(),
         ChunkedKernel::DecayedScores => decayed_scores_kernel::DecayedScoresKernel::<E, R>::new(
             settings,
             client,

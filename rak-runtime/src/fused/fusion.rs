@@ -2,7 +2,7 @@
 //! scan is a custom operation of the fusion stream, which hands its operands to the wrapped
 //! backend when the stream reaches it; so are the chunked path's kernels.
 
-use super::{BlockScores, FusedCellBackend, FusedForward, FusedGradients, FusedSettings};
+use super::{BlockScores, FusedCellBackend, FusedForward, FusedGradients, FusedSettings, SumOver};
 use crate::kernels::CellKernels;
 use crate::packing::Packing;
 use burn::tensor::ops::FloatTensor;
@@ -100,6 +100,25 @@ impl<B: FusionBackend + FusedCellBackend> Operation<B::FusionRuntime> for Linear
             self.reverse,
         );
         handles.register_float_tensor::<B>(&after.id, result);
+    }
+}
+
+/// Running sums ([`super::running_sum`]) as a stream operation: values in, sums out.
+#[derive(Debug)]
+struct RunningSum<B> {
+    description: CustomOpIr,
+    over: SumOver,
+    backend: PhantomData<B>,
+}
+
+impl<B: FusionBackend + FusedCellBackend> Operation<B::FusionRuntime> for RunningSum<B> {
+    fn execute(
+        &self,
+        handles: &mut HandleContainer<<B::FusionRuntime as FusionRuntime>::FusionHandle>,
+    ) {
+        let ([x], [sums]) = self.description.as_fixed();
+        let result = B::running_sum(handles.get_float_tensor::<B>(x), self.over);
+        handles.register_float_tensor::<B>(&sums.id, result);
     }
 }
 
@@ -232,6 +251,19 @@ impl<B: FusionBackend + FusedCellBackend> FusedCellBackend for Fusion<B> {
                 backend: PhantomData,
             },
         );
+        results.remove(0)
+    }
+
+    fn running_sum(x: FloatTensor<Self>, over: SumOver) -> FloatTensor<Self> {
+        let sums = TensorIr::uninit(x.client.create_empty_handle(), x.shape.clone(), x.dtype);
+        let mut results =
+            register_custom::<B, _>("rak_running_sum", vec![x], vec![sums], |description| {
+                RunningSum::<B> {
+                    description,
+                    over,
+                    backend: PhantomData,
+                }
+            });
         results.remove(0)
     }
 

@@ -3,9 +3,10 @@
 //! of the fusion stream ([`fusion`]), and under burn's autodiff with the generated backward
 //! kernel as the operation's backward ([`autodiff`]).
 //!
-//! The same backends run two parts of the chunked path ([`crate::chunked`]) as kernels of
+//! The same backends run parts of the chunked path ([`crate::chunked`]) as kernels of
 //! their own: the recurrence across chunks ([`linear_scan`]), a diagonal linear recurrence
-//! walked sequentially by one unit per state element, and the scores within a sub-chunk
+//! walked sequentially by one unit per state element, the running sums of log decays
+//! ([`running_sum`]), walked the same way, and the scores within a sub-chunk
 //! under a per-key decay ([`decayed_scores`]), whose pairwise decays burn operations would
 //! materialise (`c` times the size of the queries), and across sub-chunks
 //! ([`scores_across_sub_chunks`]), whose keys scaled per pair of sub-chunks they would
@@ -70,6 +71,42 @@ pub enum BlockScores {
     AcrossSubChunks { sub_chunk: usize },
 }
 
+/// Which steps [`running_sum`] adds up for each step t of its axis.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SumOver {
+    /// `Σ_{u ≤ t} x_u`, summed from the first step.
+    UpTo,
+    /// `Σ_{u < t} x_u` (0 at the first step), summed from the first step.
+    Before,
+    /// `Σ_{u ≥ t} x_u`, summed from the last step.
+    From,
+    /// `Σ_{u > t} x_u` (0 at the last step), summed from the last step.
+    After,
+}
+
+impl SumOver {
+    /// Whether the sums start from the last step.
+    pub fn reverse(self) -> bool {
+        matches!(self, SumOver::From | SumOver::After)
+    }
+
+    /// Whether step t's own value is left out of its sum.
+    pub fn exclusive(self) -> bool {
+        matches!(self, SumOver::Before | SumOver::After)
+    }
+
+    /// The sums whose map is the transpose of this one's: x_u reaches y_t exactly when y_t's
+    /// gradient reaches x_u through the adjoint (so it is the backward).
+    pub fn adjoint(self) -> SumOver {
+        match self {
+            SumOver::UpTo => SumOver::From,
+            SumOver::From => SumOver::UpTo,
+            SumOver::Before => SumOver::After,
+            SumOver::After => SumOver::Before,
+        }
+    }
+}
+
 /// Backends that run a cell's generated kernels.
 pub trait FusedCellBackend: Backend {
     /// The forward scan; writes checkpoints if `checkpoints` is true.
@@ -112,6 +149,10 @@ pub trait FusedCellBackend: Backend {
         initial: FloatTensor<Self>,
         reverse: bool,
     ) -> FloatTensor<Self>;
+
+    /// Running sums along axis 1 of `x` `[lines, steps, across]` ([`running_sum`]), over
+    /// the steps `over` says.
+    fn running_sum(x: FloatTensor<Self>, over: SumOver) -> FloatTensor<Self>;
 
     /// The scores of pairs of steps of a chunk under a per-key decay, `[M, C, C]`, of the
     /// pairs `form` says: within sub-chunks ([`decayed_scores`]: queries, keys and log decays
@@ -201,33 +242,29 @@ pub fn linear_scan<B: FusedCellBackend>(
     Tensor::from_primitive(TensorPrimitive::Float(after))
 }
 
-/// The running sums of `x` along `dim`, inclusive: `y_t = Σ_{u ≤ t} x_u`, or with `reverse`
-/// `y_t = Σ_{u ≥ t} x_u`, each summed in order from the end it starts at. It is the
-/// recurrence of [`linear_scan`] without decay, walked by one unit per line along `dim`, each
-/// value read once (burn's `cumsum` reads the whole prefix again for every position: `n²/2`
-/// reads along an axis of `n`, and its reverse takes two flips besides). Differentiable on an
-/// autodiff backend: the backward is the walk the other way.
+/// The running sums of `x` along `dim`, over the steps `over` says: `Σ_{u ≤ t} x_u`,
+/// `Σ_{u < t}`, `Σ_{u ≥ t}` or `Σ_{u > t}` for each step t, each summed in order from the end
+/// it starts at (so a sum of the steps after t is never a difference of two sums from the
+/// start, whose digits would go with the size of those sums). One unit per line along `dim`
+/// walks it, each value read once (burn's `cumsum` reads the whole prefix again for every
+/// position: `n²/2` reads along an axis of `n`; the sums from the far end took two flips
+/// besides, and the exclusive ones a copy and a concatenation). Differentiable on an autodiff
+/// backend: the backward is the running sum over [`SumOver::adjoint`].
 pub fn running_sum<B: FusedCellBackend, const D: usize>(
     x: Tensor<B, D>,
     dim: usize,
-    reverse: bool,
+    over: SumOver,
 ) -> Tensor<B, D> {
     let dims = x.dims();
-    let steps = dims[dim];
     let lines: usize = dims[..dim].iter().product();
     let across: usize = dims[dim + 1..].iter().product();
-    let device = x.device();
-    let no_decay = Tensor::<B, 5>::zeros([lines, 1, steps, 1, 1], &device);
-    let start = Tensor::<B, 4>::zeros([lines, 1, across, 1], &device);
-    let sums = B::linear_scan(
-        no_decay.into_primitive().tensor(),
-        x.reshape([lines, 1, steps, across, 1])
+    let sums = B::running_sum(
+        x.reshape([lines, dims[dim], across])
             .into_primitive()
             .tensor(),
-        start.into_primitive().tensor(),
-        reverse,
+        over,
     );
-    Tensor::<B, 5>::from_primitive(TensorPrimitive::Float(sums)).reshape(dims)
+    Tensor::<B, 3>::from_primitive(TensorPrimitive::Float(sums)).reshape(dims)
 }
 
 /// The scores of every pair of steps s ≤ t of a sub-chunk under a per-key decay:
@@ -251,8 +288,8 @@ pub fn decayed_scores<B: FusedCellBackend>(
 /// sub-chunk I and s in sub-chunk J < I, 0 elsewhere (the diagonal blocks included), from
 /// queries `q` and keys `k` `[M, C, K]` and gates between sub-chunks `g` `[M, n, n, K]`
 /// (C = n · c; entries with J ≥ I are ignored), → `[M, C, C]`. With a per-key decay, the
-/// chunked path splits each pair's decay at the first step r of t's sub-chunk I into
-/// factors of t (in `q`), of s (in `k`) and of the sub-chunks between (in `g`); the
+/// chunked path splits each pair's decay where t's sub-chunk I starts into factors of t (in
+/// `q`), of s (in `k`) and of the sub-chunks strictly between (in `g`); the
 /// product of queries and keys scaled per pair (I, J), `n` times the size of the keys,
 /// is never stored. One cube per chunk, one unit per pair of steps of two sub-chunks, the
 /// keys staged in shared memory a tile at a time; the backward, one unit per key, walks the
