@@ -344,13 +344,13 @@ fn chunked_scan_matches_the_unfused_path_for_every_linear_cell() {
     assert!(found.is_empty(), "{}", found.join("\n"));
 }
 
-/// `B::linear_scan` over seeded tensors (log decays `[2, 3, 5, dk, dv]`, writes and states
-/// with K = 4, V = 3), and the gradients of `Σ weights ⊙ after` with respect to the log
-/// decays, the writes and the initial state.
+/// `B::linear_scan` over `over` on seeded tensors (log decays `[2, 3, 5, dk, dv]`, writes and
+/// states with K = 4, V = 3), and the gradients of `Σ weights ⊙ outputs` with respect to the
+/// log decays, the writes and the initial state.
 fn linear_scan_on<B: AutodiffBackend + FusedCellBackend>(
     [decay, writes, initial, weights]: [&[f32]; 4],
     [dk, dv]: [usize; 2],
-    reverse: bool,
+    over: SumOver,
 ) -> [Vec<f32>; 4] {
     let decay = tensor::<B, 5>(decay.to_vec(), [2, 3, 5, dk, dv]).require_grad();
     let writes = tensor::<B, 5>(writes.to_vec(), [2, 3, 5, 4, 3]).require_grad();
@@ -359,7 +359,7 @@ fn linear_scan_on<B: AutodiffBackend + FusedCellBackend>(
         decay.clone().into_primitive().tensor(),
         writes.clone().into_primitive().tensor(),
         initial.clone().into_primitive().tensor(),
-        reverse,
+        over,
     )));
     let weights = tensor::<B, 5>(weights.to_vec(), [2, 3, 5, 4, 3]);
     let grads = (after.clone() * weights).sum().backward();
@@ -390,7 +390,8 @@ fn running_sum_on<B: AutodiffBackend + FusedCellBackend>(
 
 /// The recurrence across chunks of the chunked path and its three gradients against loops
 /// in f64, for each way a decay spreads over the state (scalar, per key, per value), walked
-/// forward and in reverse, on the fusion wrapper and on the cubecl backend alone; and
+/// forward and in reverse, writing the states after or before each step, on the fusion
+/// wrapper and on the cubecl backend alone; and
 /// `running_sum` and its gradient against sums in f64 along each axis, over each span of
 /// steps, on both.
 #[test]
@@ -409,7 +410,13 @@ fn linear_scan_matches_a_loop_for_every_decay_axis_and_direction() {
             .into_iter()
             .map(|x| -x.abs())
             .collect();
-        for reverse in [false, true] {
+        for over in [
+            SumOver::UpTo,
+            SumOver::Before,
+            SumOver::From,
+            SumOver::After,
+        ] {
+            let (reverse, exclusive) = (over.reverse(), over.exclusive());
             // The walk, then the gradient reaching each step from the later ones, in f64.
             let mut expected = [
                 vec![0f64; writes.len()],
@@ -425,42 +432,48 @@ fn linear_scan_matches_a_loop_for_every_decay_axis_and_direction() {
                 let step = |i: usize| if reverse { steps - 1 - i } else { i };
                 let decay_at =
                     |n: usize| ((sequence * steps + n) * dk + key % dk) * dv + value % dv;
+                let gate = |n: usize| f64::from(decay[decay_at(n)]).exp();
                 let at = |n: usize| (sequence * steps + n) * keys * values + element;
-                let mut carried = f64::from(initial[start]);
-                for n in (0..steps).map(step) {
-                    carried =
-                        f64::from(decay[decay_at(n)]).exp() * carried + f64::from(writes[at(n)]);
-                    expected[0][at(n)] = carried;
+                // states[i]: the state before the walk's step i (states[0] the initial one).
+                let mut states = vec![f64::from(initial[start])];
+                for i in 0..steps {
+                    let n = step(i);
+                    states.push(gate(n) * states[i] + f64::from(writes[at(n)]));
                 }
+                for i in 0..steps {
+                    expected[0][at(step(i))] = states[if exclusive { i } else { i + 1 }];
+                }
+                // The gradient reaching the state after the walk's step i: from the output
+                // that is that state (output i, or i + 1 when the outputs are the states
+                // before their steps) and through the next step.
                 let mut reaching = 0f64;
                 for i in (0..steps).rev() {
                     let n = step(i);
                     if i + 1 < steps {
-                        reaching *= f64::from(decay[decay_at(step(i + 1))]).exp();
+                        reaching *= gate(step(i + 1));
                     }
-                    reaching += f64::from(weights[at(n)]);
-                    let before = match i {
-                        0 => f64::from(initial[start]),
-                        _ => expected[0][at(step(i - 1))],
-                    };
-                    let decayed = reaching * f64::from(decay[decay_at(n)]).exp();
-                    expected[1][decay_at(n)] += decayed * before;
+                    let output = if exclusive { i + 1 } else { i };
+                    if output < steps {
+                        reaching += f64::from(weights[at(step(output))]);
+                    }
+                    let decayed = reaching * gate(n);
+                    expected[1][decay_at(n)] += decayed * states[i];
                     expected[2][at(n)] = reaching;
                     if i == 0 {
-                        expected[3][start] = decayed;
+                        // The initial state is output 0 itself when the outputs come before.
+                        let own = if exclusive {
+                            f64::from(weights[at(n)])
+                        } else {
+                            0.0
+                        };
+                        expected[3][start] = decayed + own;
                     }
                 }
             }
             let operands = [&decay[..], &writes[..], &initial[..], &weights[..]];
             let runs = [
-                (
-                    "fusion",
-                    linear_scan_on::<Fused>(operands, [dk, dv], reverse),
-                ),
-                (
-                    "cubecl",
-                    linear_scan_on::<Plain>(operands, [dk, dv], reverse),
-                ),
+                ("fusion", linear_scan_on::<Fused>(operands, [dk, dv], over)),
+                ("cubecl", linear_scan_on::<Plain>(operands, [dk, dv], over)),
             ];
             for (backend, got) in runs {
                 for (what, (got, expected)) in ["after", "∂log decay", "∂writes", "∂initial"]
@@ -470,7 +483,7 @@ fn linear_scan_matches_a_loop_for_every_decay_axis_and_direction() {
                     let error = max_error(got, expected);
                     if error > 1e-5 {
                         found.push(format!(
-                            "decay per {axis}, reverse {reverse}, {backend} {what}: error {error:.2e}"
+                            "decay per {axis}, over {over:?}, {backend} {what}: error {error:.2e}"
                         ));
                     }
                 }

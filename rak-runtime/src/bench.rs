@@ -17,7 +17,7 @@ use crate::codegen::chunkwise::chunk_form;
 use crate::codegen::ir::IndexId;
 use crate::codegen::ir::{InputId, OutputId, ParamId, StateId};
 use crate::codegen::schedule::Schedule;
-use crate::fused::{BlockScores, ChunkedKernel, FusedCellBackend};
+use crate::fused::{BlockScores, ChunkedKernel, FusedCellBackend, SumOver};
 use crate::kernels::{
     BackwardBuffers, CellKernels, CellRunner, DeviceArray, Dtype, ForwardBuffers, KernelError,
     checkpoint_count,
@@ -367,14 +367,15 @@ pub fn time_chunked_parts<B: FusedCellBackend>(
         let log_decay = random(&[b, h, chunks, decay_keys, decay_values], log_decays);
         let writes = random(&[b, h, chunks, keys, values], others);
         let initial = random(&[b, h, keys, values], others);
-        let walk = |reverse: bool| {
-            B::linear_scan(log_decay.clone(), writes.clone(), initial.clone(), reverse);
+        // The scan writes the state entering each chunk; its backward walks from the last.
+        let walk = |over: SumOver| {
+            B::linear_scan(log_decay.clone(), writes.clone(), initial.clone(), over);
         };
         parts.push(PartTiming {
             kernel: ChunkedKernel::LinearScan,
             launch: format!("{sequences} states [{keys}, {values}] through {chunks} chunks"),
-            forward: time(&|| walk(false))?,
-            backward: time(&|| walk(true))?,
+            forward: time(&|| walk(SumOver::Before))?,
+            backward: time(&|| walk(SumOver::After))?,
         });
     }
     if form.delta.is_none() && form.gate_axis == GateAxis::Key {

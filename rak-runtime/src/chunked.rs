@@ -13,9 +13,10 @@
 //! - **inter-chunk**: `o_t += (q_t ⊙ e^{b_t}) · S₀`; the chunk's write
 //!   `U = Σ_s (κ_s ⊙ e^{b_C − b_s}) ⊗ ν_s` and decay `e^{b_C}` give the next chunk's state
 //!   `S₁ = e^{b_C} ⊙ S₀ + U`; the states entering all chunks come from these affine maps
-//!   applied in order by [`linear_scan`], one unit per state element (a sequential walk:
-//!   memory traffic of one read and one write of each chunk's state, where a parallel prefix
-//!   scan of full states reads and writes them log₂(chunks) times);
+//!   applied in order by [`linear_scan`], one unit per state element, which writes the state
+//!   entering each chunk (a sequential walk: memory traffic of one read and one write of each
+//!   chunk's state, where a parallel prefix scan of full states reads and writes them
+//!   log₂(chunks) times);
 //! - **intra-chunk**: `o_t += Σ_{s ≤ t} (Σ_i q_t[i] κ_s[i] e^{b_t[i] − b_s[i]}) ν_s`, in
 //!   sub-chunks of c steps: between sub-chunks, every decay is split where the later
 //!   sub-chunk I starts (after step r − 1, the last of the sub-chunk before it),
@@ -269,9 +270,16 @@ impl ChunkedScan<'_> {
             GateAxis::Key => total.reshape([batch, heads, chunks, keys, 1]),
             GateAxis::Value => total.reshape([batch, heads, chunks, 1, values]),
         };
-        // Each chunk is the affine map S ↦ e^{total} ⊙ S + writes, applied chunk after chunk.
-        let after = linear_scan(total, writes, initial.clone());
-        entering_and_last(after, initial.unsqueeze_dim::<5>(2))
+        // Each chunk is the affine map S ↦ e^{total} ⊙ S + writes, applied chunk after chunk:
+        // the walk writes the state entering each chunk, and the last chunk's map applied to
+        // the state entering it gives the state after it.
+        let entering = linear_scan(total.clone(), writes.clone(), initial, SumOver::Before);
+        let last_chunk = |x: Tensor<B, 5>| -> Tensor<B, 4> {
+            let [_, _, _, rows, columns] = x.dims();
+            materialize(x.narrow(2, chunks - 1, 1)).reshape([batch, heads, rows, columns])
+        };
+        let last = last_chunk(total).exp() * last_chunk(entering.clone()) + last_chunk(writes);
+        (entering, last)
     }
 
     /// What each step reads of the state entering its chunk: `[B, H, chunks, C, V]`.

@@ -81,18 +81,25 @@ impl<B: FusedCellBackend> Backward<B, 1> for RunningSumBackward {
 /// The backward of [`FusedCellBackend::linear_scan`] walking in either direction, with
 /// respect to its log decays, writes and initial state. In the walk's order (step `n − 1`
 /// before step `n`; the reverse walk's steps taken from the last), with G the gradient of
-/// every `after_n`, the gradient reaching `after_n` through every later step of the walk is
-/// `R_n = G_n + e^{d_{n+1}} ⊙ R_{n+1}`: the same recurrence walked the other way, each
-/// step's decay moved one step against the walk. Then the writes' gradient is R, the initial
-/// state's `e^{d_0} ⊙ R_0`, and the log decays' `R_n ⊙ e^{d_n} ⊙ after_{n−1}`, summed along
-/// the state axes a decay is broadcast along.
+/// every output, `R_n`, the gradient reaching the state after step n, is what the writes
+/// get; the log decays get `R_n ⊙ e^{d_n} ⊙ state before step n`, summed along the state
+/// axes a decay is broadcast along.
+///
+/// - Outputs after each step ([`SumOver::UpTo`], [`SumOver::From`]):
+///   `R_n = G_n + e^{d_{n+1}} ⊙ R_{n+1}`, the same recurrence walked the other way with each
+///   step's decay moved one step against the walk; the initial state gets `e^{d_0} ⊙ R_0`.
+/// - Outputs before each step ([`SumOver::Before`], [`SumOver::After`]): output n + 1 is the
+///   state after step n, so `R_n = G_{n+1} + e^{d_{n+1}} ⊙ R_{n+1}` is the exclusive walk the
+///   other way with the decays where they are (no step moved, no concatenation); the outputs
+///   are the states before each step, and the initial state, output 0 itself, gets
+///   `G_0 + e^{d_0} ⊙ R_0`.
 #[derive(Debug)]
 struct LinearScanBackward {
-    reverse: bool,
+    over: SumOver,
 }
 
 impl<B: FusedCellBackend> Backward<B, 3> for LinearScanBackward {
-    /// Log decays, the initial state and every state after a step.
+    /// Log decays, the initial state and the walk's outputs.
     type State = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>);
 
     fn backward(
@@ -101,39 +108,59 @@ impl<B: FusedCellBackend> Backward<B, 3> for LinearScanBackward {
         grads: &mut Gradients,
         _checkpointer: &mut Checkpointer,
     ) {
-        let (log_decay, initial, after) = ops.state;
+        let (log_decay, initial, outputs) = ops.state;
         let tensor = |primitive| Tensor::<B, 5>::from_primitive(TensorPrimitive::Float(primitive));
-        let (log_decay, after) = (tensor(log_decay), tensor(after));
+        let (log_decay, outputs) = (tensor(log_decay), tensor(outputs));
         let initial = Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(initial));
-        let grad = grads.consume::<B>(&ops.node);
-        let [batch, heads, steps, keys, values] = after.dims();
+        let grad = tensor(grads.consume::<B>(&ops.node));
+        let [batch, heads, steps, keys, values] = outputs.dims();
         let [_, _, _, decay_keys, decay_values] = log_decay.dims();
-        let device = after.device();
-        let reverse = self.reverse;
-        // Along axis 2, each step gets the value of the step before it in the walk (`previous`)
-        // or after it (`next`), `padding` where there is none.
-        let moved = |x: Tensor<B, 5>, padding: Tensor<B, 5>, previous: bool| match steps {
-            1 => padding,
-            _ if previous != reverse => Tensor::cat(vec![padding, x.narrow(2, 0, steps - 1)], 2),
-            _ => Tensor::cat(vec![x.narrow(2, 1, steps - 1), padding], 2),
-        };
-        let next_decay = moved(
-            log_decay.clone(),
-            Tensor::zeros([batch, heads, 1, decay_keys, decay_values], &device),
-            false,
-        );
+        let device = outputs.device();
+        let reverse = self.over.reverse();
+        let first = if reverse { steps - 1 } else { 0 };
         let nothing_after = Tensor::<B, 4>::zeros([batch, heads, keys, values], &device);
-        let reaching = tensor(B::linear_scan(
-            next_decay.into_primitive().tensor(),
-            grad,
-            nothing_after.into_primitive().tensor(),
-            !reverse,
-        ));
-        let decay = log_decay.exp();
+        let walk_back = |log_decay: Tensor<B, 5>, grad: Tensor<B, 5>| {
+            tensor(B::linear_scan(
+                log_decay.into_primitive().tensor(),
+                grad.into_primitive().tensor(),
+                nothing_after.clone().into_primitive().tensor(),
+                self.over.adjoint(),
+            ))
+        };
+        let decay = log_decay.clone().exp();
+        // Step `first` of the walk, `[B, H, rows, columns]` (a decay's: broadcast along the state).
+        let at_first = |x: Tensor<B, 5>| {
+            let [_, _, _, rows, columns] = x.dims();
+            x.narrow(2, first, 1).reshape([batch, heads, rows, columns])
+        };
+        let (reaching, before, initial_gradient) = if self.over.exclusive() {
+            let reaching = walk_back(log_decay, grad.clone());
+            let initial_gradient =
+                at_first(grad) + at_first(decay.clone()) * at_first(reaching.clone());
+            (reaching, outputs, initial_gradient)
+        } else {
+            // Along axis 2, each step gets the value of the step before it in the walk
+            // (`previous`) or after it (`next`), `padding` where there is none.
+            let moved = |x: Tensor<B, 5>, padding: Tensor<B, 5>, previous: bool| match steps {
+                1 => padding,
+                _ if previous != reverse => {
+                    Tensor::cat(vec![padding, x.narrow(2, 0, steps - 1)], 2)
+                }
+                _ => Tensor::cat(vec![x.narrow(2, 1, steps - 1), padding], 2),
+            };
+            let next_decay = moved(
+                log_decay,
+                Tensor::zeros([batch, heads, 1, decay_keys, decay_values], &device),
+                false,
+            );
+            let reaching = walk_back(next_decay, grad);
+            let before = moved(outputs, initial.unsqueeze_dim::<5>(2), true);
+            let initial_gradient = at_first(reaching.clone()) * at_first(decay.clone());
+            (reaching, before, initial_gradient)
+        };
         let [decay_parent, writes_parent, initial_parent] = ops.parents;
         if let Some(parent) = decay_parent {
-            let before = moved(after, initial.clone().unsqueeze_dim::<5>(2), true);
-            let mut gradient = reaching.clone() * decay.clone() * before;
+            let mut gradient = reaching.clone() * decay * before;
             if decay_keys < keys {
                 gradient = gradient.sum_dim(3);
             }
@@ -143,10 +170,7 @@ impl<B: FusedCellBackend> Backward<B, 3> for LinearScanBackward {
             grads.register::<B>(parent.id, gradient.into_primitive().tensor());
         }
         if let Some(parent) = initial_parent {
-            let first = if reverse { steps - 1 } else { 0 };
-            let gradient = (reaching.clone().narrow(2, first, 1) * decay.narrow(2, first, 1))
-                .reshape([batch, heads, keys, values]);
-            grads.register::<B>(parent.id, gradient.into_primitive().tensor());
+            grads.register::<B>(parent.id, initial_gradient.into_primitive().tensor());
         }
         if let Some(parent) = writes_parent {
             grads.register::<B>(parent.id, reaching.into_primitive().tensor());
@@ -261,14 +285,14 @@ impl<B: FusedCellBackend, CS: CheckpointStrategy> FusedCellBackend for Autodiff<
         log_decay: FloatTensor<Self>,
         writes: FloatTensor<Self>,
         initial: FloatTensor<Self>,
-        reverse: bool,
+        over: SumOver,
     ) -> FloatTensor<Self> {
         let parents = [
             log_decay.node.clone(),
             writes.node.clone(),
             initial.node.clone(),
         ];
-        match (LinearScanBackward { reverse })
+        match (LinearScanBackward { over })
             .prepare::<CS>(parents)
             .compute_bound()
             .stateful()
@@ -278,7 +302,7 @@ impl<B: FusedCellBackend, CS: CheckpointStrategy> FusedCellBackend for Autodiff<
                     log_decay.primitive.clone(),
                     writes.primitive,
                     initial.primitive.clone(),
-                    reverse,
+                    over,
                 );
                 prep.finish(
                     (log_decay.primitive, initial.primitive, after.clone()),
@@ -289,7 +313,7 @@ impl<B: FusedCellBackend, CS: CheckpointStrategy> FusedCellBackend for Autodiff<
                 log_decay.primitive,
                 writes.primitive,
                 initial.primitive,
-                reverse,
+                over,
             )),
         }
     }

@@ -123,7 +123,7 @@ where
         log_decay: CubeTensor<R>,
         writes: CubeTensor<R>,
         initial: CubeTensor<R>,
-        reverse: bool,
+        over: SumOver,
     ) -> CubeTensor<R> {
         let [batch, heads, steps, keys, values] = writes.meta.shape().dims::<5>();
         let [_, _, _, decay_keys, decay_values] = log_decay.meta.shape().dims::<5>();
@@ -144,7 +144,8 @@ where
             values as u32,
             decay_keys as u32,
             decay_values as u32,
-            reverse,
+            over.reverse(),
+            over.exclusive(),
         );
         after
     }
@@ -488,7 +489,8 @@ fn copy_columns<E: Float>(
 }
 
 /// [`super::linear_scan`]: `after_n = exp(log_decay_n) ⊙ after_{n−1} + writes_n` for `steps`
-/// steps, in reverse when `reverse` (from `initial` after the last step). One unit per state
+/// steps, in reverse when `reverse` (from `initial` after the last step), writing each step's
+/// state after its update, or before it when `exclusive`. One unit per state
 /// element (grid-stride loop over `initial`'s elements) walks the steps with the state in a
 /// register, in f32; neighbouring units read neighbouring values, so every step's loads and
 /// stores are coalesced. The state is `keys × values`; `decay_keys` and `decay_values` are each
@@ -505,6 +507,7 @@ fn linear_scan_kernel<E: Float>(
     decay_keys: u32,
     decay_values: u32,
     #[comptime] reverse: bool,
+    #[comptime] exclusive: bool,
 ) {
     let steps = steps as usize;
     let (keys, values) = (keys as usize, values as usize);
@@ -523,8 +526,13 @@ fn linear_scan_kernel<E: Float>(
             let n = if comptime![reverse] { steps - 1 - i } else { i };
             let decay = f32::cast_from(log_decay[decay_at + n * decay_state]).exp();
             let at = (sequence * steps + n) * state + within;
+            if comptime![exclusive] {
+                after[at] = E::cast_from(carried);
+            }
             carried = decay * carried + f32::cast_from(writes[at]);
-            after[at] = E::cast_from(carried);
+            if !comptime![exclusive] {
+                after[at] = E::cast_from(carried);
+            }
         }
         e += stride;
     }
@@ -1036,6 +1044,7 @@ fn chunked_kernel_definition<E: Float + CubeElement, R: Runtime>(
                 (),
                 (),
                 kernel == ChunkedKernel::LinearScanReverse,
+                false,
             )
             .define()
         }

@@ -83,7 +83,7 @@ impl<B: FusionBackend + FusedCellBackend, C: CellKernels> Operation<B::FusionRun
 #[derive(Debug)]
 struct LinearScan<B> {
     description: CustomOpIr,
-    reverse: bool,
+    over: SumOver,
     backend: PhantomData<B>,
 }
 
@@ -97,7 +97,7 @@ impl<B: FusionBackend + FusedCellBackend> Operation<B::FusionRuntime> for Linear
             handles.get_float_tensor::<B>(log_decay),
             handles.get_float_tensor::<B>(writes),
             handles.get_float_tensor::<B>(initial),
-            self.reverse,
+            self.over,
         );
         handles.register_float_tensor::<B>(&after.id, result);
     }
@@ -234,7 +234,7 @@ impl<B: FusionBackend + FusedCellBackend> FusedCellBackend for Fusion<B> {
         log_decay: FloatTensor<Self>,
         writes: FloatTensor<Self>,
         initial: FloatTensor<Self>,
-        reverse: bool,
+        over: SumOver,
     ) -> FloatTensor<Self> {
         let after = TensorIr::uninit(
             writes.client.create_empty_handle(),
@@ -247,7 +247,7 @@ impl<B: FusionBackend + FusedCellBackend> FusedCellBackend for Fusion<B> {
             vec![after],
             |description| LinearScan::<B> {
                 description,
-                reverse,
+                over,
                 backend: PhantomData,
             },
         );

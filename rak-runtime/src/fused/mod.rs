@@ -140,14 +140,16 @@ pub trait FusedCellBackend: Backend {
 
     /// The diagonal linear recurrence across chunks ([`linear_scan`]): log decays
     /// `[B, H, N, Dk, Dv]` (`Dk` 1 or K, `Dv` 1 or V: broadcast along the state), writes
-    /// `[B, H, N, K, V]` and the state `[B, H, K, V]` before the first → the state after each
-    /// of the N steps, `[B, H, N, K, V]`. `reverse` walks the N steps from the last, starting
-    /// from `initial` after it (what the backward of the forward walk needs).
+    /// `[B, H, N, K, V]` and the state `[B, H, K, V]` before the first step of the walk → a
+    /// state for each of the N steps, `[B, H, N, K, V]`: with `over` [`SumOver::UpTo`] the
+    /// state after the step, [`SumOver::Before`] the state before it (the first step gets
+    /// `initial`); [`SumOver::From`] and [`SumOver::After`] walk the N steps from the last,
+    /// starting from `initial` after it (what the backward of a forward walk needs).
     fn linear_scan(
         log_decay: FloatTensor<Self>,
         writes: FloatTensor<Self>,
         initial: FloatTensor<Self>,
-        reverse: bool,
+        over: SumOver,
     ) -> FloatTensor<Self>;
 
     /// Running sums along axis 1 of `x` `[lines, steps, across]` ([`running_sum`]), over
@@ -223,21 +225,24 @@ pub fn fused_cell<B: FusedCellBackend, C: CellKernels>(
 
 /// `after_n = exp(log_decay_n) ⊙ after_{n−1} + writes_n` along axis 2 (n = 0 … N − 1), from
 /// `after_{−1} = initial`: log decays `[B, H, N, Dk, Dv]` (broadcast along a state axis of
-/// size 1), writes `[B, H, N, K, V]`, initial `[B, H, K, V]` → every `after_n`,
-/// `[B, H, N, K, V]`. One unit per state element walks the N steps in order and keeps the
-/// state in a register: the work and the memory traffic grow with N, not N log N as in a
-/// parallel prefix scan of full states; each product of decays is taken step by step, so no
-/// exponent is formed from sums over many steps. Differentiable on an autodiff backend.
+/// size 1), writes `[B, H, N, K, V]`, initial `[B, H, K, V]` → every `after_n`
+/// (`over` [`SumOver::UpTo`]) or every `after_{n−1}`, the state before step n
+/// ([`SumOver::Before`]), `[B, H, N, K, V]`; the other two walk from the last step. One unit
+/// per state element walks the N steps in order and keeps the state in a register: the work
+/// and the memory traffic grow with N, not N log N as in a parallel prefix scan of full
+/// states; each product of decays is taken step by step, so no exponent is formed from sums
+/// over many steps. Differentiable on an autodiff backend.
 pub fn linear_scan<B: FusedCellBackend>(
     log_decay: Tensor<B, 5>,
     writes: Tensor<B, 5>,
     initial: Tensor<B, 4>,
+    over: SumOver,
 ) -> Tensor<B, 5> {
     let after = B::linear_scan(
         log_decay.into_primitive().tensor(),
         writes.into_primitive().tensor(),
         initial.into_primitive().tensor(),
-        false,
+        over,
     );
     Tensor::from_primitive(TensorPrimitive::Float(after))
 }
