@@ -150,10 +150,12 @@ impl UnfusedScan<'_> {
             .map(|&(expr, indices)| {
                 let value = step.eval(expr)?;
                 let numel: usize = indices.iter().map(|&i| self.size(i)).product();
-                // A value that varies with neither batch nor time (a parameter's) is a
-                // broadcast view here (stride 0 along batch × time); copied, like every slice
-                // (see `materialize`), so that the reshape splits a plain tensor.
-                Ok(materialize(step.store(value, indices)).reshape([batch, time, heads, numel]))
+                // No slice reaches here uncopied (the inputs and parameters are copied where
+                // they are sliced, see `materialize`); a value that varies with neither batch
+                // nor time (a parameter's) is a broadcast view, which the reshape copies.
+                Ok(step
+                    .store(value, indices)
+                    .reshape([batch, time, heads, numel]))
             })
             .collect()
     }
