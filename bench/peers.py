@@ -87,13 +87,13 @@ def main():
     device = torch.device("cuda")
     torch.manual_seed(0)
     # Each measurement is written as soon as it is taken: a run cut short keeps what it measured.
-    out = open(args.out, "w")
+    results = open(args.out, "w")
 
     def emit(**record):
         line = json.dumps(record)
         print(line, flush=True)
-        out.write(line + "\n")
-        out.flush()
+        results.write(line + "\n")
+        results.flush()
 
     fp32_flops, copy_bw = floors(device)
     emit(kind="floors", device=torch.cuda.get_device_name(), fp32_tflops=fp32_flops / 1e12, copy_tb_per_s=copy_bw / 1e12)
@@ -141,7 +141,7 @@ def main():
                 both_ms = time_ms(forward_backward(simple_rnn_loop, inputs), 1, 3)
                 emit(kind="peer", peer="torch_loop", **shape, forward_ms=forward_ms, forward_backward_ms=both_ms)
 
-    out.close()
+    results.close()
 
 
 if __name__ == "__main__":
