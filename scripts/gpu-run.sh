@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine (see scripts/gpu-check.sh, which prepares gpu-bundle/ here).
+# Usage: bash scripts/gpu-run.sh [STEP...]: the steps named (rak, chunked, peers, chunked-bf16,
+# tests, profile, lm, generate, sweep, schedules, no-fusion; each a `step_*` function below),
+# in that order, or all of them in the order above.
 # It writes into a results folder: device.txt (GPU, date, the bundle's commit, CUDA libraries
-# found), kernel-tests.log, rak-bench.jsonl, chunked.md, rak-chunked.jsonl, peers.jsonl,
-# peers.log, table.md, chunked-bf16.md, kernel-profile.md, kernel-profile.log, lm.log,
-# lm-table.md, lm-d512.md, generate.md, sweep.md, sweep.jsonl, chunked-no-fusion.md,
-# rak-chunked-no-fusion.jsonl, steps.log. A device call
-# returns at most 8 files of $OUT, so the folder is packed into $OUT/results.tar.gz after every
-# step (a call cut short still returns what the finished steps wrote), and device.txt and
-# table.md (remade from what is measured so far) are copied beside it.
+# found, the steps asked for), rak-bench.md/.jsonl, chunked.md, rak-chunked.jsonl, peers.jsonl,
+# peers.log, table.md, chunked-bf16.md, kernel-tests.log, kernel-tests-schedules.log,
+# kernel-profile.md/.log, lm.log, lm-table.md, lm-d512.md, generate.md, sweep.md/.jsonl,
+# chunked-no-fusion.md, rak-chunked-no-fusion.jsonl, steps.log. A device call returns at most 8
+# files of $OUT, so the folder is packed into $OUT/results.tar.gz after every step (a call cut
+# short still returns what the finished steps wrote), and device.txt and table.md (remade from
+# what is measured so far) are copied beside it.
 #
 # Every step runs under a timeout: its own cap, and never past the call's deadline (585 s
-# after the start, within the device call's 600 s). The steps come in order of need: a step
-# that ends early leaves its time to the later ones, and a step that finds no time left is
+# after the start, within the device call's 600 s). The default order is the order of need: a
+# step that ends early leaves its time to the later ones, and a step that finds no time left is
 # skipped and says so in steps.log. (RAK_GPU_DEADLINE_S sets another deadline, for a dry run.)
 set -uo pipefail
 out=${OUT:-/tmp/rak-gpu-out}
@@ -76,105 +79,139 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 
 shapes=(--shape 8,2048,8,128 --shape 4,2048,16,128 --shape 16,512,4,64 --shape 1,16384,8,128)
 
-# 1. Kernel tests of every cell on CUDA against the f64 interpreter (same tolerances as on wgpu),
-#    then the chunked form against it at T = 2048 with saturated gates, chunks of 64 (burn
-#    operations on CUDA: cubecl's autotuned matmuls, tf32 products on the tensor cores, hence
-#    its own tolerance; every case's worst error is logged). Its small shapes run in CI.
-#    On the H200 of 2026-12-04 the tests ran past 120 s (NVRTC compiles every schedule).
-within 180 gpu-bundle/kernels-cuda --test-threads 1 --skip chunked > "$res/kernel-tests.log" 2>&1
-echo "kernel tests: exit $?" | tee -a "$res/kernel-tests.log"
-within 30 gpu-bundle/kernels-cuda --test-threads 1 --nocapture \
-    chunked_form_with_saturated_gates_and_long_sequences >> "$res/kernel-tests.log" 2>&1
-echo "chunked form tests: exit $?" | tee -a "$res/kernel-tests.log"
-save
+# The steps, each a function; the arguments name those to run, in their order (default: all,
+# in the order below). Two device calls can share the work, e.g. `rak chunked peers
+# chunked-bf16 profile` then `tests schedules lm generate sweep no-fusion`.
 
-# 2. rak's kernels at the issue's shapes, f32 and bf16 (state always f32).
-for dtype in f32 bf16; do
-    within 65 gpu-bundle/rak bench --device cuda --dtype "$dtype" --repetitions 5 --warmup 1 \
-        "${shapes[@]}" --json "$res/rak-bench.jsonl" 2>&1 | tee -a "$res/kernel-tests.log"
-done
-save
+# rak's fused kernels at the issue's shapes, f32 and bf16 (state always f32).
+step_rak() {
+    for dtype in f32 bf16; do
+        within 65 gpu-bundle/rak bench --device cuda --dtype "$dtype" --repetitions 5 --warmup 1 \
+            "${shapes[@]}" --json "$res/rak-bench.jsonl" 2>&1 | tee -a "$res/rak-bench.md"
+    done
+}
 
-# 2b. The compiler's chunked form of SimpleRNN at the same shapes (burn operations, matrix
-#     products; timed to synchronisation), f32, then its own kernels timed alone (`--parts`:
-#     their share of the scan says whether they or the matrix products come next).
-within 60 gpu-bundle/rak bench --device cuda --strategy chunked --parts --repetitions 5 --warmup 1 \
-    "${shapes[@]}" --json "$res/rak-chunked.jsonl" > "$res/chunked.md" 2>&1
-echo "chunked bench: exit $?" >> "$res/chunked.md"
-cat "$res/chunked.md"
-save
+# The compiler's chunked form of SimpleRNN at the same shapes (burn operations, matrix
+# products; timed to synchronisation), f32, then its own kernels timed alone (`--parts`: their
+# share of the scan says whether they or the matrix products come next).
+step_chunked() {
+    within 120 gpu-bundle/rak bench --device cuda --strategy chunked --parts --repetitions 5 \
+        --warmup 1 "${shapes[@]}" --json "$res/rak-chunked.jsonl" > "$res/chunked.md" 2>&1
+    echo "chunked bench: exit $?" >> "$res/chunked.md"
+    cat "$res/chunked.md"
+}
 
-# 3. Peers and floors on the same GPU (f32 and bf16); table.md is remade by `save`. On the
-#    H200 of 2026-12-04, Triton compiling chunk_gla for f32 took over 150 s.
-within 170 python3 bench/peers.py --out "$res/peers.jsonl" > "$res/peers.log" 2>&1
-echo "peers: exit $?" >> "$res/peers.log"
-save
-cat "$res/table.md"
+# Peers and floors on the same GPU (bf16, then f32); table.md is remade by `save`. On the H200
+# of 2026-12-04, Triton autotuning chunk_gla for f32 took over 150 s.
+step_peers() {
+    within 300 python3 bench/peers.py --out "$res/peers.jsonl" > "$res/peers.log" 2>&1
+    echo "peers: exit $?" >> "$res/peers.log"
+}
 
-# 3b. The chunked form with bf16 inputs, parameters and outputs (the scan in f32, casts in
-#     the timed region), beside chunk_gla's bf16 rows.
-within 45 gpu-bundle/rak bench --device cuda --strategy chunked --dtype bf16 --repetitions 5 \
-    --warmup 1 "${shapes[@]}" --json "$res/rak-chunked.jsonl" > "$res/chunked-bf16.md" 2>&1
-echo "chunked bench, bf16: exit $?" >> "$res/chunked-bf16.md"
-cat "$res/chunked-bf16.md"
-save
+# The chunked form with bf16 inputs, parameters and outputs (the scan in f32, casts in the
+# timed region), beside chunk_gla's bf16 rows.
+step_chunked_bf16() {
+    within 90 gpu-bundle/rak bench --device cuda --strategy chunked --dtype bf16 --repetitions 5 \
+        --warmup 1 "${shapes[@]}" --json "$res/rak-chunked.jsonl" > "$res/chunked-bf16.md" 2>&1
+    echo "chunked bench, bf16: exit $?" >> "$res/chunked-bf16.md"
+    cat "$res/chunked-bf16.md"
+}
 
-# 3c. Where the chunked form's time goes, kernel by kernel, at B=4 T=2048 H=16 K=V=128 (f32):
-#     cubecl's profiler times every launch alone (a cubecl.toml in the working directory turns
-#     it on) and bench/kernel_profile.py sums the launches by kind, for one forward and one
-#     forward + backward after a warm-up: launches and time per kernel kind (matrix products,
-#     fused element-wise, copies, the chunked path's own kernels).
-profile=/tmp/rak-profile
-mkdir -p "$profile"
-printf '[profiling.logger]\nlevel = "basic"\nfile = "%s"\nappend = false\n' \
-    "$res/kernel-profile.log" > "$profile/cubecl.toml"
-rak=$PWD/gpu-bundle/rak
-(cd "$profile" && within 40 "$rak" bench --device cuda --strategy chunked --repetitions 1 \
-    --warmup 1 --shape 4,2048,16,128) > "$res/kernel-profile.md" 2>&1
-echo "profiled bench: exit $?" >> "$res/kernel-profile.md"
-python3 bench/kernel_profile.py "$res/kernel-profile.log" "forward, warm-up (autotuning)" \
-    forward "forward + backward, warm-up" "forward + backward" >> "$res/kernel-profile.md" 2>&1
-cat "$res/kernel-profile.md"
-save
+# Where the chunked form's time goes, kernel by kernel, at B=4 T=2048 H=16 K=V=128 (f32):
+# cubecl's profiler times every launch alone (a cubecl.toml in the working directory turns it
+# on) and bench/kernel_profile.py sums the launches by kind, for one forward and one forward +
+# backward after a warm-up: launches and time per kernel kind (matrix products, fused
+# element-wise, copies, the chunked path's own kernels).
+step_profile() {
+    local profile=/tmp/rak-profile rak=$PWD/gpu-bundle/rak
+    mkdir -p "$profile"
+    printf '[profiling.logger]\nlevel = "basic"\nfile = "%s"\nappend = false\n' \
+        "$res/kernel-profile.log" > "$profile/cubecl.toml"
+    (cd "$profile" && within 60 "$rak" bench --device cuda --strategy chunked --repetitions 1 \
+        --warmup 1 --shape 4,2048,16,128) > "$res/kernel-profile.md" 2>&1
+    echo "profiled bench: exit $?" >> "$res/kernel-profile.md"
+    python3 bench/kernel_profile.py "$res/kernel-profile.log" "forward, warm-up (autotuning)" \
+        forward "forward + backward, warm-up" "forward + backward" >> "$res/kernel-profile.md" 2>&1
+    cat "$res/kernel-profile.md"
+}
 
-# 4. The seed's table on the GPU: total train / val / test time per strategy (the per-step
-#    loop with separate projections, with the fused projection, the generated kernels and
-#    the chunked form), the seed's model on dummy data; then tokens/s of a training step of
-#    a 4-layer D = 512 LM.
+# Kernel tests of every cell on CUDA against the f64 interpreter (same tolerances as on wgpu),
+# then the chunked form against it at T = 2048 with saturated gates, chunks of 64 (burn
+# operations on CUDA: cubecl's autotuned matmuls, tf32 products on the tensor cores, hence its
+# own tolerance; every case's worst error is logged). Their small shapes run in CI. On the
+# H200 of 2026-12-04 the tests ran past 120 s (NVRTC compiles every kernel it launches); the
+# test of every tile and placement has a step of its own (`schedules`).
+step_tests() {
+    within 240 gpu-bundle/kernels-cuda --test-threads 1 --skip chunked \
+        --skip split_tiles_and_workspace_placements > "$res/kernel-tests.log" 2>&1
+    echo "kernel tests: exit $?" | tee -a "$res/kernel-tests.log"
+    within 90 gpu-bundle/kernels-cuda --test-threads 1 --nocapture \
+        chunked_form_with_saturated_gates_and_long_sequences >> "$res/kernel-tests.log" 2>&1
+    echo "chunked form tests: exit $?" | tee -a "$res/kernel-tests.log"
+}
+step_schedules() {
+    within 240 gpu-bundle/kernels-cuda --test-threads 1 split_tiles_and_workspace_placements \
+        > "$res/kernel-tests-schedules.log" 2>&1
+    echo "every tile and placement: exit $?" | tee -a "$res/kernel-tests-schedules.log"
+}
+
+# The seed's table on the GPU: total train / val / test time per strategy (the per-step loop
+# with separate projections, with the fused projection, the generated kernels and the chunked
+# form), the seed's model on dummy data; then tokens/s of a training step of a 4-layer D = 512
+# LM.
 runs=/tmp/rak-runs
-within 75 gpu-bundle/rak train -m experiment=unfused,fused_projection,fused,chunked model=seed \
-    data=dummy steps=100 eval_every=100 checkpoint_every=100 "job.run_dir=$runs/{name}" \
-    --table "$res/lm-table.md" > "$res/lm.log" 2>&1
-echo "lm table: exit $?" >> "$res/lm.log"
-within 25 gpu-bundle/rak train experiment=fused data=dummy model.layers=4 model.d_model=512 \
-    model.heads=4 "model.dims=[128, 128]" steps=20 eval_every=20 checkpoint_every=20 \
-    test_batches=1 "job.name=d512" "job.run_dir=$runs/{name}" --table "$res/lm-d512.md" \
-    >> "$res/lm.log" 2>&1
-echo "d512: exit $?" >> "$res/lm.log"
-cat "$res/lm-table.md" "$res/lm-d512.md" 2>/dev/null
-save
+step_lm() {
+    within 150 gpu-bundle/rak train -m experiment=unfused,fused_projection,fused,chunked \
+        model=seed data=dummy steps=100 eval_every=100 checkpoint_every=100 \
+        "job.run_dir=$runs/{name}" --table "$res/lm-table.md" > "$res/lm.log" 2>&1
+    echo "lm table: exit $?" >> "$res/lm.log"
+    within 60 gpu-bundle/rak train experiment=fused data=dummy model.layers=4 model.d_model=512 \
+        model.heads=4 "model.dims=[128, 128]" steps=20 eval_every=20 checkpoint_every=20 \
+        test_batches=1 "job.name=d512" "job.run_dir=$runs/{name}" --table "$res/lm-d512.md" \
+        >> "$res/lm.log" 2>&1
+    echo "d512: exit $?" >> "$res/lm.log"
+    cat "$res/lm-table.md" "$res/lm-d512.md" 2>/dev/null
+}
 
-# 5. Streaming generation: time and device memory against prompt length.
-within 25 gpu-bundle/rak bench generate --checkpoint "$runs/fused" \
-    --prompt-lengths 1000,10000,100000 > "$res/generate.md" 2>&1
-cat "$res/generate.md"
-save
+# Streaming generation: time and device memory against prompt length (from the LM step's
+# fused checkpoint).
+step_generate() {
+    within 40 gpu-bundle/rak bench generate --checkpoint "$runs/fused" \
+        --prompt-lengths 1000,10000,100000 > "$res/generate.md" 2>&1
+    cat "$res/generate.md"
+}
 
-# 6. The schedule's knobs, side by side at one shape (f32): units per cube, sums split among
-#    units or not, states held in registers or not (docs/compiler.md, "Split sums", "States
-#    in registers"); these set the defaults.
-within 50 gpu-bundle/rak bench --device cuda --repetitions 5 --warmup 1 --shape 8,2048,8,128 \
-    --cube-dim 64,128,256 --sum-parts 1,8 --registers true,false --json "$res/sweep.jsonl" > "$res/sweep.md" 2>&1
-echo "sweep: exit $?" >> "$res/sweep.md"
-cat "$res/sweep.md"
-save
+# The schedule's knobs, side by side at one shape (f32): units per cube, sums split among
+# units or not, states held in registers or not (docs/compiler.md, "Split sums", "States in
+# registers"); these set the defaults.
+step_sweep() {
+    within 90 gpu-bundle/rak bench --device cuda --repetitions 5 --warmup 1 --shape 8,2048,8,128 \
+        --cube-dim 64,128,256 --sum-parts 1,8 --registers true,false --json "$res/sweep.jsonl" \
+        > "$res/sweep.md" 2>&1
+    echo "sweep: exit $?" >> "$res/sweep.md"
+    cat "$res/sweep.md"
+}
 
-# 7. If the call has time left: the chunked form without burn's fusion wrapper (the cubecl
-#    backend alone), to see what fusing its element-wise operations gains (step 2b runs it
-#    inside the wrapper, as training does).
-within 40 gpu-bundle/rak bench --device cuda --strategy chunked --fusion false --repetitions 5 \
-    --warmup 1 "${shapes[@]}" --json "$res/rak-chunked-no-fusion.jsonl" > "$res/chunked-no-fusion.md" 2>&1
-echo "chunked without fusion: exit $?" >> "$res/chunked-no-fusion.md"
-cat "$res/chunked-no-fusion.md"
-save
-cat "$res/steps.log"
+# The chunked form without burn's fusion wrapper (the cubecl backend alone), to see what fusing
+# its element-wise operations gains (`chunked` runs it inside the wrapper, as training does).
+step_no_fusion() {
+    within 60 gpu-bundle/rak bench --device cuda --strategy chunked --fusion false \
+        --repetitions 5 --warmup 1 "${shapes[@]}" --json "$res/rak-chunked-no-fusion.jsonl" \
+        > "$res/chunked-no-fusion.md" 2>&1
+    echo "chunked without fusion: exit $?" >> "$res/chunked-no-fusion.md"
+    cat "$res/chunked-no-fusion.md"
+}
+
+steps=("$@")
+[ ${#steps[@]} -eq 0 ] && steps=(rak chunked peers chunked-bf16 tests profile lm generate sweep \
+    schedules no-fusion)
+echo "steps: ${steps[*]}" >> "$res/device.txt"
+for name in "${steps[@]}"; do
+    if ! declare -F "step_${name//-/_}" > /dev/null; then
+        echo "unknown step: $name" | tee -a "$res/steps.log"
+        continue
+    fi
+    "step_${name//-/_}"
+    save
+done
+cat "$res/table.md" "$res/steps.log"

@@ -171,7 +171,7 @@ fn cli_emits_cuda_at_the_requested_dtype_and_schedule() {
     let (header, source) = first_line(&["--dim", "128"]);
     assert_eq!(
         header,
-        "// rak emit: simple_rnn forward kernel, f32, K=128 V=128; cube_dim 64, tile 64, \
+        "// rak emit: simple_rnn forward kernel, f32, K=128 V=128; cube_dim 128, tile 64, \
          shared workspace, sum_parts 8, states in registers"
     );
     assert!(source.contains("extern \"C\" __global__"), "{source}");
@@ -179,21 +179,21 @@ fn cli_emits_cuda_at_the_requested_dtype_and_schedule() {
         "--dim",
         "128",
         "--cube-dim",
-        "128",
+        "64",
         "--registers",
         "false",
         "--tile",
         "8",
     ]);
     assert!(
-        header.ends_with("; cube_dim 128, tile 8, shared workspace, sum_parts 8"),
+        header.ends_with("; cube_dim 64, tile 8, shared workspace, sum_parts 8"),
         "{header}"
     );
     // The step kernel keeps the split axis whole; bf16 inputs and outputs.
     let (header, source) = first_line(&["--pass", "step", "--dim", "16", "--dtype", "bf16"]);
     assert!(
         header.starts_with(
-            "// rak emit: simple_rnn step kernel, bf16, K=16 V=16; cube_dim 64, tile 16,"
+            "// rak emit: simple_rnn step kernel, bf16, K=16 V=16; cube_dim 128, tile 16,"
         ),
         "{header}"
     );

@@ -437,19 +437,22 @@ fn kernels_match_the_interpreter_for_every_cell() {
 /// them); blocks of staged inputs that do not divide the chunk (3) or the sequence (5); sums
 /// split among units in parts that do not divide the summed axis (3 parts over 33 or 8
 /// values), and sums left to one unit each (1 part; the other tests split them into up to 8);
-/// states held in registers (stored to and loaded from either placement) or not.
+/// states held in registers (stored to and loaded from either placement) or not; 16 units
+/// per cube, so that a unit loads 17 elements of a block of staged inputs (8 × 33 over 16
+/// units), more than one batch of reads issued together (`GATHER_BATCH` in the emitter).
 #[test]
 fn split_tiles_and_workspace_placements() {
     use rak::codegen::schedule::Placement;
     let client = client();
     let variants = [
-        (Some(8), Placement::Shared, 33, 3, 8, false),
-        (Some(8), Placement::Global, 33, 8, 3, true),
-        (Some(1), Placement::Shared, 5, 1, 1, true),
-        (None, Placement::Global, 5, 5, 1, false),
+        (Some(8), Placement::Shared, 33, 3, 8, false, 64),
+        (Some(8), Placement::Global, 33, 8, 3, true, 16),
+        (Some(1), Placement::Shared, 5, 1, 1, true, 64),
+        (None, Placement::Global, 5, 5, 1, false, 64),
     ];
     let simple_rnn = SimpleRnn::compile();
-    for (n, (tile, placement, dim, stage, sum_parts, registers)) in variants.into_iter().enumerate()
+    for (n, (tile, placement, dim, stage, sum_parts, registers, cube_dim)) in
+        variants.into_iter().enumerate()
     {
         let schedule = Schedule {
             tile,
@@ -457,6 +460,7 @@ fn split_tiles_and_workspace_placements() {
             stage,
             sum_parts,
             registers,
+            cube_dim,
             ..cpu_schedule()
         };
         // The variants asking for registers get them (each tile fits the units).

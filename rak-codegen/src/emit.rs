@@ -67,6 +67,9 @@ enum Place {
     Chunk(TokenStream),
 }
 
+/// Elements per unit whose reads [`Emitter::gather`] issues together (registers per unit).
+const GATHER_BATCH: usize = 16;
+
 /// Which way [`Emitter::transfer`] copies.
 #[derive(Clone, Copy)]
 enum Transfer {
@@ -409,13 +412,12 @@ impl<'a> Emitter<'a> {
             .collect()
     }
 
-    /// A loop over the cube's elements of a value of `shape`: `body` sees the element in the
-    /// workspace as `e` and its position in the value's global row as `global`. Along the
-    /// split axis only the cube's tile is visited, and values past the axis' end are skipped.
-    fn shape_loop(&self, shape: &Shape, body: TokenStream) -> TokenStream {
-        let numel = self.local_numel(shape);
+    /// Where element `e` of the cube's part of a value of `shape` lies in the value's global
+    /// row: statements that define `global` from `e`, and, when the shape has the split axis,
+    /// the condition that the element is inside the axis (the last tile may pass its end).
+    fn tile_position(&self, shape: &Shape) -> (TokenStream, Option<TokenStream>) {
         let Some(split_position) = shape.iter().position(|&d| self.is_split(d)) else {
-            return self.for_each_element(numel, quote!(let global = e; #body));
+            return (quote!(let global = e;), None);
         };
         let coords: Vec<Ident> = (0..shape.len()).map(|n| format_ident!("c_{n}")).collect();
         let mut decode = quote!(let mut rest = e;);
@@ -443,16 +445,74 @@ impl<'a> Emitter<'a> {
             };
         }
         let (last, dim) = (&coords[split_position], self.dim(shape[split_position]));
-        self.for_each_element(
-            numel,
-            quote! {
+        decode.extend(quote!(let global = #global;));
+        (decode, Some(quote!(tile_start + #last < #dim)))
+    }
+
+    /// A loop over the cube's elements of a value of `shape`: `body` sees the element in the
+    /// workspace as `e` and its position in the value's global row as `global`. Along the
+    /// split axis only the cube's tile is visited, and values past the axis' end are skipped.
+    fn shape_loop(&self, shape: &Shape, body: TokenStream) -> TokenStream {
+        let numel = self.local_numel(shape);
+        let body = match self.tile_position(shape) {
+            (decode, None) => quote!(#decode #body),
+            (decode, Some(inside)) => quote! {
                 #decode
-                if tile_start + #last < #dim {
-                    let global = #global;
+                if #inside {
                     #body
                 }
             },
-        )
+        };
+        self.for_each_element(numel, body)
+    }
+
+    /// A copy of `numel` elements shared among the cube's units (element `flat` goes to unit
+    /// `flat mod units`) that issues its reads before its writes: per unit, in batches of up
+    /// to [`GATHER_BATCH`] elements, an unrolled loop (its trip count is known at compile
+    /// time) reads every element of the batch into registers, then a second one writes them.
+    /// So the latency of global memory is paid once per batch, not once per element (a loop
+    /// that reads and then writes each element in turn waits for every read). For each
+    /// element, `locate` (statements) defines what `inside` (whether the element is copied),
+    /// `read` (its value) and `write` (statements that see the value as `value`) use; it runs
+    /// in both loops.
+    fn gather(
+        &self,
+        numel: TokenStream,
+        locate: TokenStream,
+        inside: TokenStream,
+        read: TokenStream,
+        write: TokenStream,
+    ) -> TokenStream {
+        quote! {
+            {
+                let per_unit = comptime![(#numel + units - 1) / units];
+                let batch = comptime![if per_unit < #GATHER_BATCH { per_unit } else { #GATHER_BATCH }];
+                let mut values = Array::<f32>::new(comptime![batch.max(1)]);
+                for first in 0..comptime![(per_unit + batch - 1) / batch.max(1)] {
+                    #[unroll]
+                    for m in 0..batch {
+                        let flat = unit + (first * batch + m) * units;
+                        if flat < #numel {
+                            #locate
+                            if #inside {
+                                values[m] = #read;
+                            }
+                        }
+                    }
+                    #[unroll]
+                    for m in 0..batch {
+                        let flat = unit + (first * batch + m) * units;
+                        if flat < #numel {
+                            #locate
+                            if #inside {
+                                let value = values[m];
+                                #write
+                            }
+                        }
+                    }
+                }
+            }
+        }
     }
 
     /// A loop over the elements of one row of a value: `arg[row * numel + global]` to or from
@@ -469,17 +529,25 @@ impl<'a> Emitter<'a> {
         let numel = self.shape_numel(shape);
         let element = quote!(#arg[#row * #numel + global]);
         let buffer = self.step_read(&at, quote!(e));
-        let body = match direction {
-            Transfer::Load => self.step_write(&at, quote!(e), quote!(f32::cast_from(#element))),
+        let store = match direction {
+            // Reads of global memory, issued together.
+            Transfer::Load => {
+                let (decode, inside) = self.tile_position(shape);
+                return self.gather(
+                    self.local_numel(shape),
+                    quote!(let e = flat; #decode),
+                    inside.unwrap_or(quote!(true)),
+                    quote!(f32::cast_from(#element)),
+                    self.step_write(&at, quote!(e), quote!(value)),
+                );
+            }
             Transfer::Store => quote!(#element = F::cast_from(#buffer);),
             Transfer::StoreF32 => quote!(#element = #buffer;),
         };
         let replicated = self.split.is_some() && !shape.iter().any(|&d| self.is_split(d));
-        let body = match direction {
-            Transfer::Store | Transfer::StoreF32 if replicated => {
-                quote!(if tile_index == 0 { #body })
-            }
-            _ => body,
+        let body = match replicated {
+            true => quote!(if tile_index == 0 { #store }),
+            false => store,
         };
         self.shape_loop(shape, body)
     }
@@ -864,9 +932,17 @@ impl<'a> Emitter<'a> {
         format_ident!("input_{}", self.cell.inputs[id].name)
     }
 
-    /// Loads the inputs of step `row` (activated, and before activation if asked) into slot
-    /// `input_step` of the input buffers. No barrier.
-    fn load_inputs(&self, keep_pre_activation: bool) -> TokenStream {
+    /// Loads the inputs of the steps `block_start..block_end` (at most `steps`, a comptime
+    /// expression; `block_start` a multiple of it) activated, and before activation if asked
+    /// (then `steps` is 1), into slots `s - block_start` of the input buffers, each input's
+    /// reads issued together ([`Self::gather`]). `row` is the inputs' row at step `s`. No
+    /// barrier.
+    fn load_inputs(
+        &self,
+        keep_pre_activation: bool,
+        steps: TokenStream,
+        row: TokenStream,
+    ) -> TokenStream {
         let mut tokens = TokenStream::new();
         for (id, input) in self.cell.inputs.iter().enumerate() {
             let arg = self.input_arg(id);
@@ -885,12 +961,26 @@ impl<'a> Emitter<'a> {
             } else {
                 TokenStream::new()
             };
-            let slot = self.local_numel(&input.shape);
-            let store = self.step_write(&at, quote!(input_step * #slot + e), quote!(#activated));
-            tokens.extend(self.shape_loop(
-                &input.shape,
+            // Slot `s - block_start` of the buffer, element `e`.
+            let store = self.step_write(&at, quote!(flat), quote!(#activated));
+            let local = self.local_numel(&input.shape);
+            let (decode, inside) = self.tile_position(&input.shape);
+            let inside = match inside {
+                Some(inside) => quote!(s < block_end && #inside),
+                None => quote!(s < block_end),
+            };
+            tokens.extend(self.gather(
+                quote!((#steps * #local)),
                 quote! {
-                    let pre = f32::cast_from(#arg[row * #numel + global]);
+                    let s = block_start + flat / #local;
+                    let e = flat % #local;
+                    #decode
+                    let row = #row;
+                },
+                inside,
+                quote!(f32::cast_from(#arg[row * #numel + global])),
+                quote! {
+                    let pre = value;
                     #store_pre
                     #(#statements)*
                     #store
@@ -956,10 +1046,16 @@ impl<'a> Emitter<'a> {
                 Place::Chunk(at) => quote!(workspace[base + #at + e]),
             };
             let write = match to(id) {
-                Place::Step(at) => self.step_write(&at, quote!(e), value),
-                Place::Chunk(at) => quote!(workspace[base + #at + e] = #value;),
+                Place::Step(at) => self.step_write(&at, quote!(e), quote!(value)),
+                Place::Chunk(at) => quote!(workspace[base + #at + e] = value;),
             };
-            tokens.extend(self.for_each_element(self.local_numel(&state.shape), write));
+            tokens.extend(self.gather(
+                self.local_numel(&state.shape),
+                quote!(let e = flat;),
+                quote!(true),
+                value,
+                write,
+            ));
         }
         tokens
     }
@@ -1195,7 +1291,11 @@ impl<'a> Emitter<'a> {
                 at,
             ));
         }
-        let load_inputs = self.load_inputs(false);
+        let load_inputs = self.load_inputs(
+            false,
+            quote!(stage),
+            quote!((batch_index * time_len + s) * heads + head),
+        );
         let held = crate::schedule::register_states(cell);
         let step = if held.is_empty() {
             self.forward_step()
@@ -1266,16 +1366,13 @@ impl<'a> Emitter<'a> {
                     // The inputs of a block of `stage` steps are loaded at once.
                     let input_step = t % stage;
                     if t == first_step as usize || input_step == 0 {
+                        let block_start = t - input_step;
                         let block_end = select(
-                            t - input_step + stage < end_step as usize,
-                            t - input_step + stage,
+                            block_start + stage < end_step as usize,
+                            block_start + stage,
                             end_step as usize,
                         );
-                        for s in t..block_end {
-                            let row = (batch_index * time_len + s) * heads + head;
-                            let input_step = s % stage;
-                            #load_inputs
-                        }
+                        #load_inputs
                         #barrier
                     }
                     let row = (batch_index * time_len + t) * heads + head;
@@ -1370,7 +1467,8 @@ impl<'a> Emitter<'a> {
                 at,
             ));
         }
-        let load_inputs = self.load_inputs(false);
+        // The one step's inputs: step `s` = 0 of the stream's row.
+        let load_inputs = self.load_inputs(false, quote!(1usize), quote!(sequence + s));
         let step = self.forward_step();
         quote! {
             /// One step of every stream (batch element × head), states updated in place.
@@ -1390,6 +1488,7 @@ impl<'a> Emitter<'a> {
                 #load_states
                 let input_step = 0usize;
                 let row = sequence;
+                let (block_start, block_end) = (0usize, 1usize);
                 #load_inputs
                 #barrier
                 #step
@@ -1479,7 +1578,8 @@ impl<'a> Emitter<'a> {
                 },
             ));
         }
-        let recompute_inputs = self.load_inputs(false);
+        let step_row = quote!((batch_index * time_len + s) * heads + head);
+        let recompute_inputs = self.load_inputs(false, quote!(1usize), step_row.clone());
         let recompute_lets_and_updates = self.lets_and_updates(&mut HashSet::new());
         let keep_states = {
             let advance = self.copy_states(
@@ -1507,7 +1607,7 @@ impl<'a> Emitter<'a> {
             );
             quote!(#previous #current)
         };
-        let primal_inputs = self.load_inputs(true);
+        let primal_inputs = self.load_inputs(true, quote!(1usize), step_row);
         let mut ready = HashSet::new();
         let primal_lets = self.lets(&mut ready);
         let mut load_output_grads = TokenStream::new();
@@ -1615,7 +1715,7 @@ impl<'a> Emitter<'a> {
                     #restore_checkpoint
                     #barrier
                     for step in 0..steps {
-                        let row = (batch_index * time_len + t0 + step) * heads + head;
+                        let (block_start, block_end) = (t0 + step, t0 + step + 1);
                         #recompute_inputs
                         #barrier
                         #recompute_lets_and_updates
@@ -1625,6 +1725,7 @@ impl<'a> Emitter<'a> {
                     for step_from_end in 0..steps {
                         let step = steps - 1 - step_from_end;
                         let row = (batch_index * time_len + t0 + step) * heads + head;
+                        let (block_start, block_end) = (t0 + step, t0 + step + 1);
                         #load_primal_states
                         #primal_inputs
                         #barrier

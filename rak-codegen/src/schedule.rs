@@ -77,7 +77,7 @@ pub struct Schedule {
 impl Default for Schedule {
     fn default() -> Self {
         Schedule {
-            cube_dim: 64,
+            cube_dim: 128,
             chunk: 64,
             chunks_per_launch: None,
             stage: 8,

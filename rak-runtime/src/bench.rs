@@ -25,7 +25,7 @@ use crate::kernels::{
 use crate::packing::Packing;
 use burn::backend::Autodiff;
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{DType, Distribution, FloatDType, Tensor};
+use burn::tensor::{DType, FloatDType, Tensor, TensorData};
 use burn_cubecl::CubeRuntime;
 use cubecl::prelude::*;
 use std::time::{Duration, Instant};
@@ -58,22 +58,43 @@ pub struct PartTiming {
     pub backward: Duration,
 }
 
-/// A buffer of `len` pseudo-random values in [−1, 1) (deterministic).
+/// `len` pseudo-random values in [`low`, `high`), deterministic in `seed` (xorshift). Made on
+/// the host: burn's `Tensor::random` launches a PRNG kernel whose grid CUDA refused
+/// (`CUDA_ERROR_INVALID_VALUE`) at the benchmark's sizes.
+fn pseudo_random(len: usize, seed: u64, (low, high): (f32, f32)) -> Vec<f32> {
+    let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            low + ((state >> 40) as f32 / (1u64 << 24) as f32) * (high - low)
+        })
+        .collect()
+}
+
+/// A buffer of `len` pseudo-random values in [−1, 1) ([`pseudo_random`]).
 fn random<F: Float + CubeElement, R: Runtime>(
     client: &ComputeClient<R>,
     len: usize,
     seed: u64,
 ) -> DeviceArray {
-    let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    let values: Vec<F> = (0..len)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            F::new(((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0)
-        })
+    let values: Vec<F> = pseudo_random(len, seed, (-1.0, 1.0))
+        .into_iter()
+        .map(F::new)
         .collect();
     DeviceArray::new(client.create_from_slice(F::as_bytes(&values)), len)
+}
+
+/// An f32 tensor of `shape` with pseudo-random values in `range` ([`pseudo_random`]).
+fn random_tensor<B: Backend, const D: usize>(
+    shape: [usize; D],
+    seed: u64,
+    range: (f32, f32),
+    device: &B::Device,
+) -> Tensor<B, D> {
+    let values = pseudo_random(shape.iter().product(), seed, range);
+    Tensor::from_data(TensorData::new(values, shape), device)
 }
 
 fn median(mut times: Vec<Duration>) -> Duration {
@@ -244,27 +265,16 @@ where
     let form = chunk_form(cell).map_err(|e| e.to_string())?;
     let dims = &shape.dims;
     let [batch, time, heads] = [shape.batch, shape.time, shape.heads];
-    let uniform = Distribution::Uniform(-1.0, 1.0);
     // Inputs, parameters and outputs in `dtype`, the scan in f32.
     let (dtype, f32) = (dtype.float_dtype(), FloatDType::F32);
-    let inputs = Tensor::<B::InnerBackend, 4>::random(
-        [batch, time, heads, Packing::inputs(cell, dims).width],
-        uniform,
-        device,
-    )
-    .cast(dtype);
-    let params = Tensor::<B::InnerBackend, 2>::random(
-        [heads, Packing::params(cell, dims).width],
-        uniform,
-        device,
-    )
-    .cast(dtype);
-    let weights = Tensor::<B, 4>::random(
-        [batch, time, heads, Packing::outputs(cell, dims).width],
-        uniform,
-        device,
-    )
-    .cast(dtype);
+    let (packed, range) = (Packing::inputs(cell, dims).width, (-1.0, 1.0));
+    let inputs =
+        random_tensor::<B::InnerBackend, 4>([batch, time, heads, packed], 1, range, device)
+            .cast(dtype);
+    let packed = Packing::params(cell, dims).width;
+    let params = random_tensor::<B::InnerBackend, 2>([heads, packed], 2, range, device).cast(dtype);
+    let packed = Packing::outputs(cell, dims).width;
+    let weights = random_tensor::<B, 4>([batch, time, heads, packed], 3, range, device).cast(dtype);
     let scan = ChunkedScan {
         form: &form,
         dims,
@@ -340,9 +350,11 @@ pub fn time_chunked_parts<B: FusedCellBackend>(
     let (sequences, chunks) = (shape.batch * shape.heads, shape.time.div_ceil(chunk));
     // Random operands of `shape`: log decays in [−1, 0), anything else in [−1, 1).
     let (log_decays, others) = ((-1.0, 0.0), (-1.0, 1.0));
-    let random = |shape: &[usize], (low, high): (f64, f64)| {
+    let seed = std::cell::Cell::new(10);
+    let random = |shape: &[usize], range: (f32, f32)| {
+        seed.set(seed.get() + 1);
         let values = [shape.iter().product::<usize>()];
-        let tensor = Tensor::<B, 1>::random(values, Distribution::Uniform(low, high), device);
+        let tensor = random_tensor::<B, 1>(values, seed.get(), range, device);
         B::float_reshape(tensor.into_primitive().tensor(), shape.into())
     };
     let sync = || B::sync(device).map_err(|e| format!("device synchronisation failed: {e:?}"));
