@@ -131,9 +131,11 @@ fn resolving_chooses_tile_and_placement() {
 #[test]
 fn shared_memory_too_small_is_refused() {
     let compiled = compile_cell("simple_rnn");
+    // 64 units: the split sums' buffer (one f32 per unit) is part of the figure.
     let schedule = Schedule {
         tile: Some(128),
         placement: Placement::Shared,
+        cube_dim: 64,
         ..Schedule::default()
     };
     let error = schedule
