@@ -483,33 +483,34 @@ impl<'a> Emitter<'a> {
         read: TokenStream,
         write: TokenStream,
     ) -> TokenStream {
+        // The batch's elements of this unit, unrolled; `body` runs for those copied.
+        let batch_loop = |body: TokenStream| {
+            quote! {
+                #[unroll]
+                for m in 0..batch {
+                    let flat = unit + (first * batch + m) * units;
+                    if flat < #numel {
+                        #locate
+                        if #inside {
+                            #body
+                        }
+                    }
+                }
+            }
+        };
+        let reads = batch_loop(quote!(values[m] = #read;));
+        let writes = batch_loop(quote! {
+            let value = values[m];
+            #write
+        });
         quote! {
             {
                 let per_unit = comptime![(#numel + units - 1) / units];
                 let batch = comptime![if per_unit < #GATHER_BATCH { per_unit } else { #GATHER_BATCH }];
                 let mut values = Array::<f32>::new(comptime![batch.max(1)]);
                 for first in 0..comptime![(per_unit + batch - 1) / batch.max(1)] {
-                    #[unroll]
-                    for m in 0..batch {
-                        let flat = unit + (first * batch + m) * units;
-                        if flat < #numel {
-                            #locate
-                            if #inside {
-                                values[m] = #read;
-                            }
-                        }
-                    }
-                    #[unroll]
-                    for m in 0..batch {
-                        let flat = unit + (first * batch + m) * units;
-                        if flat < #numel {
-                            #locate
-                            if #inside {
-                                let value = values[m];
-                                #write
-                            }
-                        }
-                    }
+                    #reads
+                    #writes
                 }
             }
         }
