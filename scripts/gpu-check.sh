@@ -20,16 +20,21 @@ mkdir -p "$bundle/whl"
 # The GPU machine has driver 580 / CUDA 13.
 export CUDARC_CUDA_VERSION=13000
 cargo build --release --workspace --features cuda --bin rak
-kernels=$(cargo test --release --workspace --features cuda --test kernels --no-run --message-format=json 2>/dev/null |
+# The kernel tests and the model tests (the chunked path's kernels and the LM's strategies
+# against each other, on burn's CUDA backend), as executables.
+test_executables=$(cargo test --release --workspace --features cuda --test kernels --test model --no-run \
+    --message-format=json 2>/dev/null |
     python3 -c 'import json, sys
 for line in sys.stdin:
     message = json.loads(line)
-    if message.get("reason") == "compiler-artifact" and message.get("executable") and message["target"]["name"] == "kernels":
-        print(message["executable"])')
+    if message.get("reason") == "compiler-artifact" and message.get("executable") and message["target"]["name"] in ("kernels", "model"):
+        print(message["target"]["name"], message["executable"])')
 cp target/release/rak "$bundle/rak"
-cp "$kernels" "$bundle/kernels-cuda"
-strip "$bundle/rak" "$bundle/kernels-cuda"
-gzip -9 "$bundle/rak" "$bundle/kernels-cuda"
+while read -r name executable; do
+    cp "$executable" "$bundle/$name-cuda"
+done <<< "$test_executables"
+strip "$bundle/rak" "$bundle/kernels-cuda" "$bundle/model-cuda"
+gzip -9 "$bundle/rak" "$bundle/kernels-cuda" "$bundle/model-cuda"
 
 # flash-linear-attention is pure Python (it needs torch, triton and einops, which are there).
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

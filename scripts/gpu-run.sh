@@ -86,12 +86,16 @@ fi
     done
 } >> "$res/device.txt" 2>&1
 save
-gunzip -kf gpu-bundle/rak.gz gpu-bundle/kernels-cuda.gz
-chmod +x gpu-bundle/rak gpu-bundle/kernels-cuda
+gunzip -kf gpu-bundle/rak.gz gpu-bundle/kernels-cuda.gz gpu-bundle/model-cuda.gz
+chmod +x gpu-bundle/rak gpu-bundle/kernels-cuda gpu-bundle/model-cuda
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site gpu-bundle/whl/*.whl &&
     export PYTHONPATH=/tmp/site
 
-shapes=(--shape 8,2048,8,128 --shape 4,2048,16,128 --shape 16,512,4,64 --shape 1,16384,8,128)
+# (RAK_GPU_SHAPES="4,2048,16,128 1,16384,8,128" measures some of them only.)
+shapes=()
+for shape in ${RAK_GPU_SHAPES:-8,2048,8,128 4,2048,16,128 16,512,4,64 1,16384,8,128}; do
+    shapes+=(--shape "$shape")
+done
 rak=$PWD/gpu-bundle/rak
 # cubecl keeps the PTX of every kernel it compiles here, so that a process finds the kernels an
 # earlier one compiled (the `warm` step's untimed pass; the profile step has a cubecl.toml of
@@ -107,6 +111,8 @@ trap 'rm -f cubecl.toml' EXIT
 step_warm() {
     local pids=()
     step_tests &
+    pids+=($!)
+    step_model_tests &
     pids+=($!)
     for dtype in bf16 f32; do
         for dim in 128 64; do
@@ -185,6 +191,25 @@ step_profile() {
     python3 bench/kernel_profile.py "$res/kernel-profile.log" "forward, warm-up (autotuning)" \
         forward "forward + backward, warm-up" "forward + backward" >> "$res/kernel-profile.md" 2>&1
     cat "$res/kernel-profile.md"
+}
+
+# The model tests that run on CUDA: the chunked path's own kernels against loops, and the
+# LM's fused and chunked strategies against the unfused one (loss and every gradient).
+step_model_tests() {
+    within "${1:-240}" gpu-bundle/model-cuda --test-threads 1 --nocapture linear_scan_matches decayed_scores \
+        scores_across_sub_chunks language_model_fused_chunked_and_unfused_agree \
+        > "$res/model-tests.log" 2>&1
+    echo "model tests: exit $?" | tee -a "$res/model-tests.log"
+}
+
+# The checks of the chunked form on CUDA alone, side by side: the model tests above and the
+# kernel tests of the chunked form (for a short call after a fix of that path: 110 s each).
+step_chunked_checks() {
+    step_model_tests 110 &
+    within 110 gpu-bundle/kernels-cuda --test-threads 1 --nocapture chunked \
+        > "$res/kernel-tests-chunked.log" 2>&1 &
+    wait
+    grep -H "^test \|test result\|exit" "$res/model-tests.log" "$res/kernel-tests-chunked.log"
 }
 
 # Kernel tests of every cell on CUDA against the f64 interpreter (same tolerances as on wgpu),

@@ -31,8 +31,21 @@ impl Packing {
         Self::of(cell.inputs.iter().map(|i| &i.shape), dims)
     }
 
+    /// At least one column wide: a cell without parameters (SimpleRNN) gets one unused column,
+    /// so that no tensor of a model is empty. CUDA refuses to copy an empty tensor to or from
+    /// the device (its strides are not row-major: a zero-length axis gives a zero stride) and to
+    /// launch a kernel over none of it (`CUDA_ERROR_INVALID_VALUE`), which broke training on
+    /// the H200 of 2026-12-04; the unused column is never read and its gradient is zero.
     pub fn params(cell: &Cell, dims: &[usize]) -> Self {
-        Self::of(cell.params.iter().map(|p| &p.shape), dims)
+        let mut packing = Self::of(cell.params.iter().map(|p| &p.shape), dims);
+        packing.width = packing.width.max(1);
+        packing
+    }
+
+    /// The columns no slot covers (the unused column of [`Self::params`]): `(offset, width)`.
+    pub fn uncovered(&self) -> Option<(usize, usize)> {
+        let covered: usize = self.slots.iter().map(|&(_, width)| width).sum();
+        (covered < self.width).then_some((covered, self.width - covered))
     }
 
     pub fn states(cell: &Cell, dims: &[usize]) -> Self {

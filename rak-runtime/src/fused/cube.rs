@@ -14,7 +14,7 @@ use crate::kernels::{
 use crate::packing::Packing;
 use burn::tensor::Shape;
 use burn_cubecl::kernel::into_contiguous;
-use burn_cubecl::ops::numeric::empty_device;
+use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
 use cubecl::prelude::*;
@@ -129,7 +129,7 @@ where
         let [_, _, _, decay_keys, decay_values] = log_decay.meta.shape().dims::<5>();
         let [log_decay, writes, initial] = [log_decay, writes, initial].map(into_contiguous);
         let (client, device) = (writes.client.clone(), writes.device.clone());
-        let after = empty_device::<R, F>(client.clone(), device, writes.meta.shape().clone());
+        let after = dense::<R, F>(&client, &device, writes.meta.shape().clone());
         let (cubes, units) = grid(batch * heads * keys * values);
         linear_scan_kernel::launch::<F, R>(
             &client,
@@ -154,7 +154,7 @@ where
         let [lines, steps, across] = x.meta.shape().dims::<3>();
         let x = into_contiguous(x);
         let (client, device) = (x.client.clone(), x.device.clone());
-        let sums = empty_device::<R, F>(client.clone(), device, x.meta.shape().clone());
+        let sums = dense::<R, F>(&client, &device, x.meta.shape().clone());
         let (cubes, units) = grid(lines * across);
         running_sum_kernel::launch::<F, R>(
             &client,
@@ -179,8 +179,7 @@ where
         let [blocks, steps, keys] = query.meta.shape().dims::<3>();
         let [query, key, factors] = [query, key, factors].map(into_contiguous);
         let (client, device) = (query.client.clone(), query.device.clone());
-        let scores =
-            empty_device::<R, F>(client.clone(), device, Shape::new([blocks, steps, steps]));
+        let scores = dense::<R, F>(&client, &device, Shape::new([blocks, steps, steps]));
         let [query, key, factors, scores_arg] = [&query, &key, &factors, &scores].map(whole);
         let (cubes, blocks, keys) = (one_cube_per_block(blocks), blocks as u32, keys as u32);
         match form {
@@ -226,9 +225,8 @@ where
         let [blocks, steps, keys] = query.meta.shape().dims::<3>();
         let operands = [query, key, factors, grad].map(into_contiguous);
         let (client, device) = (operands[0].client.clone(), operands[0].device.clone());
-        let gradients = [&operands[0], &operands[1], &operands[2]].map(|operand| {
-            empty_device::<R, F>(client.clone(), device.clone(), operand.meta.shape().clone())
-        });
+        let gradients = [&operands[0], &operands[1], &operands[2]]
+            .map(|operand| dense::<R, F>(&client, &device, operand.meta.shape().clone()));
         let [query, key, factors, grad] = operands.each_ref().map(whole);
         let [grad_query, grad_key, grad_factors] = gradients.each_ref().map(whole);
         let (cubes, units) = (
@@ -428,6 +426,19 @@ fn unpack<R: CubeRuntime, E: Float + CubeElement>(
     arrays
 }
 
+/// An uninitialised tensor of `shape` laid out densely, row after row, as the kernels here
+/// write it. (burn's `empty_device` lets the runtime pad rows: CUDA's allocator pitches a row
+/// whose byte length is not a multiple of its alignment, e.g. 6 f32, and a kernel writing
+/// `shape.num_elements()` values one after the other would then not write what the strides
+/// say.)
+fn dense<R: CubeRuntime, E: burn_cubecl::CubeElement>(
+    client: &ComputeClient<R>,
+    device: &R::Device,
+    shape: Shape,
+) -> CubeTensor<R> {
+    empty_device_contiguous_dtype(client.clone(), device.clone(), shape, E::dtype())
+}
+
 /// A packed tensor of shape `leading × packing.width` from one array per slot.
 fn pack<R: CubeRuntime, E: Float + CubeElement + burn_cubecl::CubeElement>(
     client: &ComputeClient<R>,
@@ -438,9 +449,18 @@ fn pack<R: CubeRuntime, E: Float + CubeElement + burn_cubecl::CubeElement>(
 ) -> CubeTensor<R> {
     let mut dims = leading.to_vec();
     dims.push(packing.width);
-    let tensor = empty_device::<R, E>(client.clone(), device.clone(), Shape::from(dims));
+    let tensor = dense::<R, E>(client, device, Shape::from(dims));
     let total = tensor.meta.shape().num_elements();
-    for (array, &(offset, width)) in arrays.iter().zip(&packing.slots) {
+    // Columns no slot covers (a parameterless cell's unused column) are zeros: they are a
+    // gradient too.
+    let uncovered = packing.uncovered().map(|(offset, width)| {
+        let rows = total / packing.width;
+        let zeros = DeviceArray::zeros(client, rows * width, size_of::<E>());
+        (zeros, (offset, width))
+    });
+    let slots = arrays.iter().zip(packing.slots.iter().copied());
+    let uncovered_slot = uncovered.iter().map(|(zeros, slot)| (zeros, *slot));
+    for (array, (offset, width)) in slots.chain(uncovered_slot) {
         let (cubes, units) = grid(array.len);
         copy_columns::launch::<E, R>(
             client,
