@@ -50,8 +50,7 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
 du -sh "$bundle"/*
 cat <<'TXT'
 Ready. Make one device call:
-  command:   bash scripts/gpu-run.sh   (or two calls: ... rak chunked peers chunked-bf16 profile,
-             then ... tests schedules lm generate sweep no-fusion; see the header of gpu-run.sh)
+  command:   bash scripts/gpu-run.sh   (arguments pick steps: see the header of gpu-run.sh)
   carry:     ["gpu-bundle"]
   timeout_s: 600
 The call returns results.tar.gz (every log and table; a device call brings back at most 8 files),

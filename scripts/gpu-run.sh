@@ -257,13 +257,14 @@ step_generate() {
     cat "$res/generate.md"
 }
 
-# The schedule's knobs, side by side at one shape (f32): units per cube, sums split among
-# units or not, states held in registers or not (docs/compiler.md, "Split sums", "States in
-# registers"); these set the defaults.
+# The schedule's knobs, side by side at one shape (f32): units per cube and sums split among
+# units or not, for each pass (docs/compiler.md, "Split sums", "The backward scan's own units
+# and sums"); these set the defaults. (States in registers or not: on the H200 of 2026-12-04
+# registers made the forward faster with split sums, the default, and slower without.)
 step_sweep() {
     within 90 "$rak" bench --device cuda --repetitions 5 --warmup 1 --shape 8,2048,8,128 \
-        --cube-dim 64,128,256 --sum-parts 1,8 --registers true,false --json "$res/sweep.jsonl" \
-        > "$res/sweep.md" 2>&1
+        --cube-dim 64,128 --sum-parts 1,8 --backward-cube-dim 64,128 --backward-sum-parts 1,8 \
+        --json "$res/sweep.jsonl" > "$res/sweep.md" 2>&1
     echo "sweep: exit $?" >> "$res/sweep.md"
     cat "$res/sweep.md"
 }

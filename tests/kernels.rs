@@ -462,7 +462,10 @@ fn split_tiles_and_workspace_placements() {
             registers,
             cube_dim,
             ..cpu_schedule()
-        };
+        }
+        // The backward scan under the variant's units and sum parts too (the other tests run
+        // it under its own defaults, `Schedule::backward_cube_dim` and `backward_sum_parts`).
+        .same_for_both_passes();
         // The variants asking for registers get them (each tile fits the units).
         let resolved = Schedule {
             tile: tile.or(Some(dim)),
@@ -799,7 +802,8 @@ fn cuda_and_wgsl_sources_of_every_cell() {
         chunk: 8,
         chunks_per_launch: None,
         ..Default::default()
-    };
+    }
+    .same_for_both_passes();
     for builtin in rak::cells::all() {
         let dims = vec![
             4;

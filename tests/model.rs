@@ -841,7 +841,11 @@ fn check_language_model(strategy: Strategy) {
             !shape.contains(" 0]") && !shape.contains("[0"),
             "empty parameter {shape}"
         );
-        assert!(!expected.is_empty(), "parameter {shape} has a gradient");
+        // Only the unused column (`[H, 1]`) is outside the unfused path's graph, without a
+        // gradient; the fused operation's gradient of it is zero.
+        if expected.is_empty() {
+            assert_eq!(shape, "[2, 1]", "parameter {shape} has a gradient");
+        }
         if expected.iter().all(|&g| g == 0.0) {
             assert!(
                 got.iter().all(|&g| g == 0.0),

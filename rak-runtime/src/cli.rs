@@ -241,6 +241,8 @@ fn bench(
                 "forward_ms": forward, "forward_backward_ms": both, "repetitions": repetitions,
                 "chunk": schedule.chunk, "cube_dim": schedule.cube_dim,
                 "sum_parts": schedule.sum_parts, "registers": schedule.registers,
+                "backward_cube_dim": schedule.backward_cube_dim,
+                "backward_sum_parts": schedule.backward_sum_parts,
                 "forward_in_registers": timing.forward_in_registers,
                 "strategy": format!("{strategy:?}").to_lowercase(),
                 "forward_schedule": forward_schedule, "backward_schedule": backward_schedule,
@@ -450,10 +452,12 @@ pub enum Command {
         /// Element type of inputs, parameters and outputs (CUDA and WGSL).
         #[arg(long, value_enum, default_value_t = Dtype::F32)]
         dtype: Dtype,
-        /// Units per cube (CUDA and WGSL).
+        /// Units per cube of the pass emitted (CUDA and WGSL; the backward scan runs with 64
+        /// by default, see `rak bench --backward-cube-dim`).
         #[arg(long, default_value_t = Schedule::default().cube_dim)]
         cube_dim: u32,
-        /// Units that may share one sum (CUDA and WGSL; 1: one unit per element).
+        /// Units that may share one sum in the pass emitted (CUDA and WGSL; 1: one unit per
+        /// element).
         #[arg(long, default_value_t = Schedule::default().sum_parts)]
         sum_parts: usize,
         /// Whether the forward scan holds its states in registers where it can (CUDA and WGSL).
@@ -519,6 +523,14 @@ pub enum Command {
         /// unit per element); several (`1,8`) time each shape under each.
         #[arg(long, value_delimiter = ',', default_value = "8")]
         sum_parts: Vec<usize>,
+        /// Units per cube of the backward scan (default: its own, 64; `same`: `--cube-dim`);
+        /// several time each shape under each.
+        #[arg(long, value_delimiter = ',', value_parser = parse_backward_knob, default_value = "64")]
+        backward_cube_dim: Vec<Option<usize>>,
+        /// `--sum-parts` of the backward scan (default: its own, 1; `same`: `--sum-parts`);
+        /// several time each shape under each.
+        #[arg(long, value_delimiter = ',', value_parser = parse_backward_knob, default_value = "1")]
+        backward_sum_parts: Vec<Option<usize>>,
         /// Whether the forward scan holds its states in registers where the cell and the
         /// launch allow it; `true,false` times each shape both ways.
         #[arg(long, value_delimiter = ',', default_value = "true")]
@@ -682,6 +694,17 @@ fn describe_schedule(schedule: Schedule, states_in_registers: bool) -> String {
         "cube_dim {}, tile {tile}, {placement} workspace, sum_parts {}{registers}",
         schedule.cube_dim, schedule.sum_parts
     )
+}
+
+/// A knob of the backward scan: a number, or `same` (the forward's).
+fn parse_backward_knob(text: &str) -> Result<Option<usize>, String> {
+    match text {
+        "same" => Ok(None),
+        number => number
+            .parse()
+            .map(Some)
+            .map_err(|_| format!("`{number}`: a number, or `same` (the forward's)")),
+    }
 }
 
 /// Parses the process's arguments, accepting Hydra's `-cn NAME` for `--config-name NAME` and
@@ -914,13 +937,15 @@ pub fn run(cli: Cli) -> ExitCode {
                 pass,
                 dim,
                 dtype,
+                // `--cube-dim` and `--sum-parts` are those of the pass emitted.
                 schedule: Schedule {
                     cube_dim,
                     sum_parts,
                     registers,
                     tile,
                     ..Schedule::default()
-                },
+                }
+                .same_for_both_passes(),
                 chunk,
                 sub_chunk,
             },
@@ -973,6 +998,8 @@ pub fn run(cli: Cli) -> ExitCode {
             placement,
             sum_parts,
             registers,
+            backward_cube_dim,
+            backward_sum_parts,
             json,
             parts,
             fusion,
@@ -981,16 +1008,22 @@ pub fn run(cli: Cli) -> ExitCode {
             for &cube_dim in &cube_dim {
                 for &sum_parts in &sum_parts {
                     for &registers in &registers {
-                        schedules.push(Schedule {
-                            cube_dim,
-                            chunk,
-                            chunks_per_launch,
-                            stage,
-                            tile,
-                            placement: placement.into(),
-                            sum_parts,
-                            registers,
-                        });
+                        for &backward_cube_dim in &backward_cube_dim {
+                            for &backward_sum_parts in &backward_sum_parts {
+                                schedules.push(Schedule {
+                                    cube_dim,
+                                    chunk,
+                                    chunks_per_launch,
+                                    stage,
+                                    tile,
+                                    placement: placement.into(),
+                                    sum_parts,
+                                    registers,
+                                    backward_cube_dim: backward_cube_dim.map(|n| n as u32),
+                                    backward_sum_parts,
+                                });
+                            }
+                        }
                     }
                 }
             }
@@ -1048,6 +1081,41 @@ pub fn run(cli: Cli) -> ExitCode {
 mod tests {
     use super::*;
     use clap::Parser;
+
+    /// `rak bench`'s backward knobs default to the schedule's, and take `same` or numbers.
+    #[test]
+    fn bench_backward_knobs() {
+        let parse = |args: &[&str]| {
+            let cli = Cli::try_parse_from(["rak", "bench"].iter().chain(args)).unwrap();
+            let Command::Bench {
+                backward_cube_dim,
+                backward_sum_parts,
+                ..
+            } = cli.command
+            else {
+                panic!("parsed as another command");
+            };
+            (backward_cube_dim, backward_sum_parts)
+        };
+        let defaults = Schedule::default();
+        assert_eq!(
+            parse(&[]),
+            (
+                vec![defaults.backward_cube_dim.map(|n| n as usize)],
+                vec![defaults.backward_sum_parts]
+            )
+        );
+        assert_eq!(
+            parse(&[
+                "--backward-cube-dim",
+                "same,128",
+                "--backward-sum-parts",
+                "8"
+            ]),
+            (vec![None, Some(128)], vec![Some(8)])
+        );
+        assert!(Cli::try_parse_from(["rak", "bench", "--backward-sum-parts", "many"]).is_err());
+    }
 
     #[test]
     fn hydra_spellings_select_the_main_file_and_print_the_job() {

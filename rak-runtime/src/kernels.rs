@@ -266,10 +266,12 @@ impl<C: CellKernels> CellRunner<C> {
             || schedule.stage == 0
             || schedule.tile == Some(0)
             || schedule.sum_parts == 0
+            || schedule.backward_cube_dim == Some(0)
+            || schedule.backward_sum_parts == Some(0)
         {
             return Err(KernelError(format!(
-                "schedule {schedule:?}: chunk, cube_dim, chunks_per_launch, stage, tile and \
-                 sum_parts must be at least 1"
+                "schedule {schedule:?}: chunk, cube_dim, chunks_per_launch, stage, tile, \
+                 sum_parts and the backward's cube_dim and sum_parts must be at least 1"
             )));
         }
         Ok(())

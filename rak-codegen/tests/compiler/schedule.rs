@@ -105,11 +105,20 @@ fn resolving_chooses_tile_and_placement() {
         .resolve(step, Pass::Forward, &[128, 128], 64, limits(48 * 1024, 1))
         .unwrap();
     assert_eq!(resolved.tile, Some(64));
-    // The backward workspace holds more per step (S_{t−1}, S_t, their gradients): tile 8.
+    // The backward workspace holds more per step (S_{t−1}, S_t, their gradients): tile 8
+    // under the forward's 128 units and split sums.
     let resolved = open
+        .same_for_both_passes()
         .resolve(step, Pass::Backward, &[128, 128], 64, limits(48 * 1024, 1))
         .unwrap();
     assert_eq!(resolved.tile, Some(8));
+    assert_eq!(resolved.placement, Placement::Shared);
+    // The backward's own schedule by default: 64 units, unsplit sums.
+    let resolved = open
+        .resolve(step, Pass::Backward, &[128, 128], 64, limits(48 * 1024, 1))
+        .unwrap();
+    assert_eq!((resolved.cube_dim, resolved.sum_parts), (64, 1));
+    assert_eq!(resolved.tile, Some(16));
     assert_eq!(resolved.placement, Placement::Shared);
     // More cubes wanted: smaller tiles.
     let resolved = open
