@@ -33,23 +33,17 @@ type Fused = Autodiff<burn::backend::Cuda>;
 /// The cubecl backend alone.
 type Plain = Autodiff<burn_cubecl_backend::Backend>;
 
-#[cfg(not(feature = "cuda"))]
 mod burn_cubecl_backend {
-    pub type Backend = rak::runtime::burn_cubecl::CubeBackend<
-        rak::runtime::cubecl::wgpu::WgpuRuntime,
-        f32,
-        i32,
-        u32,
-    >;
-}
-#[cfg(feature = "cuda")]
-mod burn_cubecl_backend {
-    pub type Backend = rak::runtime::burn_cubecl::CubeBackend<
-        rak::runtime::cubecl::cuda::CudaRuntime,
-        f32,
-        i32,
-        u8,
-    >;
+    #[cfg(not(feature = "cuda"))]
+    type Runtime = rak::runtime::cubecl::wgpu::WgpuRuntime;
+    #[cfg(feature = "cuda")]
+    type Runtime = rak::runtime::cubecl::cuda::CudaRuntime;
+    /// The element of boolean tensors burn's backend uses on that runtime.
+    #[cfg(not(feature = "cuda"))]
+    type Bool = u32;
+    #[cfg(feature = "cuda")]
+    type Bool = u8;
+    pub type Backend = rak::runtime::burn_cubecl::CubeBackend<Runtime, f32, i32, Bool>;
 }
 
 fn setup() {
