@@ -525,11 +525,11 @@ pub enum Command {
         sum_parts: Vec<usize>,
         /// Units per cube of the backward scan (default: its own, 64; `same`: `--cube-dim`);
         /// several time each shape under each.
-        #[arg(long, value_delimiter = ',', value_parser = parse_backward_knob, default_value = "64")]
-        backward_cube_dim: Vec<Option<usize>>,
+        #[arg(long, value_delimiter = ',', value_parser = parse_backward_knob::<u32>, default_value = "64")]
+        backward_cube_dim: Vec<Option<u32>>,
         /// `--sum-parts` of the backward scan (default: its own, 1; `same`: `--sum-parts`);
         /// several time each shape under each.
-        #[arg(long, value_delimiter = ',', value_parser = parse_backward_knob, default_value = "1")]
+        #[arg(long, value_delimiter = ',', value_parser = parse_backward_knob::<usize>, default_value = "1")]
         backward_sum_parts: Vec<Option<usize>>,
         /// Whether the forward scan holds its states in registers where the cell and the
         /// launch allow it; `true,false` times each shape both ways.
@@ -697,7 +697,7 @@ fn describe_schedule(schedule: Schedule, states_in_registers: bool) -> String {
 }
 
 /// A knob of the backward scan: a number, or `same` (the forward's).
-fn parse_backward_knob(text: &str) -> Result<Option<usize>, String> {
+fn parse_backward_knob<T: std::str::FromStr>(text: &str) -> Result<Option<T>, String> {
     match text {
         "same" => Ok(None),
         number => number
@@ -1019,7 +1019,7 @@ pub fn run(cli: Cli) -> ExitCode {
                                     placement: placement.into(),
                                     sum_parts,
                                     registers,
-                                    backward_cube_dim: backward_cube_dim.map(|n| n as u32),
+                                    backward_cube_dim,
                                     backward_sum_parts,
                                 });
                             }
@@ -1101,7 +1101,7 @@ mod tests {
         assert_eq!(
             parse(&[]),
             (
-                vec![defaults.backward_cube_dim.map(|n| n as usize)],
+                vec![defaults.backward_cube_dim],
                 vec![defaults.backward_sum_parts]
             )
         );
