@@ -7,7 +7,7 @@
 #
 # What takes the time is compiling, not measuring: NVRTC compiles every kernel rak launches,
 # Triton some 250 configurations of chunk_gla per element type and K, one after the other. So
-# the first step, `warm`, runs side by side, on the 16 cores: the CUDA kernel tests (four
+# the first step, `warm`, runs side by side, on the 16 cores: the CUDA kernel tests (five
 # processes), one Triton compile-only process per element type and K (bench/peers.py
 # --compile-only: each configuration launched once into Triton's cache, nothing timed, no
 # autotuning result kept) and one untimed pass of every rak measurement (kernels into cubecl's
@@ -18,7 +18,7 @@
 # rak slower; fla autotunes alone, in the peers step.)
 #
 # It writes into a results folder: device.txt (GPU, date, the bundle's commit, CUDA libraries
-# found, the steps asked for), kernel-tests*.log, warm.log, fla-compile-*.log,
+# found, the steps asked for), kernel-tests*.log, warm-*.log, fla-compile-*.log,
 # rak-bench.md/.jsonl, chunked.md, rak-chunked.jsonl, chunked-bf16.md, peers.jsonl,
 # peers.log, table.md, lm.log, lm-table.md, lm-d512.md, generate.md, kernel-profile.md/.log,
 # sweep.md/.jsonl, chunked-no-fusion.md, rak-chunked-no-fusion.jsonl, steps.log (each step's
@@ -121,6 +121,9 @@ step_warm() {
             pids+=($!)
         done
     done
+    # rak's untimed pass in three processes side by side (NVRTC compiles one kernel at a time in
+    # a process; cubecl's cache file takes writers from several processes): the benches, the
+    # seed's LM table, the D = 512 LM.
     {
         for dtype in f32 bf16; do
             within 120 "$rak" bench --device cuda --dtype "$dtype" --repetitions 1 --warmup 0 \
@@ -128,13 +131,16 @@ step_warm() {
             within 200 "$rak" bench --device cuda --strategy chunked --parts --dtype "$dtype" \
                 --repetitions 1 --warmup 0 "${shapes[@]}"
         done
-        within 200 "$rak" train -m experiment=unfused,fused_projection,fused,chunked \
-            model=seed data=dummy steps=2 eval_every=2 checkpoint_every=2 test_batches=1 \
-            "job.run_dir=/tmp/rak-warm-runs/{name}"
-        within 100 "$rak" train experiment=fused data=dummy model.layers=4 model.d_model=512 \
-            model.heads=4 "model.dims=[128, 128]" steps=2 eval_every=2 checkpoint_every=2 \
-            test_batches=1 "job.name=d512" "job.run_dir=/tmp/rak-warm-runs/{name}"
-    } > "$res/warm.log" 2>&1 &
+    } > "$res/warm-bench.log" 2>&1 &
+    pids+=($!)
+    within 240 "$rak" train -m experiment=unfused,fused_projection,fused,chunked \
+        model=seed data=dummy steps=2 eval_every=2 checkpoint_every=2 test_batches=1 \
+        "job.run_dir=/tmp/rak-warm-runs/{name}" > "$res/warm-lm.log" 2>&1 &
+    pids+=($!)
+    within 150 "$rak" train experiment=fused data=dummy model.layers=4 model.d_model=512 \
+        model.heads=4 "model.dims=[128, 128]" steps=2 eval_every=2 checkpoint_every=2 \
+        test_batches=1 "job.name=d512" "job.run_dir=/tmp/rak-warm-d512/{name}" \
+        > "$res/warm-d512.log" 2>&1 &
     pids+=($!)
     wait "${pids[@]}"
     cat "$res"/kernel-tests*.log | grep -E "^test result|exit|FAILED|panicked" | head -40
@@ -213,7 +219,7 @@ step_chunked_checks() {
 }
 
 # Kernel tests of every cell on CUDA against the f64 interpreter (same tolerances as on wgpu),
-# in four processes side by side (NVRTC compiles every kernel a test launches, one at a time
+# in five processes side by side (NVRTC compiles every kernel a test launches, one at a time
 # in a process): every cell; every tile and workspace placement; the chunked form, at
 # T = 2048 with saturated gates too (burn operations on CUDA: cubecl's autotuned matmuls,
 # tf32 products on the tensor cores, hence its own tolerance; every case's worst error is
@@ -224,7 +230,10 @@ step_tests() {
         > "$res/kernel-tests-cells.log" 2>&1 &
     within 240 "$tests" --test-threads 1 split_tiles_and_workspace_placements \
         > "$res/kernel-tests-schedules.log" 2>&1 &
-    within 240 "$tests" --test-threads 1 --nocapture chunked > "$res/kernel-tests-chunked.log" 2>&1 &
+    within 240 "$tests" --test-threads 1 --nocapture --exact chunked_form_matches_the_interpreter \
+        > "$res/kernel-tests-chunked.log" 2>&1 &
+    within 240 "$tests" --test-threads 1 --nocapture --exact \
+        chunked_form_with_saturated_gates_and_long_sequences > "$res/kernel-tests-chunked-long.log" 2>&1 &
     within 240 "$tests" --test-threads 1 --skip kernels_match_the_interpreter_for_every_cell \
         --skip split_tiles_and_workspace_placements --skip chunked > "$res/kernel-tests.log" 2>&1 &
     wait
