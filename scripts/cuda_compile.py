@@ -48,13 +48,14 @@ class Kernel:
     cube_dim: int | None = None
     registers: bool | None = None
     tile: int | None = None
+    sum_parts: int | None = None
 
     def at_default_schedule(self):
-        return self.cube_dim is None and self.registers is None and self.tile is None
+        return self.cube_dim is None and self.registers is None and self.tile is None and self.sum_parts is None
 
     def slug(self):
         """A file name for this kernel's source."""
-        schedule = f"c{self.cube_dim}_r{self.registers}_t{self.tile}".replace("None", "-")
+        schedule = f"c{self.cube_dim}_r{self.registers}_t{self.tile}_p{self.sum_parts}".replace("None", "-")
         return f"{self.cell.replace(' ', '_')}_{self.pass_}_{self.dtype}_{self.dim}_{schedule}"
 
     def emit_args(self):
@@ -68,6 +69,8 @@ class Kernel:
             args += ["--registers", str(self.registers).lower()]
         if self.tile is not None:
             args += ["--tile", str(self.tile)]
+        if self.sum_parts is not None:
+            args += ["--sum-parts", str(self.sum_parts)]
         return args
 
 
@@ -77,7 +80,10 @@ def kernels():
     f32; 128 in bf16 and f16), then SimpleRNN's forward scan under the schedules `rak bench`'s
     sweep times on the GPU: 64, 128 and 256 units per cube, states in registers or not, the tile
     a 48 KiB launch of one sequence gets (64) and the one the benchmark shape B=8 H=8 gets on a
-    GPU (16)."""
+    GPU (16); last, its forward scan in f32 and bf16 at the tiles the issue's benchmark shapes get
+    on a 132-SM GPU (K = 128: 16 for B·H = 64, 2 for B·H = 8; K = 64: 8), at tile 32, and at tile
+    16 with sums split in 4 parts (whether a grid of 512 cubes fits the GPU at once depends on
+    the registers, see `cubes_per_multiprocessor`)."""
     every_cell = [(cell, pass_) for cell in CELLS for pass_ in ("forward", "backward", "step")]
     for cell, pass_ in every_cell + [(CHUNKED, name) for name in CHUNKED_KERNELS]:
         yield Kernel(cell, pass_, 64)
@@ -88,6 +94,21 @@ def kernels():
         for registers in (True, False):
             for tile in (16, 64):
                 yield Kernel("simple_rnn", "forward", 128, "f32", cube_dim, registers, tile)
+    for dtype in ("f32", "bf16"):
+        for tile in (2, 32):
+            yield Kernel("simple_rnn", "forward", 128, dtype, tile=tile)
+        yield Kernel("simple_rnn", "forward", 64, dtype, tile=8)
+        yield Kernel("simple_rnn", "forward", 128, dtype, tile=16, sum_parts=4)
+    yield Kernel("simple_rnn", "forward", 128, "bf16", tile=16)
+
+
+def cubes_per_multiprocessor(registers: int, cube_dim: int) -> int:
+    """How many cubes of `cube_dim` units an H100/H200 multiprocessor holds at once as far as
+    registers go: 64 Ki 32-bit registers, given out per warp in blocks of 256 (8 per unit).
+    A grid of more cubes than the GPU holds at once runs in waves, and a scan whose cubes each
+    walk the whole sequence then takes a multiple of the time of one wave."""
+    per_unit = -(-registers // 8) * 8
+    return 65536 // (per_unit * cube_dim)
 
 
 class Nvrtc:
@@ -189,16 +210,18 @@ def main():
         results = list(pool.map(lambda k: compile_one(k, args.rak, nvrtc, args.cuda, args.arch, args.work), todo))
 
     print(f"NVRTC {nvrtc.version}, `--gpu-architecture={args.arch}`; registers per thread and spills from ptxas.\n")
-    print("| cell | kernel | dtype | dims | schedule | registers | spills (bytes) | stack (bytes) |")
-    print("|---|---|---|---:|---|---:|---:|---:|")
+    print("| cell | kernel | dtype | dims | schedule | registers | cubes/SM by registers | spills (bytes) | stack (bytes) |")
+    print("|---|---|---|---:|---|---:|---:|---:|---:|")
     failures = []
     for r in results:
         k = r.kernel
         if r.error:
             failures.append(f"{k.cell} {k.pass_} {k.dtype} dim {k.dim} ({r.schedule}): {r.error}")
-            cells = "FAILED | | "
+            cells = "FAILED | | | "
         else:
-            cells = f"{r.registers} | {r.spill_bytes} | {r.stack_bytes}"
+            cube_dim = re.search(r"cube_dim (\d+)", r.schedule)
+            fit = cubes_per_multiprocessor(r.registers, int(cube_dim.group(1))) if cube_dim and r.registers else ""
+            cells = f"{r.registers} | {fit} | {r.spill_bytes} | {r.stack_bytes}"
             if r.in_registers and r.spill_bytes and k.at_default_schedule():
                 failures.append(f"{k.cell} {k.pass_} dim {k.dim} ({r.schedule}): holds its states in registers but spills {r.spill_bytes} bytes")
         print(f"| {k.cell} | {k.pass_} | {k.dtype} | {k.dim} | {r.schedule} | {cells} |")

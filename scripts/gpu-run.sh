@@ -2,7 +2,7 @@
 # Runs on the GPU machine (see scripts/gpu-check.sh, which prepares gpu-bundle/ here).
 # Usage: bash scripts/gpu-run.sh [STEP...]: the steps named (each a `step_*` function below),
 # in that order, or by default `warm rak chunked chunked-bf16 peers lm generate` (issue 6's
-# run, meant to end within 8 minutes) and then, in what time is left, `profile sweep
+# run, meant to end within 8 minutes) and then, in what time is left, `tiles profile sweep
 # no-fusion`.
 #
 # What takes the time is compiling, not measuring: NVRTC compiles every kernel rak launches,
@@ -20,12 +20,12 @@
 # It writes into a results folder: device.txt (GPU, date, the bundle's commit, CUDA libraries
 # found, the steps asked for), kernel-tests*.log, warm-*.log, fla-compile-*.log,
 # rak-bench.md/.jsonl, chunked.md, rak-chunked.jsonl, chunked-bf16.md, peers.jsonl,
-# peers.log, table.md, lm.log, lm-table.md, lm-d512.md, generate.md, kernel-profile.md/.log,
-# sweep.md/.jsonl, chunked-no-fusion.md, rak-chunked-no-fusion.jsonl, steps.log (each step's
-# exit status, time, and seconds since the start). A device call returns at most 8 files of
-# $OUT, so the folder is packed into $OUT/results.tar.gz after every step (a call cut short
-# still returns what the finished steps wrote), and device.txt and table.md (remade from what
-# is measured so far) are copied beside it.
+# peers.log, table.md, lm.log, lm-table.md, lm-d512.md, generate.md, tiles.md/.jsonl,
+# kernel-profile.md/.log, sweep.md/.jsonl, chunked-no-fusion.md, rak-chunked-no-fusion.jsonl,
+# steps.log (each step's exit status, time, and seconds since the start). A device call
+# returns at most 8 files of $OUT, so the folder is packed into $OUT/results.tar.gz after every
+# step (a call cut short still returns what the finished steps wrote), and device.txt and
+# table.md (remade from what is measured so far) are copied beside it.
 #
 # Every command runs under a timeout: its own cap, and never past the call's deadline (585 s
 # after the start, within the device call's 600 s); a command that finds no time left is
@@ -278,6 +278,22 @@ step_sweep() {
     cat "$res/sweep.md"
 }
 
+# The forward scan's tile and split sums in f32 and bf16, at one shape: B=8 H=8 K=V=128 gets
+# tile 16 by default, 512 cubes on a 132-SM GPU, which fit at once only where a cube's kernel
+# uses at most 128 registers per unit (4 cubes of 128 units per multiprocessor); ptxas gives
+# the f32 kernel 80 and the bf16 one 168 (scripts/cuda-compile.sh), which would make two waves
+# of cubes and explain bf16's forward at twice f32's time. Tile 32 (256 cubes) and
+# `sum_parts 4` bring bf16 to 128 registers (BENCHMARKS.md, "bf16 forward").
+step_tiles() {
+    for dtype in bf16 f32; do
+        for tile in 16 32; do
+            within 45 "$rak" bench --device cuda --dtype "$dtype" --tile "$tile" --sum-parts 4,8 \
+                --repetitions 5 --warmup 1 --shape 8,2048,8,128 --json "$res/tiles.jsonl"
+        done
+    done > "$res/tiles.md" 2>&1
+    cat "$res/tiles.md"
+}
+
 # The chunked form without burn's fusion wrapper (the cubecl backend alone), to see what fusing
 # its element-wise operations gains (`chunked` runs it inside the wrapper, as training does).
 step_no_fusion() {
@@ -289,8 +305,8 @@ step_no_fusion() {
 }
 
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(warm rak chunked chunked-bf16 peers lm generate done profile sweep \
-    no-fusion)
+[ ${#steps[@]} -eq 0 ] && steps=(warm rak chunked chunked-bf16 peers lm generate done tiles profile \
+    sweep no-fusion)
 echo "steps: ${steps[*]}" >> "$res/device.txt"
 for name in "${steps[@]}"; do
     if [ "$name" = done ]; then
