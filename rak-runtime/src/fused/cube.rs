@@ -451,10 +451,23 @@ fn pack<R: CubeRuntime, E: Float + CubeElement + burn_cubecl::CubeElement>(
     dims.push(packing.width);
     let tensor = dense::<R, E>(client, device, Shape::from(dims));
     let total = tensor.meta.shape().num_elements();
-    // Columns no slot covers (a parameterless cell's unused column) are zeros: they are a
-    // gradient too.
+    let packed = DeviceArray::new(tensor.handle.clone(), total);
+    pack_into::<R, E>(client, arrays, packing, &packed);
+    tensor
+}
+
+/// Writes every column of the packed `[rows, packing.width]` array `packed`: each slot's from
+/// its array, and the columns no slot covers (a parameterless cell's unused column, whose
+/// gradient this may be) with zeros, whatever `packed` held before (a fresh allocation holds
+/// what its memory last held).
+fn pack_into<R: CubeRuntime, E: Float + CubeElement>(
+    client: &ComputeClient<R>,
+    arrays: &[DeviceArray],
+    packing: &Packing,
+    packed: &DeviceArray,
+) {
     let uncovered = packing.uncovered().map(|(offset, width)| {
-        let rows = total / packing.width;
+        let rows = packed.len / packing.width;
         let zeros = DeviceArray::zeros(client, rows * width, size_of::<E>());
         (zeros, (offset, width))
     });
@@ -467,14 +480,13 @@ fn pack<R: CubeRuntime, E: Float + CubeElement + burn_cubecl::CubeElement>(
             cubes,
             units,
             unsafe { ArrayArg::from_raw_parts(array.handle.clone(), array.len) },
-            unsafe { ArrayArg::from_raw_parts(tensor.handle.clone(), total) },
+            unsafe { ArrayArg::from_raw_parts(packed.handle.clone(), packed.len) },
             packing.width as u32,
             offset as u32,
             width as u32,
             false,
         );
     }
-    tensor
 }
 
 /// Copies between a packed `[rows, packed_width]` array and the `[rows, width]` array of one
@@ -1141,6 +1153,50 @@ fn chunked_kernel_definition<E: Float + CubeElement, R: Runtime>(
                 sub_chunk,
             )
             .define()
+        }
+    }
+}
+
+#[cfg(all(test, feature = "wgpu"))]
+mod tests {
+    use super::pack_into;
+    use crate::cells::Builtin;
+    use crate::kernels::{DeviceArray, source_client};
+    use crate::packing::Packing;
+    use cubecl::prelude::*;
+
+    /// `pack_into` writes every column of a packed array that held other values before (as
+    /// reused memory does): the slots' values, and zeros in a parameterless cell's unused
+    /// column (its gradient; garbage there would reach the optimizer).
+    #[test]
+    fn packing_overwrites_every_column_and_zeroes_the_uncovered_ones() {
+        let client = source_client();
+        let rows = 3;
+        for (file, dims) in [("simple_rnn", [4, 5]), ("mamba2", [4, 5])] {
+            let builtin = Builtin::find(file).unwrap();
+            let cell = rak_codegen::compile_str(builtin.source).unwrap().cell;
+            let packing = Packing::params(&cell, &dims);
+            let mut expected = vec![0.0f32; rows * packing.width];
+            let arrays: Vec<DeviceArray> = (packing.slots.iter().enumerate())
+                .map(|(slot, &(offset, width))| {
+                    let values: Vec<f32> = (0..rows * width)
+                        .map(|e| (slot * 100 + e + 1) as f32)
+                        .collect();
+                    for (e, &value) in values.iter().enumerate() {
+                        expected[e / width * packing.width + offset + e % width] = value;
+                    }
+                    DeviceArray::new(
+                        client.create_from_slice(f32::as_bytes(&values)),
+                        values.len(),
+                    )
+                })
+                .collect();
+            let stale = vec![7.0f32; rows * packing.width];
+            let packed =
+                DeviceArray::new(client.create_from_slice(f32::as_bytes(&stale)), stale.len());
+            pack_into::<_, f32>(&client, &arrays, &packing, &packed);
+            let bytes = client.read_one_unchecked(packed.handle.clone());
+            assert_eq!(f32::from_bytes(&bytes), expected.as_slice(), "{file}");
         }
     }
 }
