@@ -513,9 +513,10 @@ pub enum Command {
         /// Steps whose inputs the forward scan loads at once.
         #[arg(long, default_value_t = 8)]
         stage: usize,
-        /// Values of the split axis per cube (default: chosen from the device and shape).
-        #[arg(long)]
-        tile: Option<usize>,
+        /// Values of the split axis per cube, in both scans (default: chosen from the device
+        /// and shape, for each scan); several (`16,32`) time each shape under each.
+        #[arg(long, value_delimiter = ',')]
+        tile: Vec<usize>,
         /// Where the per-step workspace lives.
         #[arg(long, value_enum, default_value_t = WorkspacePlacement::Auto)]
         placement: WorkspacePlacement,
@@ -694,6 +695,26 @@ fn describe_schedule(schedule: Schedule, states_in_registers: bool) -> String {
         "cube_dim {}, tile {tile}, {placement} workspace, sum_parts {}{registers}",
         schedule.cube_dim, schedule.sum_parts
     )
+}
+
+/// Each of `schedules` under each of `values` of one knob (`set` sets it), in order: the knobs
+/// of `rak bench` given as lists multiply.
+fn every<T: Copy>(
+    schedules: Vec<Schedule>,
+    values: &[T],
+    set: impl Fn(&mut Schedule, T),
+) -> Vec<Schedule> {
+    let set = &set;
+    schedules
+        .into_iter()
+        .flat_map(|schedule| {
+            values.iter().map(move |&value| {
+                let mut schedule = schedule;
+                set(&mut schedule, value);
+                schedule
+            })
+        })
+        .collect()
 }
 
 /// A knob of the backward scan: a number, or `same` (the forward's).
@@ -1004,29 +1025,28 @@ pub fn run(cli: Cli) -> ExitCode {
             parts,
             fusion,
         } => {
-            let mut schedules = Vec::new();
-            for &cube_dim in &cube_dim {
-                for &sum_parts in &sum_parts {
-                    for &registers in &registers {
-                        for &backward_cube_dim in &backward_cube_dim {
-                            for &backward_sum_parts in &backward_sum_parts {
-                                schedules.push(Schedule {
-                                    cube_dim,
-                                    chunk,
-                                    chunks_per_launch,
-                                    stage,
-                                    tile,
-                                    placement: placement.into(),
-                                    sum_parts,
-                                    registers,
-                                    backward_cube_dim,
-                                    backward_sum_parts,
-                                });
-                            }
-                        }
-                    }
-                }
-            }
+            // Every combination of the knobs given as lists.
+            let tiles: Vec<Option<usize>> = match tile.is_empty() {
+                true => vec![None],
+                false => tile.into_iter().map(Some).collect(),
+            };
+            let schedules = vec![Schedule {
+                chunk,
+                chunks_per_launch,
+                stage,
+                placement: placement.into(),
+                ..Schedule::default()
+            }];
+            let schedules = every(schedules, &cube_dim, |s, v| s.cube_dim = v);
+            let schedules = every(schedules, &sum_parts, |s, v| s.sum_parts = v);
+            let schedules = every(schedules, &registers, |s, v| s.registers = v);
+            let schedules = every(schedules, &tiles, |s, v| s.tile = v);
+            let schedules = every(schedules, &backward_cube_dim, |s, v| {
+                s.backward_cube_dim = v
+            });
+            let schedules = every(schedules, &backward_sum_parts, |s, v| {
+                s.backward_sum_parts = v
+            });
             match bench(
                 strategy,
                 &cell,
@@ -1115,6 +1135,27 @@ mod tests {
             (vec![None, Some(128)], vec![Some(8)])
         );
         assert!(Cli::try_parse_from(["rak", "bench", "--backward-sum-parts", "many"]).is_err());
+    }
+
+    /// Knobs given as lists multiply, the first given varying slowest.
+    #[test]
+    fn bench_knob_lists_multiply() {
+        let schedules = every(vec![Schedule::default()], &[64, 128], |s, v| s.cube_dim = v);
+        let schedules = every(schedules, &[None, Some(16), Some(32)], |s, v| s.tile = v);
+        let knobs: Vec<(u32, Option<usize>)> =
+            schedules.iter().map(|s| (s.cube_dim, s.tile)).collect();
+        assert_eq!(
+            knobs,
+            [
+                (64, None),
+                (64, Some(16)),
+                (64, Some(32)),
+                (128, None),
+                (128, Some(16)),
+                (128, Some(32))
+            ]
+        );
+        assert!(every(schedules, &[] as &[bool], |s, v| s.registers = v).is_empty());
     }
 
     #[test]
