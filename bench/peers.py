@@ -13,10 +13,11 @@ f32 shape measured.
 
 Triton compiles every configuration fla autotunes (chunk_gla's forward and backward: some 250
 per element type and K), which takes minutes, one after the other, in one process. So that the
-GPU run fits its call, `--compile-only` processes (one per element type and K, beside the CUDA
-kernel tests) launch each configuration once, compiling it into Triton's on-disk cache, time
-nothing and keep no autotuning result; the timing run then autotunes alone on the GPU, from the
-cache, with `--autotune-ms` of repetitions per configuration (Triton's default is 100 ms).
+GPU run fits its call, `--compile-only` processes (one per element type and K, or several with
+`--shard`, beside the CUDA kernel tests) launch each configuration once, compiling it into
+Triton's on-disk cache, time nothing and keep no autotuning result; the timing run then
+autotunes alone on the GPU, from the cache, with `--autotune-ms` of repetitions per
+configuration (Triton's default is 100 ms).
 """
 
 import argparse
@@ -27,6 +28,8 @@ import statistics
 
 import torch
 import torch.nn.functional as F
+
+import triton_shards
 
 SHAPES = [(8, 2048, 8, 128), (4, 2048, 16, 128), (16, 512, 4, 64), (1, 16384, 8, 128)]
 
@@ -127,6 +130,13 @@ def main():
         help="launch every configuration fla autotunes once, to fill Triton's cache; time nothing",
     )
     parser.add_argument(
+        "--shard",
+        type=triton_shards.parse_shard,
+        default=(0, 1),
+        metavar="I/N",
+        help="with --compile-only: compile only every N-th configuration of each autotuned kernel, from the I-th (bench/triton_shards.py)",
+    )
+    parser.add_argument(
         "--autotune-ms",
         type=int,
         default=25,
@@ -139,9 +149,13 @@ def main():
         help="element types in the order measured (bf16 first: Triton autotuning chunk_gla in f32 took over 150 s on an H200)",
     )
     args = parser.parse_args()
+    if args.shard != (0, 1) and not args.compile_only:
+        parser.error("--shard splits the compilation only: it needs --compile-only")
     if args.compile_only:
         os.environ["FLA_CACHE_RESULTS"] = "0"
         compile_only_benchmarker()
+        if args.shard != (0, 1) and not triton_shards.shard_autotuning(*args.shard):
+            print("this Triton has no Autotuner.prune_configs: compiling every configuration", flush=True)
     else:
         shorter_autotuning(args.autotune_ms)
     dims = {int(d) for d in args.dims.split(",")}

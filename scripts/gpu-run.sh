@@ -6,16 +6,16 @@
 # no-fusion`.
 #
 # What takes the time is compiling, not measuring: NVRTC compiles every kernel rak launches,
-# Triton some 250 configurations of chunk_gla per element type and K, one after the other. So
-# the first step, `warm`, runs side by side, on the 16 cores: the CUDA kernel tests (five
-# processes), one Triton compile-only process per element type and K (bench/peers.py
-# --compile-only: each configuration launched once into Triton's cache, nothing timed, no
-# autotuning result kept) and one untimed pass of every rak measurement (kernels into cubecl's
-# PTX cache, which the cubecl.toml written here turns on; matmul autotuning results into
-# cubecl's cache). The steps after it time one thing at a time, alone on the GPU, and find
-# their kernels compiled. (The only results taken while other work ran are the tests', which
-# time nothing, and the autotuning picks of rak's matrix products, which can only have made
-# rak slower; fla autotunes alone, in the peers step.)
+# Triton some 250 configurations of chunk_gla per element type and K, one after the other. So the
+# first step, `warm`, runs side by side, on the 16 cores: the CUDA kernel tests (five processes),
+# Triton compile-only processes per element type and K (bench/peers.py --compile-only: each
+# configuration launched once into Triton's cache, nothing timed, no autotuning result kept; two
+# per type at K = 128, each with half of the configurations) and one untimed pass of every rak
+# measurement (kernels into cubecl's PTX cache, which the cubecl.toml written here turns on;
+# matmul autotuning results into cubecl's cache). The steps after it time one thing at a time,
+# alone on the GPU, and find their kernels compiled. (The only results taken while other work ran
+# are the tests', which time nothing, and the autotuning picks of rak's matrix products, which can
+# only have made rak slower; fla autotunes alone, in the peers step.)
 #
 # It writes into a results folder: device.txt (GPU, date, the bundle's commit, CUDA libraries
 # found, the steps asked for), kernel-tests*.log, warm-*.log, fla-compile-*.log,
@@ -114,11 +114,18 @@ step_warm() {
     pids+=($!)
     step_model_tests &
     pids+=($!)
+    # Triton's compilation of fla's kernels: at K = 128 (260 s in one process on the H200 of
+    # 2026-12-04) in two processes, each compiling half of every kernel's configurations.
+    local dtype dim shard shards
     for dtype in bf16 f32; do
         for dim in 128 64; do
-            within 300 python3 bench/peers.py --compile-only --dtypes "$dtype" --dims "$dim" \
-                --out "$res/fla-compile-$dtype-$dim.jsonl" > "$res/fla-compile-$dtype-$dim.log" 2>&1 &
-            pids+=($!)
+            shards=$((dim == 128 ? 2 : 1))
+            for ((shard = 0; shard < shards; shard++)); do
+                within 300 python3 bench/peers.py --compile-only --dtypes "$dtype" --dims "$dim" \
+                    --shard "$shard/$shards" --out "$res/fla-compile-$dtype-$dim-$shard.jsonl" \
+                    > "$res/fla-compile-$dtype-$dim-$shard.log" 2>&1 &
+                pids+=($!)
+            done
         done
     done
     # rak's untimed pass in three processes side by side (NVRTC compiles one kernel at a time in
