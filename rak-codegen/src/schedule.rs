@@ -109,9 +109,7 @@ impl Schedule {
         Schedule {
             cube_dim: self.backward_cube_dim.unwrap_or(self.cube_dim),
             sum_parts: self.backward_sum_parts.unwrap_or(self.sum_parts),
-            backward_cube_dim: None,
-            backward_sum_parts: None,
-            ..self
+            ..self.same_for_both_passes()
         }
     }
 
