@@ -439,7 +439,10 @@ fn kernels_match_the_interpreter_for_every_cell() {
 /// values), and sums left to one unit each (1 part; the other tests split them into up to 8);
 /// states held in registers (stored to and loaded from either placement) or not; 16 units
 /// per cube, so that a unit loads 17 elements of a block of staged inputs (8 × 33 over 16
-/// units), more than one batch of reads issued together (`GATHER_BATCH` in the emitter).
+/// units), more than one batch of reads issued together (`GATHER_BATCH` in the emitter). The
+/// backward scan reads each step's state one step ahead into registers (17 per unit for the
+/// tile of 8 over 16 units), except where that takes more than `PREFETCH_STATE_REGISTERS`:
+/// the whole axis of 33 over 16 units (69 per unit) reads it when its step starts.
 #[test]
 fn split_tiles_and_workspace_placements() {
     use rak::codegen::schedule::Placement;
@@ -448,7 +451,7 @@ fn split_tiles_and_workspace_placements() {
         (Some(8), Placement::Shared, 33, 3, 8, false, 64),
         (Some(8), Placement::Global, 33, 8, 3, true, 16),
         (Some(1), Placement::Shared, 5, 1, 1, true, 64),
-        (None, Placement::Global, 5, 5, 1, false, 64),
+        (Some(33), Placement::Global, 33, 5, 1, false, 16),
     ];
     let simple_rnn = SimpleRnn::compile();
     for (n, (tile, placement, dim, stage, sum_parts, registers, cube_dim)) in

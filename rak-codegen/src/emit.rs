@@ -67,8 +67,35 @@ enum Place {
     Chunk(TokenStream),
 }
 
+/// A copy of `numel` elements shared among a cube's units (element `flat` goes to unit
+/// `flat mod units`) whose reads are issued before its writes ([`Emitter::gather`],
+/// [`Emitter::prefetch`]). For each element, `locate` (statements) defines what `inside`
+/// (whether the element is copied), `read` (its value) and `write` (statements that see the
+/// value as `value`) use; it runs before the read and again before the write.
+struct GatheredCopy {
+    numel: TokenStream,
+    locate: TokenStream,
+    inside: TokenStream,
+    read: TokenStream,
+    write: TokenStream,
+}
+
+/// Copies split in time ([`Emitter::prefetch`]): the declaration of registers that hold every
+/// element a unit copies, the reads into them, and the writes from them. The reads of the
+/// next step's values are issued before a step's work and stay in flight while it runs; the
+/// writes wait for them only when the next step starts.
+struct Prefetch {
+    registers: TokenStream,
+    reads: TokenStream,
+    writes: TokenStream,
+}
+
 /// Elements per unit whose reads [`Emitter::gather`] issues together (registers per unit).
 const GATHER_BATCH: usize = 16;
+
+/// At most this many registers per unit hold the states the backward scan reads ahead
+/// ([`Emitter::backward_kernel`]); larger states are read when their step starts.
+const PREFETCH_STATE_REGISTERS: usize = 32;
 
 /// Which way [`Emitter::transfer`] copies.
 #[derive(Clone, Copy)]
@@ -466,54 +493,114 @@ impl<'a> Emitter<'a> {
         self.for_each_element(numel, body)
     }
 
-    /// A copy of `numel` elements shared among the cube's units (element `flat` goes to unit
-    /// `flat mod units`) that issues its reads before its writes: per unit, in batches of up
-    /// to [`GATHER_BATCH`] elements, an unrolled loop (its trip count is known at compile
-    /// time) reads every element of the batch into registers, then a second one writes them.
-    /// So the latency of global memory is paid once per batch, not once per element (a loop
-    /// that reads and then writes each element in turn waits for every read). For each
-    /// element, `locate` (statements) defines what `inside` (whether the element is copied),
-    /// `read` (its value) and `write` (statements that see the value as `value`) use; it runs
-    /// in both loops.
-    fn gather(
+    /// The loop over a unit's elements of a [`GatheredCopy`] from its `first` (the unit's
+    /// `first`-th element is `flat = unit + first · units`), `count` of them (comptime),
+    /// unrolled; `body` runs as the `m`-th, after the copy's `locate`, for those copied.
+    fn unit_elements(
         &self,
-        numel: TokenStream,
-        locate: TokenStream,
-        inside: TokenStream,
-        read: TokenStream,
-        write: TokenStream,
+        copy: &GatheredCopy,
+        first: TokenStream,
+        count: TokenStream,
+        body: TokenStream,
     ) -> TokenStream {
-        // The batch's elements of this unit, unrolled; `body` runs for those copied.
-        let batch_loop = |body: TokenStream| {
-            quote! {
-                #[unroll]
-                for m in 0..batch {
-                    let flat = unit + (first * batch + m) * units;
-                    if flat < #numel {
-                        #locate
-                        if #inside {
-                            #body
-                        }
+        let GatheredCopy {
+            numel,
+            locate,
+            inside,
+            ..
+        } = copy;
+        quote! {
+            #[unroll]
+            for m in 0..#count {
+                let flat = unit + (#first + m) * units;
+                if flat < #numel {
+                    #locate
+                    if #inside {
+                        #body
                     }
                 }
             }
-        };
-        let reads = batch_loop(quote!(values[m] = #read;));
-        let writes = batch_loop(quote! {
-            let value = values[m];
+        }
+    }
+
+    /// The reads of a [`GatheredCopy`] into the registers `values` (see
+    /// [`Self::unit_elements`]).
+    fn gathered_reads(
+        &self,
+        copy: &GatheredCopy,
+        values: &Ident,
+        first: TokenStream,
+        count: TokenStream,
+    ) -> TokenStream {
+        let read = &copy.read;
+        self.unit_elements(copy, first, count, quote!(#values[m] = #read;))
+    }
+
+    /// The writes of a [`GatheredCopy`] from the registers [`Self::gathered_reads`] filled.
+    fn gathered_writes(
+        &self,
+        copy: &GatheredCopy,
+        values: &Ident,
+        first: TokenStream,
+        count: TokenStream,
+    ) -> TokenStream {
+        let write = &copy.write;
+        let body = quote! {
+            let value = #values[m];
             #write
-        });
+        };
+        self.unit_elements(copy, first, count, body)
+    }
+
+    /// A copy that issues its reads before its writes: per unit, in batches of up to
+    /// [`GATHER_BATCH`] elements, an unrolled loop (its trip count is known at compile time)
+    /// reads every element of the batch into registers, then a second one writes them. So the
+    /// latency of global memory is paid once per batch, not once per element (a loop that
+    /// reads and then writes each element in turn waits for every read).
+    fn gather(&self, copy: &GatheredCopy) -> TokenStream {
+        let numel = &copy.numel;
+        let values = ident("values");
+        let (first, count) = (quote!(first * batch), quote!(batch));
+        let reads = self.gathered_reads(copy, &values, first.clone(), count.clone());
+        let writes = self.gathered_writes(copy, &values, first, count);
         quote! {
             {
                 let per_unit = comptime![(#numel + units - 1) / units];
                 let batch = comptime![if per_unit < #GATHER_BATCH { per_unit } else { #GATHER_BATCH }];
-                let mut values = Array::<f32>::new(comptime![batch.max(1)]);
+                let mut #values = Array::<f32>::new(comptime![batch.max(1)]);
                 for first in 0..comptime![(per_unit + batch - 1) / batch.max(1)] {
                     #reads
                     #writes
                 }
             }
         }
+    }
+
+    /// `copies` split in time ([`Prefetch`]): the registers of copy n (`{prefix}_n`) hold
+    /// every element of the unit; its reads and its writes are separate code. `enabled` (a
+    /// comptime condition) says whether the launch uses them: else they are one register
+    /// each, and their reads and writes must not run.
+    fn prefetch(&self, prefix: &str, copies: &[GatheredCopy], enabled: TokenStream) -> Prefetch {
+        let mut code = Prefetch {
+            registers: TokenStream::new(),
+            reads: TokenStream::new(),
+            writes: TokenStream::new(),
+        };
+        for (n, copy) in copies.iter().enumerate() {
+            let values = &format_ident!("{prefix}_{n}");
+            let numel = &copy.numel;
+            let count = quote!(comptime![(#numel + units - 1) / units]);
+            code.registers.extend(quote! {
+                let mut #values = Array::<f32>::new(comptime![
+                    if #enabled { ((#numel + units - 1) / units).max(1) } else { 1usize }
+                ]);
+            });
+            let first = quote!(0usize);
+            let reads = self.gathered_reads(copy, values, first.clone(), count.clone());
+            code.reads.extend(reads);
+            code.writes.extend(self.gathered_writes(copy, values, first, count));
+        }
+        code
     }
 
     /// A loop over the elements of one row of a value: `arg[row * numel + global]` to or from
@@ -532,16 +619,7 @@ impl<'a> Emitter<'a> {
         let buffer = self.step_read(&at, quote!(e));
         let store = match direction {
             // Reads of global memory, issued together.
-            Transfer::Load => {
-                let (decode, inside) = self.tile_position(shape);
-                return self.gather(
-                    self.local_numel(shape),
-                    quote!(let e = flat; #decode),
-                    inside.unwrap_or(quote!(true)),
-                    quote!(f32::cast_from(#element)),
-                    self.step_write(&at, quote!(e), quote!(value)),
-                );
-            }
+            Transfer::Load => return self.gather(&self.load_copy(arg, row, shape, at)),
             Transfer::Store => quote!(#element = F::cast_from(#buffer);),
             Transfer::StoreF32 => quote!(#element = #buffer;),
         };
@@ -551,6 +629,26 @@ impl<'a> Emitter<'a> {
             false => store,
         };
         self.shape_loop(shape, body)
+    }
+
+    /// The copy of one row of a value, `arg[row * numel + global]`, into the workspace buffer
+    /// at `at` (the cube's tile of it).
+    fn load_copy(
+        &self,
+        arg: &Ident,
+        row: TokenStream,
+        shape: &Shape,
+        at: TokenStream,
+    ) -> GatheredCopy {
+        let numel = self.shape_numel(shape);
+        let (decode, inside) = self.tile_position(shape);
+        GatheredCopy {
+            numel: self.local_numel(shape),
+            locate: quote!(let e = flat; #decode),
+            inside: inside.unwrap_or(quote!(true)),
+            read: quote!(f32::cast_from(#arg[#row * #numel + global])),
+            write: self.step_write(&at, quote!(e), quote!(value)),
+        }
     }
 
     /// Decodes the element `e` into the statement's index variables (row-major).
@@ -944,7 +1042,18 @@ impl<'a> Emitter<'a> {
         steps: TokenStream,
         row: TokenStream,
     ) -> TokenStream {
-        let mut tokens = TokenStream::new();
+        let copies = self.input_copies(keep_pre_activation, steps, row);
+        copies.iter().map(|copy| self.gather(copy)).collect()
+    }
+
+    /// The copies of [`Self::load_inputs`], one per input.
+    fn input_copies(
+        &self,
+        keep_pre_activation: bool,
+        steps: TokenStream,
+        row: TokenStream,
+    ) -> Vec<GatheredCopy> {
+        let mut copies = Vec::new();
         for (id, input) in self.cell.inputs.iter().enumerate() {
             let arg = self.input_arg(id);
             let numel = self.shape_numel(&input.shape);
@@ -970,25 +1079,25 @@ impl<'a> Emitter<'a> {
                 Some(inside) => quote!(s < block_end && #inside),
                 None => quote!(s < block_end),
             };
-            tokens.extend(self.gather(
-                quote!((#steps * #local)),
-                quote! {
+            copies.push(GatheredCopy {
+                numel: quote!((#steps * #local)),
+                locate: quote! {
                     let s = block_start + flat / #local;
                     let e = flat % #local;
                     #decode
                     let row = #row;
                 },
                 inside,
-                quote!(f32::cast_from(#arg[row * #numel + global])),
-                quote! {
+                read: quote!(f32::cast_from(#arg[row * #numel + global])),
+                write: quote! {
                     let pre = value;
                     #store_pre
                     #(#statements)*
                     #store
                 },
-            ));
+            });
         }
-        tokens
+        copies
     }
 
     /// Lets (each followed by a barrier) and updates into the new states (or the registers
@@ -1039,7 +1148,18 @@ impl<'a> Emitter<'a> {
         from: impl Fn(StateId) -> Place,
         to: impl Fn(StateId) -> Place,
     ) -> TokenStream {
-        let mut tokens = TokenStream::new();
+        let copies = self.state_copies(states, from, to);
+        copies.iter().map(|copy| self.gather(copy)).collect()
+    }
+
+    /// The copies of [`Self::copy_states`], one per state.
+    fn state_copies(
+        &self,
+        states: &[StateId],
+        from: impl Fn(StateId) -> Place,
+        to: impl Fn(StateId) -> Place,
+    ) -> Vec<GatheredCopy> {
+        let mut copies = Vec::new();
         for &id in states {
             let state = &self.cell.states[id.0];
             let value = match from(id) {
@@ -1050,15 +1170,15 @@ impl<'a> Emitter<'a> {
                 Place::Step(at) => self.step_write(&at, quote!(e), quote!(value)),
                 Place::Chunk(at) => quote!(workspace[base + #at + e] = value;),
             };
-            tokens.extend(self.gather(
-                self.local_numel(&state.shape),
-                quote!(let e = flat;),
-                quote!(true),
-                value,
+            copies.push(GatheredCopy {
+                numel: self.local_numel(&state.shape),
+                locate: quote!(let e = flat;),
+                inside: quote!(true),
+                read: value,
                 write,
-            ));
+            });
         }
-        tokens
+        copies
     }
 
     /// Writes a gradient the backward scan outputs: a complete one to its argument (element
@@ -1568,19 +1688,24 @@ impl<'a> Emitter<'a> {
             let at = self.at(Buffer::State(StateId(id)));
             let slot = self.chunk_slot(StateId(id), quote!(0usize));
             let arg = format_ident!("checkpoint_{}", state.name);
-            let numel = self.shape_numel(&state.shape);
-            let store = self.step_write(&at, quote!(e), quote!(value));
-            restore_checkpoint.extend(self.shape_loop(
+            let mut copy = self.load_copy(
+                &arg,
+                quote!((sequence * chunk_count + chunk_index)),
                 &state.shape,
-                quote! {
-                    let value = #arg[(sequence * chunk_count + chunk_index) * #numel + global];
-                    #store
-                    workspace[base + #slot + e] = value;
-                },
-            ));
+                at,
+            );
+            // The entering state is also the chunk's first slot.
+            let write = copy.write;
+            copy.write = quote! {
+                #write
+                workspace[base + #slot + e] = value;
+            };
+            restore_checkpoint.extend(self.gather(&copy));
         }
         let step_row = quote!((batch_index * time_len + s) * heads + head);
-        let recompute_inputs = self.load_inputs(false, quote!(1usize), step_row.clone());
+        // The recomputation reads each step's inputs one step ahead.
+        let recompute_copies = self.input_copies(false, quote!(1usize), step_row.clone());
+        let recompute = self.prefetch("recompute_input", &recompute_copies, quote!(true));
         let recompute_lets_and_updates = self.lets_and_updates(&mut HashSet::new());
         let keep_states = {
             let advance = self.copy_states(
@@ -1595,33 +1720,54 @@ impl<'a> Emitter<'a> {
             );
             quote!(#advance #store)
         };
-        let load_primal_states = {
-            let previous = self.copy_states(
-                &self.states(),
-                |s| Place::Chunk(self.chunk_slot(s, quote!(step))),
-                |s| self.step_place(Buffer::State(s)),
-            );
-            let current = self.copy_states(
-                &self.states(),
-                |s| Place::Chunk(self.chunk_slot(s, quote!(step + 1))),
-                |s| self.step_place(Buffer::NewState(s)),
-            );
-            quote!(#previous #current)
-        };
-        let primal_inputs = self.load_inputs(true, quote!(1usize), step_row);
-        let mut ready = HashSet::new();
-        let primal_lets = self.lets(&mut ready);
-        let mut load_output_grads = TokenStream::new();
+        // Walking the chunk in reverse, the state after a step is the state before the step
+        // walked just before (after the recomputation: the chunk's last state).
+        let current_from_previous = self.copy_states(
+            &self.states(),
+            |s| self.step_place(Buffer::State(s)),
+            |s| self.step_place(Buffer::NewState(s)),
+        );
+        // The state before the step comes from the chunk's slots, read one step ahead where
+        // it fits in `PREFETCH_STATE_REGISTERS` registers per unit (`prefetch_states`).
+        let previous_copies = self.state_copies(
+            &self.states(),
+            |s| Place::Chunk(self.chunk_slot(s, quote!(step))),
+            |s| self.step_place(Buffer::State(s)),
+        );
+        let load_previous: TokenStream = previous_copies.iter().map(|c| self.gather(c)).collect();
+        let state_registers: Vec<TokenStream> = previous_copies
+            .iter()
+            .map(|copy| {
+                let numel = &copy.numel;
+                quote!(((#numel + units - 1) / units))
+            })
+            .collect();
+        let previous = self.prefetch("previous_state", &previous_copies, quote!(prefetch_states));
+        // The step's inputs (activated and before activation) and output gradients, read one
+        // step ahead.
+        let mut primal_copies = self.input_copies(true, quote!(1usize), step_row);
         for (id, output) in cell.outputs.iter().enumerate() {
             let at = self.at(Buffer::Grad(Grad::Output(OutputId(id))));
-            load_output_grads.extend(self.transfer(
-                Transfer::Load,
-                &grad_outputs[id],
-                quote!(row),
-                &output.shape,
-                at,
-            ));
+            primal_copies.push(self.load_copy(&grad_outputs[id], quote!(row), &output.shape, at));
         }
+        let primal = self.prefetch("primal", &primal_copies, quote!(true));
+        let mut ready = HashSet::new();
+        let primal_lets = self.lets(&mut ready);
+        let Prefetch {
+            registers: recompute_registers,
+            reads: recompute_reads,
+            writes: recompute_writes,
+        } = recompute;
+        let Prefetch {
+            registers: previous_registers,
+            reads: previous_reads,
+            writes: previous_writes,
+        } = previous;
+        let Prefetch {
+            registers: primal_registers,
+            reads: primal_reads,
+            writes: primal_writes,
+        } = primal;
         let mut definitions = TokenStream::new();
         for definition in &self.step.definitions {
             definitions.extend(self.define_buffer(
@@ -1701,6 +1847,11 @@ impl<'a> Emitter<'a> {
                 #prelude
                 // One step's inputs at a time.
                 let input_step = 0usize;
+                // Registers for the values read one step ahead (see `Prefetch`).
+                let prefetch_states = comptime![(#(#state_registers)+*) <= #PREFETCH_STATE_REGISTERS];
+                #recompute_registers
+                #previous_registers
+                #primal_registers
                 // A later launch of the same scan resumes from the gradients in the workspace.
                 if first_chunk_from_end == 0 {
                     #setup
@@ -1714,25 +1865,58 @@ impl<'a> Emitter<'a> {
                     let remaining = time_len - t0;
                     let steps = select(remaining < chunk, remaining, chunk);
                     #restore_checkpoint
+                    {
+                        let (block_start, block_end) = (t0, t0 + 1);
+                        #recompute_reads
+                    }
                     #barrier
                     for step in 0..steps {
                         let (block_start, block_end) = (t0 + step, t0 + step + 1);
-                        #recompute_inputs
+                        #recompute_writes
                         #barrier
+                        // The next step's inputs, in flight while this step runs.
+                        {
+                            let block_start = t0 + step + 1;
+                            let block_end = select(step + 1 < steps, block_start + 1, block_start);
+                            #recompute_reads
+                        }
                         #recompute_lets_and_updates
                         #keep_states
                         #barrier
+                    }
+                    {
+                        let step = steps - 1;
+                        let row = (batch_index * time_len + t0 + step) * heads + head;
+                        let (block_start, block_end) = (t0 + step, t0 + step + 1);
+                        if comptime![prefetch_states] {
+                            #previous_reads
+                        }
+                        #primal_reads
                     }
                     for step_from_end in 0..steps {
                         let step = steps - 1 - step_from_end;
                         let row = (batch_index * time_len + t0 + step) * heads + head;
                         let (block_start, block_end) = (t0 + step, t0 + step + 1);
-                        #load_primal_states
-                        #primal_inputs
+                        #current_from_previous
+                        if comptime![prefetch_states] {
+                            #previous_writes
+                        } else {
+                            #load_previous
+                        }
+                        #primal_writes
                         #barrier
+                        // The step before's states, inputs and output gradients, in flight
+                        // while this step runs.
+                        if step > 0 {
+                            let step = step - 1;
+                            let row = (batch_index * time_len + t0 + step) * heads + head;
+                            let (block_start, block_end) = (t0 + step, t0 + step + 1);
+                            if comptime![prefetch_states] {
+                                #previous_reads
+                            }
+                            #primal_reads
+                        }
                         #primal_lets
-                        #load_output_grads
-                        #barrier
                         #definitions
                         #sinks
                         #barrier
