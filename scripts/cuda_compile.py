@@ -76,14 +76,15 @@ class Kernel:
 
 def kernels():
     """Every cell's three kernels (forward scan, backward scan, single step) at the default
-    schedule and the chunked path's kernels at its default chunks (dims or keys 64 and 128,
+    schedule (the backward scan at its own: 64 units, unsplit sums) and the chunked path's kernels at its default chunks (dims or keys 64 and 128,
     f32; 128 in bf16 and f16), then SimpleRNN's forward scan under the schedules `rak bench`'s
     sweep times on the GPU: 64, 128 and 256 units per cube, states in registers or not, the tile
     a 48 KiB launch of one sequence gets (64) and the one the benchmark shape B=8 H=8 gets on a
     GPU (16); last, its forward scan in f32 and bf16 at the tiles the issue's benchmark shapes get
     on a 132-SM GPU (K = 128: 16 for B·H = 64, 2 for B·H = 8; K = 64: 8), at tile 32, and at tile
     16 with sums split in 4 parts (whether a grid of 512 cubes fits the GPU at once depends on
-    the registers, see `cubes_per_multiprocessor`)."""
+    the registers, see `cubes_per_multiprocessor`); and its backward scan at tile 16 (what
+    B=8 H=8 K=V=128 runs) in f32 and bf16."""
     every_cell = [(cell, pass_) for cell in CELLS for pass_ in ("forward", "backward", "step")]
     for cell, pass_ in every_cell + [(CHUNKED, name) for name in CHUNKED_KERNELS]:
         yield Kernel(cell, pass_, 64)
@@ -100,6 +101,8 @@ def kernels():
         yield Kernel("simple_rnn", "forward", 64, dtype, tile=8)
         yield Kernel("simple_rnn", "forward", 128, dtype, tile=16, sum_parts=4)
     yield Kernel("simple_rnn", "forward", 128, "bf16", tile=16)
+    for dtype in ("f32", "bf16"):
+        yield Kernel("simple_rnn", "backward", 128, dtype, tile=16)
 
 
 def cubes_per_multiprocessor(registers: int, cube_dim: int) -> int:

@@ -2,8 +2,8 @@
 # Runs on the GPU machine (see scripts/gpu-check.sh, which prepares gpu-bundle/ here).
 # Usage: bash scripts/gpu-run.sh [STEP...]: the steps named (each a `step_*` function below),
 # in that order, or by default `warm rak chunked chunked-bf16 peers lm generate` (issue 6's
-# run, meant to end within 8 minutes) and then, in what time is left, `tiles profile sweep
-# no-fusion`.
+# run, meant to end within 8 minutes) and then, in what time is left, `tiles checkpoints
+# profile sweep no-fusion`.
 #
 # What takes the time is compiling, not measuring: NVRTC compiles every kernel rak launches,
 # Triton some 250 configurations of chunk_gla per element type and K, one after the other. So the
@@ -21,7 +21,7 @@
 # found, the steps asked for), kernel-tests*.log, warm-*.log, fla-compile-*.log,
 # rak-bench.md/.jsonl, chunked.md, rak-chunked.jsonl, chunked-bf16.md, peers.jsonl,
 # peers.log, table.md, lm.log, lm-table.md, lm-d512.md, generate.md, tiles.md/.jsonl,
-# kernel-profile.md/.log, sweep.md/.jsonl, chunked-no-fusion.md, rak-chunked-no-fusion.jsonl,
+# checkpoints.md/.jsonl, kernel-profile.md/.log, sweep.md/.jsonl, chunked-no-fusion.md, rak-chunked-no-fusion.jsonl,
 # steps.log (each step's exit status, time, and seconds since the start). A device call
 # returns at most 8 files of $OUT, so the folder is packed into $OUT/results.tar.gz after every
 # step (a call cut short still returns what the finished steps wrote), and device.txt and
@@ -299,6 +299,17 @@ step_tiles() {
     cat "$res/tiles.md"
 }
 
+# The backward scan against the interval between checkpoints (f32, B=8 H=8 K=V=128): per
+# chunk of C steps it recomputes C + 1 states of its tile into global memory (532 KB per cube
+# at C = 64 and tile 16: 272 MB for the 512 cubes, past the 50 MB L2; 37 MB at C = 8) and reads
+# them back one step ahead; the forward writes T / C checkpoints (1 GB at C = 8).
+step_checkpoints() {
+    within 90 "$rak" bench --device cuda --repetitions 5 --warmup 1 --shape 8,2048,8,128 \
+        --chunk 8,16,32,64 --json "$res/checkpoints.jsonl" > "$res/checkpoints.md" 2>&1
+    echo "checkpoints: exit $?" >> "$res/checkpoints.md"
+    cat "$res/checkpoints.md"
+}
+
 # The chunked form without burn's fusion wrapper (the cubecl backend alone), to see what fusing
 # its element-wise operations gains (`chunked` runs it inside the wrapper, as training does).
 step_no_fusion() {
@@ -310,8 +321,8 @@ step_no_fusion() {
 }
 
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(warm rak chunked chunked-bf16 peers lm generate done tiles profile \
-    sweep no-fusion)
+[ ${#steps[@]} -eq 0 ] && steps=(warm rak chunked chunked-bf16 peers lm generate done tiles \
+    checkpoints profile sweep no-fusion)
 echo "steps: ${steps[*]}" >> "$res/device.txt"
 for name in "${steps[@]}"; do
     if [ "$name" = done ]; then

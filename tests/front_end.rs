@@ -189,6 +189,14 @@ fn cli_emits_cuda_at_the_requested_dtype_and_schedule() {
         header.ends_with("; cube_dim 64, tile 8, shared workspace, sum_parts 8"),
         "{header}"
     );
+    // The backward scan at its own units and sum parts, unless they are given.
+    let (header, _) = first_line(&["--pass", "backward", "--dim", "128", "--tile", "16"]);
+    assert!(
+        header.ends_with("; cube_dim 64, tile 16, shared workspace, sum_parts 1"),
+        "{header}"
+    );
+    let (header, _) = first_line(&["--pass", "backward", "--dim", "128", "--cube-dim", "128"]);
+    assert!(header.contains("; cube_dim 128, "), "{header}");
     // The step kernel keeps the split axis whole; bf16 inputs and outputs.
     let (header, source) = first_line(&["--pass", "step", "--dim", "16", "--dtype", "bf16"]);
     assert!(

@@ -228,7 +228,14 @@ fn bench(
             BenchStrategy::Fused => describe_schedule(s, states_in_registers),
         };
         let forward_schedule = describe(timing.forward_schedule, timing.forward_in_registers);
-        let backward_schedule = describe(timing.backward_schedule, false);
+        let backward_schedule = match strategy {
+            BenchStrategy::Fused => format!(
+                "{}, checkpoints every {} steps",
+                describe(timing.backward_schedule, false),
+                timing.backward_schedule.chunk
+            ),
+            BenchStrategy::Chunked => describe(timing.backward_schedule, false),
+        };
         println!(
             "| {} | {dtype:?} | {device:?} | {b} | {t} | {h} | {d} | {forward:.3} | {both:.3} | \
              {forward_schedule}; {backward_schedule} |",
@@ -452,14 +459,15 @@ pub enum Command {
         /// Element type of inputs, parameters and outputs (CUDA and WGSL).
         #[arg(long, value_enum, default_value_t = Dtype::F32)]
         dtype: Dtype,
-        /// Units per cube of the pass emitted (CUDA and WGSL; the backward scan runs with 64
-        /// by default, see `rak bench --backward-cube-dim`).
-        #[arg(long, default_value_t = Schedule::default().cube_dim)]
-        cube_dim: u32,
+        /// Units per cube of the pass emitted (CUDA and WGSL; default: what that pass runs
+        /// with, 128 for the forward scan and the step, 64 for the backward scan).
+        #[arg(long)]
+        cube_dim: Option<u32>,
         /// Units that may share one sum in the pass emitted (CUDA and WGSL; 1: one unit per
-        /// element).
-        #[arg(long, default_value_t = Schedule::default().sum_parts)]
-        sum_parts: usize,
+        /// element; default: what that pass runs with, 8 for the forward scan and the step, 1
+        /// for the backward scan).
+        #[arg(long)]
+        sum_parts: Option<usize>,
         /// Whether the forward scan holds its states in registers where it can (CUDA and WGSL).
         #[arg(long, default_value_t = Schedule::default().registers, action = clap::ArgAction::Set)]
         registers: bool,
@@ -499,9 +507,10 @@ pub enum Command {
         warmup: usize,
         #[arg(long, default_value_t = 20)]
         repetitions: usize,
-        /// Steps between checkpoints (fused), steps per chunk (chunked).
-        #[arg(long, default_value_t = 64)]
-        chunk: usize,
+        /// Steps between checkpoints (fused: the backward scan recomputes that many states per
+        /// chunk), steps per chunk (chunked); several (`16,64`) time each shape under each.
+        #[arg(long, value_delimiter = ',', default_values_t = [Schedule::default().chunk])]
+        chunk: Vec<usize>,
         /// Units per cube (default: the one training uses); several (`64,128,256`) time each
         /// shape under each.
         #[arg(long, value_delimiter = ',', default_values_t = [Schedule::default().cube_dim])]
@@ -958,15 +967,20 @@ pub fn run(cli: Cli) -> ExitCode {
                 pass,
                 dim,
                 dtype,
-                // `--cube-dim` and `--sum-parts` are those of the pass emitted.
-                schedule: Schedule {
-                    cube_dim,
-                    sum_parts,
-                    registers,
-                    tile,
-                    ..Schedule::default()
-                }
-                .same_for_both_passes(),
+                // `--cube-dim` and `--sum-parts` are those of the pass emitted; unset, that
+                // pass's defaults (the backward scan's own, `Schedule::for_backward`).
+                schedule: {
+                    let defaults = Schedule::default();
+                    Schedule {
+                        cube_dim: cube_dim.unwrap_or(defaults.cube_dim),
+                        sum_parts: sum_parts.unwrap_or(defaults.sum_parts),
+                        backward_cube_dim: cube_dim.or(defaults.backward_cube_dim),
+                        backward_sum_parts: sum_parts.or(defaults.backward_sum_parts),
+                        registers,
+                        tile,
+                        ..defaults
+                    }
+                },
                 chunk,
                 sub_chunk,
             },
@@ -1031,12 +1045,12 @@ pub fn run(cli: Cli) -> ExitCode {
                 false => tile.into_iter().map(Some).collect(),
             };
             let schedules = vec![Schedule {
-                chunk,
                 chunks_per_launch,
                 stage,
                 placement: placement.into(),
                 ..Schedule::default()
             }];
+            let schedules = every(schedules, &chunk, |s, v| s.chunk = v);
             let schedules = every(schedules, &cube_dim, |s, v| s.cube_dim = v);
             let schedules = every(schedules, &sum_parts, |s, v| s.sum_parts = v);
             let schedules = every(schedules, &registers, |s, v| s.registers = v);
