@@ -597,8 +597,9 @@ impl<'a> Emitter<'a> {
             });
             let first = quote!(0usize);
             let reads = self.gathered_reads(copy, values, first.clone(), count.clone());
+            let writes = self.gathered_writes(copy, values, first, count);
             code.reads.extend(reads);
-            code.writes.extend(self.gathered_writes(copy, values, first, count));
+            code.writes.extend(writes);
         }
         code
     }

@@ -389,6 +389,8 @@ pub struct JobArgs {
     pub table: Option<PathBuf>,
 }
 
+// `rak bench`'s many knobs make its variant the largest; a command is parsed once per process.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Train a model as the configuration says (`configs/train.toml` and its groups).
@@ -1170,6 +1172,16 @@ mod tests {
             ]
         );
         assert!(every(schedules, &[] as &[bool], |s, v| s.registers = v).is_empty());
+    }
+
+    #[test]
+    fn bench_takes_a_list_of_checkpoint_intervals() {
+        let parse = |args: &[&str]| match Cli::try_parse_from(args).unwrap().command {
+            Command::Bench { chunk, .. } => chunk,
+            _ => panic!("parsed as another command"),
+        };
+        assert_eq!(parse(&["rak", "bench", "--chunk", "16,64"]), [16, 64]);
+        assert_eq!(parse(&["rak", "bench"]), [Schedule::default().chunk]);
     }
 
     #[test]
