@@ -83,8 +83,8 @@ def kernels():
     GPU (16); last, its forward scan in f32 and bf16 at the tiles the issue's benchmark shapes get
     on a 132-SM GPU (K = 128: 16 for B·H = 64, 2 for B·H = 8; K = 64: 8), at tile 32, and at tile
     16 with sums split in 4 parts (whether a grid of 512 cubes fits the GPU at once depends on
-    the registers, see `cubes_per_multiprocessor`); and its backward scan at tile 16 (what
-    B=8 H=8 K=V=128 runs) in f32 and bf16."""
+    the registers, see `cubes_per_multiprocessor`). (The backward scan's default rows at
+    dims 128 have tile 16, what B=8 H=8 K=V=128 runs.)"""
     every_cell = [(cell, pass_) for cell in CELLS for pass_ in ("forward", "backward", "step")]
     for cell, pass_ in every_cell + [(CHUNKED, name) for name in CHUNKED_KERNELS]:
         yield Kernel(cell, pass_, 64)
@@ -101,8 +101,6 @@ def kernels():
         yield Kernel("simple_rnn", "forward", 64, dtype, tile=8)
         yield Kernel("simple_rnn", "forward", 128, dtype, tile=16, sum_parts=4)
     yield Kernel("simple_rnn", "forward", 128, "bf16", tile=16)
-    for dtype in ("f32", "bf16"):
-        yield Kernel("simple_rnn", "backward", 128, dtype, tile=16)
 
 
 def cubes_per_multiprocessor(registers: int, cube_dim: int) -> int:
