@@ -523,33 +523,25 @@ impl<'a> Emitter<'a> {
         }
     }
 
-    /// The reads of a [`GatheredCopy`] into the registers `values` (see
-    /// [`Self::unit_elements`]).
-    fn gathered_reads(
+    /// The reads of a [`GatheredCopy`] into the registers `values`, and its writes from them
+    /// (see [`Self::unit_elements`]).
+    fn reads_and_writes(
         &self,
         copy: &GatheredCopy,
         values: &Ident,
         first: TokenStream,
         count: TokenStream,
-    ) -> TokenStream {
-        let read = &copy.read;
-        self.unit_elements(copy, first, count, quote!(#values[m] = #read;))
-    }
-
-    /// The writes of a [`GatheredCopy`] from the registers [`Self::gathered_reads`] filled.
-    fn gathered_writes(
-        &self,
-        copy: &GatheredCopy,
-        values: &Ident,
-        first: TokenStream,
-        count: TokenStream,
-    ) -> TokenStream {
-        let write = &copy.write;
-        let body = quote! {
+    ) -> (TokenStream, TokenStream) {
+        let (read, write) = (&copy.read, &copy.write);
+        let reads = quote!(#values[m] = #read;);
+        let writes = quote! {
             let value = #values[m];
             #write
         };
-        self.unit_elements(copy, first, count, body)
+        (
+            self.unit_elements(copy, first.clone(), count.clone(), reads),
+            self.unit_elements(copy, first, count, writes),
+        )
     }
 
     /// A copy that issues its reads before its writes: per unit, in batches of up to
@@ -561,8 +553,7 @@ impl<'a> Emitter<'a> {
         let numel = &copy.numel;
         let values = ident("values");
         let (first, count) = (quote!(first * batch), quote!(batch));
-        let reads = self.gathered_reads(copy, &values, first.clone(), count.clone());
-        let writes = self.gathered_writes(copy, &values, first, count);
+        let (reads, writes) = self.reads_and_writes(copy, &values, first, count);
         quote! {
             {
                 let per_unit = comptime![(#numel + units - 1) / units];
@@ -595,9 +586,7 @@ impl<'a> Emitter<'a> {
                     if #enabled { ((#numel + units - 1) / units).max(1) } else { 1usize }
                 ]);
             });
-            let first = quote!(0usize);
-            let reads = self.gathered_reads(copy, values, first.clone(), count.clone());
-            let writes = self.gathered_writes(copy, values, first, count);
+            let (reads, writes) = self.reads_and_writes(copy, values, quote!(0usize), count);
             code.reads.extend(reads);
             code.writes.extend(writes);
         }
@@ -1151,6 +1140,19 @@ impl<'a> Emitter<'a> {
     ) -> TokenStream {
         let copies = self.state_copies(states, from, to);
         copies.iter().map(|copy| self.gather(copy)).collect()
+    }
+
+    /// `to(s) = from(s)` for every state `s`, both buffers of the per-step workspace.
+    fn copy_step_buffers(
+        &self,
+        from: impl Fn(StateId) -> Buffer,
+        to: impl Fn(StateId) -> Buffer,
+    ) -> TokenStream {
+        self.copy_states(
+            &self.states(),
+            |s| self.step_place(from(s)),
+            |s| self.step_place(to(s)),
+        )
     }
 
     /// The copies of [`Self::copy_states`], one per state.
@@ -1709,11 +1711,7 @@ impl<'a> Emitter<'a> {
         let recompute = self.prefetch("recompute_input", &recompute_copies, quote!(true));
         let recompute_lets_and_updates = self.lets_and_updates(&mut HashSet::new());
         let keep_states = {
-            let advance = self.copy_states(
-                &self.states(),
-                |s| self.step_place(Buffer::NewState(s)),
-                |s| self.step_place(Buffer::State(s)),
-            );
+            let advance = self.copy_step_buffers(Buffer::NewState, Buffer::State);
             let store = self.copy_states(
                 &self.states(),
                 |s| self.step_place(Buffer::NewState(s)),
@@ -1723,11 +1721,7 @@ impl<'a> Emitter<'a> {
         };
         // Walking the chunk in reverse, the state after a step is the state before the step
         // walked just before (after the recomputation: the chunk's last state).
-        let current_from_previous = self.copy_states(
-            &self.states(),
-            |s| self.step_place(Buffer::State(s)),
-            |s| self.step_place(Buffer::NewState(s)),
-        );
+        let current_from_previous = self.copy_step_buffers(Buffer::State, Buffer::NewState);
         // The state before the step comes from the chunk's slots, read one step ahead where
         // it fits in `PREFETCH_STATE_REGISTERS` registers per unit (`prefetch_states`).
         let previous_copies = self.state_copies(
@@ -1769,6 +1763,15 @@ impl<'a> Emitter<'a> {
             reads: primal_reads,
             writes: primal_writes,
         } = primal;
+        // The reads of step `step`'s state before it, inputs and output gradients.
+        let read_ahead = quote! {
+            let row = (batch_index * time_len + t0 + step) * heads + head;
+            let (block_start, block_end) = (t0 + step, t0 + step + 1);
+            if comptime![prefetch_states] {
+                #previous_reads
+            }
+            #primal_reads
+        };
         let mut definitions = TokenStream::new();
         for definition in &self.step.definitions {
             definitions.extend(self.define_buffer(
@@ -1795,10 +1798,9 @@ impl<'a> Emitter<'a> {
                 self.step_write(&sum, quote!(e), quote!(#total + #term)),
             ));
         }
-        sinks.extend(self.copy_states(
-            &self.states(),
-            |s| self.step_place(Buffer::Grad(Grad::StatePrevious(s))),
-            |s| self.step_place(Buffer::Grad(Grad::StateFromNext(s))),
+        sinks.extend(self.copy_step_buffers(
+            |s| Buffer::Grad(Grad::StatePrevious(s)),
+            |s| Buffer::Grad(Grad::StateFromNext(s)),
         ));
         let mut finish = TokenStream::new();
         for (id, state) in cell.states.iter().enumerate() {
@@ -1887,12 +1889,7 @@ impl<'a> Emitter<'a> {
                     }
                     {
                         let step = steps - 1;
-                        let row = (batch_index * time_len + t0 + step) * heads + head;
-                        let (block_start, block_end) = (t0 + step, t0 + step + 1);
-                        if comptime![prefetch_states] {
-                            #previous_reads
-                        }
-                        #primal_reads
+                        #read_ahead
                     }
                     for step_from_end in 0..steps {
                         let step = steps - 1 - step_from_end;
@@ -1910,12 +1907,7 @@ impl<'a> Emitter<'a> {
                         // while this step runs.
                         if step > 0 {
                             let step = step - 1;
-                            let row = (batch_index * time_len + t0 + step) * heads + head;
-                            let (block_start, block_end) = (t0 + step, t0 + step + 1);
-                            if comptime![prefetch_states] {
-                                #previous_reads
-                            }
-                            #primal_reads
+                            #read_ahead
                         }
                         #primal_lets
                         #definitions
