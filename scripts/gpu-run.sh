@@ -276,7 +276,10 @@ step_generate() {
 # The schedule's knobs, side by side at one shape (f32): units per cube and sums split among
 # units or not, for each pass (docs/compiler.md, "Split sums", "The backward scan's own units
 # and sums"); these set the defaults. (States in registers or not: on the H200 of 2026-12-04
-# registers made the forward faster with split sums, the default, and slower without.)
+# registers made the forward faster with split sums, the default, and slower without.) The
+# backward's split sums ran at tile 8 on that day (their buffer did not fit beside tile 16's
+# workspace), unsplit ones at 16; since the backward keeps no inputs before activation that it
+# does not read, both run at tile 16 at this shape, a like-for-like comparison.
 step_sweep() {
     within 90 "$rak" bench --device cuda --repetitions 5 --warmup 1 --shape 8,2048,8,128 \
         --cube-dim 64,128 --sum-parts 1,8 --backward-cube-dim 64,128 --backward-sum-parts 1,8 \

@@ -145,9 +145,19 @@ struct Emitter<'a> {
     /// The states whose new values overwrite the old ones in place, in the forward pass (see
     /// [`crate::schedule::in_place_states`]): there, `NewState` is `State`.
     in_place: BTreeSet<StateId>,
+    /// The states whose gradient carried to the step before is written over the one carried
+    /// from the step after, in the backward pass (see [`crate::schedule::carried_in_place`]):
+    /// there, `Grad::StatePrevious` is `Grad::StateFromNext`.
+    carried_in_place: BTreeSet<StateId>,
     /// The states the code being emitted holds in registers (the forward scan's register step,
     /// see [`crate::schedule::register_states`]); empty elsewhere.
     registers: BTreeSet<StateId>,
+}
+
+/// How many of `numel` elements (a comptime expression) each of the cube's units takes when
+/// they are dealt out in turn: ⌈numel / units⌉.
+fn per_unit(numel: &TokenStream) -> TokenStream {
+    quote!(((#numel + units - 1) / units))
 }
 
 fn ident(name: &str) -> Ident {
@@ -184,6 +194,10 @@ impl<'a> Emitter<'a> {
             in_place: match pass {
                 Pass::Forward => crate::schedule::in_place_states(&step.cell),
                 Pass::Backward => BTreeSet::new(),
+            },
+            carried_in_place: match pass {
+                Pass::Forward => BTreeSet::new(),
+                Pass::Backward => crate::schedule::carried_in_place(step),
             },
             registers: BTreeSet::new(),
         }
@@ -554,9 +568,10 @@ impl<'a> Emitter<'a> {
         let values = ident("values");
         let (first, count) = (quote!(first * batch), quote!(batch));
         let (reads, writes) = self.reads_and_writes(copy, &values, first, count);
+        let per_unit = per_unit(numel);
         quote! {
             {
-                let per_unit = comptime![(#numel + units - 1) / units];
+                let per_unit = comptime![#per_unit];
                 let batch = comptime![if per_unit < #GATHER_BATCH { per_unit } else { #GATHER_BATCH }];
                 let mut #values = Array::<f32>::new(comptime![batch.max(1)]);
                 for first in 0..comptime![(per_unit + batch - 1) / batch.max(1)] {
@@ -579,11 +594,11 @@ impl<'a> Emitter<'a> {
         };
         for (n, copy) in copies.iter().enumerate() {
             let values = &format_ident!("{prefix}_{n}");
-            let numel = &copy.numel;
-            let count = quote!(comptime![(#numel + units - 1) / units]);
+            let per_unit = per_unit(&copy.numel);
+            let count = quote!(comptime![#per_unit]);
             code.registers.extend(quote! {
                 let mut #values = Array::<f32>::new(comptime![
-                    if #enabled { ((#numel + units - 1) / units).max(1) } else { 1usize }
+                    if #enabled { #per_unit.max(1) } else { 1usize }
                 ]);
             });
             let (reads, writes) = self.reads_and_writes(copy, values, quote!(0usize), count);
@@ -1023,7 +1038,7 @@ impl<'a> Emitter<'a> {
 
     /// Loads the inputs of the steps `block_start..block_end` (at most `steps`, a comptime
     /// expression; `block_start` a multiple of it) activated, and before activation if asked
-    /// (then `steps` is 1), into slots `s - block_start` of the input buffers, each input's
+    /// and the backward step reads it (then `steps` is 1), into slots `s - block_start` of the input buffers, each input's
     /// reads issued together ([`Self::gather`]). `row` is the inputs' row at step `s`. No
     /// barrier.
     fn load_inputs(
@@ -1044,6 +1059,8 @@ impl<'a> Emitter<'a> {
         row: TokenStream,
     ) -> Vec<GatheredCopy> {
         let mut copies = Vec::new();
+        // The backward's workspace holds an input before activation only where it reads it.
+        let pre_activations = WorkspaceLayout::new(self.step, Pass::Backward).buffers;
         for (id, input) in self.cell.inputs.iter().enumerate() {
             let arg = self.input_arg(id);
             let numel = self.shape_numel(&input.shape);
@@ -1055,8 +1072,9 @@ impl<'a> Emitter<'a> {
                 None => pre.clone(),
             };
             let statements = exprs.finish();
-            let store_pre = if keep_pre_activation {
-                let at_pre = self.at(Buffer::InputPreActivation(InputId(id)));
+            let pre_buffer = Buffer::InputPreActivation(InputId(id));
+            let store_pre = if keep_pre_activation && pre_activations.contains(&pre_buffer) {
+                let at_pre = self.at(pre_buffer);
                 self.step_write(&at_pre, quote!(e), quote!(pre))
             } else {
                 TokenStream::new()
@@ -1245,6 +1263,9 @@ impl<'a> Emitter<'a> {
     fn at(&self, buffer: Buffer) -> TokenStream {
         let buffer = match buffer {
             Buffer::NewState(s) if self.in_place.contains(&s) => Buffer::State(s),
+            Buffer::Grad(Grad::StatePrevious(s)) if self.carried_in_place.contains(&s) => {
+                Buffer::Grad(Grad::StateFromNext(s))
+            }
             buffer => buffer,
         };
         let name = self.buffer_name(buffer);
@@ -1732,10 +1753,7 @@ impl<'a> Emitter<'a> {
         let load_previous: TokenStream = previous_copies.iter().map(|c| self.gather(c)).collect();
         let state_registers: Vec<TokenStream> = previous_copies
             .iter()
-            .map(|copy| {
-                let numel = &copy.numel;
-                quote!(((#numel + units - 1) / units))
-            })
+            .map(|copy| per_unit(&copy.numel))
             .collect();
         let previous = self.prefetch("previous_state", &previous_copies, quote!(prefetch_states));
         // The step's inputs (activated and before activation) and output gradients, read one
@@ -1798,9 +1816,14 @@ impl<'a> Emitter<'a> {
                 self.step_write(&sum, quote!(e), quote!(#total + #term)),
             ));
         }
-        sinks.extend(self.copy_step_buffers(
-            |s| Buffer::Grad(Grad::StatePrevious(s)),
-            |s| Buffer::Grad(Grad::StateFromNext(s)),
+        // The gradients carried to the step before, where they have a buffer of their own.
+        let copied: Vec<StateId> = (self.states().into_iter())
+            .filter(|s| !self.carried_in_place.contains(s))
+            .collect();
+        sinks.extend(self.copy_states(
+            &copied,
+            |s| self.step_place(Buffer::Grad(Grad::StatePrevious(s))),
+            |s| self.step_place(Buffer::Grad(Grad::StateFromNext(s))),
         ));
         let mut finish = TokenStream::new();
         for (id, state) in cell.states.iter().enumerate() {

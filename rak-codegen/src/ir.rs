@@ -574,9 +574,9 @@ impl Cell {
         }
     }
 
-    /// Every `sum` reachable from `roots`, each once, inner sums before the sums that hold
-    /// them.
-    pub fn sums_under(&self, roots: &[ExprId]) -> Vec<ExprId> {
+    /// Every expression reachable from `roots`, each once, operands before the expressions
+    /// that use them.
+    pub fn reachable(&self, roots: &[ExprId]) -> Vec<ExprId> {
         fn visit(
             cell: &Cell,
             expr: ExprId,
@@ -593,17 +593,31 @@ impl Cell {
                     visit(cell, *a, seen, out);
                     visit(cell, *b, seen, out);
                 }
-                Expr::Sum { body, .. } => {
-                    visit(cell, *body, seen, out);
-                    out.push(expr);
-                }
+                Expr::Sum { body, .. } => visit(cell, *body, seen, out),
             }
+            out.push(expr);
         }
         let (mut seen, mut out) = (Default::default(), Vec::new());
         for &root in roots {
             visit(self, root, &mut seen, &mut out);
         }
         out
+    }
+
+    /// Every `sum` reachable from `roots`, each once, inner sums before the sums that hold
+    /// them.
+    pub fn sums_under(&self, roots: &[ExprId]) -> Vec<ExprId> {
+        let reachable = self.reachable(roots).into_iter();
+        reachable
+            .filter(|&expr| matches!(self.exprs.get(expr), Expr::Sum { .. }))
+            .collect()
+    }
+
+    /// Whether an expression reachable from `roots` loads `value`.
+    pub fn reads(&self, roots: &[ExprId], value: Value) -> bool {
+        self.reachable(roots).into_iter().any(
+            |expr| matches!(self.exprs.get(expr), Expr::Load { value: read, .. } if *read == value),
+        )
     }
 
     /// Number of elements of a shape, given the size of each dim.

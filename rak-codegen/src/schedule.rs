@@ -389,6 +389,31 @@ fn split_along(step: &BackwardStep, dim: DimId) -> Option<SplitPlan> {
     (!replicated_sink).then_some(SplitPlan { dim, grads })
 }
 
+/// The states whose gradient carried to the step before ([`Grad::StatePrevious`]) the backward
+/// step writes over the gradient carried from the step after ([`Grad::StateFromNext`]), one
+/// buffer for both, so that the step needs no buffer and no copy for the first. A state
+/// qualifies when no definition reads the gradient from the step after from the definition of
+/// the one to the step before on (every definition ends with a barrier, so the earlier ones
+/// have read it by then). Every reference cell qualifies: only the state's own gradient,
+/// `dS_t = dS_from_next + …`, the first definition, reads it.
+pub fn carried_in_place(step: &BackwardStep) -> std::collections::BTreeSet<StateId> {
+    let cell = &step.cell;
+    (0..cell.states.len())
+        .map(StateId)
+        .filter(|&state| {
+            let carried = Value::Grad(Grad::StateFromNext(state));
+            let definitions = &step.definitions;
+            let written = definitions
+                .iter()
+                .position(|d| d.grad == Grad::StatePrevious(state));
+            written.is_some_and(|written| {
+                let later = &definitions[written..];
+                later.iter().all(|d| !cell.reads(&[d.expr], carried))
+            })
+        })
+        .collect()
+}
+
 /// The states the forward step updates in place: S_t is written over S_{t−1} in one buffer
 /// ([`Buffer::State`]), so the step needs no `NewState` buffer and no copy of the new state over
 /// the old one. A state qualifies when its update reads S_{t−1} only at the element it writes
@@ -704,9 +729,12 @@ pub struct WorkspaceLayout {
 impl WorkspaceLayout {
     pub fn new(step: &BackwardStep, pass: Pass) -> Self {
         let cell = &step.cell;
+        let roots = step_roots(step, pass);
         let mut buffers = Vec::new();
         for id in 0..cell.inputs.len() {
-            if pass == Pass::Backward {
+            // Only where the backward step reads it: the derivatives of the activations that
+            // are functions of their result (sigmoid, tanh, exp) and inputs without one do not.
+            if cell.reads(&roots, Value::InputPreActivation(InputId(id))) {
                 buffers.push(Buffer::InputPreActivation(InputId(id)));
             }
             buffers.push(Buffer::Input(InputId(id)));
@@ -729,10 +757,16 @@ impl WorkspaceLayout {
             for id in 0..cell.states.len() {
                 buffers.push(Buffer::Grad(Grad::StateFromNext(StateId(id))));
             }
-            buffers.extend(step.definitions.iter().map(|d| Buffer::Grad(d.grad)));
+            // The gradients carried to the step before are written over those carried from
+            // the step after where that is safe (`carried_in_place`).
+            let carried = carried_in_place(step);
+            buffers.extend(step.definitions.iter().filter_map(|d| match d.grad {
+                Grad::StatePrevious(state) if carried.contains(&state) => None,
+                grad => Some(Buffer::Grad(grad)),
+            }));
             buffers.extend((0..cell.params.len()).map(|p| Buffer::ParamGradSum(ParamId(p))));
         }
-        let sums = cell.sums_under(&step_roots(step, pass));
+        let sums = cell.sums_under(&roots);
         if !sums.is_empty() {
             buffers.push(Buffer::SumParts);
         }

@@ -4,8 +4,8 @@
 use crate::common::{CELL_NAMES, compile_cell};
 use rak_codegen::ir::{Grad, InputId, StateId};
 use rak_codegen::schedule::{
-    DeviceLimits, GradSplit, Pass, Placement, Schedule, in_place_states, register_states,
-    split_plan, split_sum_parts,
+    Buffer, DeviceLimits, GradSplit, Pass, Placement, Schedule, WorkspaceLayout, carried_in_place,
+    in_place_states, register_states, split_plan, split_sum_parts,
 };
 
 /// The split axis of every reference cell, by name (`None`: one cube per sequence).
@@ -91,6 +91,57 @@ fn limits(shared_memory_bytes: usize, min_cubes: usize) -> DeviceLimits {
     }
 }
 
+/// The backward's workspace holds an input before its activation only where the backward
+/// step reads it: the derivatives of softplus (Mamba2's `dt`) and log-sigmoid (GLA's `a`,
+/// mLSTM's `f_gate`) take their argument, that of sigmoid (SimpleRNN's `k`, `g`) its result,
+/// and an input without activation has none. The forward's never holds one.
+#[test]
+fn inputs_before_activation_kept_only_where_read() {
+    let mut found = Vec::new();
+    for name in CELL_NAMES {
+        let compiled = compile_cell(name);
+        for pass in [Pass::Forward, Pass::Backward] {
+            let layout = WorkspaceLayout::new(&compiled.backward, pass);
+            for buffer in layout.buffers {
+                if let Buffer::InputPreActivation(input) = buffer {
+                    let input = &compiled.cell.inputs[input.0].name;
+                    found.push(format!("{name} {pass:?}: {input}"));
+                }
+            }
+        }
+    }
+    assert_eq!(
+        found,
+        [
+            "gla Backward: a",
+            "mamba2 Backward: dt",
+            "mlstm Backward: f_gate"
+        ]
+    );
+}
+
+/// The backward step writes the state gradients it carries to the step before over those
+/// carried from the step after, for every state of every reference cell (only the state's own
+/// gradient reads the latter, first), so its workspace has no buffer for the former; the
+/// forward's has neither.
+#[test]
+fn state_gradients_carried_in_place() {
+    for name in CELL_NAMES {
+        let compiled = compile_cell(name);
+        let step = &compiled.backward;
+        let every_state: Vec<StateId> = (0..compiled.cell.states.len()).map(StateId).collect();
+        let carried: Vec<StateId> = carried_in_place(step).into_iter().collect();
+        assert_eq!(carried, every_state, "{name}");
+        let layout = WorkspaceLayout::new(step, Pass::Backward);
+        for state in every_state {
+            let from_next = Buffer::Grad(Grad::StateFromNext(state));
+            let previous = Buffer::Grad(Grad::StatePrevious(state));
+            assert!(layout.buffers.contains(&from_next), "{name}");
+            assert!(!layout.buffers.contains(&previous), "{name}");
+        }
+    }
+}
+
 /// An open tile is halved until the workspace fits shared memory and the grid has enough
 /// cubes; the placement follows.
 #[test]
@@ -105,13 +156,15 @@ fn resolving_chooses_tile_and_placement() {
         .resolve(step, Pass::Forward, &[128, 128], 64, limits(48 * 1024, 1))
         .unwrap();
     assert_eq!(resolved.tile, Some(64));
-    // The backward workspace holds more per step (S_{t−1}, S_t, their gradients): tile 8
-    // under the forward's 128 units and split sums.
+    // The backward workspace holds more per step (S_{t−1}, S_t, their gradients: 4 × 128 ×
+    // 16 floats at tile 16; q, k, g activated and their gradients; no input before activation,
+    // since σ' = σ(1 − σ) reads the result; dS_{t−1} over dS_from_next): tile 16 under the
+    // forward's 128 units and split sums, 39 744 bytes.
     let resolved = open
         .same_for_both_passes()
         .resolve(step, Pass::Backward, &[128, 128], 64, limits(48 * 1024, 1))
         .unwrap();
-    assert_eq!(resolved.tile, Some(8));
+    assert_eq!(resolved.tile, Some(16));
     assert_eq!(resolved.placement, Placement::Shared);
     // The backward's own schedule by default: 64 units, unsplit sums.
     let resolved = open
