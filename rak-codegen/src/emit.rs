@@ -1038,9 +1038,9 @@ impl<'a> Emitter<'a> {
 
     /// Loads the inputs of the steps `block_start..block_end` (at most `steps`, a comptime
     /// expression; `block_start` a multiple of it) activated, and before activation if asked
-    /// and the backward step reads it (then `steps` is 1), into slots `s - block_start` of the input buffers, each input's
-    /// reads issued together ([`Self::gather`]). `row` is the inputs' row at step `s`. No
-    /// barrier.
+    /// and the backward step reads it (then `steps` is 1), into slots `s - block_start` of the
+    /// input buffers, each input's reads issued together ([`Self::gather`]). `row` is the
+    /// inputs' row at step `s`. No barrier.
     fn load_inputs(
         &self,
         keep_pre_activation: bool,
@@ -1263,10 +1263,7 @@ impl<'a> Emitter<'a> {
     fn at(&self, buffer: Buffer) -> TokenStream {
         let buffer = match buffer {
             Buffer::NewState(s) if self.in_place.contains(&s) => Buffer::State(s),
-            Buffer::Grad(Grad::StatePrevious(s)) if self.carried_in_place.contains(&s) => {
-                Buffer::Grad(Grad::StateFromNext(s))
-            }
-            buffer => buffer,
+            buffer => crate::schedule::laid_out(buffer, &self.carried_in_place),
         };
         let name = self.buffer_name(buffer);
         quote!(#name)
@@ -1790,15 +1787,21 @@ impl<'a> Emitter<'a> {
             }
             #primal_reads
         };
+        // The definitions in phases that need no barrier between them.
         let mut definitions = TokenStream::new();
-        for definition in &self.step.definitions {
-            definitions.extend(self.define_buffer(
-                &mut ready,
-                Buffer::Grad(definition.grad),
-                &definition.indices,
-                definition.expr,
-                true,
-            ));
+        for phase in crate::schedule::definition_phases(self.step) {
+            let last = phase.len() - 1;
+            for (n, definition) in phase.iter().map(|&d| &self.step.definitions[d]).enumerate() {
+                definitions.extend(self.define_buffer(
+                    &mut ready,
+                    Buffer::Grad(definition.grad),
+                    &definition.indices,
+                    definition.expr,
+                    // A split sum's partial sums are reused by the next one: a barrier
+                    // between them unless the phase's own follows.
+                    n == last,
+                ));
+            }
             definitions.extend(self.barrier());
         }
         let mut sinks = TokenStream::new();
@@ -2372,25 +2375,23 @@ impl<'e, 'a> ExprEmitter<'e, 'a> {
             let array = emitter.register_names(state).array;
             return quote!(#array[#slot]);
         }
-        let buffer = match value {
-            Value::Input(i) => {
+        match crate::schedule::value_buffer(value) {
+            Some(Buffer::Input(i)) => {
                 // The input buffers hold a block of steps: this step's slot.
                 let slot = emitter.local_numel(&cell.inputs[i.0].shape);
                 let at = emitter.at(Buffer::Input(i));
-                return emitter.step_read(&at, quote!(input_step * #slot + #flat));
+                emitter.step_read(&at, quote!(input_step * #slot + #flat))
             }
-            Value::Param(p) => {
+            Some(buffer) => emitter.step_read(&emitter.at(buffer), flat),
+            None => {
+                let Value::Param(p) = value else {
+                    unreachable!("only parameters are read from global memory")
+                };
                 let arg = format_ident!("param_{}", cell.params[p.0].name);
                 let numel = emitter.shape_numel(&cell.params[p.0].shape);
                 let global = emitter.global_index(indices);
-                return quote!(f32::cast_from(#arg[head * #numel + #global]));
+                quote!(f32::cast_from(#arg[head * #numel + #global]))
             }
-            Value::InputPreActivation(i) => Buffer::InputPreActivation(i),
-            Value::State(s, StateTime::Previous) => Buffer::State(s),
-            Value::State(s, StateTime::Current) => Buffer::NewState(s),
-            Value::Let(l) => Buffer::Let(l),
-            Value::Grad(g) => Buffer::Grad(g),
-        };
-        emitter.step_read(&emitter.at(buffer), flat)
+        }
     }
 }

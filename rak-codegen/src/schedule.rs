@@ -393,9 +393,10 @@ fn split_along(step: &BackwardStep, dim: DimId) -> Option<SplitPlan> {
 /// step writes over the gradient carried from the step after ([`Grad::StateFromNext`]), one
 /// buffer for both, so that the step needs no buffer and no copy for the first. A state
 /// qualifies when no definition reads the gradient from the step after from the definition of
-/// the one to the step before on (every definition ends with a barrier, so the earlier ones
-/// have read it by then). Every reference cell qualifies: only the state's own gradient,
-/// `dS_t = dS_from_next + …`, the first definition, reads it.
+/// the one to the step before on; the earlier ones have read it by then, since the write
+/// conflicts with their reads and so comes in a later phase ([`definition_phases`]). Every
+/// reference cell qualifies: only the state's own gradient, `dS_t = dS_from_next + …`, the
+/// first definition, reads it.
 pub fn carried_in_place(step: &BackwardStep) -> std::collections::BTreeSet<StateId> {
     let cell = &step.cell;
     (0..cell.states.len())
@@ -412,6 +413,95 @@ pub fn carried_in_place(step: &BackwardStep) -> std::collections::BTreeSet<State
             })
         })
         .collect()
+}
+
+/// The workspace buffer a load of `value` reads, as the backward step's statements name it
+/// (before [`laid_out`]); `None` for parameters, which are read from global memory.
+pub fn value_buffer(value: Value) -> Option<Buffer> {
+    match value {
+        Value::Input(i) => Some(Buffer::Input(i)),
+        Value::InputPreActivation(i) => Some(Buffer::InputPreActivation(i)),
+        Value::Param(_) => None,
+        Value::State(s, StateTime::Previous) => Some(Buffer::State(s)),
+        Value::State(s, StateTime::Current) => Some(Buffer::NewState(s)),
+        Value::Let(l) => Some(Buffer::Let(l)),
+        Value::Grad(g) => Some(Buffer::Grad(g)),
+    }
+}
+
+/// The buffer the backward scan's workspace holds `buffer` in: a gradient carried to the step
+/// before is written over the one carried from the step after ([`carried_in_place`]).
+pub fn laid_out(buffer: Buffer, carried_in_place: &std::collections::BTreeSet<StateId>) -> Buffer {
+    match buffer {
+        Buffer::Grad(Grad::StatePrevious(s)) if carried_in_place.contains(&s) => {
+            Buffer::Grad(Grad::StateFromNext(s))
+        }
+        buffer => buffer,
+    }
+}
+
+/// The backward step's definitions (indices into [`BackwardStep::definitions`]) in phases,
+/// in the order the backward scan evaluates them, with a barrier after each phase: a
+/// definition goes into the phase after the last phase holding an earlier definition it
+/// conflicts with (it reads a buffer that one writes, or writes one that it reads or writes),
+/// or into the first. So no two definitions of a phase touch one buffer unless both only read
+/// it, and every definition still follows those it depends on. The sums a definition reads
+/// count as read and written by it (the first to need a sum computes it into its buffer); the
+/// partial sums of a split sum are guarded by barriers of its own.
+///
+/// SimpleRNN's step: `dS` and `q`'s gradient (reading `do` and `S_t`), then the other inputs'
+/// gradients before activation and `dS_{t−1}`, then `k`'s and `g`'s through their activation:
+/// 3 phases where a barrier after each of the 10 definitions made 10.
+pub fn definition_phases(step: &BackwardStep) -> Vec<Vec<usize>> {
+    use std::collections::HashSet;
+    let cell = &step.cell;
+    let carried = carried_in_place(step);
+    let classes = sum_classes(step);
+    let access: Vec<(HashSet<Buffer>, HashSet<Buffer>)> = step
+        .definitions
+        .iter()
+        .map(|definition| {
+            let mut reads = HashSet::new();
+            let mut writes = HashSet::new();
+            for expr in cell.reachable(&[definition.expr]) {
+                match cell.exprs.get(expr) {
+                    Expr::Load { value, .. } => {
+                        reads.extend(value_buffer(*value).map(|b| laid_out(b, &carried)));
+                    }
+                    Expr::Sum { .. } => {
+                        let class = classes.get(&expr).copied().unwrap_or(expr);
+                        reads.insert(Buffer::Sum(class));
+                        writes.insert(Buffer::Sum(class));
+                    }
+                    _ => {}
+                }
+            }
+            writes.insert(laid_out(Buffer::Grad(definition.grad), &carried));
+            (reads, writes)
+        })
+        .collect();
+    let conflict = |later: usize, earlier: usize| {
+        let (reads, writes) = &access[later];
+        let (earlier_reads, earlier_writes) = &access[earlier];
+        !reads.is_disjoint(earlier_writes)
+            || !writes.is_disjoint(earlier_reads)
+            || !writes.is_disjoint(earlier_writes)
+    };
+    let mut phase_of: Vec<usize> = Vec::with_capacity(access.len());
+    for later in 0..access.len() {
+        let phase = (0..later)
+            .filter(|&earlier| conflict(later, earlier))
+            .map(|earlier| phase_of[earlier] + 1)
+            .max()
+            .unwrap_or(0);
+        phase_of.push(phase);
+    }
+    let phases = phase_of.iter().max().map_or(0, |last| last + 1);
+    let mut grouped = vec![Vec::new(); phases];
+    for (definition, &phase) in phase_of.iter().enumerate() {
+        grouped[phase].push(definition);
+    }
+    grouped
 }
 
 /// The states the forward step updates in place: S_t is written over S_{t−1} in one buffer

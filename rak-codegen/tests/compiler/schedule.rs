@@ -2,10 +2,11 @@
 //! gradient is held across the tiles.
 
 use crate::common::{CELL_NAMES, compile_cell};
-use rak_codegen::ir::{Grad, InputId, StateId};
+use rak_codegen::display::value_name;
+use rak_codegen::ir::{Expr, Grad, InputId, StateId, Value};
 use rak_codegen::schedule::{
     Buffer, DeviceLimits, GradSplit, Pass, Placement, Schedule, WorkspaceLayout, carried_in_place,
-    in_place_states, register_states, split_plan, split_sum_parts,
+    definition_phases, in_place_states, register_states, split_plan, split_sum_parts,
 };
 
 /// The split axis of every reference cell, by name (`None`: one cube per sequence).
@@ -138,6 +139,78 @@ fn state_gradients_carried_in_place() {
             let previous = Buffer::Grad(Grad::StatePrevious(state));
             assert!(layout.buffers.contains(&from_next), "{name}");
             assert!(!layout.buffers.contains(&previous), "{name}");
+        }
+    }
+}
+
+/// The backward step's definitions in phases between barriers: SimpleRNN's 10 definitions
+/// in 3 phases (a barrier after each made 10).
+#[test]
+fn simple_rnn_backward_definitions_in_three_phases() {
+    let compiled = compile_cell("simple_rnn");
+    let step = &compiled.backward;
+    let phases: Vec<Vec<String>> = definition_phases(step)
+        .into_iter()
+        .map(|phase| {
+            let grad = |d: usize| Value::Grad(step.definitions[d].grad);
+            phase
+                .into_iter()
+                .map(|d| value_name(&step.cell, grad(d)))
+                .collect()
+        })
+        .collect();
+    assert_eq!(
+        phases,
+        [
+            vec!["dS", "dq"],
+            vec!["dq_pre", "dk", "dv", "dg", "dS_prev"],
+            vec!["dk_pre", "dv_pre", "dg_pre"],
+        ]
+    );
+}
+
+/// For every reference cell, each definition comes in a later phase than every definition
+/// whose gradient it reads, and `dS_{t−1}` (written over `dS_from_next`) in a later phase than
+/// every definition that reads `dS_from_next`; every definition is in exactly one phase.
+#[test]
+fn backward_phases_follow_every_dependency() {
+    for name in CELL_NAMES {
+        let compiled = compile_cell(name);
+        let step = &compiled.backward;
+        let cell = &step.cell;
+        let phases = definition_phases(step);
+        let mut phase_of = vec![None; step.definitions.len()];
+        for (n, phase) in phases.iter().enumerate() {
+            for &d in phase {
+                assert_eq!(phase_of[d], None, "{name}: definition {d} twice");
+                phase_of[d] = Some(n);
+            }
+        }
+        let phase_of: Vec<usize> = phase_of.into_iter().map(|p| p.unwrap()).collect();
+        let grads_read = |d: usize| -> Vec<Grad> {
+            let reachable = cell.reachable(&[step.definitions[d].expr]);
+            let loads = reachable.into_iter().map(|e| cell.exprs.get(e).clone());
+            loads
+                .filter_map(|expr| match expr {
+                    Expr::Load {
+                        value: Value::Grad(grad),
+                        ..
+                    } => Some(grad),
+                    _ => None,
+                })
+                .collect()
+        };
+        for (reader, _) in step.definitions.iter().enumerate() {
+            for grad in grads_read(reader) {
+                if let Some(writer) = step.definitions.iter().position(|d| d.grad == grad) {
+                    assert!(phase_of[writer] < phase_of[reader], "{name}: {grad:?}");
+                }
+                if let Grad::StateFromNext(state) = grad {
+                    let mut over = step.definitions.iter();
+                    let previous = over.position(|d| d.grad == Grad::StatePrevious(state));
+                    assert!(phase_of[reader] < phase_of[previous.unwrap()], "{name}");
+                }
+            }
         }
     }
 }
