@@ -2,8 +2,8 @@
 # Runs on the GPU machine (see scripts/gpu-check.sh, which prepares gpu-bundle/ here).
 # Usage: bash scripts/gpu-run.sh [STEP...]: the steps named (each a `step_*` function below),
 # in that order, or by default `warm rak chunked chunked-bf16 peers lm generate` (issue 6's
-# run, meant to end within 8 minutes) and then, in what time is left, `tiles checkpoints
-# profile sweep no-fusion`.
+# run, meant to end within 8 minutes) and then, in what time is left, `backward-sums tiles
+# checkpoints profile sweep no-fusion`.
 #
 # What takes the time is compiling, not measuring: NVRTC compiles every kernel rak launches,
 # Triton some 250 configurations of chunk_gla per element type and K, one after the other. So the
@@ -21,7 +21,7 @@
 # found, the steps asked for), kernel-tests*.log, warm-*.log, fla-compile-*.log,
 # rak-bench.md/.jsonl, chunked.md, rak-chunked.jsonl, chunked-bf16.md, peers.jsonl,
 # peers.log, table.md, lm.log, lm-table.md, lm-d512.md, generate.md, tiles.md/.jsonl,
-# checkpoints.md/.jsonl, kernel-profile.md/.log, sweep.md/.jsonl, chunked-no-fusion.md, rak-chunked-no-fusion.jsonl,
+# checkpoints.md/.jsonl, backward-sums.md/.jsonl, kernel-profile.md/.log, sweep.md/.jsonl, chunked-no-fusion.md, rak-chunked-no-fusion.jsonl,
 # steps.log (each step's exit status, time, and seconds since the start). A device call
 # returns at most 8 files of $OUT, so the folder is packed into $OUT/results.tar.gz after every
 # step (a call cut short still returns what the finished steps wrote), and device.txt and
@@ -313,6 +313,19 @@ step_checkpoints() {
     cat "$res/checkpoints.md"
 }
 
+# The backward scan's sums unsplit or split (f32, B=8 H=8 K=V=128, everything else at its
+# default: 64 units, tile 16). Unsplit (the default since the sweep of 2026-12-04), 16 of the
+# 64 units each add up one value's 128 terms of `dv` while the rest wait at the next barrier;
+# with `sum_parts` 8, 4 units share each (64 units / 16 values), at the cost of two barriers. That sweep ran split sums
+# at tile 8 (their buffer did not fit beside tile 16's workspace then), so it did not answer
+# this; the default follows from here.
+step_backward_sums() {
+    within 60 "$rak" bench --device cuda --repetitions 5 --warmup 1 --shape 8,2048,8,128 \
+        --backward-sum-parts 1,8 --json "$res/backward-sums.jsonl" > "$res/backward-sums.md" 2>&1
+    echo "backward sums: exit $?" >> "$res/backward-sums.md"
+    cat "$res/backward-sums.md"
+}
+
 # The chunked form without burn's fusion wrapper (the cubecl backend alone), to see what fusing
 # its element-wise operations gains (`chunked` runs it inside the wrapper, as training does).
 step_no_fusion() {
@@ -324,8 +337,8 @@ step_no_fusion() {
 }
 
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(warm rak chunked chunked-bf16 peers lm generate done tiles \
-    checkpoints profile sweep no-fusion)
+[ ${#steps[@]} -eq 0 ] && steps=(warm rak chunked chunked-bf16 peers lm generate done \
+    backward-sums tiles checkpoints profile sweep no-fusion)
 echo "steps: ${steps[*]}" >> "$res/device.txt"
 for name in "${steps[@]}"; do
     if [ "$name" = done ]; then
