@@ -1234,6 +1234,19 @@ impl<'a> Emitter<'a> {
         }
     }
 
+    /// S_t copied over S_{t−1} after a step, for the states not updated in place (those are
+    /// already where the next step reads them). No barrier.
+    fn advance_states(&self) -> TokenStream {
+        let copied: Vec<StateId> = (self.states().into_iter())
+            .filter(|s| !self.in_place.contains(s))
+            .collect();
+        self.copy_states(
+            &copied,
+            |s| self.step_place(Buffer::NewState(s)),
+            |s| self.step_place(Buffer::State(s)),
+        )
+    }
+
     fn step_place(&self, buffer: Buffer) -> Place {
         Place::Step(self.at(buffer))
     }
@@ -1556,17 +1569,7 @@ impl<'a> Emitter<'a> {
                 },
             ));
         }
-        // States updated in place are already where the next step reads them.
-        let copied: Vec<StateId> = self
-            .states()
-            .into_iter()
-            .filter(|s| !self.in_place.contains(s))
-            .collect();
-        let advance = self.copy_states(
-            &copied,
-            |s| self.step_place(Buffer::NewState(s)),
-            |s| self.step_place(Buffer::State(s)),
-        );
+        let advance = self.advance_states();
         let barrier = self.barrier();
         quote! {
             #lets_and_updates
@@ -1727,12 +1730,18 @@ impl<'a> Emitter<'a> {
         // The recomputation reads each step's inputs one step ahead.
         let recompute_copies = self.input_copies(false, quote!(1usize), step_row.clone());
         let recompute = self.prefetch("recompute_input", &recompute_copies, quote!(true));
-        let recompute_lets_and_updates = self.lets_and_updates(&mut HashSet::new());
+        // The recomputation updates states in place where the forward scan does (the walk
+        // after it reads S_{t−1} and S_t and keeps both buffers).
+        let recomputation = Emitter {
+            in_place: crate::schedule::in_place_states(cell),
+            ..self.clone()
+        };
+        let recompute_lets_and_updates = recomputation.lets_and_updates(&mut HashSet::new());
         let keep_states = {
-            let advance = self.copy_step_buffers(Buffer::NewState, Buffer::State);
+            let advance = recomputation.advance_states();
             let store = self.copy_states(
                 &self.states(),
-                |s| self.step_place(Buffer::NewState(s)),
+                |s| recomputation.step_place(Buffer::NewState(s)),
                 |s| Place::Chunk(self.chunk_slot(s, quote!(step + 1))),
             );
             quote!(#advance #store)
