@@ -449,9 +449,10 @@ pub fn laid_out(buffer: Buffer, carried_in_place: &std::collections::BTreeSet<St
 /// count as read and written by it (the first to need a sum computes it into its buffer); the
 /// partial sums of a split sum are guarded by barriers of its own.
 ///
-/// SimpleRNN's step: `dS` and `q`'s gradient (reading `do` and `S_t`), then the other inputs'
-/// gradients before activation and `dS_{t−1}`, then `k`'s and `g`'s through their activation:
-/// 3 phases where a barrier after each of the 10 definitions made 10.
+/// SimpleRNN's step: `dS` and the gradient of `q` (reading `do` and `S_t`); then those of `k`,
+/// `v`, `g` (reading `dS`), `q`'s before activation (a copy: it has none) and `dS_{t−1}`; then
+/// those of `k`, `v`, `g` before activation: 3 phases where a barrier after each of the 10
+/// definitions made 10.
 pub fn definition_phases(step: &BackwardStep) -> Vec<Vec<usize>> {
     use std::collections::HashSet;
     let cell = &step.cell;
