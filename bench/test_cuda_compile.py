@@ -22,6 +22,15 @@ class CubesPerMultiprocessor(unittest.TestCase):
         self.assertEqual(fit(146, 64), 6)
         self.assertEqual(fit(255, 128), 2)
 
+    def test_grids_of_the_benchmark_shapes_fit_one_wave_or_not(self):
+        one_wave = cuda_compile.fits_in_one_wave
+        # 512 cubes (B=8 H=8 K=V=128 at tile 16) on 132 multiprocessors: 4 each hold 528, 3 hold
+        # 396 (SimpleRNN's bf16 forward scan at 168 registers ran in two waves).
+        self.assertTrue(one_wave(512, cuda_compile.cubes_per_multiprocessor(128, 128)))
+        self.assertFalse(one_wave(512, cuda_compile.cubes_per_multiprocessor(168, 128)))
+        self.assertTrue(one_wave(528, 4))
+        self.assertFalse(one_wave(529, 4))
+
 
 if __name__ == "__main__":
     unittest.main()

@@ -7,7 +7,9 @@ H100/H200 (`--gpu-architecture=sm_90a -lineinfo`), then through ptxas, whose rep
 kernel's registers per thread, spills and stack. Prints a Markdown table; exits 1 if any kernel
 fails to compile (the log names it), or if a kernel that holds its states in registers spills
 under the default schedule (the point of holding them there is to keep them out of memory;
-spills under other schedules are reported, not failed: ptxas trades registers for occupancy).
+spills under other schedules are reported, not failed: ptxas trades registers for occupancy),
+or if SimpleRNN's forward scan, at the tile one of issue 6's benchmark shapes gets, needs more
+registers than let its whole grid fit a 132-SM GPU at once (`Kernel.grid_cubes`).
 
 Needs NVRTC, ptxas and the CUDA runtime headers: scripts/cuda-compile.sh fetches them (CUDA 13.0
 wheels from PyPI) and calls this script with `--cuda DIR`.
@@ -28,6 +30,8 @@ CELLS = sorted(p.stem for p in (ROOT / "cells").glob("*.rak"))
 # The chunked path's own kernels (`rak emit NAME`: hand-written in rak-runtime/src/fused/cube.rs),
 # listed in the table as the kernels of a "cell" of this name.
 CHUNKED = "chunked path"
+# Streaming multiprocessors of the H200 (and the H100 SXM) the GPU runs measure on.
+MULTIPROCESSORS = 132
 CHUNKED_KERNELS = [
     "linear_scan",
     "linear_scan_reverse",
@@ -49,6 +53,9 @@ class Kernel:
     registers: bool | None = None
     tile: int | None = None
     sum_parts: int | None = None
+    # The cubes of the grid of a benchmark shape that runs this kernel (B·H·tiles), if any: the
+    # kernel's registers must let a GPU of `MULTIPROCESSORS` hold them all at once.
+    grid_cubes: int | None = None
 
     def at_default_schedule(self):
         return self.cube_dim is None and self.registers is None and self.tile is None and self.sum_parts is None
@@ -94,13 +101,18 @@ def kernels():
     for cube_dim in (64, 128, 256):
         for registers in (True, False):
             for tile in (16, 64):
-                yield Kernel("simple_rnn", "forward", 128, "f32", cube_dim, registers, tile)
+                # At 128 units, states in registers, tile 16: what B=8 H=8 runs (512 cubes).
+                default = (cube_dim, registers, tile) == (128, True, 16)
+                yield Kernel("simple_rnn", "forward", 128, "f32", cube_dim, registers, tile, grid_cubes=512 if default else None)
     for dtype in ("f32", "bf16"):
-        for tile in (2, 32):
-            yield Kernel("simple_rnn", "forward", 128, dtype, tile=tile)
-        yield Kernel("simple_rnn", "forward", 64, dtype, tile=8)
+        # B=1 H=8 K=V=128: 8 sequences of 64 tiles of 2.
+        yield Kernel("simple_rnn", "forward", 128, dtype, tile=2, grid_cubes=512)
+        yield Kernel("simple_rnn", "forward", 128, dtype, tile=32)
+        # B=16 H=4 K=V=64: 64 sequences of 8 tiles of 8.
+        yield Kernel("simple_rnn", "forward", 64, dtype, tile=8, grid_cubes=512)
         yield Kernel("simple_rnn", "forward", 128, dtype, tile=16, sum_parts=4)
-    yield Kernel("simple_rnn", "forward", 128, "bf16", tile=16)
+    # B=8 H=8 and B=4 H=16 at K=V=128: 64 sequences of 8 tiles of 16.
+    yield Kernel("simple_rnn", "forward", 128, "bf16", tile=16, grid_cubes=512)
 
 
 def cubes_per_multiprocessor(registers: int, cube_dim: int) -> int:
@@ -110,6 +122,12 @@ def cubes_per_multiprocessor(registers: int, cube_dim: int) -> int:
     walk the whole sequence then takes a multiple of the time of one wave."""
     per_unit = -(-registers // 8) * 8
     return 65536 // (per_unit * cube_dim)
+
+
+def fits_in_one_wave(grid_cubes: int, cubes_per_sm: int) -> bool:
+    """Whether a grid of `grid_cubes` runs at once on a GPU of `MULTIPROCESSORS` holding
+    `cubes_per_sm` each (else the scan takes about twice the time)."""
+    return grid_cubes <= cubes_per_sm * MULTIPROCESSORS
 
 
 class Nvrtc:
@@ -225,6 +243,12 @@ def main():
             cells = f"{r.registers} | {fit} | {r.spill_bytes} | {r.stack_bytes}"
             if r.in_registers and r.spill_bytes and k.at_default_schedule():
                 failures.append(f"{k.cell} {k.pass_} dim {k.dim} ({r.schedule}): holds its states in registers but spills {r.spill_bytes} bytes")
+            if k.grid_cubes and fit and not fits_in_one_wave(k.grid_cubes, fit):
+                failures.append(
+                    f"{k.cell} {k.pass_} {k.dtype} dim {k.dim} ({r.schedule}): {r.registers} registers "
+                    f"let a multiprocessor hold {fit} cubes, so the {k.grid_cubes} cubes of its "
+                    f"benchmark shape need more than one wave on {MULTIPROCESSORS} multiprocessors"
+                )
         print(f"| {k.cell} | {k.pass_} | {k.dtype} | {k.dim} | {r.schedule} | {cells} |")
     for failure in failures:
         print(f"error: {failure}", file=sys.stderr)

@@ -414,13 +414,18 @@ impl<'a> Emitter<'a> {
             }
         };
         quote! {
-            let cube = CUBE_POS as usize;
+            // Launches are one-dimensional (`CubeCount::Static(n, 1, 1)`, `CubeDim::new_1d`):
+            // positions along x, not the flattened `CUBE_POS`/`UNIT_POS`, whose y and z terms
+            // hide from the CUDA compiler that a unit's position is below the cube dim (with
+            // it, NVVM folds the index arithmetic of copies instead of hoisting it into
+            // registers held across the time loop).
+            let cube = CUBE_POS_X as usize;
             #tiles
             let batch_index = sequence / heads;
             let head = sequence % heads;
             let time_len = time as usize;
             let chunk_count = (time_len + chunk - 1) / chunk;
-            let unit = UNIT_POS as usize;
+            let unit = UNIT_POS_X as usize;
             // The launch's cube dim, known at compile time (loops over elements get constant
             // trip counts).
             let units = comptime![cube_dim];
