@@ -27,11 +27,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 CELLS = sorted(p.stem for p in (ROOT / "cells").glob("*.rak"))
+# Streaming multiprocessors of the H200 (and the H100 SXM) the GPU runs measure on.
+MULTIPROCESSORS = 132
 # The chunked path's own kernels (`rak emit NAME`: hand-written in rak-runtime/src/fused/cube.rs),
 # listed in the table as the kernels of a "cell" of this name.
 CHUNKED = "chunked path"
-# Streaming multiprocessors of the H200 (and the H100 SXM) the GPU runs measure on.
-MULTIPROCESSORS = 132
 CHUNKED_KERNELS = [
     "linear_scan",
     "linear_scan_reverse",
