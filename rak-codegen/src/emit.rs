@@ -116,7 +116,8 @@ struct SumStatement<'i> {
 }
 
 /// See [`Emitter::held_in_registers`]: the comptime layout of the states held in registers
-/// (`parts_S`, `lanes_S`, `slots_S`, whether this launch holds them: `in_registers`) and their
+/// (`parts_S`, `columns_S`, `lanes_S`, `slots_S`, whether this launch holds them:
+/// `in_registers`) and their
 /// arrays; their load from the workspace after the states are set; their store back to it
 /// (before a checkpoint and at the end), followed by a barrier.
 struct HeldInRegisters {
@@ -128,6 +129,7 @@ struct HeldInRegisters {
 /// See [`Emitter::register_names`].
 struct RegisterNames {
     parts: Ident,
+    columns: Ident,
     lanes: Ident,
     slots: Ident,
     array: Ident,
@@ -212,11 +214,13 @@ impl<'a> Emitter<'a> {
     }
 
     /// The comptime names of a state held in registers: its units (`lanes_S`), its slots per
-    /// unit (`slots_S`), the units sharing each of its sums (`parts_S`), and its array.
+    /// unit (`slots_S`), the units sharing each of its sums (`parts_S`), its elements per
+    /// position along its first axis (`columns_S`), and its array.
     fn register_names(&self, state: StateId) -> RegisterNames {
         let name = &self.cell.states[state.0].name;
         RegisterNames {
             parts: format_ident!("parts_{name}"),
+            columns: format_ident!("columns_{name}"),
             lanes: format_ident!("lanes_{name}"),
             slots: format_ident!("slots_{name}"),
             array: format_ident!("registers_{name}"),
@@ -953,7 +957,9 @@ impl<'a> Emitter<'a> {
     /// is split as the state is held ([`crate::schedule::register_states`]): `parts_S` units
     /// per element, unit `part` taking the terms `index = part + slot · parts_S`, each of which
     /// reads the unit's own slot `slot` of the state (`lanes_S = parts_S × elements`). With one
-    /// part, each unit stores its element's total itself.
+    /// part, each unit stores its element's total itself. A term is in range when the slot's
+    /// element `unit + slot · lanes_S` is (the same test as the update's, which NVVM proves
+    /// from `unit < lanes_S` for every slot but the last, where `index < extent` it did not).
     fn register_sum(
         &self,
         ready: &HashSet<ExprId>,
@@ -963,15 +969,15 @@ impl<'a> Emitter<'a> {
         store: impl Fn(&Ident) -> TokenStream,
     ) -> TokenStream {
         let names = self.register_names(state);
-        let (parts, slots) = (&names.parts, &names.slots);
-        let extent = self.extent(self.cell.index_dim(sum.index));
+        let (parts, lanes, slots) = (&names.parts, &names.lanes, &names.slots);
+        let numel = self.local_numel(&self.cell.states[state.0].shape);
         let var = self.index_var(sum.index);
         let terms = |add_term: TokenStream| {
             quote! {
                 #[unroll]
                 for slot in 0..#slots {
                     let #var = part + slot * #parts;
-                    if #var < #extent {
+                    if unit + slot * #lanes < #numel {
                         #add_term
                     }
                 }
@@ -1006,6 +1012,33 @@ impl<'a> Emitter<'a> {
         })
     }
 
+    /// The indices of the element in slot `slot` of a state held in registers (element
+    /// `e = unit + slot · lanes_S`, as [`Emitter::decode_indices`] would decode it), taken
+    /// from the unit and the slot rather than from `e`: the position along the first axis is
+    /// `unit / columns_S + slot · parts_S`, the others come from `unit % columns_S`. NVVM then
+    /// folds a unit's reads of a value per position (a key, a gate) into one base address and
+    /// a constant offset per slot; decoded from `e`, every slot's read needed a division and
+    /// an address of its own.
+    fn decode_slot_indices(&self, indices: &[IndexId], names: &RegisterNames) -> TokenStream {
+        let Some((&first, rest)) = indices.split_first() else {
+            return TokenStream::new();
+        };
+        let (parts, columns) = (&names.parts, &names.columns);
+        let first = self.index_var(first);
+        let mut tokens = quote!(let mut rest = unit % #columns;);
+        for (position, &index) in rest.iter().enumerate().rev() {
+            let var = self.index_var(index);
+            if position == 0 {
+                tokens.extend(quote!(let #var = rest;));
+            } else {
+                let dim = self.extent(self.cell.index_dim(index));
+                tokens.extend(quote!(let #var = rest % #dim; rest /= #dim;));
+            }
+        }
+        tokens.extend(quote!(let #first = unit / #columns + slot * #parts;));
+        tokens
+    }
+
     /// `update S[indices] = expr` of a state held in registers: each unit computes its slots
     /// (elements `unit + slot · lanes_S`), reading the state's old value from the same slot.
     fn register_update(&self, ready: &mut HashSet<ExprId>, update: &Update) -> TokenStream {
@@ -1013,7 +1046,7 @@ impl<'a> Emitter<'a> {
         let names = self.register_names(update.state);
         let (lanes, slots, array) = (&names.lanes, &names.slots, &names.array);
         let numel = self.local_numel(&self.cell.states[update.state.0].shape);
-        let decode = self.decode_indices(&update.indices);
+        let decode = self.decode_slot_indices(&update.indices, &names);
         let mut exprs = ExprEmitter::new(self, ready.clone());
         exprs.register_view = Some((update.indices.clone(), quote!(slot)));
         let value = exprs.emit(update.expr);
@@ -1328,8 +1361,13 @@ impl<'a> Emitter<'a> {
         let mut arrays = TokenStream::new();
         for &state in held {
             let names = self.register_names(state);
-            let (parts, lanes, slots, array) =
-                (&names.parts, &names.lanes, &names.slots, &names.array);
+            let (parts, columns, lanes, slots, array) = (
+                &names.parts,
+                &names.columns,
+                &names.lanes,
+                &names.slots,
+                &names.array,
+            );
             let shape = &self.cell.states[state.0].shape;
             let numel = self.local_numel(shape);
             // The units sharing each sum over the first axis, the elements past the first axis
@@ -1345,7 +1383,8 @@ impl<'a> Emitter<'a> {
                 let #parts = comptime![::rak::codegen::schedule::split_sum_parts(
                     cube_dim, sum_parts, #first, #rest,
                 )];
-                let #lanes = comptime![#parts * #rest];
+                let #columns = comptime![#rest];
+                let #lanes = comptime![#parts * #columns];
                 let #slots = comptime![(#numel + #lanes - 1) / #lanes.max(1)];
             });
             conditions.push(quote!(#parts >= 1));
