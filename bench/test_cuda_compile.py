@@ -32,5 +32,38 @@ class CubesPerMultiprocessor(unittest.TestCase):
         self.assertFalse(one_wave(529, 4))
 
 
+# The shape of `cuobjdump -sass` output: an outer loop (0x0020-0x00a0) holding an inner one
+# (0x0040-0x0060) and a spill reload, a forward branch, and code after the loop.
+SASS = """
+        code for sm_90a
+                Function : forward_f_f32
+        /*0000*/                   LDC R1, c[0x0][0x28] ;                         /* 0x00000a00ff017b82 */
+                                                                                  /* 0x000fe20000000800 */
+        /*0010*/                   STL [R1], R3 ;                                 /* 0x0000000301007387 */
+        /*0020*/                   LDS R4, [R2] ;                                 /* 0x0000000002047984 */
+        /*0030*/               @P0 BRA 0x80 ;                                     /* 0x0000000000100947 */
+        /*0040*/                   FFMA R5, R4, R4, R5 ;                          /* 0x0000000404057223 */
+        /*0050*/                   LDL R3, [R1] ;                                 /* 0x0000000001037983 */
+        /*0060*/              @!P1 BRA 0x40 ;                                     /* 0xfffffffc00f49947 */
+        /*0070*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;                  /* 0x0000000000007b1d */
+        /*0080*/                   IADD3 R2, R2, 0x4, RZ ;                        /* 0x0000000402027810 */
+        /*0090*/                   ISETP.NE.AND P2, PT, R2, R6, PT ;              /* 0x000000060200720c */
+        /*00a0*/              @P2 BRA P3, 0x20 ;                                  /* 0xffffffff00dc2947 */
+        /*00b0*/                   EXIT ;                                         /* 0x000000000000794d */
+"""
+
+
+class TimeLoop(unittest.TestCase):
+    def test_the_outermost_loop_and_its_spills(self):
+        self.assertEqual(len(cuda_compile.sass_instructions(SASS)), 12)
+        # 0x0020 to 0x00a0: 9 instructions, one of them a local-memory read (the STL before the
+        # loop does not count).
+        self.assertEqual(cuda_compile.time_loop(SASS), (9, 1))
+
+    def test_no_loop(self):
+        straight = "\n".join(line for line in SASS.splitlines() if "BRA" not in line)
+        self.assertEqual(cuda_compile.time_loop(straight), (0, 0))
+
+
 if __name__ == "__main__":
     unittest.main()

@@ -10,10 +10,31 @@
 # has CUDA 13), unpacked once into target/cuda-13.0/ (ignored by git). Set RAK_CUDA to a CUDA
 # root with lib/libnvrtc.so.13, bin/ptxas and include/ to use another.
 #
-# Usage: scripts/cuda-compile.sh [--rak PATH] [--jobs N]   (default: target/release/rak,
+# Usage: scripts/cuda-compile.sh [--sass] [--rak PATH] [--jobs N]   (default: target/release/rak,
 # as `cargo test --release --workspace` builds it)
+# --sass: also disassemble each kernel (cuobjdump and nvdisasm from NVIDIA's wheels, unpacked once
+# into target/cuda-sass-tools/; the 13.0 releases are not on PyPI, later ones read sm_90a code
+# alike) and report the size of its time loop and the spills inside it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+args=()
+for arg in "$@"; do
+    if [ "$arg" = --sass ]; then
+        tools=target/cuda-sass-tools
+        if [ ! -x "$tools/nvidia/cu13/bin/nvdisasm" ]; then
+            rm -rf "$tools"
+            python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore \
+                --no-deps --only-binary=:all: --target "$tools" \
+                nvidia-cuda-cuobjdump==13.2.86 nvidia-cuda-nvdisasm==13.5.37
+            chmod +x "$tools"/nvidia/cu13/bin/*
+        fi
+        args+=(--sass-tools "$(cd "$tools/nvidia/cu13/bin" && pwd)")
+    else
+        args+=("$arg")
+    fi
+done
+set -- "${args[@]+"${args[@]}"}"
 
 cuda=${RAK_CUDA:-}
 if [ -z "$cuda" ]; then

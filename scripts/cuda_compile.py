@@ -13,6 +13,11 @@ registers than let its whole grid fit a 132-SM GPU at once (`Kernel.grid_cubes`)
 
 Needs NVRTC, ptxas and the CUDA runtime headers: scripts/cuda-compile.sh fetches them (CUDA 13.0
 wheels from PyPI) and calls this script with `--cuda DIR`.
+
+With `--sass-tools DIR` (a directory holding cuobjdump and nvdisasm; `cuda-compile.sh --sass`
+fetches them), each kernel's machine code is disassembled too, and the table gets the size of
+its time loop (the instructions of its outermost loop, counted once: a static count, each inner
+loop's body once) and the reads and writes of local memory (spills) inside that loop.
 """
 
 import argparse
@@ -174,10 +179,41 @@ class Result:
     registers: int | None = None
     spill_bytes: int = 0
     stack_bytes: int = 0
+    # With --sass-tools: see `time_loop`.
+    loop_instructions: int | None = None
+    loop_local_accesses: int | None = None
     error: str | None = None
 
 
-def compile_one(kernel: Kernel, rak: Path, nvrtc: Nvrtc, cuda: Path, arch: str, work: Path) -> Result:
+def sass_instructions(sass: str):
+    """(address, instruction) for each instruction of `cuobjdump -sass` output."""
+    found = []
+    for line in sass.splitlines():
+        match = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", line)
+        if match:
+            found.append((int(match.group(1), 16), match.group(2)))
+    return found
+
+
+def time_loop(sass: str):
+    """The outermost loop of a kernel's machine code (the backward branch that spans the most
+    instructions: a scan's loop over time steps or chunks): its number of instructions and of
+    local-memory accesses (`LDL`, `STL`: spills) inside it; (0, 0) without a loop."""
+    instructions = sass_instructions(sass)
+    loops = []
+    for address, text in instructions:
+        branch = re.search(r"\bBRA\b(?:\s+!?U?P\w+,)?\s+(?:`\()?0x([0-9a-f]+)", text)
+        if branch and int(branch.group(1), 16) < address:
+            loops.append((int(branch.group(1), 16), address))
+    if not loops:
+        return 0, 0
+    start, end = max(loops, key=lambda loop: loop[1] - loop[0])
+    body = [text for address, text in instructions if start <= address <= end]
+    local = sum(1 for text in body if re.search(r"\b(LDL|STL)\b", text))
+    return len(body), local
+
+
+def compile_one(kernel: Kernel, rak: Path, nvrtc: Nvrtc, cuda: Path, arch: str, work: Path, sass_tools: Path | None) -> Result:
     result = Result(kernel)
     emitted = subprocess.run([str(rak), "emit", *kernel.emit_args()], capture_output=True, text=True)
     if emitted.returncode != 0:
@@ -195,8 +231,9 @@ def compile_one(kernel: Kernel, rak: Path, nvrtc: Nvrtc, cuda: Path, arch: str, 
         return result
     ptx_path = work / f"{name}.ptx"
     ptx_path.write_text(ptx)
+    cubin = work / f"{name}.cubin" if sass_tools else Path(os.devnull)
     report = subprocess.run(
-        [str(cuda / "bin" / "ptxas"), "-v", f"-arch={arch}", str(ptx_path), "-o", os.devnull],
+        [str(cuda / "bin" / "ptxas"), "-v", f"-arch={arch}", str(ptx_path), "-o", str(cubin)],
         capture_output=True,
         text=True,
     )
@@ -210,6 +247,19 @@ def compile_one(kernel: Kernel, rak: Path, nvrtc: Nvrtc, cuda: Path, arch: str, 
     result.registers = int(used.group(1)) if used else None
     result.spill_bytes = int(spills.group(1)) + int(spills.group(2)) if spills else 0
     result.stack_bytes = int(stack.group(1)) if stack else 0
+    if sass_tools:
+        # cuobjdump runs nvdisasm, which it looks for on the PATH.
+        path = f"{sass_tools}{os.pathsep}{os.environ.get('PATH', '')}"
+        sass = subprocess.run(
+            [str(sass_tools / "cuobjdump"), "-sass", str(cubin)],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PATH": path},
+        )
+        if sass.returncode != 0:
+            result.error = f"cuobjdump: {sass.stderr.strip()}"
+            return result
+        result.loop_instructions, result.loop_local_accesses = time_loop(sass.stdout)
     return result
 
 
@@ -220,27 +270,32 @@ def main():
     parser.add_argument("--arch", default="sm_90a", help="what cubecl-cuda passes NVRTC on an H100/H200")
     parser.add_argument("--work", type=Path, default=Path("/tmp/rak-cuda-compile"))
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--sass-tools", type=Path, help="directory with cuobjdump and nvdisasm: add the time loop's size and spills")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     nvrtc = Nvrtc(args.cuda, args.arch)
     todo = list(kernels())
     print(f"Compiling {len(todo)} kernels with NVRTC {nvrtc.version} for {args.arch}", file=sys.stderr)
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-        results = list(pool.map(lambda k: compile_one(k, args.rak, nvrtc, args.cuda, args.arch, args.work), todo))
+        results = list(pool.map(lambda k: compile_one(k, args.rak, nvrtc, args.cuda, args.arch, args.work, args.sass_tools), todo))
 
+    sass = args.sass_tools is not None
     print(f"NVRTC {nvrtc.version}, `--gpu-architecture={args.arch}`; registers per thread and spills from ptxas.\n")
-    print("| cell | kernel | dtype | dims | schedule | registers | cubes/SM by registers | spills (bytes) | stack (bytes) |")
-    print("|---|---|---|---:|---|---:|---:|---:|---:|")
+    extra = " time loop (instructions) | local accesses in the time loop |" if sass else ""
+    print(f"| cell | kernel | dtype | dims | schedule | registers | cubes/SM by registers | spills (bytes) | stack (bytes) |{extra}")
+    print("|---|---|---|---:|---|---:|---:|---:|---:|" + ("---:|---:|" if sass else ""))
     failures = []
     for r in results:
         k = r.kernel
         if r.error:
             failures.append(f"{k.cell} {k.pass_} {k.dtype} dim {k.dim} ({r.schedule}): {r.error}")
-            cells = "FAILED | | | "
+            cells = "FAILED | | | " + (" | | " if sass else "")
         else:
             cube_dim = re.search(r"cube_dim (\d+)", r.schedule)
             fit = cubes_per_multiprocessor(r.registers, int(cube_dim.group(1))) if cube_dim and r.registers else ""
             cells = f"{r.registers} | {fit} | {r.spill_bytes} | {r.stack_bytes}"
+            if sass:
+                cells += f" | {r.loop_instructions} | {r.loop_local_accesses}"
             if r.in_registers and r.spill_bytes and k.at_default_schedule():
                 failures.append(f"{k.cell} {k.pass_} dim {k.dim} ({r.schedule}): holds its states in registers but spills {r.spill_bytes} bytes")
             if k.grid_cubes and fit and not fits_in_one_wave(k.grid_cubes, fit):

@@ -519,11 +519,17 @@ impl<'a> Emitter<'a> {
     /// The loop over a unit's elements of a [`GatheredCopy`] from its `first` (the unit's
     /// `first`-th element is `flat = unit + first · units`), `count` of them (comptime),
     /// unrolled; `body` runs as the `m`-th, after the copy's `locate`, for those copied.
+    /// `all_exist` (comptime) says that every element the loop visits is below `numel`: then
+    /// the test is a constant `true ||` that the compilers fold away. NVVM cannot drop the test
+    /// itself where `first` is a loop variable (it cost each element a comparison and an
+    /// address of its own, where the elements' addresses are otherwise one base and constant
+    /// offsets).
     fn unit_elements(
         &self,
         copy: &GatheredCopy,
         first: TokenStream,
         count: TokenStream,
+        all_exist: TokenStream,
         body: TokenStream,
     ) -> TokenStream {
         let GatheredCopy {
@@ -536,7 +542,7 @@ impl<'a> Emitter<'a> {
             #[unroll]
             for m in 0..#count {
                 let flat = unit + (#first + m) * units;
-                if flat < #numel {
+                if comptime![#all_exist] || flat < #numel {
                     #locate
                     if #inside {
                         #body
@@ -554,6 +560,7 @@ impl<'a> Emitter<'a> {
         values: &Ident,
         first: TokenStream,
         count: TokenStream,
+        all_exist: TokenStream,
     ) -> (TokenStream, TokenStream) {
         let (read, write) = (&copy.read, &copy.write);
         let reads = quote!(#values[m] = #read;);
@@ -562,8 +569,8 @@ impl<'a> Emitter<'a> {
             #write
         };
         (
-            self.unit_elements(copy, first.clone(), count.clone(), reads),
-            self.unit_elements(copy, first, count, writes),
+            self.unit_elements(copy, first.clone(), count.clone(), all_exist.clone(), reads),
+            self.unit_elements(copy, first, count, all_exist, writes),
         )
     }
 
@@ -576,7 +583,9 @@ impl<'a> Emitter<'a> {
         let numel = &copy.numel;
         let values = ident("values");
         let (first, count) = (quote!(first * batch), quote!(batch));
-        let (reads, writes) = self.reads_and_writes(copy, &values, first, count);
+        // Every batch is full and every unit has `per_unit` elements.
+        let all_exist = quote!(#numel % (units * batch.max(1)) == 0);
+        let (reads, writes) = self.reads_and_writes(copy, &values, first, count, all_exist);
         let per_unit = per_unit(numel);
         quote! {
             {
@@ -610,7 +619,10 @@ impl<'a> Emitter<'a> {
                     if #enabled { #per_unit.max(1) } else { 1usize }
                 ]);
             });
-            let (reads, writes) = self.reads_and_writes(copy, values, quote!(0usize), count);
+            let numel = &copy.numel;
+            let all_exist = quote!(#per_unit * units == #numel);
+            let (reads, writes) =
+                self.reads_and_writes(copy, values, quote!(0usize), count, all_exist);
             code.reads.extend(reads);
             code.writes.extend(writes);
         }
