@@ -679,7 +679,12 @@ impl<'a> Emitter<'a> {
 
     /// Decodes the element `e` into the statement's index variables (row-major).
     fn decode_indices(&self, indices: &[IndexId]) -> TokenStream {
-        let mut tokens = quote!(let mut rest = e;);
+        self.decode_indices_from(indices, quote!(e))
+    }
+
+    /// Decodes the element at row-major position `flat` into the index variables of `indices`.
+    fn decode_indices_from(&self, indices: &[IndexId], flat: TokenStream) -> TokenStream {
+        let mut tokens = quote!(let mut rest = #flat;);
         for (position, &index) in indices.iter().enumerate().rev() {
             let var = self.index_var(index);
             let dim = self.extent(self.cell.index_dim(index));
@@ -1037,16 +1042,7 @@ impl<'a> Emitter<'a> {
         };
         let (parts, columns) = (&names.parts, &names.columns);
         let first = self.index_var(first);
-        let mut tokens = quote!(let mut rest = unit % #columns;);
-        for (position, &index) in rest.iter().enumerate().rev() {
-            let var = self.index_var(index);
-            if position == 0 {
-                tokens.extend(quote!(let #var = rest;));
-            } else {
-                let dim = self.extent(self.cell.index_dim(index));
-                tokens.extend(quote!(let #var = rest % #dim; rest /= #dim;));
-            }
-        }
+        let mut tokens = self.decode_indices_from(rest, quote!(unit % #columns));
         tokens.extend(quote!(let #first = unit / #columns + slot * #parts;));
         tokens
     }
