@@ -1242,17 +1242,26 @@ impl<'a> Emitter<'a> {
         copies.iter().map(|copy| self.gather(copy)).collect()
     }
 
-    /// `to(s) = from(s)` for every state `s`, both buffers of the per-step workspace.
-    fn copy_step_buffers(
-        &self,
-        from: impl Fn(StateId) -> Buffer,
-        to: impl Fn(StateId) -> Buffer,
-    ) -> TokenStream {
-        self.copy_states(
-            &self.states(),
-            |s| self.step_place(from(s)),
-            |s| self.step_place(to(s)),
-        )
+    /// The backward walk's step `step_from_end`: walking a chunk in reverse, the state after
+    /// a step is the state before the step walked just before (at the first, the chunk's last
+    /// state, which the recomputation leaves in `State`). So instead of copying `State` to
+    /// `NewState` every step, the two buffers trade places: the offsets `at_state_S` and
+    /// `at_new_state_S` are shadowed by runtime ones, swapped at even `step_from_end`; the
+    /// state before the step is then written over the one the previous step read as its
+    /// state before (a barrier ends each step).
+    fn trade_state_buffers(&self) -> TokenStream {
+        let mut tokens = quote!(let swapped = step_from_end % 2 == 0;);
+        for state in self.states() {
+            let before = self.buffer_name(Buffer::State(state));
+            let after = self.buffer_name(Buffer::NewState(state));
+            let traded = format_ident!("{before}_traded");
+            tokens.extend(quote! {
+                let #traded = select(swapped, #after, #before);
+                let #after = select(swapped, #before, #after);
+                let #before = #traded;
+            });
+        }
+        tokens
     }
 
     /// The copies of [`Self::copy_states`], one per state.
@@ -1834,9 +1843,7 @@ impl<'a> Emitter<'a> {
             );
             quote!(#advance #store)
         };
-        // Walking the chunk in reverse, the state after a step is the state before the step
-        // walked just before (after the recomputation: the chunk's last state).
-        let current_from_previous = self.copy_step_buffers(Buffer::State, Buffer::NewState);
+        let trade_state_buffers = self.trade_state_buffers();
         // The state before the step comes from the chunk's slots, read one step ahead where
         // it fits in `PREFETCH_STATE_REGISTERS` registers per unit (`prefetch_states`).
         let previous_copies = self.state_copies(
@@ -2018,7 +2025,7 @@ impl<'a> Emitter<'a> {
                         let step = steps - 1 - step_from_end;
                         let row = (batch_index * time_len + t0 + step) * heads + head;
                         let (block_start, block_end) = (t0 + step, t0 + step + 1);
-                        #current_from_previous
+                        #trade_state_buffers
                         if comptime![prefetch_states] {
                             #previous_writes
                         } else {
