@@ -159,7 +159,7 @@ struct Emitter<'a> {
     /// ([`Emitter::for_each_element`]): in the backward scan, whose step is a series of such
     /// loops between barriers run by two warps per cube. Unrolled, a unit's reads are
     /// independent of each other and issue together; ptxas takes more registers for them
-    /// (SimpleRNN at K = V = 128: 249), which still lets four cubes share a multiprocessor,
+    /// (SimpleRNN at K = V = 128: 228), which still lets four cubes share a multiprocessor,
     /// what issue 6's backward grids (512 cubes on 132) need. (In the forward scan, ptxas
     /// answers the same change in GLA's bf16 kernel with a spill inside the time loop; its
     /// loops stay `while` loops until a GPU measures both.)
