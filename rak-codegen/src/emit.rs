@@ -80,6 +80,19 @@ struct GatheredCopy {
     write: TokenStream,
 }
 
+/// A unit's share of a loop over elements ([`Emitter::strided_elements`]): the `m`-th of its
+/// `count` elements is `unit + (first + m) · units` (`unit + m · units` without `first`),
+/// bound to `element` in `body`; `unroll` is the loop's attribute.
+struct StridedElements<'n> {
+    element: &'n Ident,
+    first: Option<TokenStream>,
+    count: TokenStream,
+    unroll: TokenStream,
+    all_exist: TokenStream,
+    numel: &'n TokenStream,
+    body: TokenStream,
+}
+
 /// Copies split in time ([`Emitter::prefetch`]): the declaration of registers that hold every
 /// element a unit copies, the reads into them, and the writes from them. The reads of the
 /// next step's values are issued before a step's work and stay in flight while it runs; the
@@ -476,15 +489,49 @@ impl<'a> Emitter<'a> {
                 }
             };
         }
+        let element = ident("e");
+        let elements = self.strided_elements(StridedElements {
+            element: &element,
+            first: None,
+            count: quote!(elements_per_unit),
+            unroll: quote!(#[unroll(elements_per_unit <= #UNROLLED_ELEMENTS)]),
+            all_exist: quote!(#numel % units == 0),
+            numel: &numel,
+            body,
+        });
         quote! {
             {
                 let elements_per_unit = comptime![(#numel + units - 1) / units];
-                #[unroll(elements_per_unit <= #UNROLLED_ELEMENTS)]
-                for m in 0..elements_per_unit {
-                    let e = unit + m * units;
-                    if comptime![#numel % units == 0] || e < #numel {
-                        #body
-                    }
+                #elements
+            }
+        }
+    }
+
+    /// The loop over a unit's elements `unit + (first + m) · units` for `m` in `0..count`
+    /// (comptime), named `element` in `body`, which runs for those below `numel`. `all_exist`
+    /// (comptime) says that every element visited is below `numel`: then the test is a constant
+    /// `true ||` that the compilers fold away. One helper for the per-unit loops of
+    /// [`Self::for_each_element`] and [`Self::unit_elements`].
+    fn strided_elements(&self, elements: StridedElements) -> TokenStream {
+        let StridedElements {
+            element,
+            first,
+            count,
+            unroll,
+            all_exist,
+            numel,
+            body,
+        } = elements;
+        let position = match first {
+            Some(first) => quote!(unit + (#first + m) * units),
+            None => quote!(unit + m * units),
+        };
+        quote! {
+            #unroll
+            for m in 0..#count {
+                let #element = #position;
+                if comptime![#all_exist] || #element < #numel {
+                    #body
                 }
             }
         }
@@ -555,11 +602,9 @@ impl<'a> Emitter<'a> {
     /// The loop over a unit's elements of a [`GatheredCopy`] from its `first` (the unit's
     /// `first`-th element is `flat = unit + first · units`), `count` of them (comptime),
     /// unrolled; `body` runs as the `m`-th, after the copy's `locate`, for those copied.
-    /// `all_exist` (comptime) says that every element the loop visits is below `numel`: then
-    /// the test is a constant `true ||` that the compilers fold away. NVVM cannot drop the test
-    /// itself where `first` is a loop variable (it cost each element a comparison and an
-    /// address of its own, where the elements' addresses are otherwise one base and constant
-    /// offsets).
+    /// `all_exist` as in [`Self::strided_elements`]: NVVM cannot drop the test itself where
+    /// `first` is a loop variable (it cost each element a comparison and an address of its
+    /// own, where the elements' addresses are otherwise one base and constant offsets).
     fn unit_elements(
         &self,
         copy: &GatheredCopy,
@@ -574,18 +619,20 @@ impl<'a> Emitter<'a> {
             inside,
             ..
         } = copy;
-        quote! {
-            #[unroll]
-            for m in 0..#count {
-                let flat = unit + (#first + m) * units;
-                if comptime![#all_exist] || flat < #numel {
-                    #locate
-                    if #inside {
-                        #body
-                    }
+        self.strided_elements(StridedElements {
+            element: &ident("flat"),
+            first: Some(first),
+            count,
+            unroll: quote!(#[unroll]),
+            all_exist,
+            numel,
+            body: quote! {
+                #locate
+                if #inside {
+                    #body
                 }
-            }
-        }
+            },
+        })
     }
 
     /// The reads of a [`GatheredCopy`] into the registers `values`, and its writes from them
