@@ -58,11 +58,41 @@ class TimeLoop(unittest.TestCase):
         self.assertEqual(len(cuda_compile.sass_instructions(SASS)), 12)
         # 0x0020 to 0x00a0: 9 instructions, one of them a local-memory read (the STL before the
         # loop does not count).
-        self.assertEqual(cuda_compile.time_loop(SASS), (9, 1))
+        self.assertEqual(cuda_compile.time_loop(SASS), (9, 1, 0))
+
+    def test_spills_written_inside_the_loop(self):
+        # A value spilled every step (as a state held in registers would be): the STL moves into
+        # the loop, before the reload.
+        inside = SASS.replace("/*0010*/                   STL [R1], R3 ;", "/*0010*/                   NOP ;")
+        inside = inside.replace("/*0040*/                   FFMA R5, R4, R4, R5 ;", "/*0040*/                   STL [R1], R5 ;")
+        self.assertEqual(cuda_compile.time_loop(inside), (9, 1, 1))
 
     def test_no_loop(self):
         straight = "\n".join(line for line in SASS.splitlines() if "BRA" not in line)
-        self.assertEqual(cuda_compile.time_loop(straight), (0, 0))
+        self.assertEqual(cuda_compile.time_loop(straight), (0, 0, 0))
+
+
+class StateSpill(unittest.TestCase):
+    def result(self, spill_bytes, loop_local_writes, in_registers=True, **schedule):
+        kernel = cuda_compile.Kernel("gla", "forward", 128, "bf16", **schedule)
+        result = cuda_compile.Result(kernel)
+        result.in_registers = in_registers
+        result.spill_bytes = spill_bytes
+        result.loop_local_reads, result.loop_local_writes = 3, loop_local_writes
+        return result
+
+    def test_spills_written_in_the_time_loop_fail(self):
+        self.assertIn("writes local memory 2 times", cuda_compile.state_spill(self.result(20, 2), True))
+
+    def test_loop_invariant_spills_pass_with_the_disassembly_only(self):
+        # GLA's bf16 forward scan at K=V=128: 20 bytes, written before the time loop, read 3 times in it.
+        self.assertIsNone(cuda_compile.state_spill(self.result(20, 0), True))
+        self.assertIn("spills 20 bytes", cuda_compile.state_spill(self.result(20, 0), False))
+
+    def test_only_register_held_states_at_the_default_schedule(self):
+        self.assertIsNone(cuda_compile.state_spill(self.result(20, 2, in_registers=False), True))
+        self.assertIsNone(cuda_compile.state_spill(self.result(20, 2, tile=16), True))
+        self.assertIsNone(cuda_compile.state_spill(self.result(0, 0), False))
 
 
 if __name__ == "__main__":

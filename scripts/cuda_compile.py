@@ -5,10 +5,10 @@ For every built-in cell, its forward, backward and step kernels (`rak emit --tar
 sizes, element types and schedules go through NVRTC with the options cubecl-cuda uses on an
 H100/H200 (`--gpu-architecture=sm_90a -lineinfo`), then through ptxas, whose report gives each
 kernel's registers per thread, spills and stack. Prints a Markdown table; exits 1 if any kernel
-fails to compile (the log names it), or if a kernel that holds its states in registers spills
-under the default schedule (the point of holding them there is to keep them out of memory;
-spills under other schedules are reported, not failed: ptxas trades registers for occupancy),
-or if SimpleRNN's forward scan, at the tile one of issue 6's benchmark shapes gets, needs more
+fails to compile (the log names it), or if a kernel that holds its states in registers may
+spill them under the default schedule (the point of holding them there is to keep them out of
+memory; spills under other schedules are reported, not failed: ptxas trades registers for
+occupancy), or if SimpleRNN's forward scan, at the tile one of issue 6's benchmark shapes gets, needs more
 registers than let its whole grid fit a 132-SM GPU at once (`Kernel.grid_cubes`).
 
 Needs NVRTC, ptxas and the CUDA runtime headers: scripts/cuda-compile.sh fetches them (CUDA 13.0
@@ -17,7 +17,12 @@ wheels from PyPI) and calls this script with `--cuda DIR`.
 With `--sass-tools DIR` (a directory holding cuobjdump and nvdisasm; `cuda-compile.sh --sass`
 fetches them), each kernel's machine code is disassembled too, and the table gets the size of
 its time loop (the instructions of its outermost loop, counted once: a static count, each inner
-loop's body once) and the reads and writes of local memory (spills) inside that loop.
+loop's body once) and the reads and writes of local memory (spills) inside that loop. Then a
+kernel holding its states in registers fails only if its time loop writes local memory: a
+state changes every step, so a spilled state is written there every step, where a value
+spilled before the loop (ptxas keeps a few loop-invariant ones there to give the kernel more
+cubes per multiprocessor) is only read back in it, from the L1 cache. Without the disassembly
+where the spills lie is unknown, and any spill of such a kernel fails.
 """
 
 import argparse
@@ -181,7 +186,8 @@ class Result:
     stack_bytes: int = 0
     # With --sass-tools: see `time_loop`.
     loop_instructions: int | None = None
-    loop_local_accesses: int | None = None
+    loop_local_reads: int | None = None
+    loop_local_writes: int | None = None
     error: str | None = None
 
 
@@ -197,8 +203,9 @@ def sass_instructions(sass: str):
 
 def time_loop(sass: str):
     """The outermost loop of a kernel's machine code (the backward branch that spans the most
-    instructions: a scan's loop over time steps or chunks): its number of instructions and of
-    local-memory accesses (`LDL`, `STL`: spills) inside it; (0, 0) without a loop."""
+    instructions: a scan's loop over time steps or chunks): its number of instructions, of
+    local-memory reads (`LDL`: spills read back) and of local-memory writes (`STL`: spills)
+    inside it; (0, 0, 0) without a loop."""
     instructions = sass_instructions(sass)
     loops = []
     for address, text in instructions:
@@ -206,11 +213,28 @@ def time_loop(sass: str):
         if branch and int(branch.group(1), 16) < address:
             loops.append((int(branch.group(1), 16), address))
     if not loops:
-        return 0, 0
+        return 0, 0, 0
     start, end = max(loops, key=lambda loop: loop[1] - loop[0])
     body = [text for address, text in instructions if start <= address <= end]
-    local = sum(1 for text in body if re.search(r"\b(LDL|STL)\b", text))
-    return len(body), local
+    reads = sum(1 for text in body if re.search(r"\bLDL\b", text))
+    writes = sum(1 for text in body if re.search(r"\bSTL\b", text))
+    return len(body), reads, writes
+
+
+def state_spill(result: Result, disassembled: bool) -> str | None:
+    """Why `result`'s kernel may spill the states it holds in registers (None if it cannot, or
+    if it does not hold them there under the default schedule): any spill without the
+    disassembly; with it, a write of local memory inside the time loop (see the module doc)."""
+    if not (result.in_registers and result.spill_bytes and result.kernel.at_default_schedule()):
+        return None
+    if not disassembled:
+        return f"holds its states in registers but spills {result.spill_bytes} bytes (where: --sass tells)"
+    if result.loop_local_writes:
+        return (
+            f"holds its states in registers but its time loop writes local memory "
+            f"{result.loop_local_writes} times (spills {result.spill_bytes} bytes)"
+        )
+    return None
 
 
 def compile_one(kernel: Kernel, rak: Path, nvrtc: Nvrtc, cuda: Path, arch: str, work: Path, sass_tools: Path | None) -> Result:
@@ -259,7 +283,7 @@ def compile_one(kernel: Kernel, rak: Path, nvrtc: Nvrtc, cuda: Path, arch: str, 
         if sass.returncode != 0:
             result.error = f"cuobjdump: {sass.stderr.strip()}"
             return result
-        result.loop_instructions, result.loop_local_accesses = time_loop(sass.stdout)
+        result.loop_instructions, result.loop_local_reads, result.loop_local_writes = time_loop(sass.stdout)
     return result
 
 
@@ -295,9 +319,10 @@ def main():
             fit = cubes_per_multiprocessor(r.registers, int(cube_dim.group(1))) if cube_dim and r.registers else ""
             cells = f"{r.registers} | {fit} | {r.spill_bytes} | {r.stack_bytes}"
             if sass:
-                cells += f" | {r.loop_instructions} | {r.loop_local_accesses}"
-            if r.in_registers and r.spill_bytes and k.at_default_schedule():
-                failures.append(f"{k.cell} {k.pass_} dim {k.dim} ({r.schedule}): holds its states in registers but spills {r.spill_bytes} bytes")
+                cells += f" | {r.loop_instructions} | {r.loop_local_reads + r.loop_local_writes}"
+            spill = state_spill(r, sass)
+            if spill:
+                failures.append(f"{k.cell} {k.pass_} {k.dtype} dim {k.dim} ({r.schedule}): {spill}")
             if k.grid_cubes and fit and not fits_in_one_wave(k.grid_cubes, fit):
                 failures.append(
                     f"{k.cell} {k.pass_} {k.dtype} dim {k.dim} ({r.schedule}): {r.registers} registers "

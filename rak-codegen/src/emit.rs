@@ -106,7 +106,7 @@ struct Prefetch {
 /// Elements per unit whose reads [`Emitter::gather`] issues together (registers per unit).
 const GATHER_BATCH: usize = 16;
 
-/// Loops over a statement's elements in the backward scan ([`Emitter::for_each_element`]) are
+/// Loops over a statement's elements ([`Emitter::for_each_element`]) are
 /// unrolled where each unit has at most this many elements.
 const UNROLLED_ELEMENTS: usize = 32;
 
@@ -168,15 +168,6 @@ struct Emitter<'a> {
     /// from the step after, in the backward pass (see [`crate::schedule::carried_in_place`]):
     /// there, `Grad::StatePrevious` is `Grad::StateFromNext`.
     carried_in_place: BTreeSet<StateId>,
-    /// Whether loops over a statement's elements have a constant trip count, unrolled
-    /// ([`Emitter::for_each_element`]): in the backward scan, whose step is a series of such
-    /// loops between barriers run by two warps per cube. Unrolled, a unit's reads are
-    /// independent of each other and issue together; ptxas takes more registers for them
-    /// (SimpleRNN at K = V = 128: 228), which still lets four cubes share a multiprocessor,
-    /// what issue 6's backward grids (512 cubes on 132) need. (In the forward scan, ptxas
-    /// answers the same change in GLA's bf16 kernel with a spill inside the time loop; its
-    /// loops stay `while` loops until a GPU measures both.)
-    unrolled_element_loops: bool,
     /// The states the code being emitted holds in registers (the forward scan's register step,
     /// see [`crate::schedule::register_states`]); empty elsewhere.
     registers: BTreeSet<StateId>,
@@ -227,7 +218,6 @@ impl<'a> Emitter<'a> {
                 Pass::Forward => BTreeSet::new(),
                 Pass::Backward => crate::schedule::carried_in_place(step),
             },
-            unrolled_element_loops: pass == Pass::Backward,
             registers: BTreeSet::new(),
         }
     }
@@ -471,24 +461,13 @@ impl<'a> Emitter<'a> {
     }
 
     /// A loop sharing `numel` elements (a comptime expression) among the cube's units; `body`
-    /// sees the element as `e`: `e = unit, unit + units, …` while `e < numel`.
-    ///
-    /// With `unrolled_element_loops` (the backward scan), each unit's `m`-th element is
-    /// `unit + m · units` for a constant number of `m`, the loop unrolled up to
-    /// [`UNROLLED_ELEMENTS`] per unit, and the bounds test drops out (a comptime `true ||`)
-    /// where `units` divides `numel`. As a `while` loop its trip count depends on the unit:
-    /// NVVM emits it unrolled by four with a remainder loop, each element's test and address
-    /// of its own.
+    /// sees the element as `e`. Each unit's `m`-th element is `unit + m · units` for a
+    /// constant number of `m`, the loop unrolled up to [`UNROLLED_ELEMENTS`] per unit, and the
+    /// bounds test drops out (a comptime `true ||`) where `units` divides `numel`. Unrolled, a
+    /// unit's reads are independent of each other and issue together. (As a `while e < numel`
+    /// loop its trip count depended on the unit: NVVM emitted it unrolled by four with a
+    /// remainder loop, each element's test and address of its own.)
     fn for_each_element(&self, numel: TokenStream, body: TokenStream) -> TokenStream {
-        if !self.unrolled_element_loops {
-            return quote! {
-                let mut e = unit;
-                while e < #numel {
-                    #body
-                    e += units;
-                }
-            };
-        }
         let element = ident("e");
         let elements = self.strided_elements(StridedElements {
             element: &element,
