@@ -93,6 +93,14 @@ struct StridedElements<'n> {
     body: TokenStream,
 }
 
+/// One element of a statement ([`Emitter::computed_then_stored`]): `statements` compute its
+/// `value`, which `write` stores.
+struct ElementValue {
+    statements: TokenStream,
+    value: Ident,
+    write: TokenStream,
+}
+
 /// Copies split in time ([`Emitter::prefetch`]): the declaration of registers that hold every
 /// element a unit copies, the reads into them, and the writes from them. The reads of the
 /// next step's values are issued before a step's work and stay in flight while it runs; the
@@ -482,6 +490,58 @@ impl<'a> Emitter<'a> {
             {
                 let elements_per_unit = comptime![(#numel + units - 1) / units];
                 #elements
+            }
+        }
+    }
+
+    /// [`Self::for_each_element`] for a statement: `locate` (statements) decodes the element
+    /// `e`, `guard` wraps what runs only for elements that exist (the split axis' tile may pass
+    /// its end). Where the loop is unrolled, every element's value is computed into a register
+    /// first and stored after, in a second loop: a statement's operands and its target share
+    /// the workspace, so a store between two reads of the same operand (a value per key read
+    /// by every element of its row) makes the compilers read it again, where all reads before
+    /// any store read it once and issue together.
+    fn computed_then_stored(
+        &self,
+        numel: TokenStream,
+        locate: TokenStream,
+        guard: impl Fn(TokenStream) -> TokenStream,
+        element: ElementValue,
+    ) -> TokenStream {
+        let ElementValue {
+            statements,
+            value,
+            write,
+        } = element;
+        let results = ident("results");
+        let element = ident("e");
+        let compute = guard(quote!(#statements #results[m] = #value;));
+        let store = guard(quote!(let #value = #results[m]; #write));
+        let one_pass = guard(quote!(#statements #write));
+        let strided = |unroll: TokenStream, body: TokenStream| {
+            self.strided_elements(StridedElements {
+                element: &element,
+                first: None,
+                count: quote!(elements_per_unit),
+                unroll,
+                all_exist: quote!(#numel % units == 0),
+                numel: &numel,
+                body: quote!(#locate #body),
+            })
+        };
+        let computes = strided(quote!(#[unroll]), compute);
+        let stores = strided(quote!(#[unroll]), store);
+        let serial = strided(quote!(), one_pass);
+        quote! {
+            {
+                let elements_per_unit = comptime![(#numel + units - 1) / units];
+                if comptime![elements_per_unit <= #UNROLLED_ELEMENTS] {
+                    let mut #results = Array::<f32>::new(comptime![elements_per_unit.max(1)]);
+                    #computes
+                    #stores
+                } else {
+                    #serial
+                }
             }
         }
     }
@@ -892,8 +952,16 @@ impl<'a> Emitter<'a> {
         let value = exprs.emit(expr);
         let statements = exprs.finish();
         let write = store(&value);
-        let body = self.guarded(indices, quote!(#(#statements)* #write));
-        let serial = self.for_each_element(self.local_numel(&shape), quote!(#decode #body));
+        let serial = self.computed_then_stored(
+            self.local_numel(&shape),
+            quote!(#decode),
+            |body| self.guarded(indices, body),
+            ElementValue {
+                statements: quote!(#(#statements)*),
+                value,
+                write,
+            },
+        );
         match self.cell.exprs.get(expr) {
             &Expr::Sum { index, body } if !ready.contains(&self.sum_class(expr)) => {
                 let sum = SumStatement {
