@@ -318,10 +318,14 @@ step_checkpoints() {
 # 64 units each add up one value's 128 terms of `dv` while the rest wait at the next barrier;
 # with `sum_parts` 8, 4 units share each (64 units / 16 values), at the cost of two barriers. That sweep ran split sums
 # at tile 8 (their buffer did not fit beside tile 16's workspace then), so it did not answer
-# this; the default follows from here.
+# this; the default follows from here. Each both with the recomputation's states in the
+# workspace (the default) and in registers (`Schedule::recompute_registers`: fewer
+# shared-memory accesses and a barrier fewer per recomputed step, but 168 registers for the
+# whole kernel instead of 253 and 20% more instructions in the walk's step; BENCHMARKS.md).
 step_backward_sums() {
     within 60 "$rak" bench --device cuda --repetitions 5 --warmup 1 --shape 8,2048,8,128 \
-        --backward-sum-parts 1,8 --json "$res/backward-sums.jsonl" > "$res/backward-sums.md" 2>&1
+        --backward-sum-parts 1,8 --recompute-registers false,true \
+        --json "$res/backward-sums.jsonl" > "$res/backward-sums.md" 2>&1
     echo "backward sums: exit $?" >> "$res/backward-sums.md"
     cat "$res/backward-sums.md"
 }

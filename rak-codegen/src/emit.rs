@@ -142,11 +142,13 @@ struct SumStatement<'i> {
 
 /// See [`Emitter::held_in_registers`]: the comptime layout of the states held in registers
 /// (`parts_S`, `columns_S`, `lanes_S`, `slots_S`, whether this launch holds them:
-/// `in_registers`) and their
-/// arrays; their load from the workspace after the states are set; their store back to it
-/// (before a checkpoint and at the end), followed by a barrier.
+/// `in_registers`); the declarations of their arrays (in the scope they live in: the forward
+/// scan's whole launch, one chunk of the backward's recomputation, so that the compilers see
+/// no value of theirs live beyond it); their load from the workspace after the states are
+/// set; their store back to it (before a checkpoint and at the end), followed by a barrier.
 struct HeldInRegisters {
     layout: TokenStream,
+    arrays: TokenStream,
     load: TokenStream,
     store: TokenStream,
 }
@@ -1182,7 +1184,7 @@ impl<'a> Emitter<'a> {
     fn register_update(&self, ready: &mut HashSet<ExprId>, update: &Update) -> TokenStream {
         let mut tokens = self.materialise_sums(ready, update.expr);
         let names = self.register_names(update.state);
-        let (lanes, slots, array) = (&names.lanes, &names.slots, &names.array);
+        let array = &names.array;
         let numel = self.local_numel(&self.cell.states[update.state.0].shape);
         let decode = self.decode_slot_indices(&update.indices, &names);
         let mut exprs = ExprEmitter::new(self, ready.clone());
@@ -1193,19 +1195,41 @@ impl<'a> Emitter<'a> {
             &update.indices,
             quote!(#(#statements)* #array[slot] = #value;),
         );
-        tokens.extend(quote! {
+        tokens.extend(self.slot_loop(&names, &numel, false, quote!(#decode #body)));
+        tokens
+    }
+
+    /// The loop over a unit's slots of a state held in registers (`names`, `numel` elements):
+    /// `body` runs for each slot `slot` whose element `e = unit + slot · lanes_S` exists.
+    /// `divided`: where `lanes_S` divides `numel`, every slot's element exists, and the test
+    /// is a comptime `true ||`. (The recomputation's stores to the chunk's slots need it: NVVM
+    /// kept a test per slot there, and an address computed anew for each. The forward scan's
+    /// loops do without: there NVVM proves the test from `unit < lanes_S` for all slots but
+    /// the last, and without it took up to 15% more instructions per step.)
+    fn slot_loop(
+        &self,
+        names: &RegisterNames,
+        numel: &TokenStream,
+        divided: bool,
+        body: TokenStream,
+    ) -> TokenStream {
+        let (lanes, slots) = (&names.lanes, &names.slots);
+        let test = if divided {
+            quote!(comptime![#numel % #lanes.max(1) == 0] || e < #numel)
+        } else {
+            quote!(e < #numel)
+        };
+        quote! {
             if unit < #lanes {
                 #[unroll]
                 for slot in 0..#slots {
                     let e = unit + slot * #lanes;
-                    if e < #numel {
-                        #decode
+                    if #test {
                         #body
                     }
                 }
             }
-        });
-        tokens
+        }
     }
 
     fn input_arg(&self, id: usize) -> Ident {
@@ -1493,11 +1517,19 @@ impl<'a> Emitter<'a> {
         }
     }
 
-    /// The forward scan's code for the states it may hold in registers
-    /// ([`crate::schedule::register_states`]); all empty if there are none.
-    fn held_in_registers(&self, held: &BTreeSet<StateId>) -> HeldInRegisters {
+    /// The code for the states a scan may hold in registers (the forward scan's
+    /// [`crate::schedule::register_states`], the backward's recomputation's
+    /// [`crate::schedule::recomputed_register_states`]); all empty if there are none.
+    /// `sum_parts` (comptime) bounds the units per position along a state's first axis: the
+    /// launch's, where sums over that axis read the registers.
+    fn held_in_registers(
+        &self,
+        held: &BTreeSet<StateId>,
+        sum_parts: TokenStream,
+    ) -> HeldInRegisters {
         let mut code = HeldInRegisters {
             layout: TokenStream::new(),
+            arrays: TokenStream::new(),
             load: TokenStream::new(),
             store: TokenStream::new(),
         };
@@ -1505,7 +1537,6 @@ impl<'a> Emitter<'a> {
             return code;
         }
         let mut conditions = vec![quote!(registers)];
-        let mut arrays = TokenStream::new();
         for &state in held {
             let names = self.register_names(state);
             let (parts, columns, lanes, slots, array) = (
@@ -1528,14 +1559,14 @@ impl<'a> Emitter<'a> {
             };
             code.layout.extend(quote! {
                 let #parts = comptime![::rak::codegen::schedule::split_sum_parts(
-                    cube_dim, sum_parts, #first, #rest,
+                    cube_dim, #sum_parts, #first, #rest,
                 )];
                 let #columns = comptime![#rest];
                 let #lanes = comptime![#parts * #columns];
                 let #slots = comptime![(#numel + #lanes - 1) / #lanes.max(1)];
             });
             conditions.push(quote!(#parts >= 1));
-            arrays.extend(quote! {
+            code.arrays.extend(quote! {
                 let mut #array = Array::<f32>::new(comptime![if in_registers {
                     #slots
                 } else {
@@ -1543,32 +1574,20 @@ impl<'a> Emitter<'a> {
                 }]);
             });
             let at = self.at(Buffer::State(state));
-            let slot_loop = |body: TokenStream| {
-                quote! {
-                    if unit < #lanes {
-                        #[unroll]
-                        for slot in 0..#slots {
-                            let e = unit + slot * #lanes;
-                            if e < #numel {
-                                #body
-                            }
-                        }
-                    }
-                }
-            };
             let read = self.step_read(&at, quote!(e));
-            code.load.extend(slot_loop(quote!(#array[slot] = #read;)));
-            code.store.extend(slot_loop(self.step_write(
-                &at,
-                quote!(e),
-                quote!(#array[slot]),
-            )));
+            code.load
+                .extend(self.slot_loop(&names, &numel, false, quote!(#array[slot] = #read;)));
+            code.store.extend(self.slot_loop(
+                &names,
+                &numel,
+                false,
+                self.step_write(&at, quote!(e), quote!(#array[slot])),
+            ));
         }
         code.layout.extend(quote! {
             // Whether this launch holds the states in registers: asked for, and each state's
             // sums have at least one unit per element.
             let in_registers = comptime![#(#conditions)&&*];
-            #arrays
         });
         let (load, store, barrier) = (&code.load, &code.store, self.barrier());
         code.load = quote! {
@@ -1657,9 +1676,10 @@ impl<'a> Emitter<'a> {
             }
         };
         let registers_param = (!held.is_empty()).then(|| quote!(#[comptime] registers: bool,));
-        let held = self.held_in_registers(&held);
-        let (register_layout, load_registers, store_registers) =
-            (held.layout, held.load, held.store);
+        let held = self.held_in_registers(&held, quote!(sum_parts));
+        let (layout, arrays) = (held.layout, held.arrays);
+        let register_layout = quote!(#layout #arrays);
+        let (load_registers, store_registers) = (held.load, held.store);
         let mut finals_code = TokenStream::new();
         for (id, state) in cell.states.iter().enumerate() {
             let at = self.at(Buffer::State(StateId(id)));
@@ -1927,16 +1947,54 @@ impl<'a> Emitter<'a> {
             in_place: crate::schedule::in_place_states(cell),
             ..self.clone()
         };
-        let recompute_lets_and_updates = recomputation.lets_and_updates(&mut HashSet::new());
-        let keep_states = {
+        // One step of the recomputation holding `held` in registers: the lets and updates,
+        // then every state stored to the chunk's slot after the step.
+        let recompute_step = |held: &BTreeSet<StateId>| {
+            let lets_and_updates =
+                (recomputation.with_registers(held.clone())).lets_and_updates(&mut HashSet::new());
             let advance = recomputation.advance_states();
-            let store = self.copy_states(
-                &self.states(),
+            let in_workspace: Vec<StateId> = (self.states().into_iter())
+                .filter(|s| !held.contains(s))
+                .collect();
+            let mut keep = self.copy_states(
+                &in_workspace,
                 |s| recomputation.step_place(Buffer::NewState(s)),
                 |s| Place::Chunk(self.chunk_slot(s, quote!(step + 1))),
             );
-            quote!(#advance #store)
+            for &state in held {
+                let names = self.register_names(state);
+                let array = &names.array;
+                let slot = self.chunk_slot(state, quote!(step + 1));
+                let numel = self.local_numel(&cell.states[state.0].shape);
+                let store = quote!(workspace[base + #slot + e] = #array[slot];);
+                keep.extend(self.slot_loop(&names, &numel, true, store));
+            }
+            quote!(#lets_and_updates #advance #keep)
         };
+        // The states the recomputation may hold in registers: loaded from the workspace after
+        // the checkpoint is restored, stored back to it after the chunk's last step (where the
+        // walk reads the state after that step).
+        let held = crate::schedule::recomputed_register_states(cell);
+        let recompute_in_workspace = recompute_step(&BTreeSet::new());
+        let recompute_step = if held.is_empty() {
+            recompute_in_workspace
+        } else {
+            let in_registers = recompute_step(&held);
+            quote! {
+                if comptime![in_registers] {
+                    #in_registers
+                } else {
+                    #recompute_in_workspace
+                }
+            }
+        };
+        let registers_param = (!held.is_empty()).then(|| quote!(#[comptime] registers: bool,));
+        let HeldInRegisters {
+            layout: register_layout,
+            arrays: register_arrays,
+            load: load_registers,
+            store: store_registers,
+        } = self.held_in_registers(&held, quote!(cube_dim));
         let trade_state_buffers = self.trade_state_buffers();
         // The state before the step comes from the chunk's slots, read one step ahead where
         // it fits in `PREFETCH_STATE_REGISTERS` registers per unit (`prefetch_states`).
@@ -2070,8 +2128,10 @@ impl<'a> Emitter<'a> {
                 first_chunk_from_end: u32,
                 end_chunk_from_end: u32,
                 #comptime_dims,
+                #registers_param
             ) {
                 #prelude
+                #register_layout
                 // One step's inputs at a time.
                 let input_step = 0usize;
                 // Registers for the values read one step ahead (see `Prefetch`).
@@ -2097,6 +2157,8 @@ impl<'a> Emitter<'a> {
                         #recompute_reads
                     }
                     #barrier
+                    #register_arrays
+                    #load_registers
                     for step in 0..steps {
                         let (block_start, block_end) = (t0 + step, t0 + step + 1);
                         #recompute_writes
@@ -2107,10 +2169,10 @@ impl<'a> Emitter<'a> {
                             let block_end = select(step + 1 < steps, block_start + 1, block_start);
                             #recompute_reads
                         }
-                        #recompute_lets_and_updates
-                        #keep_states
+                        #recompute_step
                         #barrier
                     }
+                    #store_registers
                     {
                         let step = steps - 1;
                         #read_ahead
@@ -2253,7 +2315,12 @@ impl<'a> Emitter<'a> {
             3,
             quote!(schedule.stage, true, true, #registers),
         );
-        let backward_definition = definition("backward", backward_arrays, 3, TokenStream::new());
+        // The backward scan's (`recompute_registers`), if its recomputation has states to
+        // hold in registers.
+        let backward_registers = (!crate::schedule::recomputed_register_states(cell).is_empty())
+            .then(|| quote!(schedule.recompute_registers,));
+        let backward_definition =
+            definition("backward", backward_arrays, 3, quote!(#backward_registers));
         let step_arrays = inputs_n + params_n + states + outputs_n + 1;
         let step_definition = definition("step", step_arrays, 0, TokenStream::new());
         let step_states = arrays("element", quote!(buffers.states), states);
@@ -2360,6 +2427,7 @@ impl<'a> Emitter<'a> {
                     chunks_from_end.end as u32,
                     shape.heads,
                     #(#dim_args,)*
+                    #backward_registers
                 ) };
             }
         }

@@ -72,6 +72,13 @@ pub struct Schedule {
     /// registers, where the launch's `cube_dim` and `sum_parts` allow it; else every state
     /// lives in the workspace.
     pub registers: bool,
+    /// Whether the backward scan's recomputation of each chunk holds the states that allow it
+    /// ([`recomputed_register_states`]) in registers, where its `cube_dim` allows it. Off by
+    /// default until a GPU has timed it: compiled for the H100 it saves SimpleRNN's
+    /// recomputed step 64 of its 129 shared-memory reads, 32 of 39 writes and one of three
+    /// barriers, but ptxas then gives the whole backward kernel 168 registers instead of 253
+    /// and the walk's step 1,367 instructions instead of 1,142 (BENCHMARKS.md).
+    pub recompute_registers: bool,
     /// Units per cube of the backward scan, where it differs from the forward's (`None`:
     /// `cube_dim`); see [`Schedule::for_backward`].
     pub backward_cube_dim: Option<u32>,
@@ -91,6 +98,7 @@ impl Default for Schedule {
             placement: Placement::Auto,
             sum_parts: 8,
             registers: true,
+            recompute_registers: false,
             // The H200 sweep of 2026-12-04 (SimpleRNN, B=8 T=2048 H=8 K=V=128): the backward
             // scan took 26.8 ms with 64 units and unsplit sums, 37.5 with 64 units and split
             // sums, 39.9–40.7 with 128 units either way; the forward was fastest with split
@@ -657,6 +665,40 @@ pub fn register_states(cell: &Cell) -> std::collections::BTreeSet<StateId> {
     eligible
 }
 
+/// The states the backward scan's recomputation holds in registers (where the launch asks for
+/// it, [`Schedule::recompute_registers`]): those updated in place ([`in_place_states`]) that no
+/// let and no update reads except the state's own update, element-wise at the element it
+/// writes, outside any `sum`. The recomputation evaluates only the lets and the updates, and
+/// writes every state to the chunk's slots: held so, a state never goes through the workspace
+/// between its checkpoint and the end of the recomputation. Unit `u` holds the elements
+/// `u + m · lanes` as in the forward scan ([`register_states`]), with as many units per
+/// position along the first axis as the cube has for it (no sum constrains the layout):
+/// `lanes = parts × n`, `parts = min(cube_dim / n, first axis)`. SimpleRNN's, GLA's, RetNet's
+/// and Mamba2's states qualify, and mLSTM's `C` and `n`; DeltaNet's `S` (its update sums over
+/// the state) and mLSTM's `m` (read by the lets) do not.
+pub fn recomputed_register_states(cell: &Cell) -> std::collections::BTreeSet<StateId> {
+    let mut eligible = in_place_states(cell);
+    let statements = (cell.lets.iter().map(|l| (&l.indices, l.expr, None))).chain(
+        cell.updates
+            .iter()
+            .map(|u| (&u.indices, u.expr, Some(u.state))),
+    );
+    for (indices, expr, updated) in statements {
+        for load in state_loads(cell, expr, false) {
+            let own = updated == Some(load.state) && load.indices == *indices;
+            if !own || matches!(cell.exprs.get(expr), Expr::Sum { .. }) {
+                eligible.remove(&load.state);
+            }
+        }
+        for sum in cell.sums_under(&[expr]) {
+            for load in state_loads(cell, sum, true) {
+                eligible.remove(&load.state);
+            }
+        }
+    }
+    eligible
+}
+
 /// The units that share each element of a split sum ([`Schedule::sum_parts`]) of `elements`
 /// elements (in one cube), each the sum of `terms` terms, under a launch's `cube_dim` and
 /// `sum_parts`: as many as `sum_parts`, the units and the terms allow. The kernels evaluate
@@ -671,21 +713,41 @@ impl Schedule {
     /// Whether the forward scan, launched with this schedule (resolved: its tile set) at these
     /// dim sizes, holds the states that allow it in registers ([`register_states`]).
     pub fn holds_states_in_registers(&self, step: &BackwardStep, dims: &[usize]) -> bool {
+        let held = register_states(&step.cell);
+        self.registers && self.fits_registers(step, dims, &held, self.sum_parts)
+    }
+
+    /// Whether the backward scan's recomputation, launched with this schedule (resolved for
+    /// the backward scan) at these dim sizes, holds the states that allow it in registers
+    /// ([`recomputed_register_states`]).
+    pub fn recomputes_in_registers(&self, step: &BackwardStep, dims: &[usize]) -> bool {
+        let held = recomputed_register_states(&step.cell);
+        let units = self.cube_dim as usize;
+        self.recompute_registers && self.fits_registers(step, dims, &held, units)
+    }
+
+    /// Whether `held` is not empty and each of its states has at least one unit per position
+    /// along its first axis ([`split_sum_parts`] under `sum_parts`) at these dim sizes.
+    fn fits_registers(
+        &self,
+        step: &BackwardStep,
+        dims: &[usize],
+        held: &std::collections::BTreeSet<StateId>,
+        sum_parts: usize,
+    ) -> bool {
         let cell = &step.cell;
-        let held = register_states(cell);
         let mut local = dims.to_vec();
         if let (Some(plan), Some(tile)) = (split_plan(step), self.tile) {
             local[plan.dim.0] = tile.min(dims[plan.dim.0]);
         }
-        self.registers
-            && !held.is_empty()
+        !held.is_empty()
             && held.iter().all(|state| {
                 let shape = &cell.states[state.0].shape;
                 let (first, rest) = match shape.split_first() {
                     Some((first, rest)) => (local[first.0], Cell::numel(&rest.to_vec(), &local)),
                     None => (1, 1),
                 };
-                split_sum_parts(self.cube_dim as usize, self.sum_parts, first, rest) >= 1
+                split_sum_parts(self.cube_dim as usize, sum_parts, first, rest) >= 1
             })
     }
 }

@@ -41,6 +41,9 @@ pub struct KernelTiming {
     /// Whether the forward scan held the states in registers
     /// ([`Schedule::holds_states_in_registers`]; false for the chunked scan).
     pub forward_in_registers: bool,
+    /// Whether the backward scan's recomputation held the states in registers
+    /// ([`Schedule::recomputes_in_registers`]; false for the chunked scan).
+    pub recomputed_in_registers: bool,
     /// The chunked path's own kernels timed alone at the sizes the scan gives them
     /// ([`time_chunked`] when asked; empty otherwise).
     pub parts: Vec<PartTiming>,
@@ -202,6 +205,9 @@ pub fn time_cell<C: CellKernels, F: Float + CubeElement, R: Runtime>(
         forward_in_registers: forward
             .schedule()
             .holds_states_in_registers(&runner.compiled().backward, &shape.dims),
+        recomputed_in_registers: backward
+            .schedule()
+            .recomputes_in_registers(&runner.compiled().backward, &shape.dims),
         parts: Vec::new(),
     })
 }
@@ -318,6 +324,7 @@ where
         forward_schedule: schedule,
         backward_schedule: schedule,
         forward_in_registers: false,
+        recomputed_in_registers: false,
         parts,
     })
 }

@@ -231,7 +231,7 @@ fn bench(
         let backward_schedule = match strategy {
             BenchStrategy::Fused => format!(
                 "{}, checkpoints every {} steps",
-                describe(timing.backward_schedule, false),
+                describe(timing.backward_schedule, timing.recomputed_in_registers),
                 timing.backward_schedule.chunk
             ),
             BenchStrategy::Chunked => describe(timing.backward_schedule, false),
@@ -248,9 +248,11 @@ fn bench(
                 "forward_ms": forward, "forward_backward_ms": both, "repetitions": repetitions,
                 "chunk": schedule.chunk, "cube_dim": schedule.cube_dim,
                 "sum_parts": schedule.sum_parts, "registers": schedule.registers,
+                "recompute_registers": schedule.recompute_registers,
                 "backward_cube_dim": schedule.backward_cube_dim,
                 "backward_sum_parts": schedule.backward_sum_parts,
                 "forward_in_registers": timing.forward_in_registers,
+                "recomputed_in_registers": timing.recomputed_in_registers,
                 "strategy": format!("{strategy:?}").to_lowercase(),
                 "forward_schedule": forward_schedule, "backward_schedule": backward_schedule,
                 "fusion": strategy == BenchStrategy::Chunked && fusion,
@@ -473,6 +475,10 @@ pub enum Command {
         /// Whether the forward scan holds its states in registers where it can (CUDA and WGSL).
         #[arg(long, default_value_t = Schedule::default().registers, action = clap::ArgAction::Set)]
         registers: bool,
+        /// Whether the backward scan's recomputation of each chunk holds the states in
+        /// registers where it can (CUDA and WGSL).
+        #[arg(long, default_value_t = Schedule::default().recompute_registers, action = clap::ArgAction::Set)]
+        recompute_registers: bool,
         /// Values of the split axis per cube (CUDA and WGSL; default: the tile a launch of
         /// one sequence gets with 48 KiB of shared memory; a GPU launch of many sequences
         /// takes smaller tiles, see `rak bench`'s schedule column).
@@ -547,6 +553,11 @@ pub enum Command {
         /// launch allow it; `true,false` times each shape both ways.
         #[arg(long, value_delimiter = ',', default_value = "true")]
         registers: Vec<bool>,
+        /// Whether the backward scan's recomputation of each chunk holds the states in
+        /// registers where the cell and the launch allow it; `false,true` times each shape
+        /// both ways.
+        #[arg(long, value_delimiter = ',', default_value = "false")]
+        recompute_registers: Vec<bool>,
         /// Append one JSON object per shape to this file.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -959,6 +970,7 @@ pub fn run(cli: Cli) -> ExitCode {
             cube_dim,
             sum_parts,
             registers,
+            recompute_registers,
             tile,
             chunk,
             sub_chunk,
@@ -979,6 +991,7 @@ pub fn run(cli: Cli) -> ExitCode {
                         backward_cube_dim: cube_dim.or(defaults.backward_cube_dim),
                         backward_sum_parts: sum_parts.or(defaults.backward_sum_parts),
                         registers,
+                        recompute_registers,
                         tile,
                         ..defaults
                     }
@@ -1035,6 +1048,7 @@ pub fn run(cli: Cli) -> ExitCode {
             placement,
             sum_parts,
             registers,
+            recompute_registers,
             backward_cube_dim,
             backward_sum_parts,
             json,
@@ -1056,6 +1070,9 @@ pub fn run(cli: Cli) -> ExitCode {
             let schedules = every(schedules, &cube_dim, |s, v| s.cube_dim = v);
             let schedules = every(schedules, &sum_parts, |s, v| s.sum_parts = v);
             let schedules = every(schedules, &registers, |s, v| s.registers = v);
+            let schedules = every(schedules, &recompute_registers, |s, v| {
+                s.recompute_registers = v
+            });
             let schedules = every(schedules, &tiles, |s, v| s.tile = v);
             let schedules = every(schedules, &backward_cube_dim, |s, v| {
                 s.backward_cube_dim = v

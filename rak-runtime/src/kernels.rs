@@ -736,7 +736,8 @@ pub struct KernelSource {
     pub text: String,
     /// The schedule resolved for the printed sizes (its tile and placement set).
     pub schedule: Schedule,
-    /// Whether the kernel holds the cell's states in registers (forward scan only).
+    /// Whether the kernel holds the cell's states in registers (the forward scan; the
+    /// backward scan's recomputation, `Schedule::recompute_registers`; never the step).
     pub states_in_registers: bool,
 }
 
@@ -793,8 +794,11 @@ pub fn kernel_source<C: CellKernels>(
     };
     let source = compile_definition(definition, target)
         .map_err(|error| KernelError(format!("cannot compile {} {kernel:?}: {error}", C::NAME)))?;
-    let states_in_registers =
-        kernel == Kernel::Forward && schedule.holds_states_in_registers(&compiled.backward, dims);
+    let states_in_registers = match kernel {
+        Kernel::Forward => schedule.holds_states_in_registers(&compiled.backward, dims),
+        Kernel::Backward => schedule.recomputes_in_registers(&compiled.backward, dims),
+        Kernel::Step => false,
+    };
     Ok(KernelSource {
         text: source,
         schedule,

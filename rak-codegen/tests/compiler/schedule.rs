@@ -6,7 +6,8 @@ use rak_codegen::display::value_name;
 use rak_codegen::ir::{Expr, Grad, InputId, StateId, Value};
 use rak_codegen::schedule::{
     Buffer, DeviceLimits, GradSplit, Pass, Placement, Schedule, WorkspaceLayout, carried_in_place,
-    definition_phases, in_place_states, register_states, split_plan, split_sum_parts,
+    definition_phases, in_place_states, recomputed_register_states, register_states, split_plan,
+    split_sum_parts,
 };
 
 /// The split axis of every reference cell, by name (`None`: one cube per sequence).
@@ -437,6 +438,88 @@ fn states_held_in_registers() {
     }
 }
 
+/// The states the backward scan's recomputation holds in registers: updated in place and read
+/// by the lets and updates only at the element their own update writes, never inside a sum
+/// (the outputs, which it does not evaluate, may read them any way).
+#[test]
+fn states_the_recomputation_holds_in_registers() {
+    let mut found = Vec::new();
+    for name in CELL_NAMES {
+        let compiled = compile_cell(name);
+        let cell = &compiled.cell;
+        let held: Vec<&str> = recomputed_register_states(cell)
+            .into_iter()
+            .map(|s| cell.states[s.0].name.as_str())
+            .collect();
+        found.push(format!("{name}: {}", held.join(" ")));
+    }
+    assert_eq!(
+        found,
+        [
+            "simple_rnn: S",
+            "gla: S",
+            "retnet: S",
+            "mamba2: h",
+            "deltanet: ",
+            "mlstm: C n",
+            "elman: ",
+        ]
+    );
+    let cases = [
+        // Read by an output element-wise: the recomputation evaluates no output.
+        (
+            "update S[i, j] = S[i, j] + x[i];",
+            "output o[i, j] = S[i, j];",
+            vec![0],
+        ),
+        // Its update sums over it (as DeltaNet's).
+        (
+            "update S[i, j] = S[i, j] + sum(l) x[l] * S[l, j];",
+            "output o[j] = sum(i) x[i] * S[i, j];",
+            vec![],
+        ),
+        // Read by a let.
+        (
+            "let a[i, j] = S[i, j] * x[i]; update S[i, j] = S[i, j] + a[i, j];",
+            "output o[j] = sum(i) x[i] * S[i, j];",
+            vec![],
+        ),
+        // Two states summed together by an output (which keeps them out of the forward
+        // scan's registers): both held.
+        (
+            "update S[i, j] = S[i, j] + x[i]; update T[i, j] = T[i, j] * x[i];",
+            "output o[j] = sum(i) S[i, j] * T[i, j];",
+            vec![0, 1],
+        ),
+        // Read by another state's update: not updated in place, so not held; T is.
+        (
+            "update S[i, j] = S[i, j] + x[i]; update T[i, j] = T[i, j] * S[i, j];",
+            "output o[j] = sum(i) x[i] * T[i, j];",
+            vec![1],
+        ),
+        // Transposed read in its own update.
+        (
+            "update S[i, j] = S[j, i] + x[i];",
+            "output o[j] = sum(i) x[i] * S[i, j];",
+            vec![],
+        ),
+    ];
+    for (updates, outputs, expected) in cases {
+        let states = if updates.contains("T[") {
+            "state S[D, D], T[D, D];"
+        } else {
+            "state S[D, D];"
+        };
+        let source = format!("cell T {{ dims D; input x[D]; {states} {updates} {outputs} }}");
+        let compiled = rak_codegen::compile_str(&source).unwrap_or_else(|e| panic!("{e}"));
+        let found: Vec<usize> = recomputed_register_states(&compiled.cell)
+            .into_iter()
+            .map(|s| s.0)
+            .collect();
+        assert_eq!(found, expected, "{updates} {outputs}");
+    }
+}
+
 /// Whether a launch holds SimpleRNN's state in registers: when each sum's elements (the tile
 /// of V) fit the units, unless switched off.
 #[test]
@@ -455,6 +538,22 @@ fn launches_holding_states_in_registers() {
     assert!(holds(64, 64, true));
     assert!(!holds(64, 128, true));
     assert!(!holds(256, 64, false));
+    // The recomputation: as many units per position along K as the cube has for it, so at
+    // least one wherever the tile fits the units; off unless asked for.
+    let recomputes = |cube_dim: u32, tile: usize, recompute_registers: bool| {
+        let schedule = Schedule {
+            cube_dim,
+            tile: Some(tile),
+            recompute_registers,
+            ..Schedule::default()
+        };
+        schedule.recomputes_in_registers(&compiled.backward, &[128, 128])
+    };
+    assert!(recomputes(64, 16, true));
+    assert!(recomputes(64, 64, true));
+    assert!(!recomputes(64, 128, true));
+    assert!(!recomputes(64, 16, false));
+    assert!(!Schedule::default().recompute_registers);
     assert_eq!(split_sum_parts(256, 8, 128, 64), 4);
     assert_eq!(split_sum_parts(512, 8, 128, 32), 8);
     assert_eq!(split_sum_parts(64, 8, 3, 5), 3);
