@@ -183,6 +183,28 @@ struct Emitter<'a> {
     registers: BTreeSet<StateId>,
 }
 
+/// A step emitted by `step` holding `held` in registers and holding none, chosen at compile
+/// time by `in_registers` ([`Emitter::held_in_registers`]), and the kernel's comptime
+/// `registers` parameter; the step holding none alone, and no parameter, where `held` is empty.
+fn registers_or_workspace(
+    held: &BTreeSet<StateId>,
+    step: impl Fn(&BTreeSet<StateId>) -> TokenStream,
+) -> (TokenStream, Option<TokenStream>) {
+    let in_workspace = step(&BTreeSet::new());
+    if held.is_empty() {
+        return (in_workspace, None);
+    }
+    let in_registers = step(held);
+    let code = quote! {
+        if comptime![in_registers] {
+            #in_registers
+        } else {
+            #in_workspace
+        }
+    };
+    (code, Some(quote!(#[comptime] registers: bool,)))
+}
+
 /// How many of `numel` elements (a comptime expression) each of the cube's units takes when
 /// they are dealt out in turn: ⌈numel / units⌉.
 fn per_unit(numel: &TokenStream) -> TokenStream {
@@ -1662,20 +1684,9 @@ impl<'a> Emitter<'a> {
             quote!((batch_index * time_len + s) * heads + head),
         );
         let held = crate::schedule::register_states(cell);
-        let step = if held.is_empty() {
-            self.forward_step()
-        } else {
-            let in_registers = self.with_registers(held.clone()).forward_step();
-            let in_workspace = self.forward_step();
-            quote! {
-                if comptime![in_registers] {
-                    #in_registers
-                } else {
-                    #in_workspace
-                }
-            }
-        };
-        let registers_param = (!held.is_empty()).then(|| quote!(#[comptime] registers: bool,));
+        let (step, registers_param) = registers_or_workspace(&held, |held| {
+            self.with_registers(held.clone()).forward_step()
+        });
         let held = self.held_in_registers(&held, quote!(sum_parts));
         let (layout, arrays) = (held.layout, held.arrays);
         let register_layout = quote!(#layout #arrays);
@@ -1975,20 +1986,7 @@ impl<'a> Emitter<'a> {
         // the checkpoint is restored, stored back to it after the chunk's last step (where the
         // walk reads the state after that step).
         let held = crate::schedule::recomputed_register_states(cell);
-        let recompute_in_workspace = recompute_step(&BTreeSet::new());
-        let recompute_step = if held.is_empty() {
-            recompute_in_workspace
-        } else {
-            let in_registers = recompute_step(&held);
-            quote! {
-                if comptime![in_registers] {
-                    #in_registers
-                } else {
-                    #recompute_in_workspace
-                }
-            }
-        };
-        let registers_param = (!held.is_empty()).then(|| quote!(#[comptime] registers: bool,));
+        let (recompute_step, registers_param) = registers_or_workspace(&held, recompute_step);
         let HeldInRegisters {
             layout: register_layout,
             arrays: register_arrays,

@@ -3,12 +3,13 @@
 
 use crate::common::{CELL_NAMES, compile_cell};
 use rak_codegen::display::value_name;
-use rak_codegen::ir::{Expr, Grad, InputId, StateId, Value};
+use rak_codegen::ir::{Cell, Expr, Grad, InputId, StateId, Value};
 use rak_codegen::schedule::{
     Buffer, DeviceLimits, GradSplit, Pass, Placement, Schedule, WorkspaceLayout, carried_in_place,
     definition_phases, in_place_states, recomputed_register_states, register_states, split_plan,
     split_sum_parts,
 };
+use std::collections::BTreeSet;
 
 /// The split axis of every reference cell, by name (`None`: one cube per sequence).
 #[test]
@@ -355,6 +356,36 @@ fn states_updated_in_place() {
     }
 }
 
+/// The states `select` holds in registers in each reference cell, as `cell: names`.
+fn held_by_reference_cells(select: fn(&Cell) -> BTreeSet<StateId>) -> Vec<String> {
+    let mut found = Vec::new();
+    for name in CELL_NAMES {
+        let compiled = compile_cell(name);
+        let cell = &compiled.cell;
+        let held: Vec<&str> = (select(cell).into_iter())
+            .map(|s| cell.states[s.0].name.as_str())
+            .collect();
+        found.push(format!("{name}: {}", held.join(" ")));
+    }
+    found
+}
+
+/// For each case (updates, outputs, expected state ids) of a one-dim cell with the input `x`
+/// and the state `S` (and `T` where the updates name it): the states `select` holds.
+fn check_held_states(select: fn(&Cell) -> BTreeSet<StateId>, cases: &[(&str, &str, Vec<usize>)]) {
+    for (updates, outputs, expected) in cases {
+        let states = if updates.contains("T[") {
+            "state S[D, D], T[D, D];"
+        } else {
+            "state S[D, D];"
+        };
+        let source = format!("cell T {{ dims D; input x[D]; {states} {updates} {outputs} }}");
+        let compiled = rak_codegen::compile_str(&source).unwrap_or_else(|e| panic!("{e}"));
+        let found: Vec<usize> = select(&compiled.cell).into_iter().map(|s| s.0).collect();
+        assert_eq!(&found, expected, "{updates} {outputs}");
+    }
+}
+
 /// Which states the forward scan may hold in registers: every state of the linear reference
 /// cells, mLSTM's `C` and `n` but not `m` (its lets read `m` element-wise), not Elman's `h`
 /// (each `h[i]` sums all of `h`); none where a sum reads the state at other indices than the
@@ -362,18 +393,8 @@ fn states_updated_in_place() {
 /// statement reads it outside a sum.
 #[test]
 fn states_held_in_registers() {
-    let mut found = Vec::new();
-    for name in CELL_NAMES {
-        let compiled = compile_cell(name);
-        let cell = &compiled.cell;
-        let held: Vec<&str> = register_states(cell)
-            .into_iter()
-            .map(|s| cell.states[s.0].name.as_str())
-            .collect();
-        found.push(format!("{name}: {}", held.join(" ")));
-    }
     assert_eq!(
-        found,
+        held_by_reference_cells(register_states),
         [
             "simple_rnn: S",
             "gla: S",
@@ -422,20 +443,7 @@ fn states_held_in_registers() {
             vec![0],
         ),
     ];
-    for (updates, outputs, expected) in cases {
-        let states = if updates.contains("T[") {
-            "state S[D, D], T[D, D];"
-        } else {
-            "state S[D, D];"
-        };
-        let source = format!("cell T {{ dims D; input x[D]; {states} {updates} {outputs} }}");
-        let compiled = rak_codegen::compile_str(&source).unwrap_or_else(|e| panic!("{e}"));
-        let found: Vec<usize> = register_states(&compiled.cell)
-            .into_iter()
-            .map(|s| s.0)
-            .collect();
-        assert_eq!(found, expected, "{updates} {outputs}");
-    }
+    check_held_states(register_states, &cases);
 }
 
 /// The states the backward scan's recomputation holds in registers: updated in place and read
@@ -443,18 +451,8 @@ fn states_held_in_registers() {
 /// (the outputs, which it does not evaluate, may read them any way).
 #[test]
 fn states_the_recomputation_holds_in_registers() {
-    let mut found = Vec::new();
-    for name in CELL_NAMES {
-        let compiled = compile_cell(name);
-        let cell = &compiled.cell;
-        let held: Vec<&str> = recomputed_register_states(cell)
-            .into_iter()
-            .map(|s| cell.states[s.0].name.as_str())
-            .collect();
-        found.push(format!("{name}: {}", held.join(" ")));
-    }
     assert_eq!(
-        found,
+        held_by_reference_cells(recomputed_register_states),
         [
             "simple_rnn: S",
             "gla: S",
@@ -504,20 +502,7 @@ fn states_the_recomputation_holds_in_registers() {
             vec![],
         ),
     ];
-    for (updates, outputs, expected) in cases {
-        let states = if updates.contains("T[") {
-            "state S[D, D], T[D, D];"
-        } else {
-            "state S[D, D];"
-        };
-        let source = format!("cell T {{ dims D; input x[D]; {states} {updates} {outputs} }}");
-        let compiled = rak_codegen::compile_str(&source).unwrap_or_else(|e| panic!("{e}"));
-        let found: Vec<usize> = recomputed_register_states(&compiled.cell)
-            .into_iter()
-            .map(|s| s.0)
-            .collect();
-        assert_eq!(found, expected, "{updates} {outputs}");
-    }
+    check_held_states(recomputed_register_states, &cases);
 }
 
 /// Whether a launch holds SimpleRNN's state in registers: when each sum's elements (the tile
@@ -525,14 +510,17 @@ fn states_the_recomputation_holds_in_registers() {
 #[test]
 fn launches_holding_states_in_registers() {
     let compiled = compile_cell("simple_rnn");
+    // Registers asked for (or not) in both scans.
+    let schedule = |cube_dim: u32, tile: usize, registers: bool| Schedule {
+        cube_dim,
+        tile: Some(tile),
+        registers,
+        recompute_registers: registers,
+        ..Schedule::default()
+    };
     let holds = |cube_dim: u32, tile: usize, registers: bool| {
-        let schedule = Schedule {
-            cube_dim,
-            tile: Some(tile),
-            registers,
-            ..Schedule::default()
-        };
-        schedule.holds_states_in_registers(&compiled.backward, &[128, 128])
+        schedule(cube_dim, tile, registers)
+            .holds_states_in_registers(&compiled.backward, &[128, 128])
     };
     assert!(holds(256, 64, true));
     assert!(holds(64, 64, true));
@@ -540,14 +528,8 @@ fn launches_holding_states_in_registers() {
     assert!(!holds(256, 64, false));
     // The recomputation: as many units per position along K as the cube has for it, so at
     // least one wherever the tile fits the units; off unless asked for.
-    let recomputes = |cube_dim: u32, tile: usize, recompute_registers: bool| {
-        let schedule = Schedule {
-            cube_dim,
-            tile: Some(tile),
-            recompute_registers,
-            ..Schedule::default()
-        };
-        schedule.recomputes_in_registers(&compiled.backward, &[128, 128])
+    let recomputes = |cube_dim: u32, tile: usize, registers: bool| {
+        schedule(cube_dim, tile, registers).recomputes_in_registers(&compiled.backward, &[128, 128])
     };
     assert!(recomputes(64, 16, true));
     assert!(recomputes(64, 64, true));
