@@ -5,7 +5,8 @@ For every built-in cell, its forward, backward and step kernels (`rak emit --tar
 sizes, element types and schedules go through NVRTC with the options cubecl-cuda uses on an
 H100/H200 (`--gpu-architecture=sm_90a -lineinfo`), then through ptxas, whose report gives each
 kernel's registers per thread, spills and stack. Prints a Markdown table; exits 1 if any kernel
-fails to compile (the log names it), or if a kernel that holds its states in registers may
+fails to compile (the log names it), or if a kernel that holds its states in registers (the
+forward scan; the backward scan's recomputation, "recomputed states in registers") may
 spill them under the default schedule (the point of holding them there is to keep them out of
 memory; spills under other schedules are reported, not failed: ptxas trades registers for
 occupancy), or if SimpleRNN's forward or backward scan, at the tile one of issue 6's benchmark shapes gets, needs more
@@ -250,6 +251,7 @@ def compile_one(kernel: Kernel, rak: Path, nvrtc: Nvrtc, cuda: Path, arch: str, 
     header, _, source = emitted.stdout.partition("\n")
     # "// rak emit: CELL PASS kernel, DTYPE, SIZES; SCHEDULE"
     result.schedule = header.split("; ", 1)[-1]
+    # ", states in registers" (forward) or ", recomputed states in registers" (backward).
     result.in_registers = "states in registers" in header
     ptx, log = nvrtc.ptx(source)
     name = kernel.slug()

@@ -319,9 +319,9 @@ step_checkpoints() {
 # with `sum_parts` 8, 4 units share each (64 units / 16 values), at the cost of two barriers. That sweep ran split sums
 # at tile 8 (their buffer did not fit beside tile 16's workspace then), so it did not answer
 # this; the default follows from here. Each both with the recomputation's states in the
-# workspace (the default) and in registers (`Schedule::recompute_registers`: fewer
-# shared-memory accesses and a barrier fewer per recomputed step, but 168 registers for the
-# whole kernel instead of 253 and 20% more instructions in the walk's step; BENCHMARKS.md).
+# workspace and in registers (`Schedule::recompute_registers`, the default since 2026-12-05:
+# half the shared-memory reads and a barrier fewer per recomputed step, 8% fewer instructions
+# in SimpleRNN's time loop by ptxas's output; BENCHMARKS.md).
 step_backward_sums() {
     within 60 "$rak" bench --device cuda --repetitions 5 --warmup 1 --shape 8,2048,8,128 \
         --backward-sum-parts 1,8 --recompute-registers false,true \

@@ -192,6 +192,22 @@ fn cli_emits_cuda_at_the_requested_dtype_and_schedule() {
     // The backward scan at its own units and sum parts, unless they are given.
     let (header, _) = first_line(&["--pass", "backward", "--dim", "128", "--tile", "16"]);
     assert!(
+        header.ends_with(
+            "; cube_dim 64, tile 16, shared workspace, sum_parts 1, recomputed states in registers"
+        ),
+        "{header}"
+    );
+    let (header, _) = first_line(&[
+        "--pass",
+        "backward",
+        "--dim",
+        "128",
+        "--tile",
+        "16",
+        "--recompute-registers",
+        "false",
+    ]);
+    assert!(
         header.ends_with("; cube_dim 64, tile 16, shared workspace, sum_parts 1"),
         "{header}"
     );

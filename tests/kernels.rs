@@ -389,9 +389,6 @@ fn cpu_schedule() -> Schedule {
         cube_dim: 64,
         chunk: CHUNK,
         chunks_per_launch: Some(1),
-        // Tested on: the backward scan's recomputation with its states in registers (off by
-        // default until a GPU times it); `split_tiles_and_workspace_placements` runs both.
-        recompute_registers: true,
         ..Default::default()
     }
 }

@@ -181,6 +181,16 @@ struct Emitter<'a> {
     /// The states the code being emitted holds in registers (the forward scan's register step,
     /// see [`crate::schedule::register_states`]); empty elsewhere.
     registers: BTreeSet<StateId>,
+    /// Whether the loops over the slots of states held in registers ([`Emitter::slot_loop`])
+    /// decide their bounds tests at compile time where they always hold: in the backward
+    /// scan's recomputation, where NVVM proved neither test, and the values of the register
+    /// arrays, as it saw them, flowed around the chunk loop and stayed live through the walk
+    /// (compiled for the H100, SimpleRNN's backward kernel went from 253 to 168 registers and
+    /// its walk's step from 1,142 to 1,367 instructions; with the tests decided, 232 and
+    /// 1,017). Not in the forward scan, whose time loop got slower so (950 → 1,155
+    /// instructions for SimpleRNN at tile 16), NVVM proving the tests of all slots but the
+    /// last by itself there.
+    slot_bounds_at_compile_time: bool,
 }
 
 /// A step emitted by `step` holding `held` in registers and holding none, chosen at compile
@@ -251,6 +261,7 @@ impl<'a> Emitter<'a> {
                 Pass::Backward => crate::schedule::carried_in_place(step),
             },
             registers: BTreeSet::new(),
+            slot_bounds_at_compile_time: false,
         }
     }
 
@@ -1217,36 +1228,36 @@ impl<'a> Emitter<'a> {
             &update.indices,
             quote!(#(#statements)* #array[slot] = #value;),
         );
-        tokens.extend(self.slot_loop(&names, &numel, false, quote!(#decode #body)));
+        tokens.extend(self.slot_loop(&names, &numel, quote!(#decode #body)));
         tokens
     }
 
     /// The loop over a unit's slots of a state held in registers (`names`, `numel` elements):
     /// `body` runs for each slot `slot` whose element `e = unit + slot · lanes_S` exists.
-    /// `divided`: where `lanes_S` divides `numel`, every slot's element exists, and the test
-    /// is a comptime `true ||`. (The recomputation's stores to the chunk's slots need it: NVVM
-    /// kept a test per slot there, and an address computed anew for each. The forward scan's
-    /// loops do without: there NVVM proves the test from `unit < lanes_S` for all slots but
-    /// the last, and without it took up to 15% more instructions per step.)
+    /// With [`Emitter::slot_bounds_at_compile_time`], both tests are decided at compile time
+    /// where they always hold: `unit < lanes_S` where the state takes every unit
+    /// (`lanes_S = units`), the element's where `lanes_S` divides `numel`.
     fn slot_loop(
         &self,
         names: &RegisterNames,
         numel: &TokenStream,
-        divided: bool,
         body: TokenStream,
     ) -> TokenStream {
         let (lanes, slots) = (&names.lanes, &names.slots);
-        let test = if divided {
-            quote!(comptime![#numel % #lanes.max(1) == 0] || e < #numel)
+        let (unit_test, element_test) = if self.slot_bounds_at_compile_time {
+            (
+                quote!(comptime![#lanes == units] || unit < #lanes),
+                quote!(comptime![#numel % #lanes.max(1) == 0] || e < #numel),
+            )
         } else {
-            quote!(e < #numel)
+            (quote!(unit < #lanes), quote!(e < #numel))
         };
         quote! {
-            if unit < #lanes {
+            if #unit_test {
                 #[unroll]
                 for slot in 0..#slots {
                     let e = unit + slot * #lanes;
-                    if #test {
+                    if #element_test {
                         #body
                     }
                 }
@@ -1598,11 +1609,10 @@ impl<'a> Emitter<'a> {
             let at = self.at(Buffer::State(state));
             let read = self.step_read(&at, quote!(e));
             code.load
-                .extend(self.slot_loop(&names, &numel, false, quote!(#array[slot] = #read;)));
+                .extend(self.slot_loop(&names, &numel, quote!(#array[slot] = #read;)));
             code.store.extend(self.slot_loop(
                 &names,
                 &numel,
-                false,
                 self.step_write(&at, quote!(e), quote!(#array[slot])),
             ));
         }
@@ -1956,6 +1966,7 @@ impl<'a> Emitter<'a> {
         // after it reads S_{t−1} and S_t and keeps both buffers).
         let recomputation = Emitter {
             in_place: crate::schedule::in_place_states(cell),
+            slot_bounds_at_compile_time: true,
             ..self.clone()
         };
         // One step of the recomputation holding `held` in registers: the lets and updates,
@@ -1978,7 +1989,7 @@ impl<'a> Emitter<'a> {
                 let slot = self.chunk_slot(state, quote!(step + 1));
                 let numel = self.local_numel(&cell.states[state.0].shape);
                 let store = quote!(workspace[base + #slot + e] = #array[slot];);
-                keep.extend(self.slot_loop(&names, &numel, true, store));
+                keep.extend(recomputation.slot_loop(&names, &numel, store));
             }
             quote!(#lets_and_updates #advance #keep)
         };
@@ -1992,7 +2003,7 @@ impl<'a> Emitter<'a> {
             arrays: register_arrays,
             load: load_registers,
             store: store_registers,
-        } = self.held_in_registers(&held, quote!(cube_dim));
+        } = recomputation.held_in_registers(&held, quote!(cube_dim));
         let trade_state_buffers = self.trade_state_buffers();
         // The state before the step comes from the chunk's slots, read one step ahead where
         // it fits in `PREFETCH_STATE_REGISTERS` registers per unit (`prefetch_states`).

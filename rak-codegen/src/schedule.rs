@@ -73,11 +73,11 @@ pub struct Schedule {
     /// lives in the workspace.
     pub registers: bool,
     /// Whether the backward scan's recomputation of each chunk holds the states that allow it
-    /// ([`recomputed_register_states`]) in registers, where its `cube_dim` allows it. Off by
-    /// default until a GPU has timed it: compiled for the H100 it saves SimpleRNN's
-    /// recomputed step 64 of its 129 shared-memory reads, 32 of 39 writes and one of three
-    /// barriers, but ptxas then gives the whole backward kernel 168 registers instead of 253
-    /// and the walk's step 1,367 instructions instead of 1,142 (BENCHMARKS.md).
+    /// ([`recomputed_register_states`]) in registers, where its `cube_dim` allows it; else it
+    /// updates them in the workspace. Compiled for the H100, that takes SimpleRNN's recomputed
+    /// step from 129 shared-memory reads, 39 writes and 3 barriers to 65, 7 and 2, and its
+    /// backward kernel's time loop from 2,094 to 1,933 instructions (BENCHMARKS.md); not
+    /// timed on a GPU yet (`rak bench --recompute-registers false,true`).
     pub recompute_registers: bool,
     /// Units per cube of the backward scan, where it differs from the forward's (`None`:
     /// `cube_dim`); see [`Schedule::for_backward`].
@@ -98,7 +98,7 @@ impl Default for Schedule {
             placement: Placement::Auto,
             sum_parts: 8,
             registers: true,
-            recompute_registers: false,
+            recompute_registers: true,
             // The H200 sweep of 2026-12-04 (SimpleRNN, B=8 T=2048 H=8 K=V=128): the backward
             // scan took 26.8 ms with 64 units and unsplit sums, 37.5 with 64 units and split
             // sums, 39.9–40.7 with 128 units either way; the forward was fastest with split

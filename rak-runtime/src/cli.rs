@@ -220,21 +220,29 @@ fn bench(
             timing.forward.as_secs_f64() * 1e3,
             timing.forward_backward.as_secs_f64() * 1e3,
         );
-        let describe = |s: Schedule, states_in_registers: bool| match strategy {
+        let describe = |s: Schedule, in_registers: Option<&str>| match strategy {
             BenchStrategy::Chunked => {
                 let wrapper = if fusion { "fusion" } else { "no fusion" };
                 format!("chunked, {} steps per chunk, {wrapper}", s.chunk)
             }
-            BenchStrategy::Fused => describe_schedule(s, states_in_registers),
+            BenchStrategy::Fused => describe_schedule(s, in_registers),
         };
-        let forward_schedule = describe(timing.forward_schedule, timing.forward_in_registers);
+        let forward_schedule = describe(
+            timing.forward_schedule,
+            timing.forward_in_registers.then_some("states"),
+        );
         let backward_schedule = match strategy {
             BenchStrategy::Fused => format!(
                 "{}, checkpoints every {} steps",
-                describe(timing.backward_schedule, timing.recomputed_in_registers),
+                describe(
+                    timing.backward_schedule,
+                    timing
+                        .recomputed_in_registers
+                        .then_some("recomputed states"),
+                ),
                 timing.backward_schedule.chunk
             ),
-            BenchStrategy::Chunked => describe(timing.backward_schedule, false),
+            BenchStrategy::Chunked => describe(timing.backward_schedule, None),
         };
         println!(
             "| {} | {dtype:?} | {device:?} | {b} | {t} | {h} | {d} | {forward:.3} | {both:.3} | \
@@ -556,7 +564,7 @@ pub enum Command {
         /// Whether the backward scan's recomputation of each chunk holds the states in
         /// registers where the cell and the launch allow it; `false,true` times each shape
         /// both ways.
-        #[arg(long, value_delimiter = ',', default_value = "false")]
+        #[arg(long, value_delimiter = ',', default_value = "true")]
         recompute_registers: Vec<bool>,
         /// Append one JSON object per shape to this file.
         #[arg(long)]
@@ -650,7 +658,13 @@ fn emit(cell: &str, target: Target, options: EmitOptions) -> Result<String, Stri
         format!("{:?}", options.pass).to_lowercase(),
         format!("{:?}", options.dtype).to_lowercase(),
         sizes.join(" "),
-        describe_schedule(source.schedule, source.states_in_registers),
+        describe_schedule(
+            source.schedule,
+            source.states_in_registers.then_some(match options.pass {
+                Kernel::Backward => "recomputed states",
+                Kernel::Forward | Kernel::Step => "states",
+            }),
+        ),
     );
     Ok(format!("{header}\n{}", source.text))
 }
@@ -705,14 +719,10 @@ fn emit_chunked(
 
 /// A fused kernel's resolved schedule in words, as `rak emit`'s header and `rak bench`'s
 /// schedule column print it.
-fn describe_schedule(schedule: Schedule, states_in_registers: bool) -> String {
+fn describe_schedule(schedule: Schedule, in_registers: Option<&str>) -> String {
     let tile = schedule.tile.map_or("none".to_string(), |t| t.to_string());
     let placement = format!("{:?}", schedule.placement).to_lowercase();
-    let registers = if states_in_registers {
-        ", states in registers"
-    } else {
-        ""
-    };
+    let registers = in_registers.map_or(String::new(), |held| format!(", {held} in registers"));
     format!(
         "cube_dim {}, tile {tile}, {placement} workspace, sum_parts {}{registers}",
         schedule.cube_dim, schedule.sum_parts

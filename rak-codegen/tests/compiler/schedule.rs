@@ -527,7 +527,7 @@ fn launches_holding_states_in_registers() {
     assert!(!holds(64, 128, true));
     assert!(!holds(256, 64, false));
     // The recomputation: as many units per position along K as the cube has for it, so at
-    // least one wherever the tile fits the units; off unless asked for.
+    // least one wherever the tile fits the units; on unless switched off.
     let recomputes = |cube_dim: u32, tile: usize, registers: bool| {
         schedule(cube_dim, tile, registers).recomputes_in_registers(&compiled.backward, &[128, 128])
     };
@@ -535,7 +535,7 @@ fn launches_holding_states_in_registers() {
     assert!(recomputes(64, 64, true));
     assert!(!recomputes(64, 128, true));
     assert!(!recomputes(64, 16, false));
-    assert!(!Schedule::default().recompute_registers);
+    assert!(Schedule::default().recompute_registers);
     assert_eq!(split_sum_parts(256, 8, 128, 64), 4);
     assert_eq!(split_sum_parts(512, 8, 128, 32), 8);
     assert_eq!(split_sum_parts(64, 8, 3, 5), 3);
