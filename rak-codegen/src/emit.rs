@@ -142,13 +142,11 @@ struct SumStatement<'i> {
 
 /// See [`Emitter::held_in_registers`]: the comptime layout of the states held in registers
 /// (`parts_S`, `columns_S`, `lanes_S`, `slots_S`, whether this launch holds them:
-/// `in_registers`); the declarations of their arrays (in the scope they live in: the forward
-/// scan's whole launch, one chunk of the backward's recomputation, so that the compilers see
-/// no value of theirs live beyond it); their load from the workspace after the states are
-/// set; their store back to it (before a checkpoint and at the end), followed by a barrier.
+/// `in_registers`) and their
+/// arrays; their load from the workspace after the states are set; their store back to it
+/// (before a checkpoint and at the end), followed by a barrier.
 struct HeldInRegisters {
     layout: TokenStream,
-    arrays: TokenStream,
     load: TokenStream,
     store: TokenStream,
 }
@@ -1562,7 +1560,6 @@ impl<'a> Emitter<'a> {
     ) -> HeldInRegisters {
         let mut code = HeldInRegisters {
             layout: TokenStream::new(),
-            arrays: TokenStream::new(),
             load: TokenStream::new(),
             store: TokenStream::new(),
         };
@@ -1570,6 +1567,7 @@ impl<'a> Emitter<'a> {
             return code;
         }
         let mut conditions = vec![quote!(registers)];
+        let mut arrays = TokenStream::new();
         for &state in held {
             let names = self.register_names(state);
             let (parts, columns, lanes, slots, array) = (
@@ -1599,7 +1597,7 @@ impl<'a> Emitter<'a> {
                 let #slots = comptime![(#numel + #lanes - 1) / #lanes.max(1)];
             });
             conditions.push(quote!(#parts >= 1));
-            code.arrays.extend(quote! {
+            arrays.extend(quote! {
                 let mut #array = Array::<f32>::new(comptime![if in_registers {
                     #slots
                 } else {
@@ -1620,6 +1618,7 @@ impl<'a> Emitter<'a> {
             // Whether this launch holds the states in registers: asked for, and each state's
             // sums have at least one unit per element.
             let in_registers = comptime![#(#conditions)&&*];
+            #arrays
         });
         let (load, store, barrier) = (&code.load, &code.store, self.barrier());
         code.load = quote! {
@@ -1698,9 +1697,8 @@ impl<'a> Emitter<'a> {
             self.with_registers(held.clone()).forward_step()
         });
         let held = self.held_in_registers(&held, quote!(sum_parts));
-        let (layout, arrays) = (held.layout, held.arrays);
-        let register_layout = quote!(#layout #arrays);
-        let (load_registers, store_registers) = (held.load, held.store);
+        let (register_layout, load_registers, store_registers) =
+            (held.layout, held.load, held.store);
         let mut finals_code = TokenStream::new();
         for (id, state) in cell.states.iter().enumerate() {
             let at = self.at(Buffer::State(StateId(id)));
@@ -2000,7 +1998,6 @@ impl<'a> Emitter<'a> {
         let (recompute_step, registers_param) = registers_or_workspace(&held, recompute_step);
         let HeldInRegisters {
             layout: register_layout,
-            arrays: register_arrays,
             load: load_registers,
             store: store_registers,
         } = recomputation.held_in_registers(&held, quote!(cube_dim));
@@ -2166,7 +2163,6 @@ impl<'a> Emitter<'a> {
                         #recompute_reads
                     }
                     #barrier
-                    #register_arrays
                     #load_registers
                     for step in 0..steps {
                         let (block_start, block_end) = (t0 + step, t0 + step + 1);
