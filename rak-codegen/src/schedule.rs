@@ -564,29 +564,55 @@ pub struct StateLoad {
 /// those outside them (and inside `expr` itself if it is a sum), as a statement sees them when
 /// its sums are computed into buffers first.
 pub fn state_loads(cell: &Cell, expr: ExprId, into_sums: bool) -> Vec<StateLoad> {
-    fn walk(cell: &Cell, expr: ExprId, root: ExprId, into_sums: bool, found: &mut Vec<StateLoad>) {
+    (loads_where(cell, expr, into_sums, |value| matches!(value, Value::State(..))).into_iter())
+        .map(|(value, indices)| {
+            let Value::State(state, time) = value else {
+                unreachable!("only state loads are kept")
+            };
+            StateLoad {
+                state,
+                time,
+                indices,
+            }
+        })
+        .collect()
+}
+
+/// The loads under `expr` of the values `wanted` keeps, with their indices. `into_sums`: also
+/// those inside the sums under it; else only those outside them (and inside `expr` itself if
+/// it is a sum).
+pub fn loads_where(
+    cell: &Cell,
+    expr: ExprId,
+    into_sums: bool,
+    wanted: impl Fn(Value) -> bool,
+) -> Vec<(Value, Vec<IndexId>)> {
+    fn walk(
+        cell: &Cell,
+        expr: ExprId,
+        root: ExprId,
+        into_sums: bool,
+        wanted: &dyn Fn(Value) -> bool,
+        found: &mut Vec<(Value, Vec<IndexId>)>,
+    ) {
         match cell.exprs.get(expr) {
             Expr::Const(_) => {}
-            Expr::Load {
-                value: Value::State(state, time),
-                indices,
-            } => found.push(StateLoad {
-                state: *state,
-                time: *time,
-                indices: indices.clone(),
-            }),
-            Expr::Load { .. } => {}
-            Expr::Unary(_, a) => walk(cell, *a, root, into_sums, found),
+            Expr::Load { value, indices } => {
+                if wanted(*value) {
+                    found.push((*value, indices.clone()));
+                }
+            }
+            Expr::Unary(_, a) => walk(cell, *a, root, into_sums, wanted, found),
             Expr::Binary(_, a, b) => {
-                walk(cell, *a, root, into_sums, found);
-                walk(cell, *b, root, into_sums, found);
+                walk(cell, *a, root, into_sums, wanted, found);
+                walk(cell, *b, root, into_sums, wanted, found);
             }
             Expr::Sum { .. } if !into_sums && expr != root => {}
-            Expr::Sum { body, .. } => walk(cell, *body, root, into_sums, found),
+            Expr::Sum { body, .. } => walk(cell, *body, root, into_sums, wanted, found),
         }
     }
     let mut found = Vec::new();
-    walk(cell, expr, expr, into_sums, &mut found);
+    walk(cell, expr, expr, into_sums, &wanted, &mut found);
     found
 }
 
@@ -697,6 +723,96 @@ pub fn recomputed_register_states(cell: &Cell) -> std::collections::BTreeSet<Sta
         }
     }
     eligible
+}
+
+/// The states whose gradient the backward scan's walk carries from step to step in registers
+/// (where the launch asks for it, [`Schedule::walk_registers`]). Each unit holds its elements of
+/// `dS` as the recomputation holds the state ([`recomputed_register_states`]: element
+/// `u + m · lanes` in slot `m`, as many units per position along the first axis as the cube
+/// has): the gradient from the step after (`dS_next`) is read from the slot, `dS` is computed
+/// into it, and `dS_{t−1}` over it, without going through the workspace; `dS` is also written to
+/// its workspace buffer for the reads the slots do not serve. Sums over the first axis that
+/// read `dS` at the slot's element (SimpleRNN's `dv[j] = Σ_i dS[i, j] · k[i]`) add up the
+/// unit's own slots, split as the layout splits that axis.
+///
+/// A state qualifies when its carried gradient is written over the one carried from the step
+/// after ([`carried_in_place`]), every gradient of it is local to a cube's tile (not a
+/// per-tile part, see [`SplitPlan`]), `dS` and `dS_{t−1}` are defined element-wise (not by a
+/// `sum`), `dS_next` is read only by the definition of `dS`, at the element it defines and
+/// outside sums, `dS_{t−1}` is read by no definition, `dS_{t−1}` reads `dS` outside sums only
+/// at the element it defines, and no sum that reads `dS` comes after the definition of
+/// `dS_{t−1}` (which overwrites the slots; other reads of `dS` go to its workspace buffer).
+/// SimpleRNN's, GLA's, RetNet's, Mamba2's and DeltaNet's states qualify; not Elman's
+/// (`dh_{t−1}` is a sum) nor mLSTM's (the gradients of `n` and `m` are per-tile parts, and
+/// `dC_{t−1}` comes before the sums that read `dC`).
+pub fn carried_register_grads(step: &BackwardStep) -> std::collections::BTreeSet<StateId> {
+    let cell = &step.cell;
+    let split = split_plan(step);
+    let order: Vec<usize> = definition_phases(step).into_iter().flatten().collect();
+    let position = |grad: Grad| {
+        (order.iter()).position(|&d| step.definitions[d].grad == grad)
+    };
+    let is_sum = |expr: ExprId| matches!(cell.exprs.get(expr), Expr::Sum { .. });
+    let loads = |expr: ExprId, into_sums: bool, value: Value| -> Vec<Vec<IndexId>> {
+        (loads_where(cell, expr, into_sums, |v| v == value).into_iter())
+            .map(|(_, indices)| indices)
+            .collect()
+    };
+    (carried_in_place(step).into_iter())
+        .filter(|&state| {
+            let grads = [
+                Grad::StateFromNext(state),
+                Grad::State(state),
+                Grad::StatePrevious(state),
+            ];
+            let local = split
+                .as_ref()
+                .is_none_or(|plan| grads.iter().all(|&g| plan.grad(g) == GradSplit::Local));
+            let (Some(total), Some(previous)) = (
+                step.definition(Grad::State(state)),
+                step.definition(Grad::StatePrevious(state)),
+            ) else {
+                return false;
+            };
+            let (Some(previous_at), true) = (position(previous.grad), local) else {
+                return false;
+            };
+            let [from_next, total_value, previous_value] = grads.map(Value::Grad);
+            let shape_of = |indices: &[IndexId]| -> Shape {
+                indices.iter().map(|&i| cell.index_dim(i)).collect()
+            };
+            let state_shape = &cell.states[state.0].shape;
+            let elementwise = !is_sum(total.expr)
+                && !is_sum(previous.expr)
+                && shape_of(&total.indices) == *state_shape
+                && shape_of(&previous.indices) == *state_shape;
+            let reads_ok = step.definitions.iter().all(|definition| {
+                let own = |wanted: &GradDefinition, value| {
+                    loads(definition.expr, true, value)
+                        .iter()
+                        .all(|indices| *indices == wanted.indices)
+                        && loads(definition.expr, true, value).len()
+                            == loads(definition.expr, false, value).len()
+                };
+                let from_next_ok = if definition.grad == total.grad {
+                    own(total, from_next)
+                } else {
+                    loads(definition.expr, true, from_next).is_empty()
+                };
+                let previous_ok = loads(definition.expr, true, previous_value).is_empty();
+                let total_ok = if definition.grad == previous.grad {
+                    (loads(definition.expr, false, total_value).iter())
+                        .all(|indices| *indices == previous.indices)
+                } else {
+                    let in_sums = (cell.sums_under(&[definition.expr]).into_iter())
+                        .any(|sum| cell.reads(&[sum], total_value));
+                    !in_sums || position(definition.grad).is_some_and(|at| at < previous_at)
+                };
+                from_next_ok && previous_ok && total_ok
+            });
+            elementwise && reads_ok
+        })
+        .collect()
 }
 
 /// The units that share each element of a split sum ([`Schedule::sum_parts`]) of `elements`

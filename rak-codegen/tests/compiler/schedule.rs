@@ -3,9 +3,10 @@
 
 use crate::common::{CELL_NAMES, compile_cell};
 use rak_codegen::display::value_name;
-use rak_codegen::ir::{Cell, Expr, Grad, InputId, StateId, Value};
+use rak_codegen::ir::{BackwardStep, Cell, Expr, Grad, InputId, StateId, Value};
 use rak_codegen::schedule::{
-    Buffer, DeviceLimits, GradSplit, Pass, Placement, Schedule, WorkspaceLayout, carried_in_place,
+    Buffer, DeviceLimits, GradSplit, Pass, Placement, Schedule, WorkspaceLayout,
+    carried_in_place, carried_register_grads,
     definition_phases, in_place_states, recomputed_register_states, register_states, split_plan,
     split_sum_parts,
 };
@@ -61,7 +62,7 @@ fn simple_rnn_gradients_across_tiles() {
 /// time as per-tile parts.
 #[test]
 fn mlstm_carries_partial_state_gradients() {
-    let compiled = compile_cell("mlstm");
+    let compiled = compile_cell("elman");
     let plan = split_plan(&compiled.backward).unwrap();
     let state = |name: &str| {
         let id = compiled
@@ -357,12 +358,12 @@ fn states_updated_in_place() {
 }
 
 /// The states `select` holds in registers in each reference cell, as `cell: names`.
-fn held_by_reference_cells(select: fn(&Cell) -> BTreeSet<StateId>) -> Vec<String> {
+fn held_by_reference_cells(select: fn(&BackwardStep) -> BTreeSet<StateId>) -> Vec<String> {
     let mut found = Vec::new();
     for name in CELL_NAMES {
         let compiled = compile_cell(name);
         let cell = &compiled.cell;
-        let held: Vec<&str> = (select(cell).into_iter())
+        let held: Vec<&str> = (select(&compiled.backward).into_iter())
             .map(|s| cell.states[s.0].name.as_str())
             .collect();
         found.push(format!("{name}: {}", held.join(" ")));
@@ -372,7 +373,10 @@ fn held_by_reference_cells(select: fn(&Cell) -> BTreeSet<StateId>) -> Vec<String
 
 /// For each case (updates, outputs, expected state ids) of a one-dim cell with the input `x`
 /// and the state `S` (and `T` where the updates name it): the states `select` holds.
-fn check_held_states(select: fn(&Cell) -> BTreeSet<StateId>, cases: &[(&str, &str, Vec<usize>)]) {
+fn check_held_states(
+    select: fn(&BackwardStep) -> BTreeSet<StateId>,
+    cases: &[(&str, &str, Vec<usize>)],
+) {
     for (updates, outputs, expected) in cases {
         let states = if updates.contains("T[") {
             "state S[D, D], T[D, D];"
@@ -381,7 +385,9 @@ fn check_held_states(select: fn(&Cell) -> BTreeSet<StateId>, cases: &[(&str, &st
         };
         let source = format!("cell T {{ dims D; input x[D]; {states} {updates} {outputs} }}");
         let compiled = rak_codegen::compile_str(&source).unwrap_or_else(|e| panic!("{e}"));
-        let found: Vec<usize> = select(&compiled.cell).into_iter().map(|s| s.0).collect();
+        let found: Vec<usize> = (select(&compiled.backward).into_iter())
+            .map(|s| s.0)
+            .collect();
         assert_eq!(&found, expected, "{updates} {outputs}");
     }
 }
@@ -394,7 +400,7 @@ fn check_held_states(select: fn(&Cell) -> BTreeSet<StateId>, cases: &[(&str, &st
 #[test]
 fn states_held_in_registers() {
     assert_eq!(
-        held_by_reference_cells(register_states),
+        held_by_reference_cells(|step| register_states(&step.cell)),
         [
             "simple_rnn: S",
             "gla: S",
@@ -443,7 +449,7 @@ fn states_held_in_registers() {
             vec![0],
         ),
     ];
-    check_held_states(register_states, &cases);
+    check_held_states(|step| register_states(&step.cell), &cases);
 }
 
 /// The states the backward scan's recomputation holds in registers: updated in place and read
@@ -452,7 +458,7 @@ fn states_held_in_registers() {
 #[test]
 fn states_the_recomputation_holds_in_registers() {
     assert_eq!(
-        held_by_reference_cells(recomputed_register_states),
+        held_by_reference_cells(|step| recomputed_register_states(&step.cell)),
         [
             "simple_rnn: S",
             "gla: S",
@@ -502,7 +508,54 @@ fn states_the_recomputation_holds_in_registers() {
             vec![],
         ),
     ];
-    check_held_states(recomputed_register_states, &cases);
+    check_held_states(|step| recomputed_register_states(&step.cell), &cases);
+}
+
+/// Which states' gradients the backward walk carries in registers: those of the linear reference
+/// cells; not Elman's (`dh_{t−1}` is a sum), nor mLSTM's (the gradients of `n` and `m` are
+/// per-tile parts, and `dC_{t−1}`'s phase comes before the sums that read `dC`); none where
+/// `dS_{t−1}` is a sum or reads `dS` at another element than its own.
+#[test]
+fn gradients_the_walk_carries_in_registers() {
+    assert_eq!(
+        held_by_reference_cells(carried_register_grads),
+        [
+            "simple_rnn: S",
+            "gla: S",
+            "retnet: S",
+            "mamba2: h",
+            "deltanet: S",
+            "mlstm: ",
+            "elman: ",
+        ]
+    );
+    let cases = [
+        // SimpleRNN's form.
+        (
+            "update S[i, j] = S[i, j] * x[i] + x[j];",
+            "output o[j] = sum(i) x[i] * S[i, j];",
+            vec![0],
+        ),
+        // dS_{t−1} is a sum over the state (as Elman's).
+        (
+            "update S[i, j] = sum(l) x[l] * S[l, j];",
+            "output o[j] = sum(i) x[i] * S[i, j];",
+            vec![],
+        ),
+        // dS_{t−1} reads dS at other elements than its own.
+        (
+            "update S[i, j] = S[j, i] + x[i];",
+            "output o[j] = sum(i) x[i] * S[i, j];",
+            vec![],
+        ),
+        // Two states: T's gradient is read by dS_{t−1}'s definition, S's by T's.
+        (
+            "update S[i, j] = S[i, j] * x[i] + T[i, j]; update T[i, j] = T[i, j] + x[j];",
+            "output o[j] = sum(i) x[i] * S[i, j];",
+            vec![0, 1],
+        ),
+    ];
+    check_held_states(carried_register_grads, &cases);
 }
 
 /// Whether a launch holds SimpleRNN's state in registers: when each sum's elements (the tile
