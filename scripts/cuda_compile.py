@@ -6,8 +6,8 @@ sizes, element types and schedules go through NVRTC with the options cubecl-cuda
 H100/H200 (`--gpu-architecture=sm_90a -lineinfo`), then through ptxas, whose report gives each
 kernel's registers per thread, spills and stack. Prints a Markdown table; exits 1 if any kernel
 fails to compile (the log names it), or if a kernel that holds its states in registers (the
-forward scan; the backward scan's recomputation, "recomputed states in registers") may
-spill them under the default schedule (the point of holding them there is to keep them out of
+forward scan; the backward scan's recomputation and the state gradients its walk carries,
+"recomputed states and carried gradients in registers") may spill them under the default schedule (the point of holding them there is to keep them out of
 memory; spills under other schedules are reported, not failed: ptxas trades registers for
 occupancy), or if SimpleRNN's forward or backward scan, at the tile one of issue 6's benchmark shapes gets, needs more
 registers than let its whole grid fit a 132-SM GPU at once (`Kernel.grid_cubes`).
@@ -251,8 +251,9 @@ def compile_one(kernel: Kernel, rak: Path, nvrtc: Nvrtc, cuda: Path, arch: str, 
     header, _, source = emitted.stdout.partition("\n")
     # "// rak emit: CELL PASS kernel, DTYPE, SIZES; SCHEDULE"
     result.schedule = header.split("; ", 1)[-1]
-    # ", states in registers" (forward) or ", recomputed states in registers" (backward).
-    result.in_registers = "states in registers" in header
+    # ", states in registers" (forward) or, for the backward, ", recomputed states in
+    # registers", ", carried gradients in registers" or both.
+    result.in_registers = " in registers" in header
     ptx, log = nvrtc.ptx(source)
     name = kernel.slug()
     if ptx is None:

@@ -321,10 +321,13 @@ step_checkpoints() {
 # this; the default follows from here. Each both with the recomputation's states in the
 # workspace and in registers (`Schedule::recompute_registers`, the default since 2026-12-05:
 # half the shared-memory reads and a barrier fewer per recomputed step, 8% fewer instructions
-# in SimpleRNN's time loop by ptxas's output; BENCHMARKS.md).
+# in SimpleRNN's time loop by ptxas's output; BENCHMARKS.md), and with the walk's state
+# gradients in the workspace and in registers (`Schedule::walk_registers`, the default since
+# 2026-12-05 (2nd session): `dv`'s sum split by the register layout whatever `sum_parts` says,
+# SimpleRNN's kernel at 128 registers instead of 232; BENCHMARKS.md).
 step_backward_sums() {
-    within 60 "$rak" bench --device cuda --repetitions 5 --warmup 1 --shape 8,2048,8,128 \
-        --backward-sum-parts 1,8 --recompute-registers false,true \
+    within 100 "$rak" bench --device cuda --repetitions 5 --warmup 1 --shape 8,2048,8,128 \
+        --backward-sum-parts 1,8 --recompute-registers false,true --walk-registers false,true \
         --json "$res/backward-sums.jsonl" > "$res/backward-sums.md" 2>&1
     echo "backward sums: exit $?" >> "$res/backward-sums.md"
     cat "$res/backward-sums.md"

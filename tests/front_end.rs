@@ -190,25 +190,31 @@ fn cli_emits_cuda_at_the_requested_dtype_and_schedule() {
         "{header}"
     );
     // The backward scan at its own units and sum parts, unless they are given.
-    let (header, _) = first_line(&["--pass", "backward", "--dim", "128", "--tile", "16"]);
-    assert!(
-        header.ends_with(
-            "; cube_dim 64, tile 16, shared workspace, sum_parts 1, recomputed states in registers"
+    // What it holds in registers: the recomputation's states, the walk's gradients, both or
+    // neither.
+    let backward = ["--pass", "backward", "--dim", "128", "--tile", "16"];
+    for (recompute, walk, held) in [
+        (
+            "true",
+            "true",
+            ", recomputed states and carried gradients in registers",
         ),
-        "{header}"
-    );
-    let (header, _) = first_line(&[
-        "--pass",
-        "backward",
-        "--dim",
-        "128",
-        "--tile",
-        "16",
-        "--recompute-registers",
-        "false",
-    ]);
+        ("true", "false", ", recomputed states in registers"),
+        ("false", "true", ", carried gradients in registers"),
+        ("false", "false", ""),
+    ] {
+        let registers = ["--recompute-registers", recompute, "--walk-registers", walk];
+        let (header, _) = first_line(&[&backward[..], &registers].concat());
+        assert!(
+            header.ends_with(&format!(
+                "; cube_dim 64, tile 16, shared workspace, sum_parts 1{held}"
+            )),
+            "{header}"
+        );
+    }
+    let (header, _) = first_line(&backward);
     assert!(
-        header.ends_with("; cube_dim 64, tile 16, shared workspace, sum_parts 1"),
+        header.ends_with("sum_parts 1, recomputed states and carried gradients in registers"),
         "{header}"
     );
     let (header, _) = first_line(&["--pass", "backward", "--dim", "128", "--cube-dim", "128"]);

@@ -438,7 +438,8 @@ fn kernels_match_the_interpreter_for_every_cell() {
 /// split among units in parts that do not divide the summed axis (3 parts over 33 or 8
 /// values), and sums left to one unit each (1 part; the other tests split them into up to 8);
 /// states held in registers (stored to and loaded from either placement) or not, in the
-/// forward scan and the backward scan's recomputation alike; 16 units
+/// forward scan and the backward scan's recomputation alike, and the state gradients the
+/// backward walk carries in registers or not; 16 units
 /// per cube, so that a unit loads 17 elements of a block of staged inputs (8 × 33 over 16
 /// units), more than one batch of reads issued together (`GATHER_BATCH` in the emitter). The
 /// backward scan reads each step's state one step ahead into registers (17 per unit for the
@@ -465,6 +466,7 @@ fn split_tiles_and_workspace_placements() {
             sum_parts,
             registers,
             recompute_registers: registers,
+            walk_registers: registers,
             cube_dim,
             ..cpu_schedule()
         }
@@ -482,6 +484,10 @@ fn split_tiles_and_workspace_placements() {
         );
         assert_eq!(
             resolved.recomputes_in_registers(&simple_rnn.backward, &[dim, dim]),
+            registers
+        );
+        assert_eq!(
+            resolved.walks_in_registers(&simple_rnn.backward, &[dim, dim]),
             registers
         );
         for_each_cell!(compare(

@@ -79,6 +79,10 @@ pub struct Schedule {
     /// backward kernel's time loop from 2,094 to 1,933 instructions (BENCHMARKS.md); not
     /// timed on a GPU yet (`rak bench --recompute-registers false,true`).
     pub recompute_registers: bool,
+    /// Whether the backward scan's walk carries the state gradients that allow it
+    /// ([`carried_register_grads`]) in registers from step to step, where its `cube_dim` allows
+    /// it; else they go through the workspace at every step.
+    pub walk_registers: bool,
     /// Units per cube of the backward scan, where it differs from the forward's (`None`:
     /// `cube_dim`); see [`Schedule::for_backward`].
     pub backward_cube_dim: Option<u32>,
@@ -99,6 +103,7 @@ impl Default for Schedule {
             sum_parts: 8,
             registers: true,
             recompute_registers: true,
+            walk_registers: true,
             // The H200 sweep of 2026-12-04 (SimpleRNN, B=8 T=2048 H=8 K=V=128): the backward
             // scan took 26.8 ms with 64 units and unsplit sums, 37.5 with 64 units and split
             // sums, 39.9–40.7 with 128 units either way; the forward was fastest with split
@@ -139,16 +144,6 @@ impl Schedule {
             .step_by(per_launch)
             .map(|first| first..(first + per_launch).min(chunks))
             .collect()
-    }
-
-    /// Elements of the workspace buffer of partial sums ([`Buffer::SumParts`]): one per unit
-    /// when sums are split, else none.
-    pub fn sum_parts_size(&self) -> usize {
-        if self.sum_parts > 1 {
-            self.cube_dim as usize
-        } else {
-            0
-        }
     }
 }
 
@@ -564,18 +559,21 @@ pub struct StateLoad {
 /// those outside them (and inside `expr` itself if it is a sum), as a statement sees them when
 /// its sums are computed into buffers first.
 pub fn state_loads(cell: &Cell, expr: ExprId, into_sums: bool) -> Vec<StateLoad> {
-    (loads_where(cell, expr, into_sums, |value| matches!(value, Value::State(..))).into_iter())
-        .map(|(value, indices)| {
-            let Value::State(state, time) = value else {
-                unreachable!("only state loads are kept")
-            };
-            StateLoad {
-                state,
-                time,
-                indices,
-            }
-        })
-        .collect()
+    (loads_where(cell, expr, into_sums, |value| {
+        matches!(value, Value::State(..))
+    })
+    .into_iter())
+    .map(|(value, indices)| {
+        let Value::State(state, time) = value else {
+            unreachable!("only state loads are kept")
+        };
+        StateLoad {
+            state,
+            time,
+            indices,
+        }
+    })
+    .collect()
 }
 
 /// The loads under `expr` of the values `wanted` keeps, with their indices. `into_sums`: also
@@ -749,9 +747,7 @@ pub fn carried_register_grads(step: &BackwardStep) -> std::collections::BTreeSet
     let cell = &step.cell;
     let split = split_plan(step);
     let order: Vec<usize> = definition_phases(step).into_iter().flatten().collect();
-    let position = |grad: Grad| {
-        (order.iter()).position(|&d| step.definitions[d].grad == grad)
-    };
+    let position = |grad: Grad| (order.iter()).position(|&d| step.definitions[d].grad == grad);
     let is_sum = |expr: ExprId| matches!(cell.exprs.get(expr), Expr::Sum { .. });
     let loads = |expr: ExprId, into_sums: bool, value: Value| -> Vec<Vec<IndexId>> {
         (loads_where(cell, expr, into_sums, |v| v == value).into_iter())
@@ -842,6 +838,15 @@ impl Schedule {
         self.recompute_registers && self.fits_registers(step, dims, &held, units)
     }
 
+    /// Whether the backward scan's walk, launched with this schedule (resolved for the backward
+    /// scan) at these dim sizes, carries the state gradients that allow it in registers
+    /// ([`carried_register_grads`]).
+    pub fn walks_in_registers(&self, step: &BackwardStep, dims: &[usize]) -> bool {
+        let held = carried_register_grads(step);
+        let units = self.cube_dim as usize;
+        self.walk_registers && self.fits_registers(step, dims, &held, units)
+    }
+
     /// Whether `held` is not empty and each of its states has at least one unit per position
     /// along its first axis ([`split_sum_parts`] under `sum_parts`) at these dim sizes.
     fn fits_registers(
@@ -891,7 +896,7 @@ pub enum Buffer {
     /// its free indices in id order.
     Sum(ExprId),
     /// The partial sums of a `sum` split among units ([`Schedule::sum_parts`]): one element
-    /// per unit, reused by every split sum of the step ([`Schedule::sum_parts_size`]).
+    /// per unit, reused by every split sum of the step ([`WorkspaceLayout::sum_parts_size`]).
     SumParts,
 }
 
@@ -993,6 +998,10 @@ pub enum Pass {
 pub struct WorkspaceLayout {
     pub buffers: Vec<Buffer>,
     pub pass: Pass,
+    /// Whether the walk may split sums over the state gradients it carries in registers
+    /// ([`carried_register_grads`]), whatever `sum_parts` says (the backward pass of a cell
+    /// that has such gradients).
+    pub walk_splits_sums: bool,
 }
 
 impl WorkspaceLayout {
@@ -1044,7 +1053,12 @@ impl WorkspaceLayout {
         if pass == Pass::Backward {
             buffers.push(Buffer::ChunkStates);
         }
-        WorkspaceLayout { buffers, pass }
+        let walk_splits_sums = pass == Pass::Backward && !carried_register_grads(step).is_empty();
+        WorkspaceLayout {
+            buffers,
+            pass,
+            walk_splits_sums,
+        }
     }
 
     /// The dims whose product is the buffer's size (for `ChunkStates`, which holds every state
@@ -1096,6 +1110,16 @@ impl WorkspaceLayout {
         self.sizes(cell, dims, schedule, |b| b == Buffer::ChunkStates)
     }
 
+    /// Elements of the buffer of partial sums ([`Buffer::SumParts`]): one per unit where sums
+    /// are split (`sum_parts` above 1, or the walk carrying gradients in registers), else none.
+    pub fn sum_parts_size(&self, schedule: &Schedule) -> usize {
+        if schedule.sum_parts > 1 || (self.walk_splits_sums && schedule.walk_registers) {
+            schedule.cube_dim as usize
+        } else {
+            0
+        }
+    }
+
     fn sizes(
         &self,
         cell: &Cell,
@@ -1108,7 +1132,7 @@ impl WorkspaceLayout {
             .filter(|&&b| keep(b))
             .map(|&b| {
                 if b == Buffer::SumParts {
-                    return schedule.sum_parts_size();
+                    return self.sum_parts_size(schedule);
                 }
                 let elements: usize = Self::shapes(cell, b)
                     .iter()

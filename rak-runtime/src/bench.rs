@@ -44,6 +44,9 @@ pub struct KernelTiming {
     /// Whether the backward scan's recomputation held the states in registers
     /// ([`Schedule::recomputes_in_registers`]; false for the chunked scan).
     pub recomputed_in_registers: bool,
+    /// Whether the backward scan's walk carried the state gradients in registers
+    /// ([`Schedule::walks_in_registers`]; false for the chunked scan).
+    pub walked_in_registers: bool,
     /// The chunked path's own kernels timed alone at the sizes the scan gives them
     /// ([`time_chunked`] when asked; empty otherwise).
     pub parts: Vec<PartTiming>,
@@ -208,6 +211,9 @@ pub fn time_cell<C: CellKernels, F: Float + CubeElement, R: Runtime>(
         recomputed_in_registers: backward
             .schedule()
             .recomputes_in_registers(&runner.compiled().backward, &shape.dims),
+        walked_in_registers: backward
+            .schedule()
+            .walks_in_registers(&runner.compiled().backward, &shape.dims),
         parts: Vec::new(),
     })
 }
@@ -325,6 +331,7 @@ where
         backward_schedule: schedule,
         forward_in_registers: false,
         recomputed_in_registers: false,
+        walked_in_registers: false,
         parts,
     })
 }

@@ -236,9 +236,7 @@ fn bench(
                 "{}, checkpoints every {} steps",
                 describe(
                     timing.backward_schedule,
-                    timing
-                        .recomputed_in_registers
-                        .then_some("recomputed states"),
+                    backward_registers(timing.recomputed_in_registers, timing.walked_in_registers),
                 ),
                 timing.backward_schedule.chunk
             ),
@@ -257,10 +255,12 @@ fn bench(
                 "chunk": schedule.chunk, "cube_dim": schedule.cube_dim,
                 "sum_parts": schedule.sum_parts, "registers": schedule.registers,
                 "recompute_registers": schedule.recompute_registers,
+                "walk_registers": schedule.walk_registers,
                 "backward_cube_dim": schedule.backward_cube_dim,
                 "backward_sum_parts": schedule.backward_sum_parts,
                 "forward_in_registers": timing.forward_in_registers,
                 "recomputed_in_registers": timing.recomputed_in_registers,
+                "walked_in_registers": timing.walked_in_registers,
                 "strategy": format!("{strategy:?}").to_lowercase(),
                 "forward_schedule": forward_schedule, "backward_schedule": backward_schedule,
                 "fusion": strategy == BenchStrategy::Chunked && fusion,
@@ -487,6 +487,10 @@ pub enum Command {
         /// registers where it can (CUDA and WGSL).
         #[arg(long, default_value_t = Schedule::default().recompute_registers, action = clap::ArgAction::Set)]
         recompute_registers: bool,
+        /// Whether the backward scan's walk carries the state gradients in registers from step
+        /// to step where it can (CUDA and WGSL).
+        #[arg(long, default_value_t = Schedule::default().walk_registers, action = clap::ArgAction::Set)]
+        walk_registers: bool,
         /// Values of the split axis per cube (CUDA and WGSL; default: the tile a launch of
         /// one sequence gets with 48 KiB of shared memory; a GPU launch of many sequences
         /// takes smaller tiles, see `rak bench`'s schedule column).
@@ -566,6 +570,11 @@ pub enum Command {
         /// both ways.
         #[arg(long, value_delimiter = ',', default_value = "true")]
         recompute_registers: Vec<bool>,
+        /// Whether the backward scan's walk carries the state gradients in registers from step
+        /// to step where the cell and the launch allow it; `false,true` times each shape both
+        /// ways.
+        #[arg(long, value_delimiter = ',', default_value = "true")]
+        walk_registers: Vec<bool>,
         /// Append one JSON object per shape to this file.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -660,10 +669,12 @@ fn emit(cell: &str, target: Target, options: EmitOptions) -> Result<String, Stri
         sizes.join(" "),
         describe_schedule(
             source.schedule,
-            source.states_in_registers.then_some(match options.pass {
-                Kernel::Backward => "recomputed states",
-                Kernel::Forward | Kernel::Step => "states",
-            }),
+            match options.pass {
+                Kernel::Backward => {
+                    backward_registers(source.states_in_registers, source.gradients_in_registers)
+                }
+                Kernel::Forward | Kernel::Step => source.states_in_registers.then_some("states"),
+            },
         ),
     );
     Ok(format!("{header}\n{}", source.text))
@@ -715,6 +726,17 @@ fn emit_chunked(
         kernel.units(sizes),
     );
     Ok(format!("{header}\n{source}"))
+}
+
+/// What the backward scan holds in registers, in words: the recomputation's states, the state
+/// gradients its walk carries, both or neither.
+fn backward_registers(recomputed: bool, walked: bool) -> Option<&'static str> {
+    match (recomputed, walked) {
+        (true, true) => Some("recomputed states and carried gradients"),
+        (true, false) => Some("recomputed states"),
+        (false, true) => Some("carried gradients"),
+        (false, false) => None,
+    }
 }
 
 /// A fused kernel's resolved schedule in words, as `rak emit`'s header and `rak bench`'s
@@ -981,6 +1003,7 @@ pub fn run(cli: Cli) -> ExitCode {
             sum_parts,
             registers,
             recompute_registers,
+            walk_registers,
             tile,
             chunk,
             sub_chunk,
@@ -1002,6 +1025,7 @@ pub fn run(cli: Cli) -> ExitCode {
                         backward_sum_parts: sum_parts.or(defaults.backward_sum_parts),
                         registers,
                         recompute_registers,
+                        walk_registers,
                         tile,
                         ..defaults
                     }
@@ -1059,6 +1083,7 @@ pub fn run(cli: Cli) -> ExitCode {
             sum_parts,
             registers,
             recompute_registers,
+            walk_registers,
             backward_cube_dim,
             backward_sum_parts,
             json,
@@ -1083,6 +1108,7 @@ pub fn run(cli: Cli) -> ExitCode {
             let schedules = every(schedules, &recompute_registers, |s, v| {
                 s.recompute_registers = v
             });
+            let schedules = every(schedules, &walk_registers, |s, v| s.walk_registers = v);
             let schedules = every(schedules, &tiles, |s, v| s.tile = v);
             let schedules = every(schedules, &backward_cube_dim, |s, v| {
                 s.backward_cube_dim = v

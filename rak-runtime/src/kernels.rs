@@ -739,6 +739,9 @@ pub struct KernelSource {
     /// Whether the kernel holds the cell's states in registers (the forward scan; the
     /// backward scan's recomputation, `Schedule::recompute_registers`; never the step).
     pub states_in_registers: bool,
+    /// Whether the kernel carries the state gradients in registers through its walk (the
+    /// backward scan, `Schedule::walk_registers`).
+    pub gradients_in_registers: bool,
 }
 
 /// The CUDA C++ or WGSL source of one of a cell's kernels for `dtype` inputs, at the given dim
@@ -799,10 +802,13 @@ pub fn kernel_source<C: CellKernels>(
         Kernel::Backward => schedule.recomputes_in_registers(&compiled.backward, dims),
         Kernel::Step => false,
     };
+    let gradients_in_registers =
+        kernel == Kernel::Backward && schedule.walks_in_registers(&compiled.backward, dims);
     Ok(KernelSource {
         text: source,
         schedule,
         states_in_registers,
+        gradients_in_registers,
     })
 }
 

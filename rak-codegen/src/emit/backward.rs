@@ -110,6 +110,18 @@ impl Emitter<'_> {
         let primal = self.prefetch("primal", &primal_copies, quote!(true));
         let mut ready = HashSet::new();
         let primal_lets = self.lets(&mut ready);
+        // The state gradients the walk may carry in registers: loaded from the workspace
+        // before the chunk's walk, stored back to it after.
+        let carried = crate::schedule::carried_register_grads(self.step);
+        let flags = (ident("walk_registers"), ident("walk_in_registers"));
+        let (definitions, walk_param) = choose_registers(&carried, flags, |held| {
+            (self.with_carried_registers(held.clone())).walk_definitions(&mut ready.clone())
+        });
+        let HeldInRegisters {
+            layout: carried_layout,
+            load: load_carried,
+            store: store_carried,
+        } = (self.with_carried_registers(carried.clone())).carried_in_registers(&carried);
         let Prefetch {
             registers: recompute_registers,
             reads: recompute_reads,
@@ -134,7 +146,6 @@ impl Emitter<'_> {
             }
             #primal_reads
         };
-        let definitions = self.walk_definitions(&mut ready);
         let sinks = self.walk_sinks(&grad_inputs);
         let finish = self.backward_finish(&grad_initial, &grad_params);
         quote! {
@@ -158,9 +169,11 @@ impl Emitter<'_> {
                 end_chunk_from_end: u32,
                 #comptime_dims,
                 #registers_param
+                #walk_param
             ) {
                 #prelude
                 #register_layout
+                #carried_layout
                 // One step's inputs at a time.
                 let input_step = 0usize;
                 // Registers for the values read one step ahead (see `Prefetch`).
@@ -205,6 +218,7 @@ impl Emitter<'_> {
                         let step = steps - 1;
                         #read_ahead
                     }
+                    #load_carried
                     for step_from_end in 0..steps {
                         let step = steps - 1 - step_from_end;
                         let row = (batch_index * time_len + t0 + step) * heads + head;
@@ -228,6 +242,7 @@ impl Emitter<'_> {
                         #sinks
                         #barrier
                     }
+                    #store_carried
                 }
                 #save
                 #finish
@@ -312,6 +327,12 @@ impl Emitter<'_> {
         for phase in crate::schedule::definition_phases(self.step) {
             let last = phase.len() - 1;
             for (n, definition) in phase.iter().map(|&d| &self.step.definitions[d]).enumerate() {
+                if let Grad::State(state) | Grad::StatePrevious(state) = definition.grad
+                    && self.carried_registers.contains(&state)
+                {
+                    definitions.extend(self.carried_register_definition(ready, definition, state));
+                    continue;
+                }
                 definitions.extend(self.define_buffer(
                     ready,
                     Buffer::Grad(definition.grad),

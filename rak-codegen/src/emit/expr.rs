@@ -196,19 +196,17 @@ impl<'e, 'a> ExprEmitter<'e, 'a> {
         let emitter = self.emitter;
         let cell = emitter.cell;
         let flat = emitter.flat_index(indices);
-        if let Value::State(state, _) = value
-            && emitter.registers.contains(&state)
-        {
-            let slot = match &self.register_view {
-                Some((aligned, slot)) if aligned == indices => slot,
+        if let Some(array) = emitter.register_array_of(value) {
+            match &self.register_view {
+                Some((aligned, slot)) if aligned == indices => return quote!(#array[#slot]),
+                // `dS` is also in its workspace buffer.
+                _ if matches!(value, Value::Grad(Grad::State(_))) => {}
                 _ => panic!(
-                    "state `{}` is held in registers but read where no slot holds it \
-                     (register_states admitted a load the emitter cannot serve)",
-                    cell.states[state.0].name
+                    "`{}` is held in registers but read where no slot holds it (the schedule \
+                     admitted a load the emitter cannot serve)",
+                    crate::display::value_name(cell, value)
                 ),
-            };
-            let array = emitter.register_names(state).array;
-            return quote!(#array[#slot]);
+            }
         }
         match crate::schedule::value_buffer(value) {
             Some(Buffer::Input(i)) => {

@@ -114,8 +114,12 @@ impl Emitter<'_> {
         );
         // The backward scan's (`recompute_registers`), if its recomputation has states to
         // hold in registers.
-        let backward_registers = (!crate::schedule::recomputed_register_states(cell).is_empty())
+        let recompute_registers = (!crate::schedule::recomputed_register_states(cell).is_empty())
             .then(|| quote!(schedule.recompute_registers,));
+        // And its `walk_registers`, if its walk has state gradients to carry in registers.
+        let walk_registers = (!crate::schedule::carried_register_grads(self.step).is_empty())
+            .then(|| quote!(schedule.walk_registers,));
+        let backward_registers = quote!(#recompute_registers #walk_registers);
         let backward_definition =
             definition("backward", backward_arrays, 3, quote!(#backward_registers));
         let step_arrays = inputs_n + params_n + states + outputs_n + 1;

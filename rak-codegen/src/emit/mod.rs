@@ -55,7 +55,7 @@ mod statements;
 use copies::{Place, Prefetch, Transfer};
 use elements::{ElementValue, StridedElements};
 use expr::ExprEmitter;
-use registers::{HeldInRegisters, registers_or_workspace};
+use registers::{HeldInRegisters, choose_registers, registers_or_workspace};
 use statements::SumStatement;
 
 /// The kernels and launchers of a cell, as items for a module that has
@@ -103,6 +103,9 @@ struct Emitter<'a> {
     /// The states the code being emitted holds in registers (the forward scan's register step,
     /// see [`crate::schedule::register_states`]); empty elsewhere.
     registers: BTreeSet<StateId>,
+    /// The states whose gradient the code being emitted carries in registers (the backward
+    /// walk's, see [`crate::schedule::carried_register_grads`]); empty elsewhere.
+    carried_registers: BTreeSet<StateId>,
     /// Whether the loops over the slots of states held in registers ([`Emitter::slot_loop`])
     /// decide their bounds tests at compile time where they always hold: in the backward
     /// scan's recomputation, where NVVM proved neither test, and the values of the register
@@ -161,6 +164,7 @@ impl<'a> Emitter<'a> {
                 Pass::Backward => crate::schedule::carried_in_place(step),
             },
             registers: BTreeSet::new(),
+            carried_registers: BTreeSet::new(),
             slot_bounds_at_compile_time: false,
         }
     }
@@ -287,6 +291,20 @@ impl<'a> Emitter<'a> {
             quote!((#(#sizes)+*))
         };
         match buffer {
+            // The walk splits its sums over the gradients it carries in registers whatever
+            // `sum_parts` says (`WorkspaceLayout::sum_parts_size`).
+            Buffer::SumParts
+                if pass == Pass::Backward
+                    && !crate::schedule::carried_register_grads(self.step).is_empty() =>
+            {
+                quote!(
+                    (if sum_parts > 1 || walk_registers {
+                        cube_dim
+                    } else {
+                        0usize
+                    })
+                )
+            }
             Buffer::SumParts => quote!((if sum_parts > 1 { cube_dim } else { 0usize })),
             Buffer::ChunkStates => quote!((#total * (chunk + 1))),
             Buffer::Input(_) if pass == Pass::Forward => quote!((#total * stage)),

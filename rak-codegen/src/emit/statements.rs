@@ -66,14 +66,14 @@ impl Emitter<'_> {
     ) -> TokenStream {
         if let &Expr::Sum { index, body } = self.cell.exprs.get(expr)
             && !ready.contains(&self.sum_class(expr))
-            && let Some(state) = self.register_state_of_sum(expr)
+            && let Some(registers) = self.registers_of_sum(expr, &[&[index], indices].concat())
         {
             let sum = SumStatement {
                 indices,
                 index,
                 body,
             };
-            return self.register_sum(ready, &sum, state, followed_by_barrier, store);
+            return self.register_sum(ready, &sum, registers, followed_by_barrier, store);
         }
         let shape = self.shape_of(indices);
         let decode = self.decode_indices(indices);

@@ -3,12 +3,11 @@
 
 use crate::common::{CELL_NAMES, compile_cell};
 use rak_codegen::display::value_name;
-use rak_codegen::ir::{BackwardStep, Cell, Expr, Grad, InputId, StateId, Value};
+use rak_codegen::ir::{BackwardStep, Expr, Grad, InputId, StateId, Value};
 use rak_codegen::schedule::{
-    Buffer, DeviceLimits, GradSplit, Pass, Placement, Schedule, WorkspaceLayout,
-    carried_in_place, carried_register_grads,
-    definition_phases, in_place_states, recomputed_register_states, register_states, split_plan,
-    split_sum_parts,
+    Buffer, DeviceLimits, GradSplit, Pass, Placement, Schedule, WorkspaceLayout, carried_in_place,
+    carried_register_grads, definition_phases, in_place_states, recomputed_register_states,
+    register_states, split_plan, split_sum_parts,
 };
 use std::collections::BTreeSet;
 
@@ -62,7 +61,7 @@ fn simple_rnn_gradients_across_tiles() {
 /// time as per-tile parts.
 #[test]
 fn mlstm_carries_partial_state_gradients() {
-    let compiled = compile_cell("elman");
+    let compiled = compile_cell("mlstm");
     let plan = split_plan(&compiled.backward).unwrap();
     let state = |name: &str| {
         let id = compiled
