@@ -770,7 +770,7 @@ pub fn carried_register_grads(step: &BackwardStep) -> std::collections::BTreeSet
             ) else {
                 return false;
             };
-            let (Some(previous_at), true) = (position(previous.grad), local) else {
+            let Some(previous_at) = position(previous.grad).filter(|_| local) else {
                 return false;
             };
             let [from_next, total_value, previous_value] = grads.map(Value::Grad);
@@ -783,15 +783,16 @@ pub fn carried_register_grads(step: &BackwardStep) -> std::collections::BTreeSet
                 && shape_of(&total.indices) == *state_shape
                 && shape_of(&previous.indices) == *state_shape;
             let reads_ok = step.definitions.iter().all(|definition| {
-                let own = |wanted: &GradDefinition, value| {
-                    loads(definition.expr, true, value)
+                // Every load of `value` at the element `definition` defines, none in a sum.
+                let only_at_own_element = |value| {
+                    let everywhere = loads(definition.expr, true, value);
+                    everywhere
                         .iter()
-                        .all(|indices| *indices == wanted.indices)
-                        && loads(definition.expr, true, value).len()
-                            == loads(definition.expr, false, value).len()
+                        .all(|indices| *indices == definition.indices)
+                        && everywhere.len() == loads(definition.expr, false, value).len()
                 };
                 let from_next_ok = if definition.grad == total.grad {
-                    own(total, from_next)
+                    only_at_own_element(from_next)
                 } else {
                     loads(definition.expr, true, from_next).is_empty()
                 };
