@@ -6,14 +6,17 @@
 //! two cores). Writes its run directory to `runs/train_fused` (metrics.jsonl, checkpoints,
 //! model.safetensors).
 
-use rak::cells::SimpleRnn;
-use rak::runtime::jobs::train_on_best;
+use rak::cells::Builtin;
+use rak::runtime::jobs::train_builtin_on_best;
 use rak::runtime::train::TrainConfig;
 
 fn main() {
     // A 2-layer, 2-head pre-norm LM (D = 64, K = V = 16) on recall: 300 steps.
-    let config = TrainConfig::recall("simple_rnn", 2);
-    let (device, result) = train_on_best::<SimpleRnn>(&config, "runs/train_fused");
+    // A built-in cell trains through code compiled once in rak (`train_on_best::<C>` compiles
+    // the training stack for `C` here: see examples/train_new_cell.rs).
+    let cell = Builtin::find("simple_rnn").expect("SimpleRNN is a built-in cell");
+    let config = TrainConfig::recall(cell.file, 2);
+    let (device, result) = train_builtin_on_best(cell, &config, "runs/train_fused");
     println!("device: {}", device.name);
     match result {
         Ok(summary) => println!("{}", summary.report()),

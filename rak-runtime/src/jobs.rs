@@ -45,29 +45,59 @@ pub fn run_job(config: &TrainConfig, progress: bool) -> Result<JobReport, String
 
 /// Trains cell `C` as `config` says on the best device available, writing the run to
 /// `run_dir` with progress on stderr; returns the device chosen and the run's summary.
+///
+/// This compiles the whole training stack for `C` in the calling crate. For a built-in cell,
+/// [`train_builtin_on_best`] does the same with the code compiled once, in rak.
 pub fn train_on_best<C: CellKernels>(
     config: &TrainConfig,
     run_dir: impl Into<PathBuf>,
 ) -> (Selected, Result<RunSummary, String>) {
-    let config = TrainConfig {
+    let config = training(config);
+    on_best(&config, run_dir.into()).visit::<C>()
+}
+
+/// [`train_on_best`] for the built-in cell `cell`, through code compiled once, in rak, for
+/// every built-in cell: a caller (an example, a test) links it instead of compiling it again.
+pub fn train_builtin_on_best(
+    cell: Builtin,
+    config: &TrainConfig,
+    run_dir: impl Into<PathBuf>,
+) -> (Selected, Result<RunSummary, String>) {
+    // Only this line is generic (over `run_dir`'s type), so only it is compiled in the
+    // caller's crate; the rest must stay in a function that is not.
+    train_builtin(cell, config, run_dir.into())
+}
+
+fn train_builtin(
+    cell: Builtin,
+    config: &TrainConfig,
+    run_dir: PathBuf,
+) -> (Selected, Result<RunSummary, String>) {
+    let config = training(config);
+    cell.visit(on_best(&config, run_dir))
+}
+
+/// `config` with its job set to training.
+fn training(config: &TrainConfig) -> TrainConfig {
+    TrainConfig {
         job: crate::config::JobConfig {
             mode: Mode::Train,
             ..config.job.clone()
         },
         ..config.clone()
-    };
+    }
+}
+
+/// A training job of `config` into `run_dir` with progress on stderr, waiting for its cell.
+fn on_best(config: &TrainConfig, run_dir: PathBuf) -> OnBest<'_> {
     let options = RunOptions {
-        run_dir: run_dir.into(),
+        run_dir,
         resume: false,
         stop_after: None,
         schedule: Schedule::default(),
         progress: true,
     };
-    OnBest {
-        config: &config,
-        options,
-    }
-    .visit::<C>()
+    OnBest { config, options }
 }
 
 /// A job waiting for its cell type, then for its backend.
