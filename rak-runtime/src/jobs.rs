@@ -46,8 +46,8 @@ pub fn run_job(config: &TrainConfig, progress: bool) -> Result<JobReport, String
 /// Trains cell `C` as `config` says on the best device available, writing the run to
 /// `run_dir` with progress on stderr; returns the device chosen and the run's summary.
 ///
-/// This compiles the whole training stack for `C` in the calling crate. For a built-in cell,
-/// [`train_builtin_on_best`] does the same with the code compiled once, in rak.
+/// This compiles the training stack for `C` in the calling crate. For a built-in cell,
+/// [`train_builtin_on_best`] is not generic over the cell.
 pub fn train_on_best<C: CellKernels>(
     config: &TrainConfig,
     run_dir: impl Into<PathBuf>,
@@ -56,8 +56,8 @@ pub fn train_on_best<C: CellKernels>(
     on_best(&config, run_dir.into()).visit::<C>()
 }
 
-/// [`train_on_best`] for the built-in cell `cell`, through code compiled once, in rak, for
-/// every built-in cell: a caller (an example, a test) links it instead of compiling it again.
+/// [`train_on_best`] for the built-in cell `cell`, through `Builtin::visit` (the path
+/// `run_job` takes), so not generic over the cell.
 pub fn train_builtin_on_best(
     cell: Builtin,
     config: &TrainConfig,
