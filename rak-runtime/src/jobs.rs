@@ -15,7 +15,7 @@ use crate::kernels::CellKernels;
 use crate::train::{RunOptions, RunSummary, TrainConfig, test_checkpoint, train};
 use burn::tensor::backend::AutodiffBackend;
 use std::marker::PhantomData;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// A job that ran: its configuration and what it did.
 #[derive(Clone, Debug)]
@@ -61,20 +61,10 @@ pub fn train_on_best<C: CellKernels>(
 pub fn train_builtin_on_best(
     cell: Builtin,
     config: &TrainConfig,
-    run_dir: impl Into<PathBuf>,
-) -> (Selected, Result<RunSummary, String>) {
-    // Only this line is generic (over `run_dir`'s type), so only it is compiled in the
-    // caller's crate; the rest must stay in a function that is not.
-    train_builtin(cell, config, run_dir.into())
-}
-
-fn train_builtin(
-    cell: Builtin,
-    config: &TrainConfig,
-    run_dir: PathBuf,
+    run_dir: &Path,
 ) -> (Selected, Result<RunSummary, String>) {
     let config = training(config);
-    cell.visit(on_best(&config, run_dir))
+    cell.visit(on_best(&config, run_dir.to_path_buf()))
 }
 
 /// `config` with its job set to training.
