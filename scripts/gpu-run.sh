@@ -216,10 +216,11 @@ step_model_tests() {
 }
 
 # The checks of the chunked form on CUDA alone, side by side: the model tests above and the
-# kernel tests of the chunked form (for a short call after a fix of that path: 110 s each).
+# chunked form's tests against the interpreter (`chunked_form::`, in the same binary; for a short
+# call after a fix of that path: 110 s each).
 step_chunked_checks() {
     step_model_tests 110 &
-    within 110 gpu-bundle/kernels-cuda --test-threads 1 --nocapture chunked \
+    within 110 gpu-bundle/model-cuda --test-threads 1 --nocapture chunked_form:: \
         > "$res/kernel-tests-chunked.log" 2>&1 &
     wait
     grep -H "^test \|test result\|exit" "$res/model-tests.log" "$res/kernel-tests-chunked.log"
@@ -227,22 +228,23 @@ step_chunked_checks() {
 
 # Kernel tests of every cell on CUDA against the f64 interpreter (same tolerances as on wgpu),
 # in five processes side by side (NVRTC compiles every kernel a test launches, one at a time
-# in a process): every cell; every tile and workspace placement; the chunked form, at
-# T = 2048 with saturated gates too (burn operations on CUDA: cubecl's autotuned matmuls,
-# tf32 products on the tensor cores, hence its own tolerance; every case's worst error is
-# logged); and the rest.
+# in a process): every cell; every tile and workspace placement; the chunked form (in the model
+# tests' binary, `chunked_form::`), at T = 2048 with saturated gates too (burn operations on
+# CUDA: cubecl's autotuned matmuls, tf32 products on the tensor cores, hence its own tolerance;
+# every case's worst error is logged); and the rest.
 step_tests() {
     local tests=gpu-bundle/kernels-cuda
     within 240 "$tests" --test-threads 1 kernels_match_the_interpreter_for_every_cell \
         > "$res/kernel-tests-cells.log" 2>&1 &
     within 240 "$tests" --test-threads 1 split_tiles_and_workspace_placements \
         > "$res/kernel-tests-schedules.log" 2>&1 &
-    within 240 "$tests" --test-threads 1 --nocapture --exact chunked_form_matches_the_interpreter \
-        > "$res/kernel-tests-chunked.log" 2>&1 &
-    within 240 "$tests" --test-threads 1 --nocapture --exact \
-        chunked_form_with_saturated_gates_and_long_sequences > "$res/kernel-tests-chunked-long.log" 2>&1 &
+    within 240 gpu-bundle/model-cuda --test-threads 1 --nocapture --exact \
+        chunked_form::chunked_form_matches_the_interpreter > "$res/kernel-tests-chunked.log" 2>&1 &
+    within 240 gpu-bundle/model-cuda --test-threads 1 --nocapture --exact \
+        chunked_form::chunked_form_with_saturated_gates_and_long_sequences \
+        > "$res/kernel-tests-chunked-long.log" 2>&1 &
     within 240 "$tests" --test-threads 1 --skip kernels_match_the_interpreter_for_every_cell \
-        --skip split_tiles_and_workspace_placements --skip chunked > "$res/kernel-tests.log" 2>&1 &
+        --skip split_tiles_and_workspace_placements > "$res/kernel-tests.log" 2>&1 &
     wait
     grep -H "^test result" "$res"/kernel-tests*.log
 }

@@ -5,6 +5,12 @@
 //! driver on the CPU).
 //!
 //! Error measure: max |fused − unfused| / max |unfused| per tensor, ≤ 1e-4 in f32.
+//!
+//! The chunked form is also checked against the f64 interpreter here (`chunked_form`, with the
+//! problems and error measure of `reference`, shared with `kernels.rs`): this binary builds
+//! burn's cubecl backend for the other tests anyway.
+
+mod reference;
 
 use rak::CellDefinition;
 use rak::cells::*;
@@ -320,31 +326,35 @@ fn check_chunked<B: AutodiffBackend + FusedCellBackend>(
     found
 }
 
-#[test]
-fn chunked_scan_matches_the_unfused_path_for_every_linear_cell() {
-    setup();
-    // Test cells with a chunked form the built-in cells do not cover: a gate along the value
-    // axis, a state stored `[V, K]` read with a scale and a direct term, the delta rule under a
-    // decay.
+/// Every cell with a chunked form: the five built-in ones (DeltaNet's the delta rule's) and three
+/// test cells for what they do not cover (a gate along the value axis; a state stored `[V, K]`
+/// read with a scale and a direct term; the delta rule under a decay, Gated DeltaNet).
+fn chunkable_cells() -> Vec<rak::CompiledCell> {
     let test_cell = |name: &str| {
         let path = format!("{}/tests/cells/{name}.rak", env!("CARGO_MANIFEST_DIR"));
         let source = std::fs::read_to_string(&path).expect("test cell");
-        rak::codegen::compile_str(&source).expect("test cell").cell
+        rak::codegen::compile_str(&source).expect("test cell")
     };
-    let cells = [
-        SimpleRnn::compile().cell,
-        Gla::compile().cell,
-        RetNet::compile().cell,
-        Mamba2::compile().cell,
-        DeltaNet::compile().cell,
+    vec![
+        SimpleRnn::compile(),
+        Gla::compile(),
+        RetNet::compile(),
+        Mamba2::compile(),
+        DeltaNet::compile(),
         test_cell("value_gate"),
         test_cell("transposed"),
         test_cell("gated_delta"),
-    ];
+    ]
+}
+
+#[test]
+fn chunked_scan_matches_the_unfused_path_for_every_linear_cell() {
+    setup();
+    let cells: Vec<Cell> = chunkable_cells().into_iter().map(|c| c.cell).collect();
     let mut found = Vec::new();
     for cell in &cells {
         // 3 chunks (the last padded) of 2 sub-chunks each; more shapes (one chunk, T = 300,
-        // dims 33 and 64, T = 2048) are in `tests/kernels.rs`, against the f64 interpreter.
+        // dims 33 and 64, T = 2048) are in `chunked_form` below, against the f64 interpreter.
         found.extend(check_chunked::<Fused>(cell, [2, 11, 2], 5, 4, 2, 1.0));
     }
     // Without the fusion wrapper (the cubecl backend alone, where a reshaped slice can be
@@ -1379,4 +1389,221 @@ fn streaming_generation_matches_the_unfused_path_and_the_whole_scan() {
     check_generation::<SimpleRnn>(vec![5, 6]);
     check_generation::<Mlstm>(vec![5, 6]);
     check_generation::<Elman>(vec![5]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The chunked form (`rak::runtime::chunked`) against the f64 interpreter: burn operations on
+// the cubecl backend alone (the matrix products are cubecl's, with tensor cores where the
+// device has them), differentiated by burn's autodiff; every tensor within
+// `CHUNKED_TOLERANCE` of the interpreter's, in the ∞-norm relative error of `reference`.
+
+mod chunked_form {
+    use super::{Plain, chunkable_cells, tensor, values};
+    use crate::reference::{Reference, ScanResults, beyond};
+    use rak::codegen::ScanShape;
+    use rak::codegen::interpret::Tensor;
+
+    /// Steps per chunk (C).
+    const CHUNK: usize = 16;
+
+    /// The chunked form's tolerance. Its matrix products are cubecl's autotuned matmuls: exact
+    /// f32 products on wgpu, but on CUDA the tensor-core kernels the autotuner picks when they
+    /// are the fastest round f32 operands to tf32 (10-bit mantissa, unit roundoff u = 2⁻¹¹ ≈
+    /// 4.9e-4; what Triton, and so flash-linear-attention, does with f32 inputs too). A product
+    /// of two rounded operands is then off by up to 2u of the sum of its terms' magnitudes, and
+    /// a gradient here passes through up to four products: 8u, set before any run on a GPU.
+    #[cfg(not(feature = "cuda"))]
+    const CHUNKED_TOLERANCE: f64 = 1e-4;
+    #[cfg(feature = "cuda")]
+    const CHUNKED_TOLERANCE: f64 = 8.0 / 2048.0;
+
+    /// The values of `tensors` (each `rows × width_i`, row-major) side by side:
+    /// `rows × Σ width_i`, the packed layout of `rak::runtime::packing`.
+    fn pack(tensors: &[Tensor], rows: usize) -> Vec<f32> {
+        let widths: Vec<usize> = tensors.iter().map(|t| t.data.len() / rows).collect();
+        let mut packed = Vec::with_capacity(rows * widths.iter().sum::<usize>());
+        for row in 0..rows {
+            for (tensor, width) in tensors.iter().zip(&widths) {
+                packed.extend(
+                    tensor.data[row * width..(row + 1) * width]
+                        .iter()
+                        .map(|&x| x as f32),
+                );
+            }
+        }
+        packed
+    }
+
+    /// The inverse of [`pack`]: each value of `widths`, row-major.
+    fn unpack(packed: &[f32], widths: &[usize]) -> Vec<Vec<f32>> {
+        let total: usize = widths.iter().sum();
+        let mut values: Vec<Vec<f32>> = widths.iter().map(|_| Vec::new()).collect();
+        for row in packed.chunks(total.max(1)) {
+            let mut offset = 0;
+            for (value, width) in values.iter_mut().zip(widths) {
+                value.extend_from_slice(&row[offset..offset + width]);
+                offset += width;
+            }
+        }
+        values
+    }
+
+    /// Runs the chunked form of `compiled` at one shape (chunks of `chunk` steps in sub-chunks
+    /// of `sub_chunk`, inputs drawn in ±`input_scale`) and the interpreter on the same problem;
+    /// one line per tensor that differs by more than [`CHUNKED_TOLERANCE`] or is not finite.
+    #[allow(clippy::too_many_arguments)]
+    fn compare_chunked(
+        compiled: &rak::CompiledCell,
+        (batch, time, heads): (usize, usize, usize),
+        dims: &[usize],
+        chunk: usize,
+        sub_chunk: usize,
+        input_scale: f64,
+        seed: u64,
+    ) -> Vec<String> {
+        use rak::runtime::chunked::ChunkedScan;
+        let cell = &compiled.cell;
+        let form = rak::codegen::chunkwise::chunk_form(cell).unwrap_or_else(|e| panic!("{e}"));
+        let named: Vec<(&str, usize)> = (cell.dims.iter().zip(dims))
+            .map(|(d, &s)| (d.name.as_str(), s))
+            .collect();
+        let shape = ScanShape::new(cell, batch, time, heads, &named).unwrap();
+        let reference = Reference::new(compiled, &shape, seed, input_scale);
+        let (inputs, grad_outputs, grad_finals) = (
+            &reference.inputs,
+            &reference.grad_outputs,
+            &reference.grad_finals,
+        );
+
+        let width = |tensors: &[Tensor], rows: usize| -> Vec<usize> {
+            tensors.iter().map(|t| t.data.len() / rows).collect()
+        };
+        let (steps, sequences) = (batch * time * heads, batch * heads);
+        let initial = inputs.initial_states.as_deref().unwrap();
+        let widths = [
+            width(&inputs.inputs, steps),
+            width(&inputs.params, heads),
+            width(initial, sequences),
+            width(grad_outputs, steps),
+        ];
+        let sum = |w: &[usize]| w.iter().sum::<usize>();
+        let packed_inputs = tensor::<Plain, _>(
+            pack(&inputs.inputs, steps),
+            [batch, time, heads, sum(&widths[0])],
+        )
+        .require_grad();
+        let packed_params =
+            tensor::<Plain, _>(pack(&inputs.params, heads), [heads, sum(&widths[1])])
+                .require_grad();
+        let packed_initial =
+            tensor::<Plain, _>(pack(initial, sequences), [batch, heads, sum(&widths[2])])
+                .require_grad();
+        let scan = ChunkedScan {
+            form: &form,
+            dims: &shape.dims,
+            chunk,
+            sub_chunk,
+        };
+        let result = scan
+            .run(
+                packed_inputs.clone(),
+                packed_params.clone(),
+                Some(packed_initial.clone()),
+            )
+            .expect("chunked scan");
+        // L = Σ outputs · ∂L/∂outputs + Σ final states · ∂L/∂final states.
+        let loss = (result.outputs.clone()
+            * tensor::<Plain, _>(
+                pack(grad_outputs, steps),
+                [batch, time, heads, sum(&widths[3])],
+            ))
+        .sum()
+            + (result.final_states.clone()
+                * tensor::<Plain, _>(
+                    pack(grad_finals, sequences),
+                    [batch, heads, sum(&widths[2])],
+                ))
+            .sum();
+        let grads = loss.backward();
+        let got = ScanResults {
+            outputs: unpack(&values(result.outputs), &widths[3]),
+            final_states: unpack(&values(result.final_states), &widths[2]),
+            grad_inputs: unpack(
+                &values(packed_inputs.grad(&grads).expect("input gradient")),
+                &widths[0],
+            ),
+            // A cell without parameters has an empty parameter tensor, with no gradient.
+            grad_params: packed_params
+                .grad(&grads)
+                .map(|g| unpack(&values(g), &widths[1]))
+                .unwrap_or_default(),
+            grad_initial: unpack(
+                &values(packed_initial.grad(&grads).expect("initial-state gradient")),
+                &widths[2],
+            ),
+        };
+        let context = format!(
+            "{} B={batch} T={time} H={heads} dims={dims:?} C={chunk} c={sub_chunk} inputs ×{input_scale}",
+            cell.name
+        );
+        // The worst error, for the log of a run on a GPU (`--nocapture`).
+        let errors = reference.errors(cell, &got);
+        let worst = errors.iter().max_by(|a, b| a.1.total_cmp(&b.1));
+        if let Some((what, error)) = worst {
+            println!("{context}: worst relative error {error:.2e} ({what})");
+        }
+        beyond(errors, &context, CHUNKED_TOLERANCE)
+    }
+
+    /// The chunked form at the shapes of `kernels_match_the_interpreter_for_every_cell` (T = 1,
+    /// 7, C − 1, C, C + 1, 300 with chunks of C = 16 in sub-chunks of 4; dims 5, 33, 64, each
+    /// dim a different size), outputs, final states and every gradient.
+    #[test]
+    fn chunked_form_matches_the_interpreter() {
+        let shapes = [
+            (1, 1, 1, 5),
+            (3, 7, 2, 5),
+            (1, CHUNK - 1, 2, 33),
+            (3, CHUNK, 1, 33),
+            (1, CHUNK + 1, 2, 64),
+            (3, 300, 2, 5),
+        ];
+        let mut found = Vec::new();
+        for compiled in chunkable_cells() {
+            for (n, (batch, time, heads, dim)) in shapes.into_iter().enumerate() {
+                let dims: Vec<usize> = (0..compiled.cell.dims.len()).map(|d| dim + d).collect();
+                found.extend(compare_chunked(
+                    &compiled,
+                    (batch, time, heads),
+                    &dims,
+                    CHUNK,
+                    4,
+                    1.0,
+                    200 + n as u64,
+                ));
+            }
+        }
+        assert!(found.is_empty(), "{}", found.join("\n"));
+    }
+
+    /// T = 2048 with inputs scaled by 30, as `saturated_gates_and_long_sequences_stay_finite`:
+    /// gates near 0 and 1, cumulative log decays far below what `exp` of their negation holds in
+    /// f32 (chunks of 64 steps in sub-chunks of 16, 32 chunks).
+    #[test]
+    fn chunked_form_with_saturated_gates_and_long_sequences() {
+        let mut found = Vec::new();
+        for compiled in chunkable_cells() {
+            let dims = vec![3; compiled.cell.dims.len()];
+            found.extend(compare_chunked(
+                &compiled,
+                (1, 2048, 1),
+                &dims,
+                64,
+                16,
+                30.0,
+                11,
+            ));
+        }
+        assert!(found.is_empty(), "{}", found.join("\n"));
+    }
 }

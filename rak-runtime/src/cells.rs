@@ -2,7 +2,9 @@
 //! `RetNet`, `Mamba2`, `DeltaNet`, `Mlstm`, `Elman`; and [`all`], a table of them by file name
 //! for code that picks one at run time (the command line).
 
-use crate::kernels::CellKernels;
+use crate::kernels::{
+    BuiltinRuntime, CellKernels, KernelError, KernelSource, ScanKernels, SourceOf,
+};
 
 /// Code generic over a cell type, run on a cell picked at run time ([`Builtin::visit`]).
 pub trait CellVisitor {
@@ -32,6 +34,18 @@ impl Builtin {
     /// The built-in cell with this file name (`simple_rnn`) or type name (`SimpleRnn`).
     pub fn find(name: &str) -> Option<Builtin> {
         all().into_iter().find(|b| b.file == name || b.name == name)
+    }
+
+    /// This cell's kernels on runtime `R` (wgpu, or CUDA with the `cuda` feature), compiled in
+    /// this crate: the caller compiles none of them.
+    pub fn kernels<R: BuiltinRuntime>(&self) -> Box<dyn ScanKernels<R>> {
+        R::builtin_kernels(self)
+    }
+
+    /// The source of one of this cell's kernels ([`crate::kernels::kernel_source`]), compiled
+    /// in this crate.
+    pub fn kernel_source(&self, request: SourceOf) -> Result<KernelSource, KernelError> {
+        self.visit(request)
     }
 
     /// Runs `visitor` with this cell's type.

@@ -38,7 +38,7 @@
 //! difference of two sums from the start: with saturated gates those sums reach −1000 within a
 //! chunk, where f32 keeps only about 1e-4 of absolute precision, and a difference would carry
 //! that error into every factor (and ≈ 5e-4 into the gradient of Mamba2's `A_log` at T = 2048,
-//! against ≈ 1e-6 this way; `tests/kernels.rs`).
+//! against ≈ 1e-6 this way; `tests/model.rs`).
 
 use crate::codegen::chunkwise::{ChunkForm, GateAxis};
 use crate::codegen::ir::{ExprId, IndexId};

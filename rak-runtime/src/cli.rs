@@ -116,29 +116,13 @@ impl crate::cells::CellVisitor for BenchRequest {
                 if self.strategy == BenchStrategy::Chunked {
                     return chunked.run::<C, $runtime>(fusion);
                 }
-                match self.dtype {
-                    Dtype::F32 => crate::bench::time_cell::<C, f32, $runtime>(
-                        &client,
-                        &shape,
-                        schedule,
-                        warmup,
-                        repetitions,
-                    ),
-                    Dtype::F16 => crate::bench::time_cell::<C, half::f16, $runtime>(
-                        &client,
-                        &shape,
-                        schedule,
-                        warmup,
-                        repetitions,
-                    ),
-                    Dtype::Bf16 => crate::bench::time_cell::<C, half::bf16, $runtime>(
-                        &client,
-                        &shape,
-                        schedule,
-                        warmup,
-                        repetitions,
-                    ),
-                }
+                crate::kernels::with_element!(self.dtype, F => crate::bench::time_cell::<C, F, $runtime>(
+                    &client,
+                    &shape,
+                    schedule,
+                    warmup,
+                    repetitions,
+                ))
                 .map_err(|e| e.to_string())
             }};
         }
@@ -649,7 +633,7 @@ fn emit(cell: &str, target: Target, options: EmitOptions) -> Result<String, Stri
         _ => crate::kernels::SourceTarget::Wgsl,
     };
     let source = builtin
-        .visit(crate::kernels::SourceOf {
+        .kernel_source(crate::kernels::SourceOf {
             dims: &dims,
             heads: 1,
             schedule: options.schedule,

@@ -571,6 +571,143 @@ impl<C: CellKernels> CellRunner<C> {
     }
 }
 
+/// `$body` with `$F` the element type of `$dtype` (f32, f16 or bf16).
+macro_rules! with_element {
+    ($dtype:expr, $F:ident => $body:expr) => {
+        match $dtype {
+            Dtype::F32 => {
+                type $F = f32;
+                $body
+            }
+            Dtype::F16 => {
+                type $F = half::f16;
+                $body
+            }
+            Dtype::Bf16 => {
+                type $F = half::bf16;
+                $body
+            }
+        }
+    };
+}
+pub(crate) use with_element;
+
+/// A cell's kernels on runtime `R` without the cell's type: [`CellRunner`]'s scans behind a
+/// trait object, the element type picked at run time. Code that picks a cell at run time holds
+/// one ([`crate::cells::Builtin::kernels`]): the built-in cells' implementations are compiled
+/// once, in this crate, so a caller (a test of every cell, say) compiles none of their kernels
+/// again, where one generic over the cell compiles every cell's kernels itself.
+pub trait ScanKernels<R: Runtime> {
+    /// The compiled cell.
+    fn compiled(&self) -> &CompiledCell;
+
+    /// [`CellRunner::forward`] with `dtype` inputs, parameters and outputs.
+    fn forward(
+        &self,
+        dtype: Dtype,
+        client: &ComputeClient<R>,
+        shape: &ScanShape,
+        schedule: Schedule,
+        buffers: &ForwardBuffers,
+    ) -> Result<(), KernelError>;
+
+    /// [`CellRunner::step`] with `dtype` inputs, parameters, states and outputs.
+    fn step(
+        &self,
+        dtype: Dtype,
+        client: &ComputeClient<R>,
+        shape: &ScanShape,
+        schedule: Schedule,
+        buffers: &StepBuffers,
+    ) -> Result<(), KernelError>;
+
+    /// [`CellRunner::backward`] with `dtype` inputs, parameters, outputs and gradients.
+    fn backward(
+        &self,
+        dtype: Dtype,
+        client: &ComputeClient<R>,
+        shape: &ScanShape,
+        schedule: Schedule,
+        buffers: &BackwardBuffers,
+    ) -> Result<(), KernelError>;
+}
+
+impl<C: CellKernels, R: Runtime> ScanKernels<R> for CellRunner<C> {
+    fn compiled(&self) -> &CompiledCell {
+        &self.compiled
+    }
+
+    fn forward(
+        &self,
+        dtype: Dtype,
+        client: &ComputeClient<R>,
+        shape: &ScanShape,
+        schedule: Schedule,
+        buffers: &ForwardBuffers,
+    ) -> Result<(), KernelError> {
+        with_element!(dtype, F => {
+            CellRunner::forward::<F, R>(self, client, shape, schedule, buffers)
+        })
+    }
+
+    fn step(
+        &self,
+        dtype: Dtype,
+        client: &ComputeClient<R>,
+        shape: &ScanShape,
+        schedule: Schedule,
+        buffers: &StepBuffers,
+    ) -> Result<(), KernelError> {
+        with_element!(dtype, F => {
+            CellRunner::step::<F, R>(self, client, shape, schedule, buffers)
+        })
+    }
+
+    fn backward(
+        &self,
+        dtype: Dtype,
+        client: &ComputeClient<R>,
+        shape: &ScanShape,
+        schedule: Schedule,
+        buffers: &BackwardBuffers,
+    ) -> Result<(), KernelError> {
+        with_element!(dtype, F => {
+            CellRunner::backward::<F, R>(self, client, shape, schedule, buffers)
+        })
+    }
+}
+
+/// A runtime the built-in cells' kernels are compiled for in this crate (wgpu, CUDA: one per
+/// enabled feature), behind [`ScanKernels`].
+pub trait BuiltinRuntime: Runtime {
+    /// The kernels of `cell` on this runtime.
+    fn builtin_kernels(cell: &crate::cells::Builtin) -> Box<dyn ScanKernels<Self>>;
+}
+
+/// Builds a built-in cell's [`ScanKernels`] for runtime `R`.
+struct KernelsOn<R>(std::marker::PhantomData<R>);
+
+impl<R: Runtime> crate::cells::CellVisitor for KernelsOn<R> {
+    type Output = Box<dyn ScanKernels<R>>;
+    fn visit<C: CellKernels>(self) -> Self::Output {
+        Box::new(CellRunner::<C>::new())
+    }
+}
+
+#[cfg(feature = "wgpu")]
+impl BuiltinRuntime for cubecl::wgpu::WgpuRuntime {
+    fn builtin_kernels(cell: &crate::cells::Builtin) -> Box<dyn ScanKernels<Self>> {
+        cell.visit(KernelsOn(std::marker::PhantomData))
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl BuiltinRuntime for cubecl::cuda::CudaRuntime {
+    fn builtin_kernels(cell: &crate::cells::Builtin) -> Box<dyn ScanKernels<Self>> {
+        cell.visit(KernelsOn(std::marker::PhantomData))
+    }
+}
+
 /// A validated forward scan with its workspace ([`CellRunner::prepare_forward`]).
 #[derive(Clone, Debug)]
 pub struct ForwardLaunch<C> {
@@ -790,11 +927,8 @@ pub fn kernel_source<C: CellKernels>(
             Kernel::Step => C::step_definition::<F, Wgpu>(client, dims, heads, schedule),
         }
     }
-    let definition = match dtype {
-        Dtype::F32 => definition::<C, f32>(&client, dims, heads, schedule, kernel),
-        Dtype::F16 => definition::<C, half::f16>(&client, dims, heads, schedule, kernel),
-        Dtype::Bf16 => definition::<C, half::bf16>(&client, dims, heads, schedule, kernel),
-    };
+    let definition =
+        with_element!(dtype, F => definition::<C, F>(&client, dims, heads, schedule, kernel));
     let source = compile_definition(definition, target)
         .map_err(|error| KernelError(format!("cannot compile {} {kernel:?}: {error}", C::NAME)))?;
     let states_in_registers = match kernel {

@@ -1036,13 +1036,10 @@ pub fn chunked_kernel_source(
     target: crate::kernels::SourceTarget,
     dtype: crate::kernels::Dtype,
 ) -> Result<String, crate::kernels::KernelError> {
-    use crate::kernels::Dtype;
+    use crate::kernels::{Dtype, with_element};
     let client = crate::kernels::source_client();
-    let definition = match dtype {
-        Dtype::F32 => chunked_kernel_definition::<f32, _>(&client, kernel, sizes),
-        Dtype::F16 => chunked_kernel_definition::<half::f16, _>(&client, kernel, sizes),
-        Dtype::Bf16 => chunked_kernel_definition::<half::bf16, _>(&client, kernel, sizes),
-    };
+    let definition =
+        with_element!(dtype, F => chunked_kernel_definition::<F, _>(&client, kernel, sizes));
     crate::kernels::compile_definition(definition, target).map_err(|error| {
         let name = kernel.name();
         crate::kernels::KernelError(format!("cannot compile the chunked path's {name}: {error}"))
