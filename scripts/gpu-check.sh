@@ -20,8 +20,9 @@ mkdir -p "$bundle/whl"
 # The GPU machine has driver 580 / CUDA 13.
 export CUDARC_CUDA_VERSION=13000
 cargo build --release --workspace --features cuda --bin rak
-# The kernel tests and the model tests (the chunked path's kernels and the LM's strategies
-# against each other, on burn's CUDA backend), as executables.
+# The kernel tests and the model tests (the chunked form against the interpreter, the chunked
+# path's kernels and the LM's strategies against each other, on burn's CUDA backend), as
+# executables.
 test_executables=$(cargo test --release --workspace --features cuda --test kernels --test model --no-run \
     --message-format=json 2>/dev/null |
     python3 -c 'import json, sys

@@ -22,7 +22,9 @@ use rak::kernels::{
     BackwardBuffers, CellRunner, DeviceArray, Dtype, ForwardBuffers, ScanKernels, StepBuffers,
     checkpoint_count,
 };
-use reference::{Reference, Rng, ScanResults, beyond, random_problem, relative_error};
+use reference::{
+    CHUNK, Reference, Rng, SHAPES, ScanResults, beyond, random_problem, relative_error,
+};
 
 // Built with `--features cuda`, the same tests run on CUDA (the device script does this).
 #[cfg(not(feature = "cuda"))]
@@ -236,9 +238,6 @@ fn compare(
     assert!(found.is_empty(), "{}", found.join("\n"));
 }
 
-/// Steps between checkpoints in these tests (C).
-const CHUNK: usize = 16;
-
 /// The schedule for the software adapter: one launch per chunk, since Mesa caps every loop at
 /// 65,535 iterations per invocation. Tile and placement are chosen at launch.
 fn cpu_schedule() -> Schedule {
@@ -253,16 +252,7 @@ fn cpu_schedule() -> Schedule {
 #[test]
 fn kernels_match_the_interpreter_for_every_cell() {
     let client = client();
-    // (B, T, H, size of every dim): T covers 1, 7, C−1, C, C+1 and 300; dims 5, 33 and 64.
-    let shapes = [
-        (1, 1, 1, 5),
-        (3, 7, 2, 5),
-        (1, CHUNK - 1, 2, 33),
-        (3, CHUNK, 1, 33),
-        (1, CHUNK + 1, 2, 64),
-        (3, 300, 2, 5),
-    ];
-    for (n, (batch, time, heads, dim)) in shapes.into_iter().enumerate() {
+    for (n, (batch, time, heads, dim)) in SHAPES.into_iter().enumerate() {
         for_each_cell(|kernels| {
             let seed = 100 + n as u64;
             compare(

@@ -14,7 +14,7 @@ mod reference;
 
 use rak::CellDefinition;
 use rak::cells::*;
-use rak::codegen::chunkwise::chunk_form;
+use rak::codegen::chunkwise::{ChunkForm, chunk_form};
 use rak::codegen::ir::Cell;
 use rak::codegen::schedule::Schedule;
 use rak::kernels::CellKernels;
@@ -292,16 +292,14 @@ fn check_chunked<B: AutodiffBackend + FusedCellBackend>(
     }
     let form = chunk_form(cell).unwrap_or_else(|error| panic!("{error}"));
     let chunked = problem.run::<B>(|inputs, params, initial| {
-        let scan = ChunkedScan {
-            form: &form,
-            dims: &problem.dims,
-            chunk,
-            sub_chunk,
-        };
-        let result = scan
-            .run(inputs, params, Some(initial))
-            .expect("chunked scan");
-        (result.outputs, result.final_states)
+        chunked_scan(
+            &form,
+            &problem.dims,
+            (chunk, sub_chunk),
+            inputs,
+            params,
+            initial,
+        )
     });
     let unfused = run_unfused::<B>(&problem, cell);
     let backend = match std::any::type_name::<B>().contains("Fusion") {
@@ -324,6 +322,28 @@ fn check_chunked<B: AutodiffBackend + FusedCellBackend>(
         found.push(format!("{what}: not finite"));
     }
     found
+}
+
+/// The chunked scan of `form` at `dims` (chunks of `chunk` steps in sub-chunks of `sub_chunk`)
+/// over packed tensors: the outputs and the final states.
+fn chunked_scan<B: FusedCellBackend>(
+    form: &ChunkForm,
+    dims: &[usize],
+    (chunk, sub_chunk): (usize, usize),
+    inputs: Tensor<B, 4>,
+    params: Tensor<B, 2>,
+    initial: Tensor<B, 3>,
+) -> (Tensor<B, 4>, Tensor<B, 3>) {
+    let scan = ChunkedScan {
+        form,
+        dims,
+        chunk,
+        sub_chunk,
+    };
+    let result = scan
+        .run(inputs, params, Some(initial))
+        .expect("chunked scan");
+    (result.outputs, result.final_states)
 }
 
 /// Every cell with a chunked form: the five built-in ones (DeltaNet's the delta rule's) and three
@@ -1399,12 +1419,9 @@ fn streaming_generation_matches_the_unfused_path_and_the_whole_scan() {
 
 mod chunked_form {
     use super::{Plain, chunkable_cells, tensor, values};
-    use crate::reference::{Reference, ScanResults, beyond};
+    use crate::reference::{CHUNK, Reference, SHAPES, ScanResults, beyond};
     use rak::codegen::ScanShape;
     use rak::codegen::interpret::Tensor;
-
-    /// Steps per chunk (C).
-    const CHUNK: usize = 16;
 
     /// The chunked form's tolerance. Its matrix products are cubecl's autotuned matmuls: exact
     /// f32 products on wgpu, but on CUDA the tensor-core kernels the autotuner picks when they
@@ -1461,7 +1478,6 @@ mod chunked_form {
         input_scale: f64,
         seed: u64,
     ) -> Vec<String> {
-        use rak::runtime::chunked::ChunkedScan;
         let cell = &compiled.cell;
         let form = rak::codegen::chunkwise::chunk_form(cell).unwrap_or_else(|e| panic!("{e}"));
         let named: Vec<(&str, usize)> = (cell.dims.iter().zip(dims))
@@ -1498,27 +1514,22 @@ mod chunked_form {
         let packed_initial =
             tensor::<Plain, _>(pack(initial, sequences), [batch, heads, sum(&widths[2])])
                 .require_grad();
-        let scan = ChunkedScan {
-            form: &form,
-            dims: &shape.dims,
-            chunk,
-            sub_chunk,
-        };
-        let result = scan
-            .run(
-                packed_inputs.clone(),
-                packed_params.clone(),
-                Some(packed_initial.clone()),
-            )
-            .expect("chunked scan");
+        let (outputs, final_states) = super::chunked_scan(
+            &form,
+            &shape.dims,
+            (chunk, sub_chunk),
+            packed_inputs.clone(),
+            packed_params.clone(),
+            packed_initial.clone(),
+        );
         // L = Σ outputs · ∂L/∂outputs + Σ final states · ∂L/∂final states.
-        let loss = (result.outputs.clone()
+        let loss = (outputs.clone()
             * tensor::<Plain, _>(
                 pack(grad_outputs, steps),
                 [batch, time, heads, sum(&widths[3])],
             ))
         .sum()
-            + (result.final_states.clone()
+            + (final_states.clone()
                 * tensor::<Plain, _>(
                     pack(grad_finals, sequences),
                     [batch, heads, sum(&widths[2])],
@@ -1526,8 +1537,8 @@ mod chunked_form {
             .sum();
         let grads = loss.backward();
         let got = ScanResults {
-            outputs: unpack(&values(result.outputs), &widths[3]),
-            final_states: unpack(&values(result.final_states), &widths[2]),
+            outputs: unpack(&values(outputs), &widths[3]),
+            final_states: unpack(&values(final_states), &widths[2]),
             grad_inputs: unpack(
                 &values(packed_inputs.grad(&grads).expect("input gradient")),
                 &widths[0],
@@ -1560,17 +1571,9 @@ mod chunked_form {
     /// dim a different size), outputs, final states and every gradient.
     #[test]
     fn chunked_form_matches_the_interpreter() {
-        let shapes = [
-            (1, 1, 1, 5),
-            (3, 7, 2, 5),
-            (1, CHUNK - 1, 2, 33),
-            (3, CHUNK, 1, 33),
-            (1, CHUNK + 1, 2, 64),
-            (3, 300, 2, 5),
-        ];
         let mut found = Vec::new();
         for compiled in chunkable_cells() {
-            for (n, (batch, time, heads, dim)) in shapes.into_iter().enumerate() {
+            for (n, (batch, time, heads, dim)) in SHAPES.into_iter().enumerate() {
                 let dims: Vec<usize> = (0..compiled.cell.dims.len()).map(|d| dim + d).collect();
                 found.extend(compare_chunked(
                     &compiled,

@@ -116,13 +116,11 @@ impl crate::cells::CellVisitor for BenchRequest {
                 if self.strategy == BenchStrategy::Chunked {
                     return chunked.run::<C, $runtime>(fusion);
                 }
-                crate::kernels::with_element!(self.dtype, F => crate::bench::time_cell::<C, F, $runtime>(
-                    &client,
-                    &shape,
-                    schedule,
-                    warmup,
-                    repetitions,
-                ))
+                crate::kernels::with_element!(self.dtype, F => {
+                    crate::bench::time_cell::<C, F, $runtime>(
+                        &client, &shape, schedule, warmup, repetitions,
+                    )
+                })
                 .map_err(|e| e.to_string())
             }};
         }

@@ -575,15 +575,15 @@ impl<C: CellKernels> CellRunner<C> {
 macro_rules! with_element {
     ($dtype:expr, $F:ident => $body:expr) => {
         match $dtype {
-            Dtype::F32 => {
+            $crate::kernels::Dtype::F32 => {
                 type $F = f32;
                 $body
             }
-            Dtype::F16 => {
+            $crate::kernels::Dtype::F16 => {
                 type $F = half::f16;
                 $body
             }
-            Dtype::Bf16 => {
+            $crate::kernels::Dtype::Bf16 => {
                 type $F = half::bf16;
                 $body
             }

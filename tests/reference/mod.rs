@@ -11,6 +11,21 @@ use rak::codegen::ScanShape;
 use rak::codegen::interpret::{ScanInputs, Tensor, backward, forward};
 use rak::codegen::ir::{Cell, InputId, OutputId, ParamId, StateId};
 
+/// Steps per chunk in these tests (C): between the recurrent kernels' checkpoints, and per
+/// chunk of the chunked form.
+pub const CHUNK: usize = 16;
+
+/// The shapes every cell is compared with the interpreter at, (B, T, H, size of every dim):
+/// T covers 1, 7, C − 1, C, C + 1 and 300; dims 5, 33 and 64.
+pub const SHAPES: [(usize, usize, usize, usize); 6] = [
+    (1, 1, 1, 5),
+    (3, 7, 2, 5),
+    (1, CHUNK - 1, 2, 33),
+    (3, CHUNK, 1, 33),
+    (1, CHUNK + 1, 2, 64),
+    (3, 300, 2, 5),
+];
+
 /// SplitMix64.
 pub struct Rng(pub u64);
 impl Rng {

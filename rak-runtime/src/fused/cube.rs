@@ -1036,7 +1036,7 @@ pub fn chunked_kernel_source(
     target: crate::kernels::SourceTarget,
     dtype: crate::kernels::Dtype,
 ) -> Result<String, crate::kernels::KernelError> {
-    use crate::kernels::{Dtype, with_element};
+    use crate::kernels::with_element;
     let client = crate::kernels::source_client();
     let definition =
         with_element!(dtype, F => chunked_kernel_definition::<F, _>(&client, kernel, sizes));
