@@ -23,7 +23,7 @@ use rak::kernels::{
     checkpoint_count,
 };
 use reference::{
-    CHUNK, Reference, Rng, SHAPES, ScanResults, beyond, random_problem, relative_error,
+    CHUNK, Reference, Rng, SHAPES, ScanResults, TOLERANCE, beyond, random_problem, relative_error,
 };
 
 // Built with `--features cuda`, the same tests run on CUDA (the device script does this).
@@ -31,7 +31,6 @@ use reference::{
 type Wgpu = cubecl::wgpu::WgpuRuntime;
 #[cfg(feature = "cuda")]
 type Wgpu = cubecl::cuda::CudaRuntime;
-const TOLERANCE: f64 = 1e-4;
 
 /// A cell's kernels on the runtime under test.
 type Kernels = dyn ScanKernels<Wgpu>;

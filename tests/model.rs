@@ -1430,7 +1430,7 @@ mod chunked_form {
     /// of two rounded operands is then off by up to 2u of the sum of its terms' magnitudes, and
     /// a gradient here passes through up to four products: 8u, set before any run on a GPU.
     #[cfg(not(feature = "cuda"))]
-    const CHUNKED_TOLERANCE: f64 = 1e-4;
+    const CHUNKED_TOLERANCE: f64 = crate::reference::TOLERANCE;
     #[cfg(feature = "cuda")]
     const CHUNKED_TOLERANCE: f64 = 8.0 / 2048.0;
 

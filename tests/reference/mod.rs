@@ -11,6 +11,10 @@ use rak::codegen::ScanShape;
 use rak::codegen::interpret::{ScanInputs, Tensor, backward, forward};
 use rak::codegen::ir::{Cell, InputId, OutputId, ParamId, StateId};
 
+/// The largest relative error a result in f32 may have against the interpreter (the recurrent
+/// kernels', and the chunked form's where its matrix products are exact f32 products).
+pub const TOLERANCE: f64 = 1e-4;
+
 /// Steps per chunk in these tests (C): between the recurrent kernels' checkpoints, and per
 /// chunk of the chunked form.
 pub const CHUNK: usize = 16;
