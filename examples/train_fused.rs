@@ -7,17 +7,18 @@
 //! model.safetensors).
 
 use rak::cells::Builtin;
-use rak::runtime::jobs::train_builtin_on_best;
+use rak::runtime::jobs::train_cell_on_best;
 use rak::runtime::train::TrainConfig;
 use std::path::Path;
 
 fn main() {
     // A 2-layer, 2-head pre-norm LM (D = 64, K = V = 16) on recall: 300 steps.
-    // A built-in cell, picked by name: no cell type here (a cell of your own goes through
-    // `train_on_best::<C>`: see examples/train_new_cell.rs).
+    // A built-in cell, picked by name: no cell type here, its kernels and the training stack
+    // are compiled in rak-runtime (a cell of your own goes through `train_on_best::<C>`: see
+    // examples/train_new_cell.rs).
     let cell = Builtin::find("simple_rnn").expect("SimpleRNN is a built-in cell");
     let config = TrainConfig::recall(cell.file, 2);
-    let (device, result) = train_builtin_on_best(cell, &config, Path::new("runs/train_fused"));
+    let (device, result) = train_cell_on_best(cell.cell, &config, Path::new("runs/train_fused"));
     println!("device: {}", device.name);
     match result {
         Ok(summary) => println!("{}", summary.report()),

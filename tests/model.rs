@@ -17,7 +17,7 @@ use rak::cells::*;
 use rak::codegen::chunkwise::{ChunkForm, chunk_form};
 use rak::codegen::ir::Cell;
 use rak::codegen::schedule::Schedule;
-use rak::kernels::CellKernels;
+use rak::kernels::CellRef;
 use rak::runtime::burn;
 use rak::runtime::chunked::ChunkedScan;
 use rak::runtime::fused::{FusedCellBackend, FusedSettings, SumOver, fused_cell};
@@ -58,6 +58,17 @@ fn setup() {
         std::fs::create_dir_all(&dir).ok();
         unsafe { std::env::set_var("XDG_RUNTIME_DIR", dir) };
     }
+}
+
+/// The built-in cell of this file name, its kernels compiled in rak-runtime (so this binary
+/// compiles none of them).
+fn builtin(file: &str) -> CellRef {
+    Builtin::find(file).expect("a built-in cell").cell
+}
+
+/// SimpleRNN, the model tests' cell.
+fn simple_rnn() -> CellRef {
+    builtin("simple_rnn")
 }
 
 /// Seeded values in [−scale, scale).
@@ -111,10 +122,6 @@ struct Problem {
 }
 
 impl Problem {
-    fn new<C: CellKernels>(shape: [usize; 3], dim: usize, seed: u64) -> Self {
-        Problem::for_cell(&C::compile().cell, shape, dim, seed)
-    }
-
     fn for_cell(cell: &Cell, shape: [usize; 3], dim: usize, seed: u64) -> Self {
         // Every dim a different size (K ≠ V), so that no two axes can be confused.
         let dims: Vec<usize> = (0..cell.dims.len()).map(|d| dim + d).collect();
@@ -166,23 +173,27 @@ impl Problem {
     }
 }
 
-fn check<C: CellKernels, B: AutodiffBackend + FusedCellBackend>(
+/// The fused operation of `cell` on backend `B` against the unfused path.
+fn check<B: AutodiffBackend + FusedCellBackend>(
+    cell: CellRef,
     shape: [usize; 3],
     dim: usize,
     schedule: Schedule,
 ) where
     B::InnerBackend: FusedCellBackend,
 {
-    let problem = Problem::new::<C>(shape, dim, 11);
+    let compiled = cell.compile();
+    let problem = Problem::for_cell(&compiled.cell, shape, dim, 11);
     let settings = FusedSettings {
+        cell,
         dims: problem.dims.clone(),
         schedule,
     };
     let fused = problem.run::<B>(|inputs, params, initial| {
-        fused_cell::<B, C>(inputs, params, Some(initial), &settings)
+        fused_cell::<B>(inputs, params, Some(initial), &settings)
     });
-    let unfused = run_unfused::<B>(&problem, &C::compile().cell);
-    compare(C::NAME, &fused, &unfused);
+    let unfused = run_unfused::<B>(&problem, &compiled.cell);
+    compare(cell.name(), &fused, &unfused);
 }
 
 /// The unfused path on `problem`: the reference of the other paths.
@@ -236,19 +247,6 @@ fn differences(name: &str, got: &Results, expected: &Results) -> Vec<String> {
     found
 }
 
-/// Calls `check::<Cell, $backend>($args)` for each of the seven reference cells.
-macro_rules! for_each_cell {
-    ($backend:ty, $($args:expr),*) => {
-        check::<SimpleRnn, $backend>($($args),*);
-        check::<Gla, $backend>($($args),*);
-        check::<RetNet, $backend>($($args),*);
-        check::<Mamba2, $backend>($($args),*);
-        check::<DeltaNet, $backend>($($args),*);
-        check::<Mlstm, $backend>($($args),*);
-        check::<Elman, $backend>($($args),*);
-    };
-}
-
 /// One launch per chunk on the software adapter (Mesa caps loops at 65,535 iterations).
 fn schedule() -> Schedule {
     Schedule {
@@ -262,14 +260,18 @@ fn schedule() -> Schedule {
 fn fused_operation_matches_the_unfused_path_for_every_cell() {
     setup();
     // T = 9 with checkpoints every 4 steps; dims of 5 split into tiles (chosen at launch).
-    for_each_cell!(Fused, [2, 9, 2], 5, schedule());
+    let cells = rak::cells::all();
+    assert_eq!(cells.len(), 7, "the seven reference cells");
+    for builtin in cells {
+        check::<Fused>(builtin.cell, [2, 9, 2], 5, schedule());
+    }
 }
 
 #[test]
 fn fused_operation_without_the_fusion_wrapper() {
     setup();
-    check::<SimpleRnn, Plain>([2, 9, 2], 5, schedule());
-    check::<Mlstm, Plain>([1, 6, 1], 3, schedule());
+    check::<Plain>(builtin("simple_rnn"), [2, 9, 2], 5, schedule());
+    check::<Plain>(builtin("mlstm"), [1, 6, 1], 3, schedule());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -753,7 +755,7 @@ fn cells_without_a_chunked_form_are_refused_with_the_reason() {
     let mut config = model_config(Strategy::Chunked);
     config.cell = "mlstm".into();
     let error = config
-        .init::<Fused, Mlstm>(schedule(), &Default::default())
+        .init::<Fused>(builtin("mlstm"), schedule(), &Default::default())
         .map(|_| ())
         .expect_err("mLSTM has no chunked form");
     assert!(
@@ -764,7 +766,7 @@ fn cells_without_a_chunked_form_are_refused_with_the_reason() {
     config.strategy = Strategy::Auto;
     assert!(
         config
-            .init::<Fused, Mlstm>(schedule(), &Default::default())
+            .init::<Fused>(builtin("mlstm"), schedule(), &Default::default())
             .is_ok()
     );
 }
@@ -821,10 +823,10 @@ fn check_language_model(strategy: Strategy) {
     let device = Default::default();
     <B as burn::tensor::backend::Backend>::seed(&device, 3);
     let fused = model_config(strategy)
-        .init::<B, SimpleRnn>(schedule(), &device)
+        .init::<B>(simple_rnn(), schedule(), &device)
         .unwrap();
     let unfused = model_config(Strategy::Unfused)
-        .init::<B, SimpleRnn>(schedule(), &device)
+        .init::<B>(simple_rnn(), schedule(), &device)
         .unwrap()
         .load_record(fused.clone().into_record());
     let tokens: Vec<i64> = random(5, 2 * 9, 6.0)
@@ -834,7 +836,7 @@ fn check_language_model(strategy: Strategy) {
     let tokens =
         Tensor::<B, 2, burn::tensor::Int>::from_data(TensorData::new(tokens, [2, 9]), &device);
     let loss_and_grads = |model: &rak::runtime::model::LanguageModel<B>| {
-        let logits = model.forward::<SimpleRnn>(tokens.clone(), None).logits;
+        let logits = model.forward(tokens.clone(), None).logits;
         let loss = burn::tensor::activation::log_softmax(logits, 2)
             .slice([0..2, 0..9, 0..1])
             .mean()
@@ -952,8 +954,13 @@ fn training_learns_recall_resumes_exactly_and_refuses_bad_checkpoints() {
     setup();
     let config = recall_config();
     let dir = run_dir("recall");
-    let full = train::<Fused, SimpleRnn>(&config, &options(&dir, false, None), &Default::default())
-        .expect("training");
+    let full = train::<Fused>(
+        simple_rnn(),
+        &config,
+        &options(&dir, false, None),
+        &Default::default(),
+    )
+    .expect("training");
     let test = full.test.expect("test metrics");
     assert!(
         test.accuracy >= 2.0 * full.chance_accuracy,
@@ -974,11 +981,11 @@ fn training_learns_recall_resumes_exactly_and_refuses_bad_checkpoints() {
     <Fused as burn::tensor::backend::Backend>::seed(&device, 99);
     let mut imported = config
         .model
-        .init::<Fused, SimpleRnn>(options(&dir, false, None).schedule, &device)
+        .init::<Fused>(simple_rnn(), options(&dir, false, None).schedule, &device)
         .unwrap();
     let dataset = config.data.load().unwrap();
     let metrics = |model: &rak::runtime::model::LanguageModel<Fused>| {
-        rak::runtime::train::evaluate::<Fused, SimpleRnn>(
+        rak::runtime::train::evaluate::<Fused>(
             model,
             &dataset,
             &config,
@@ -1006,20 +1013,23 @@ fn training_learns_recall_resumes_exactly_and_refuses_bad_checkpoints() {
         ..config.clone()
     };
     let resumed_dir = run_dir("resume");
-    let straight = train::<Fused, SimpleRnn>(
+    let straight = train::<Fused>(
+        simple_rnn(),
         &short,
         &options(&resumed_dir, false, None),
         &Default::default(),
     )
     .expect("straight run");
     std::fs::remove_dir_all(&resumed_dir).ok();
-    train::<Fused, SimpleRnn>(
+    train::<Fused>(
+        simple_rnn(),
         &short,
         &options(&resumed_dir, false, Some(50)),
         &Default::default(),
     )
     .expect("first half");
-    let resumed = train::<Fused, SimpleRnn>(
+    let resumed = train::<Fused>(
+        simple_rnn(),
         &short,
         &options(&resumed_dir, true, None),
         &Default::default(),
@@ -1036,7 +1046,8 @@ fn training_learns_recall_resumes_exactly_and_refuses_bad_checkpoints() {
         },
         ..short.clone()
     };
-    let error = train::<Fused, SimpleRnn>(
+    let error = train::<Fused>(
+        simple_rnn(),
         &wider,
         &options(&resumed_dir, true, None),
         &Default::default(),
@@ -1057,7 +1068,8 @@ fn training_learns_recall_resumes_exactly_and_refuses_bad_checkpoints() {
     let middle = bytes.len() / 2;
     bytes[middle] ^= 0xff;
     std::fs::write(&model_file, &bytes).unwrap();
-    let error = train::<Fused, SimpleRnn>(
+    let error = train::<Fused>(
+        simple_rnn(),
         &short,
         &options(&resumed_dir, true, None),
         &Default::default(),
@@ -1084,9 +1096,13 @@ fn a_diverging_loss_stops_the_run_with_its_step() {
         ..recall_config()
     };
     let dir = run_dir("nan");
-    let error =
-        train::<Fused, SimpleRnn>(&config, &options(&dir, false, None), &Default::default())
-            .unwrap_err();
+    let error = train::<Fused>(
+        simple_rnn(),
+        &config,
+        &options(&dir, false, None),
+        &Default::default(),
+    )
+    .unwrap_err();
     assert!(
         error.starts_with("step ") && error.contains("the training loss is"),
         "{error}"
@@ -1351,33 +1367,33 @@ fn multirun_of_three_experiments_ends_with_the_table_then_tests_and_plots_them()
 /// of two prompts at once gives the same tokens as the unfused path; reading a prompt in blocks
 /// gives the logits of one scan over it; and the generated tokens are what a scan over the
 /// whole sequence predicts at each position.
-fn check_generation<C: CellKernels>(dims: Vec<usize>) {
+fn check_generation(cell: CellRef, dims: Vec<usize>) {
     use rak::runtime::generate::{Sampling, generate, read_prompt};
     type Raw = burn_cubecl_backend::Backend;
     let device = Default::default();
     <Raw as burn::tensor::backend::Backend>::seed(&device, 11);
     let config = |strategy| ModelConfig {
-        cell: C::NAME.into(),
+        cell: cell.name().into(),
         dims: dims.clone(),
         residual: true,
         ..model_config(strategy)
     };
     let fused = config(Strategy::Fused)
-        .init::<Raw, C>(schedule(), &device)
+        .init::<Raw>(cell, schedule(), &device)
         .unwrap();
     let unfused = config(Strategy::Unfused)
-        .init::<Raw, C>(schedule(), &device)
+        .init::<Raw>(cell, schedule(), &device)
         .unwrap()
         .load_record(fused.clone().into_record());
     let prompts = vec![vec![1, 5, 7, 2, 9, 3, 4], vec![0, 11, 6]];
     let greedy = Sampling::greedy();
-    let run = |model| generate::<Raw, C>(model, &prompts, 8, &greedy, 3, &device, |_, _| {});
+    let run = |model| generate::<Raw>(model, &prompts, 8, &greedy, 3, &device, |_, _| {});
     let tokens = run(&fused);
     assert_eq!(
         tokens,
         run(&unfused),
         "{}: fused and unfused decoding",
-        C::NAME
+        cell.name()
     );
 
     let whole: Vec<i64> = prompts[0].iter().chain(&tokens[0][..7]).copied().collect();
@@ -1385,30 +1401,30 @@ fn check_generation<C: CellKernels>(dims: Vec<usize>) {
         TensorData::new(whole.clone(), [1, whole.len()]),
         &device,
     );
-    let logits = values(fused.forward::<C>(input, None).logits);
+    let logits = values(fused.forward(input, None).logits);
     let vocab = 12;
-    let (blocked, _) = read_prompt::<Raw, C>(&fused, &prompts[0], 3, &device);
+    let (blocked, _) = read_prompt::<Raw>(&fused, &prompts[0], 3, &device);
     let at = |t: usize| &logits[t * vocab..(t + 1) * vocab];
     let last_prompt = at(prompts[0].len() - 1);
     for (a, b) in blocked.iter().zip(last_prompt) {
         assert!(
             (a - b).abs() < 1e-4,
             "{}: prompt read in blocks: {a} vs {b}",
-            C::NAME
+            cell.name()
         );
     }
     let predicted: Vec<i64> = (prompts[0].len() - 1..whole.len())
         .map(|t| greedy.draw(at(t), &mut Rng::new(0)) as i64)
         .collect();
-    assert_eq!(predicted, tokens[0], "{}: steps vs one scan", C::NAME);
+    assert_eq!(predicted, tokens[0], "{}: steps vs one scan", cell.name());
 }
 
 #[test]
 fn streaming_generation_matches_the_unfused_path_and_the_whole_scan() {
     setup();
-    check_generation::<SimpleRnn>(vec![5, 6]);
-    check_generation::<Mlstm>(vec![5, 6]);
-    check_generation::<Elman>(vec![5]);
+    check_generation(builtin("simple_rnn"), vec![5, 6]);
+    check_generation(builtin("mlstm"), vec![5, 6]);
+    check_generation(builtin("elman"), vec![5]);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ use crate::codegen::schedule::Schedule;
 use crate::fused::{BlockScores, ChunkedKernel, FusedCellBackend, SumOver};
 use crate::kernels::{
     BackwardBuffers, CellKernels, CellRunner, DeviceArray, Dtype, ForwardBuffers, KernelError,
-    checkpoint_count,
+    ScanRuntime, checkpoint_count,
 };
 use crate::packing::Packing;
 use burn::backend::Autodiff;
@@ -222,6 +222,8 @@ pub fn time_cell<C: CellKernels, F: Float + CubeElement, R: Runtime>(
 /// autodiff, inside burn's fusion wrapper (as training runs) or not.
 #[derive(Clone, Copy)]
 pub struct ChunkedBench<'a> {
+    /// The cell, which must have a chunked form.
+    pub cell: &'a crate::codegen::ir::Cell,
     pub shape: &'a ScanShape,
     /// The element type of the scan's inputs, parameters and outputs. The scan runs in f32
     /// whatever it is (its decays, states and products: the half types would round the
@@ -236,35 +238,30 @@ pub struct ChunkedBench<'a> {
 }
 
 impl ChunkedBench<'_> {
-    pub fn run<C: CellKernels, R: CubeRuntime>(
-        &self,
-        fusion: bool,
-    ) -> Result<KernelTiming, String> {
+    pub fn run<R: CubeRuntime + ScanRuntime>(&self, fusion: bool) -> Result<KernelTiming, String> {
         type Cube<R> = burn_cubecl::CubeBackend<R, f32, i32, u32>;
         let device = Default::default();
         match fusion {
-            true => time_chunked::<C, Autodiff<burn_fusion::Fusion<Cube<R>>>>(&device, self),
-            false => time_chunked::<C, Autodiff<Cube<R>>>(&device, self),
+            true => time_chunked::<Autodiff<burn_fusion::Fusion<Cube<R>>>>(&device, self),
+            false => time_chunked::<Autodiff<Cube<R>>>(&device, self),
         }
     }
 }
 
-/// Times `C`'s chunked scan ([`crate::chunked`]) at `bench.shape` in chunks of
+/// Times the chunked scan of `bench.cell` ([`crate::chunked`]) at `bench.shape` in chunks of
 /// `bench.schedule.chunk` steps on the autodiff backend `B` (whose float elements are f32):
 /// the forward scan on its inner backend, and forward + backward (the gradients of inputs and
 /// parameters) through autodiff, with inputs, parameters and outputs of `bench.dtype`; each
 /// repetition from its first launch to the device's synchronisation, median after warm-up.
 /// With `bench.parts`, the chunked path's own kernels are then timed alone too
 /// ([`time_chunked_parts`]).
-pub fn time_chunked<C: CellKernels, B>(
-    device: &B::Device,
-    bench: &ChunkedBench,
-) -> Result<KernelTiming, String>
+pub fn time_chunked<B>(device: &B::Device, bench: &ChunkedBench) -> Result<KernelTiming, String>
 where
     B: AutodiffBackend + FusedCellBackend,
     B::InnerBackend: FusedCellBackend,
 {
     let ChunkedBench {
+        cell,
         shape,
         dtype,
         schedule,
@@ -272,8 +269,6 @@ where
         repetitions,
         parts,
     } = *bench;
-    let compiled = C::compile();
-    let cell = &compiled.cell;
     let form = chunk_form(cell).map_err(|e| e.to_string())?;
     let dims = &shape.dims;
     let [batch, time, heads] = [shape.batch, shape.time, shape.heads];

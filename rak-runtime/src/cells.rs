@@ -3,7 +3,7 @@
 //! for code that picks one at run time (the command line).
 
 use crate::kernels::{
-    BuiltinRuntime, CellKernels, KernelError, KernelSource, ScanKernels, SourceOf,
+    CellKernels, CellRef, KernelError, KernelSource, ScanKernels, ScanRuntime, SourceOf,
 };
 
 /// Code generic over a cell type, run on a cell picked at run time ([`Builtin::visit`]).
@@ -20,6 +20,8 @@ pub struct Builtin {
     /// The cell's type name, e.g. `SimpleRnn`.
     pub name: &'static str,
     pub source: &'static str,
+    /// The cell itself, its kernels compiled in this crate.
+    pub cell: CellRef,
 }
 
 impl Builtin {
@@ -28,6 +30,7 @@ impl Builtin {
             file,
             name: C::NAME,
             source: C::SOURCE,
+            cell: CellRef::of::<C>(),
         }
     }
 
@@ -38,8 +41,8 @@ impl Builtin {
 
     /// This cell's kernels on runtime `R` (wgpu, or CUDA with the `cuda` feature), compiled in
     /// this crate: the caller compiles none of them.
-    pub fn kernels<R: BuiltinRuntime>(&self) -> Box<dyn ScanKernels<R>> {
-        R::builtin_kernels(self)
+    pub fn kernels<R: ScanRuntime>(&self) -> Box<dyn ScanKernels<R>> {
+        self.cell.kernels::<R>()
     }
 
     /// The source of one of this cell's kernels ([`crate::kernels::kernel_source`]), compiled

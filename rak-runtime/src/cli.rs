@@ -106,6 +106,7 @@ impl crate::cells::CellVisitor for BenchRequest {
                 let client = $client;
                 let (fusion, parts) = (self.fusion, self.parts);
                 let chunked = crate::bench::ChunkedBench {
+                    cell: &compiled.cell,
                     shape: &shape,
                     dtype: self.dtype,
                     schedule,
@@ -114,7 +115,7 @@ impl crate::cells::CellVisitor for BenchRequest {
                     parts,
                 };
                 if self.strategy == BenchStrategy::Chunked {
-                    return chunked.run::<C, $runtime>(fusion);
+                    return chunked.run::<$runtime>(fusion);
                 }
                 crate::kernels::with_element!(self.dtype, F => {
                     crate::bench::time_cell::<C, F, $runtime>(

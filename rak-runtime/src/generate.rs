@@ -8,7 +8,6 @@
 
 use crate::data::{DataConfig, Rng};
 use crate::fused::FusedCellBackend;
-use crate::kernels::CellKernels;
 use crate::model::LanguageModel;
 use burn::tensor::{Int, Tensor, TensorData};
 
@@ -140,7 +139,7 @@ pub fn decode(data: &DataConfig, tokens: &[i64]) -> String {
 
 /// Consumes `prompt` in blocks of `block` tokens (one stream); returns the logits after its
 /// last token and each layer's states.
-pub fn read_prompt<B: FusedCellBackend, C: CellKernels>(
+pub fn read_prompt<B: FusedCellBackend>(
     model: &LanguageModel<B>,
     prompt: &[i64],
     block: usize,
@@ -151,7 +150,7 @@ pub fn read_prompt<B: FusedCellBackend, C: CellKernels>(
     for part in prompt.chunks(block.max(1)) {
         let tokens =
             Tensor::<B, 2, Int>::from_data(TensorData::new(part.to_vec(), [1, part.len()]), device);
-        let output = model.forward::<C>(tokens, states.take());
+        let output = model.forward(tokens, states.take());
         let [_, time, vocab] = output.logits.dims();
         last = output
             .logits
@@ -172,7 +171,7 @@ pub struct Streams<B: FusedCellBackend> {
 }
 
 /// Reads each prompt (alone: they differ in length), then puts the streams side by side.
-pub fn read_prompts<B: FusedCellBackend, C: CellKernels>(
+pub fn read_prompts<B: FusedCellBackend>(
     model: &LanguageModel<B>,
     prompts: &[Vec<i64>],
     block: usize,
@@ -181,7 +180,7 @@ pub fn read_prompts<B: FusedCellBackend, C: CellKernels>(
     let mut logits = Vec::new();
     let mut layer_states: Vec<Vec<Tensor<B, 3>>> = Vec::new();
     for prompt in prompts {
-        let (last, states) = read_prompt::<B, C>(model, prompt, block, device);
+        let (last, states) = read_prompt::<B>(model, prompt, block, device);
         logits.push(last);
         for (layer, state) in states.into_iter().enumerate() {
             if layer_states.len() <= layer {
@@ -201,7 +200,7 @@ pub fn read_prompts<B: FusedCellBackend, C: CellKernels>(
 
 /// Draws `max_tokens` tokens for every stream, one step of the model at a time;
 /// `on_token(stream, token)` sees each token as it is drawn. Returns each stream's tokens.
-pub fn decode_steps<B: FusedCellBackend, C: CellKernels>(
+pub fn decode_steps<B: FusedCellBackend>(
     model: &LanguageModel<B>,
     streams: Streams<B>,
     max_tokens: usize,
@@ -229,7 +228,7 @@ pub fn decode_steps<B: FusedCellBackend, C: CellKernels>(
             break;
         }
         let input = Tensor::<B, 2, Int>::from_data(TensorData::new(tokens, [count, 1]), device);
-        let output = model.forward::<C>(input, Some(states));
+        let output = model.forward(input, Some(states));
         states = output.states;
         let vocab = output.logits.dims()[2];
         let values = output
@@ -245,7 +244,7 @@ pub fn decode_steps<B: FusedCellBackend, C: CellKernels>(
 /// Generates `max_tokens` tokens after each prompt, all streams at once (prompts read in
 /// blocks of `block` tokens); `on_token(stream, token)` sees each token as it is drawn.
 /// Returns the generated tokens of each stream.
-pub fn generate<B: FusedCellBackend, C: CellKernels>(
+pub fn generate<B: FusedCellBackend>(
     model: &LanguageModel<B>,
     prompts: &[Vec<i64>],
     max_tokens: usize,
@@ -257,8 +256,8 @@ pub fn generate<B: FusedCellBackend, C: CellKernels>(
     if max_tokens == 0 || prompts.is_empty() {
         return vec![Vec::new(); prompts.len()];
     }
-    let streams = read_prompts::<B, C>(model, prompts, block, device);
-    decode_steps::<B, C>(model, streams, max_tokens, sampling, device, on_token)
+    let streams = read_prompts::<B>(model, prompts, block, device);
+    decode_steps::<B>(model, streams, max_tokens, sampling, device, on_token)
 }
 
 /// One row of `rak bench generate`.
@@ -275,7 +274,7 @@ pub struct GenerationTiming {
 /// Reads a random prompt of each length in `lengths` (in blocks of `block` tokens) then
 /// generates `tokens` tokens greedily, one stream; times both (after a warm-up that compiles
 /// the kernels of the same shapes) and reads the device memory.
-pub fn time_generation<B: FusedCellBackend, C: CellKernels>(
+pub fn time_generation<B: FusedCellBackend>(
     model: &LanguageModel<B>,
     vocab: usize,
     lengths: &[usize],
@@ -293,15 +292,15 @@ pub fn time_generation<B: FusedCellBackend, C: CellKernels>(
             // Warm-up: the kernels of this prompt's block shapes (a full block, the last one)
             // and of a step are compiled before timing.
             let warm_up = [vec![0; block + (length % block).max(1)]];
-            let streams = read_prompts::<B, C>(model, &warm_up, block, device);
-            decode_steps::<B, C>(model, streams, 2, &greedy, device, |_, _| {});
+            let streams = read_prompts::<B>(model, &warm_up, block, device);
+            decode_steps::<B>(model, streams, 2, &greedy, device, |_, _| {});
             let prompt = vec![(0..length).map(|_| rng.below(vocab) as i64).collect()];
             // Reading logits back to the host waits for the device.
             let started = std::time::Instant::now();
-            let streams = read_prompts::<B, C>(model, &prompt, block, device);
+            let streams = read_prompts::<B>(model, &prompt, block, device);
             let read_seconds = started.elapsed().as_secs_f64();
             let started = std::time::Instant::now();
-            decode_steps::<B, C>(model, streams, tokens, &greedy, device, |_, _| {});
+            decode_steps::<B>(model, streams, tokens, &greedy, device, |_, _| {});
             GenerationTiming {
                 prompt_tokens: prompt[0].len(),
                 read_seconds,

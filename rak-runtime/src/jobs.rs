@@ -5,16 +5,15 @@
 //! run's latest checkpoint or timing it ([`infer_from_run`]: `rak generate`, `rak bench
 //! generate`).
 
-use crate::cells::{Builtin, CellVisitor, all};
+use crate::cells::{Builtin, all};
 use crate::codegen::schedule::Schedule;
 use crate::config::Mode;
 use crate::device::{BackendVisitor, InferenceVisitor, Selected, infer_on_best, run_on_best};
 use crate::fused::FusedCellBackend;
 use crate::generate::Sampling;
-use crate::kernels::CellKernels;
+use crate::kernels::{CellKernels, CellRef};
 use crate::train::{RunOptions, RunSummary, TrainConfig, test_checkpoint, train};
 use burn::tensor::backend::AutodiffBackend;
-use std::marker::PhantomData;
 use std::path::{Path, PathBuf};
 
 /// A job that ran: its configuration and what it did.
@@ -35,7 +34,12 @@ pub fn run_job(config: &TrainConfig, progress: bool) -> Result<JobReport, String
         schedule: Schedule::default(),
         progress,
     };
-    let (device, summary) = cell.visit(OnBest { config, options });
+    let job = OnBest {
+        config,
+        options,
+        cell: cell.cell,
+    };
+    let (device, summary) = run_on_best(job);
     Ok(JobReport {
         config: config.clone(),
         device: device.name,
@@ -46,25 +50,34 @@ pub fn run_job(config: &TrainConfig, progress: bool) -> Result<JobReport, String
 /// Trains cell `C` as `config` says on the best device available, writing the run to
 /// `run_dir` with progress on stderr; returns the device chosen and the run's summary.
 ///
-/// This compiles the training stack for `C` in the calling crate. For a built-in cell,
-/// [`train_builtin_on_best`] is not generic over the cell.
+/// The calling crate compiles only `C`'s kernels ([`CellRef::of`]); the training stack is
+/// compiled here, once for every cell ([`train_cell_on_best`]).
 pub fn train_on_best<C: CellKernels>(
     config: &TrainConfig,
     run_dir: impl Into<PathBuf>,
 ) -> (Selected, Result<RunSummary, String>) {
-    let config = training(config);
-    on_best(&config, run_dir.into()).visit::<C>()
+    train_cell_on_best(CellRef::of::<C>(), config, &run_dir.into())
 }
 
-/// [`train_on_best`] for the built-in cell `cell`, through `Builtin::visit` (the path
-/// `run_job` takes), so not generic over the cell.
-pub fn train_builtin_on_best(
-    cell: Builtin,
+/// [`train_on_best`] for a cell picked at run time (a built-in cell's [`Builtin::cell`]).
+pub fn train_cell_on_best(
+    cell: CellRef,
     config: &TrainConfig,
     run_dir: &Path,
 ) -> (Selected, Result<RunSummary, String>) {
     let config = training(config);
-    cell.visit(on_best(&config, run_dir.to_path_buf()))
+    let options = RunOptions {
+        run_dir: run_dir.to_path_buf(),
+        resume: false,
+        stop_after: None,
+        schedule: Schedule::default(),
+        progress: true,
+    };
+    run_on_best(OnBest {
+        config: &config,
+        options,
+        cell,
+    })
 }
 
 /// `config` with its job set to training.
@@ -78,41 +91,14 @@ fn training(config: &TrainConfig) -> TrainConfig {
     }
 }
 
-/// A training job of `config` into `run_dir` with progress on stderr, waiting for its cell.
-fn on_best(config: &TrainConfig, run_dir: PathBuf) -> OnBest<'_> {
-    let options = RunOptions {
-        run_dir,
-        resume: false,
-        stop_after: None,
-        schedule: Schedule::default(),
-        progress: true,
-    };
-    OnBest { config, options }
-}
-
-/// A job waiting for its cell type, then for its backend.
+/// A job of one cell, waiting for its backend.
 struct OnBest<'a> {
     config: &'a TrainConfig,
     options: RunOptions,
+    cell: CellRef,
 }
 
-impl CellVisitor for OnBest<'_> {
-    type Output = (Selected, Result<RunSummary, String>);
-
-    fn visit<C: CellKernels>(self) -> Self::Output {
-        run_on_best(WithCell::<C> {
-            job: self,
-            cell: PhantomData,
-        })
-    }
-}
-
-struct WithCell<'a, C> {
-    job: OnBest<'a>,
-    cell: PhantomData<C>,
-}
-
-impl<C: CellKernels> BackendVisitor for WithCell<'_, C> {
+impl BackendVisitor for OnBest<'_> {
     type Output = Result<RunSummary, String>;
 
     fn visit<B>(self, device: B::Device, schedule: Schedule) -> Self::Output
@@ -120,14 +106,18 @@ impl<C: CellKernels> BackendVisitor for WithCell<'_, C> {
         B: AutodiffBackend + FusedCellBackend,
         B::InnerBackend: FusedCellBackend,
     {
-        let OnBest { config, options } = self.job;
+        let OnBest {
+            config,
+            options,
+            cell,
+        } = self;
         let options = RunOptions {
             schedule,
             ..options
         };
         match config.job.mode {
-            Mode::Train => train::<B, C>(config, &options, &device),
-            Mode::Test => test_checkpoint::<B, C>(config, &options, &device),
+            Mode::Train => train::<B>(cell, config, &options, &device),
+            Mode::Test => test_checkpoint::<B>(cell, config, &options, &device),
         }
     }
 }
@@ -181,10 +171,11 @@ pub fn infer_from_run(request: &InferenceRequest) -> Result<(String, Vec<String>
         return Err("--block: must be at least 1".into());
     }
     let cell = find_cell(&config.model.cell)?;
-    let (device, output) = cell.visit(Inference {
+    let (device, output) = infer_on_best(Inference {
         request,
         config: &config,
         prompts,
+        cell: cell.cell,
     });
     let output = output?;
     let output = match &request.task {
@@ -208,28 +199,13 @@ struct Inference<'a> {
     request: &'a InferenceRequest,
     config: &'a TrainConfig,
     prompts: Vec<Vec<i64>>,
+    cell: CellRef,
 }
 
 /// Generated texts, or the benchmark's rows.
 type InferenceOutput = (Vec<String>, Vec<crate::generate::GenerationTiming>);
 
-impl CellVisitor for Inference<'_> {
-    type Output = (Selected, Result<InferenceOutput, String>);
-
-    fn visit<C: CellKernels>(self) -> Self::Output {
-        infer_on_best(InferenceWithCell::<C> {
-            job: self,
-            cell: PhantomData,
-        })
-    }
-}
-
-struct InferenceWithCell<'a, C> {
-    job: Inference<'a>,
-    cell: PhantomData<C>,
-}
-
-impl<C: CellKernels> InferenceVisitor for InferenceWithCell<'_, C> {
+impl InferenceVisitor for Inference<'_> {
     type Output = Result<InferenceOutput, String>;
 
     fn visit<B: FusedCellBackend>(self, device: B::Device, schedule: Schedule) -> Self::Output {
@@ -238,8 +214,10 @@ impl<C: CellKernels> InferenceVisitor for InferenceWithCell<'_, C> {
             request,
             config,
             prompts,
-        } = self.job;
-        let (model, _, _) = crate::train::trained_model::<B, C>(
+            cell,
+        } = self;
+        let (model, _, _) = crate::train::trained_model::<B>(
+            cell,
             &config.model,
             &request.run_dir,
             schedule,
@@ -254,7 +232,7 @@ impl<C: CellKernels> InferenceVisitor for InferenceWithCell<'_, C> {
                 ..
             } => {
                 let stream = *stream && prompts.len() == 1;
-                let generated = crate::generate::generate::<B, C>(
+                let generated = crate::generate::generate::<B>(
                     &model,
                     &prompts,
                     *max_tokens,
@@ -277,7 +255,7 @@ impl<C: CellKernels> InferenceVisitor for InferenceWithCell<'_, C> {
                 Ok((texts, Vec::new()))
             }
             InferenceTask::Bench { lengths, tokens } => {
-                let rows = crate::generate::time_generation::<B, C>(
+                let rows = crate::generate::time_generation::<B>(
                     &model,
                     config.model.vocab,
                     lengths,

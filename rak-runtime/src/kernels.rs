@@ -594,9 +594,10 @@ pub(crate) use with_element;
 
 /// A cell's kernels on runtime `R` without the cell's type: [`CellRunner`]'s scans behind a
 /// trait object, the element type picked at run time. Code that picks a cell at run time holds
-/// one ([`crate::cells::Builtin::kernels`]): the built-in cells' implementations are compiled
-/// once, in this crate, so a caller (a test of every cell, say) compiles none of their kernels
-/// again, where one generic over the cell compiles every cell's kernels itself.
+/// one ([`CellRef::kernels`], [`crate::cells::Builtin::kernels`]): the built-in cells'
+/// implementations are compiled once, in this crate, so a caller (a test of every cell, say)
+/// compiles none of their kernels again, where one generic over the cell compiles every cell's
+/// kernels itself.
 pub trait ScanKernels<R: Runtime> {
     /// The compiled cell.
     fn compiled(&self) -> &CompiledCell;
@@ -677,34 +678,88 @@ impl<C: CellKernels, R: Runtime> ScanKernels<R> for CellRunner<C> {
     }
 }
 
-/// A runtime the built-in cells' kernels are compiled for in this crate (wgpu, CUDA: one per
-/// enabled feature), behind [`ScanKernels`].
-pub trait BuiltinRuntime: Runtime {
-    /// The kernels of `cell` on this runtime.
-    fn builtin_kernels(cell: &crate::cells::Builtin) -> Box<dyn ScanKernels<Self>>;
+/// A cell with its type erased: its name, its compiler and its kernels ([`ScanKernels`]) on
+/// each enabled runtime, as function pointers. [`CellRef::of`] builds one where the cell's
+/// type is known (the crate that declares it), and only there are that cell's kernels
+/// compiled; everything that takes a `CellRef` (the fused operation, the model, training,
+/// generation) is compiled once, in this crate, for every cell.
+#[derive(Clone, Copy)]
+pub struct CellRef {
+    name: &'static str,
+    type_id: std::any::TypeId,
+    compile: fn() -> CompiledCell,
+    #[cfg(feature = "wgpu")]
+    wgpu: fn() -> Box<dyn ScanKernels<cubecl::wgpu::WgpuRuntime>>,
+    #[cfg(feature = "cuda")]
+    cuda: fn() -> Box<dyn ScanKernels<cubecl::cuda::CudaRuntime>>,
 }
 
-/// Builds a built-in cell's [`ScanKernels`] for runtime `R`.
-struct KernelsOn<R>(std::marker::PhantomData<R>);
+impl CellRef {
+    /// Cell `C`, its kernels compiled here for every enabled runtime.
+    pub fn of<C: CellKernels>() -> Self {
+        CellRef {
+            name: C::NAME,
+            type_id: std::any::TypeId::of::<C>(),
+            compile: C::compile,
+            #[cfg(feature = "wgpu")]
+            wgpu: kernels_of::<C, cubecl::wgpu::WgpuRuntime>,
+            #[cfg(feature = "cuda")]
+            cuda: kernels_of::<C, cubecl::cuda::CudaRuntime>,
+        }
+    }
 
-impl<R: Runtime> crate::cells::CellVisitor for KernelsOn<R> {
-    type Output = Box<dyn ScanKernels<R>>;
-    fn visit<C: CellKernels>(self) -> Self::Output {
-        Box::new(CellRunner::<C>::new())
+    /// The cell's type name ([`crate::CellDefinition::NAME`]).
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// Compiles the cell ([`crate::CellDefinition::compile`]).
+    pub fn compile(&self) -> CompiledCell {
+        (self.compile)()
+    }
+
+    /// The cell's kernels on runtime `R`.
+    pub fn kernels<R: ScanRuntime>(&self) -> Box<dyn ScanKernels<R>> {
+        R::kernels_of(self)
     }
 }
 
+fn kernels_of<C: CellKernels, R: Runtime>() -> Box<dyn ScanKernels<R>> {
+    Box::new(CellRunner::<C>::new())
+}
+
+impl fmt::Debug for CellRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "CellRef({})", self.name)
+    }
+}
+
+/// Two `CellRef`s are equal when they are of the same cell type.
+impl PartialEq for CellRef {
+    fn eq(&self, other: &Self) -> bool {
+        self.type_id == other.type_id
+    }
+}
+
+impl Eq for CellRef {}
+
+/// A runtime that a [`CellRef`] carries kernels for (wgpu, CUDA: one per enabled feature).
+pub trait ScanRuntime: Runtime {
+    /// `cell`'s kernels on this runtime.
+    fn kernels_of(cell: &CellRef) -> Box<dyn ScanKernels<Self>>;
+}
+
 #[cfg(feature = "wgpu")]
-impl BuiltinRuntime for cubecl::wgpu::WgpuRuntime {
-    fn builtin_kernels(cell: &crate::cells::Builtin) -> Box<dyn ScanKernels<Self>> {
-        cell.visit(KernelsOn(std::marker::PhantomData))
+impl ScanRuntime for cubecl::wgpu::WgpuRuntime {
+    fn kernels_of(cell: &CellRef) -> Box<dyn ScanKernels<Self>> {
+        (cell.wgpu)()
     }
 }
 
 #[cfg(feature = "cuda")]
-impl BuiltinRuntime for cubecl::cuda::CudaRuntime {
-    fn builtin_kernels(cell: &crate::cells::Builtin) -> Box<dyn ScanKernels<Self>> {
-        cell.visit(KernelsOn(std::marker::PhantomData))
+impl ScanRuntime for cubecl::cuda::CudaRuntime {
+    fn kernels_of(cell: &CellRef) -> Box<dyn ScanKernels<Self>> {
+        (cell.cuda)()
     }
 }
 
@@ -857,6 +912,16 @@ pub enum Dtype {
 }
 
 impl Dtype {
+    /// The type burn names `dtype`, if the kernels take it.
+    pub fn from_burn(dtype: burn::tensor::DType) -> Option<Dtype> {
+        match dtype {
+            burn::tensor::DType::F32 => Some(Dtype::F32),
+            burn::tensor::DType::F16 => Some(Dtype::F16),
+            burn::tensor::DType::BF16 => Some(Dtype::Bf16),
+            _ => None,
+        }
+    }
+
     /// burn's name of the type.
     pub fn float_dtype(self) -> burn::tensor::FloatDType {
         match self {

@@ -15,7 +15,7 @@ use crate::codegen::chunkwise::chunk_form;
 use crate::codegen::ir::ParamInit;
 use crate::codegen::schedule::{ScanKind, Schedule, pick_scan};
 use crate::fused::{FusedCellBackend, FusedSettings, fused_cell};
-use crate::kernels::CellKernels;
+use crate::kernels::CellRef;
 use crate::packing::Packing;
 use crate::unfused::UnfusedScan;
 use burn::module::{Module, Param};
@@ -57,7 +57,7 @@ pub enum Projection {
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
     /// The cell: a built-in cell's file name (`simple_rnn`, `gla`, …) on the command line; the
-    /// model itself is built for the cell type given to [`ModelConfig::init`].
+    /// model itself is built for the cell given to [`ModelConfig::init`].
     pub cell: String,
     pub vocab: usize,
     /// Model width D.
@@ -79,16 +79,15 @@ pub struct ModelConfig {
 /// What a layer needs to run its cell, besides its parameters.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CellScan {
-    /// The cell's type name ([`crate::CellDefinition::NAME`]), checked at every forward.
-    pub cell: &'static str,
     pub strategy: Strategy,
+    /// The cell, its sizes and its fused scan's schedule.
     pub settings: FusedSettings,
     pub heads: usize,
 }
 
-/// One scan of cell `C`: packed inputs, parameters, optional initial states → outputs, final
+/// One scan of the cell of `settings`: packed inputs, parameters, optional initial states → outputs, final
 /// states (see [`crate::packing`]).
-fn run_scan<B: FusedCellBackend, C: CellKernels>(
+fn run_scan<B: FusedCellBackend>(
     strategy: Strategy,
     inputs: Tensor<B, 4>,
     params: Tensor<B, 2>,
@@ -96,9 +95,9 @@ fn run_scan<B: FusedCellBackend, C: CellKernels>(
     settings: &FusedSettings,
 ) -> (Tensor<B, 4>, Tensor<B, 3>) {
     match strategy {
-        Strategy::Fused => fused_cell::<B, C>(inputs, params, initial, settings),
+        Strategy::Fused => fused_cell::<B>(inputs, params, initial, settings),
         Strategy::Chunked | Strategy::Auto => {
-            let compiled = C::compile();
+            let compiled = settings.cell.compile();
             let form = chunk_form(&compiled.cell);
             let chunk = settings.schedule.chunk;
             let kind = match (&form, strategy) {
@@ -114,23 +113,23 @@ fn run_scan<B: FusedCellBackend, C: CellKernels>(
                         chunk,
                         sub_chunk: SUB_CHUNK,
                     };
-                    let result = scan
-                        .run(inputs, params, initial)
-                        .unwrap_or_else(|error| panic!("chunked {}: {error}", C::NAME));
+                    let result = scan.run(inputs, params, initial).unwrap_or_else(|error| {
+                        panic!("chunked {}: {error}", settings.cell.name())
+                    });
                     (result.outputs, result.final_states)
                 }
-                _ => fused_cell::<B, C>(inputs, params, initial, settings),
+                _ => fused_cell::<B>(inputs, params, initial, settings),
             }
         }
         Strategy::Unfused => {
-            let compiled = C::compile();
+            let compiled = settings.cell.compile();
             let scan = UnfusedScan {
                 cell: &compiled.cell,
                 dims: &settings.dims,
             };
             let result = scan
                 .run(inputs, params, initial)
-                .unwrap_or_else(|error| panic!("unfused {}: {error}", C::NAME));
+                .unwrap_or_else(|error| panic!("unfused {}: {error}", settings.cell.name()));
             (result.outputs, result.final_states)
         }
     }
@@ -151,8 +150,8 @@ pub struct CellLayer<B: Backend> {
 
 impl<B: FusedCellBackend> CellLayer<B> {
     /// `[B, T, D]` (and optional initial states `[B, H, Σ state sizes]`) → `[B, T, D]` and the
-    /// final states (detached when fused). `C` is the cell the layer was built for.
-    pub fn forward<C: CellKernels>(
+    /// final states (detached when fused).
+    pub fn forward(
         &self,
         x: Tensor<B, 3>,
         initial: Option<Tensor<B, 3>>,
@@ -173,14 +172,7 @@ impl<B: FusedCellBackend> CellLayer<B> {
             [fused] => per_head(fused),
             separate => Tensor::cat(separate.iter().map(per_head).collect(), 3),
         };
-        assert_eq!(
-            scan.cell,
-            C::NAME,
-            "a layer built for cell {} run as cell {}",
-            scan.cell,
-            C::NAME
-        );
-        let (outputs, states) = run_scan::<B, C>(
+        let (outputs, states) = run_scan::<B>(
             scan.strategy,
             packed,
             self.params.val(),
@@ -213,9 +205,9 @@ pub struct ModelOutput<B: Backend> {
 }
 
 impl ModelConfig {
-    /// Checks the configuration against cell `C`; the error names the offending key.
-    pub fn validate<C: CellKernels>(&self) -> Result<crate::CompiledCell, String> {
-        let compiled = C::compile();
+    /// Checks the configuration against `cell`; the error names the offending key.
+    pub fn validate(&self, cell: CellRef) -> Result<crate::CompiledCell, String> {
+        let compiled = cell.compile();
         let cell = &compiled.cell;
         if self.dims.len() != cell.dims.len() {
             let names: Vec<&str> = cell.dims.iter().map(|d| d.name.as_str()).collect();
@@ -253,20 +245,22 @@ impl ModelConfig {
     }
 
     /// A new model with freshly initialised weights (seeded by the backend's seed).
-    pub fn init<B: FusedCellBackend, C: CellKernels>(
+    pub fn init<B: FusedCellBackend>(
         &self,
+        cell: CellRef,
         schedule: Schedule,
         device: &B::Device,
     ) -> Result<LanguageModel<B>, String> {
-        let compiled = self.validate::<C>()?;
-        let cell = &compiled.cell;
+        let compiled = self.validate(cell)?;
         let settings = FusedSettings {
+            cell,
             dims: self.dims.clone(),
             schedule: Schedule {
                 chunk: self.chunk,
                 ..schedule
             },
         };
+        let cell = &compiled.cell;
         let heads = self.heads;
         let input_packing = Packing::inputs(cell, &self.dims);
         let output_width = Packing::outputs(cell, &self.dims).width;
@@ -325,7 +319,6 @@ impl ModelConfig {
                     output: LinearConfig::new(heads * output_width, self.d_model).init(device),
                     norm: norm(),
                     scan: CellScan {
-                        cell: C::NAME,
                         strategy: self.strategy,
                         settings: settings.clone(),
                         heads,
@@ -348,8 +341,7 @@ impl ModelConfig {
 
 impl<B: FusedCellBackend> LanguageModel<B> {
     /// Tokens `[B, T]` (and optionally each layer's initial states) → logits and final states.
-    /// `C` is the cell the model was built for.
-    pub fn forward<C: CellKernels>(
+    pub fn forward(
         &self,
         tokens: Tensor<B, 2, Int>,
         initial: Option<Vec<Tensor<B, 3>>>,
@@ -359,7 +351,7 @@ impl<B: FusedCellBackend> LanguageModel<B> {
         let mut states = Vec::with_capacity(self.layers.len());
         for layer in &self.layers {
             let start = initial.as_mut().and_then(|states| states.next());
-            let (y, state) = layer.forward::<C>(x, start);
+            let (y, state) = layer.forward(x, start);
             x = y;
             states.push(state);
         }

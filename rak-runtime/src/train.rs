@@ -17,7 +17,7 @@ use crate::codegen::schedule::Schedule;
 use crate::config::JobConfig;
 use crate::data::{Batch, DataConfig, Dataset, Split};
 use crate::fused::FusedCellBackend;
-use crate::kernels::CellKernels;
+use crate::kernels::CellRef;
 use crate::model::{LanguageModel, ModelConfig};
 use burn::module::{AutodiffModule, Module};
 use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
@@ -152,9 +152,9 @@ impl TrainConfig {
         }
     }
 
-    /// Checks the configuration; errors name the key.
-    pub fn validate<C: CellKernels>(&self) -> Result<Dataset, String> {
-        self.model.validate::<C>()?;
+    /// Checks the configuration against `cell`; errors name the key.
+    pub fn validate(&self, cell: CellRef) -> Result<Dataset, String> {
+        self.model.validate(cell)?;
         let dataset = self.data.load()?;
         if self.model.vocab != self.data.vocab() {
             return Err(format!(
@@ -236,7 +236,7 @@ fn loss_and_correct<B: Backend>(
 }
 
 /// Evaluates the model (no gradients) on `batches` batches of `split`.
-pub fn evaluate<B: FusedCellBackend, C: CellKernels>(
+pub fn evaluate<B: FusedCellBackend>(
     model: &LanguageModel<B>,
     dataset: &Dataset,
     config: &TrainConfig,
@@ -249,7 +249,7 @@ pub fn evaluate<B: FusedCellBackend, C: CellKernels>(
         let batch = dataset.batch(config.seed, split, index as u64, config.batch_size);
         let weight: f64 = batch.mask.iter().map(|&m| m as f64).sum();
         let (tokens, targets, mask) = tensors::<B>(&batch, device);
-        let output = model.forward::<C>(tokens, None);
+        let output = model.forward(tokens, None);
         let (loss, hits) = loss_and_correct(output.logits, targets, mask);
         loss_sum += loss.into_scalar().elem::<f64>() * weight;
         correct += hits.into_scalar().elem::<f64>();
@@ -276,8 +276,10 @@ fn record<B: Backend, R: burn::record::Record<B>>(item: R) -> Result<Vec<u8>, St
         .map_err(|e| format!("cannot serialise a record: {e}"))
 }
 
-/// Trains a model as `config` says; see the module documentation for what the run writes.
-pub fn train<B, C>(
+/// Trains a model of `cell` as `config` says; see the module documentation for what the run
+/// writes.
+pub fn train<B>(
+    cell: CellRef,
     config: &TrainConfig,
     options: &RunOptions,
     device: &B::Device,
@@ -285,15 +287,14 @@ pub fn train<B, C>(
 where
     B: AutodiffBackend + FusedCellBackend,
     B::InnerBackend: FusedCellBackend,
-    C: CellKernels,
 {
-    let dataset = config.validate::<C>()?;
+    let dataset = config.validate(cell)?;
     let run_dir = &options.run_dir;
     std::fs::create_dir_all(run_dir)
         .map_err(|e| format!("cannot create `{}`: {e}", run_dir.display()))?;
     checkpoint::write_json(&run_dir.join("config.json"), config)?;
     B::seed(device, config.seed);
-    let mut model: LanguageModel<B> = config.model.init::<B, C>(options.schedule, device)?;
+    let mut model: LanguageModel<B> = config.model.init::<B>(cell, options.schedule, device)?;
     let o = &config.optimizer;
     let mut adamw = AdamWConfig::new().with_weight_decay(o.weight_decay as f32);
     if o.grad_clip > 0.0 {
@@ -357,7 +358,7 @@ where
             for s in 0..segments {
                 let range = s * segment..((s + 1) * segment).min(time);
                 let slice = |t: Tensor<B, 2, Int>| t.slice([0..batch.batch, range.clone()]);
-                let output = model.forward::<C>(slice(tokens.clone()), states.take());
+                let output = model.forward(slice(tokens.clone()), states.take());
                 states = Some(output.states.into_iter().map(|s| s.detach()).collect());
                 let (loss, _) = loss_and_correct(
                     output.logits,
@@ -398,7 +399,7 @@ where
             )?;
         }
         if done.is_multiple_of(config.eval_every) || done == config.steps {
-            let (m, took) = phase::<B, C>(
+            let (m, took) = phase::<B>(
                 &model,
                 &dataset,
                 config,
@@ -426,7 +427,7 @@ where
     summary.tokens_per_second =
         (tokens_per_step * trained_steps) as f64 / summary.train_seconds.max(1e-9);
     if last_step == config.steps && config.test_batches > 0 {
-        let (m, took) = phase::<B, C>(
+        let (m, took) = phase::<B>(
             &model,
             &dataset,
             config,
@@ -483,9 +484,10 @@ fn open_metrics(run_dir: &Path) -> Result<std::fs::File, String> {
         .map_err(|e| format!("cannot open metrics.jsonl: {e}"))
 }
 
-/// The model of the latest checkpoint of `run_dir` (configured as `config`; a checkpoint of
-/// another model is refused), its step and the checkpoint's folder.
-pub fn trained_model<B: FusedCellBackend, C: CellKernels>(
+/// The model of `cell` of the latest checkpoint of `run_dir` (configured as `config`; a
+/// checkpoint of another model is refused), its step and the checkpoint's folder.
+pub fn trained_model<B: FusedCellBackend>(
+    cell: CellRef,
     config: &ModelConfig,
     run_dir: &Path,
     schedule: Schedule,
@@ -494,18 +496,19 @@ pub fn trained_model<B: FusedCellBackend, C: CellKernels>(
     let path = checkpoint::latest(run_dir)?
         .ok_or_else(|| format!("`{}` has no checkpoint (train it first)", run_dir.display()))?;
     let saved = checkpoint::load(&path, config)?;
-    let model: LanguageModel<B> = config.init::<B, C>(schedule, device)?;
+    let model: LanguageModel<B> = config.init::<B>(cell, schedule, device)?;
     let record = NamedMpkBytesRecorder::<FullPrecisionSettings>::default()
         .load(saved.model, device)
         .map_err(|e| format!("checkpoint `{}` refused: {e}", path.display()))?;
     Ok((model.load_record(record), saved.state.step, path))
 }
 
-/// Tests the latest checkpoint of `options.run_dir` (a model configured as `config.model`;
-/// another is refused) on `config.test_batches` batches of the test split, without training;
+/// Tests the latest checkpoint of `options.run_dir` (a model of `cell` configured as
+/// `config.model`; another is refused) on `config.test_batches` batches of the test split, without training;
 /// writes the test's configuration to `test-config.json` and appends the metrics to the run's
 /// `metrics.jsonl`.
-pub fn test_checkpoint<B, C>(
+pub fn test_checkpoint<B>(
+    cell: CellRef,
     config: &TrainConfig,
     options: &RunOptions,
     device: &B::Device,
@@ -513,15 +516,14 @@ pub fn test_checkpoint<B, C>(
 where
     B: AutodiffBackend + FusedCellBackend,
     B::InnerBackend: FusedCellBackend,
-    C: CellKernels,
 {
-    let dataset = config.validate::<C>()?;
+    let dataset = config.validate(cell)?;
     let run_dir = &options.run_dir;
     let (model, step, path) =
-        trained_model::<B, C>(&config.model, run_dir, options.schedule, device)?;
+        trained_model::<B>(cell, &config.model, run_dir, options.schedule, device)?;
     checkpoint::write_json(&run_dir.join("test-config.json"), config)?;
     let mut metrics = open_metrics(run_dir)?;
-    let (m, took) = phase::<B, C>(
+    let (m, took) = phase::<B>(
         &model,
         &dataset,
         config,
@@ -553,7 +555,7 @@ where
 
 /// Evaluates the model without gradients on the validation or test batches and logs the
 /// metrics; returns them and the time taken.
-fn phase<B, C>(
+fn phase<B>(
     model: &LanguageModel<B>,
     dataset: &Dataset,
     config: &TrainConfig,
@@ -565,14 +567,13 @@ fn phase<B, C>(
 where
     B: AutodiffBackend,
     B::InnerBackend: FusedCellBackend,
-    C: CellKernels,
 {
     let started = Instant::now();
     let (name, batches) = match split {
         Split::Test => ("test", config.test_batches),
         _ => ("validation", config.eval_batches),
     };
-    let m = evaluate::<_, C>(&model.valid(), dataset, config, split, batches, device);
+    let m = evaluate(&model.valid(), dataset, config, split, batches, device);
     let took = started.elapsed();
     log_metrics(
         metrics,

@@ -6,7 +6,6 @@
 //! their backward kernels ([`BlockScoresBackward`]).
 
 use super::{BlockScores, FusedCellBackend, FusedForward, FusedGradients, FusedSettings, SumOver};
-use crate::kernels::CellKernels;
 use burn::backend::Autodiff;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -15,14 +14,13 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{Tensor, TensorPrimitive};
-use std::marker::PhantomData;
 
 /// The backward of a fused scan with `N` differentiable operands: inputs, parameters and, when
 /// given, initial states.
 #[derive(Debug)]
-struct ScanBackward<C, const N: usize>(PhantomData<C>);
+struct ScanBackward<const N: usize>;
 
-impl<B: FusedCellBackend, C: CellKernels, const N: usize> Backward<B, N> for ScanBackward<C, N> {
+impl<B: FusedCellBackend, const N: usize> Backward<B, N> for ScanBackward<N> {
     /// Inputs, parameters, checkpoints and the settings.
     type State = (
         FloatTensor<B>,
@@ -40,7 +38,7 @@ impl<B: FusedCellBackend, C: CellKernels, const N: usize> Backward<B, N> for Sca
         let (inputs, params, checkpoints, settings) = ops.state;
         let grad_outputs = grads.consume::<B>(&ops.node);
         let gradients =
-            B::fused_cell_backward::<C>(inputs, params, checkpoints, grad_outputs, &settings);
+            B::fused_cell_backward(inputs, params, checkpoints, grad_outputs, &settings);
         let mut results = [
             Some(gradients.inputs),
             Some(gradients.params),
@@ -204,7 +202,7 @@ impl<B: FusedCellBackend> Backward<B, 3> for BlockScoresBackward {
 }
 
 impl<B: FusedCellBackend, CS: CheckpointStrategy> FusedCellBackend for Autodiff<B, CS> {
-    fn fused_cell_forward<C: CellKernels>(
+    fn fused_cell_forward(
         inputs: FloatTensor<Self>,
         params: FloatTensor<Self>,
         initial_states: Option<FloatTensor<Self>>,
@@ -220,13 +218,13 @@ impl<B: FusedCellBackend, CS: CheckpointStrategy> FusedCellBackend for Autodiff<
         // the backward needs, and return the outputs as the operation's result.
         macro_rules! scan {
             ($n:literal, $nodes:expr, $initial:expr) => {
-                match ScanBackward::<C, $n>(PhantomData)
+                match ScanBackward::<$n>
                     .prepare::<CS>($nodes)
                     .compute_bound()
                     .stateful()
                 {
                     OpsKind::Tracked(prep) => {
-                        let forward = B::fused_cell_forward::<C>(
+                        let forward = B::fused_cell_forward(
                             inputs.primitive.clone(),
                             params.primitive.clone(),
                             $initial,
@@ -251,7 +249,7 @@ impl<B: FusedCellBackend, CS: CheckpointStrategy> FusedCellBackend for Autodiff<
                         }
                     }
                     OpsKind::UnTracked(prep) => {
-                        let forward = B::fused_cell_forward::<C>(
+                        let forward = B::fused_cell_forward(
                             inputs.primitive.clone(),
                             params.primitive.clone(),
                             $initial,
@@ -367,7 +365,7 @@ impl<B: FusedCellBackend, CS: CheckpointStrategy> FusedCellBackend for Autodiff<
         .map(Self::from_inner)
     }
 
-    fn fused_cell_backward<C: CellKernels>(
+    fn fused_cell_backward(
         inputs: FloatTensor<Self>,
         params: FloatTensor<Self>,
         checkpoints: FloatTensor<Self>,
@@ -375,7 +373,7 @@ impl<B: FusedCellBackend, CS: CheckpointStrategy> FusedCellBackend for Autodiff<
         settings: &FusedSettings,
     ) -> FusedGradients<Self> {
         // Not differentiated again (no second-order gradients of a scan).
-        let gradients = B::fused_cell_backward::<C>(
+        let gradients = B::fused_cell_backward(
             inputs.primitive,
             params.primitive,
             checkpoints.primitive,

@@ -1,6 +1,6 @@
 //! The fused cell on burn's cubecl backends (`CubeBackend`, what `Cuda` and `Wgpu` wrap): the
 //! packed tensors are split into one array per value, the generated kernels run through
-//! [`CellRunner`], and the results are packed again. The chunked path's recurrence across
+//! the cell's [`ScanKernels`], and the results are packed again. The chunked path's recurrence across
 //! chunks runs [`linear_scan_kernel`], its running sums of log decays [`running_sum_kernel`],
 //! its scores within sub-chunks [`decayed_scores_kernel`]
 //! and [`decayed_scores_backward_kernel`], and across sub-chunks
@@ -9,7 +9,7 @@
 use super::{BlockScores, FusedCellBackend, FusedForward, FusedGradients, FusedSettings, SumOver};
 use crate::codegen::ScanShape;
 use crate::kernels::{
-    BackwardBuffers, CellKernels, CellRunner, DeviceArray, ForwardBuffers, StepBuffers,
+    BackwardBuffers, DeviceArray, Dtype, ForwardBuffers, ScanKernels, ScanRuntime, StepBuffers,
 };
 use crate::packing::Packing;
 use burn::tensor::Shape;
@@ -21,19 +21,19 @@ use cubecl::prelude::*;
 
 impl<R, F, I, BT> FusedCellBackend for CubeBackend<R, F, I, BT>
 where
-    R: CubeRuntime,
+    R: CubeRuntime + ScanRuntime,
     F: FloatElement,
     I: IntElement,
     BT: BoolElement,
 {
-    fn fused_cell_forward<C: CellKernels>(
+    fn fused_cell_forward(
         inputs: CubeTensor<R>,
         params: CubeTensor<R>,
         initial_states: Option<CubeTensor<R>>,
         settings: &FusedSettings,
         checkpoints: bool,
     ) -> FusedForward<Self> {
-        let (runner, shape) = scan_of::<C, R>(&inputs, settings);
+        let (runner, shape, dtype) = scan_of::<R, F>(&inputs, settings);
         let (cell, dims) = (&runner.compiled().cell, &settings.dims);
         let (batch, time, heads) = (shape.batch, shape.time, shape.heads);
         let (client, device) = (inputs.client.clone(), inputs.device.clone());
@@ -56,8 +56,8 @@ where
                 .then(|| columns::<R>(&client, batch * heads * chunks, &states, 4)),
         };
         runner
-            .forward::<F, R>(&client, &shape, settings.schedule, &buffers)
-            .unwrap_or_else(|error| panic!("fused {} forward: {error}", C::NAME));
+            .forward(dtype, &client, &shape, settings.schedule, &buffers)
+            .unwrap_or_else(|error| panic!("fused {} forward: {error}", settings.cell.name()));
         let pack_f = |arrays: &[DeviceArray], packing: &Packing, leading: &[usize]| {
             pack::<R, F>(&client, &device, arrays, packing, leading)
         };
@@ -79,13 +79,13 @@ where
         Some((usage.bytes_in_use, usage.bytes_reserved))
     }
 
-    fn fused_cell_step<C: CellKernels>(
+    fn fused_cell_step(
         inputs: CubeTensor<R>,
         params: CubeTensor<R>,
         states: CubeTensor<R>,
         settings: &FusedSettings,
     ) -> (CubeTensor<R>, CubeTensor<R>) {
-        let (runner, shape) = scan_of::<C, R>(&inputs, settings);
+        let (runner, shape, dtype) = scan_of::<R, F>(&inputs, settings);
         let (cell, dims) = (&runner.compiled().cell, &settings.dims);
         let (batch, heads) = (shape.batch, shape.heads);
         let (client, device) = (inputs.client.clone(), inputs.device.clone());
@@ -99,8 +99,8 @@ where
             outputs: columns::<R>(&client, batch * heads, &output_packing, size_of::<F>()),
         };
         runner
-            .step::<F, R>(&client, &shape, settings.schedule, &buffers)
-            .unwrap_or_else(|error| panic!("fused {} step: {error}", C::NAME));
+            .step(dtype, &client, &shape, settings.schedule, &buffers)
+            .unwrap_or_else(|error| panic!("fused {} step: {error}", settings.cell.name()));
         (
             pack::<R, F>(
                 &client,
@@ -272,14 +272,14 @@ where
         gradients
     }
 
-    fn fused_cell_backward<C: CellKernels>(
+    fn fused_cell_backward(
         inputs: CubeTensor<R>,
         params: CubeTensor<R>,
         checkpoints: CubeTensor<R>,
         grad_outputs: CubeTensor<R>,
         settings: &FusedSettings,
     ) -> FusedGradients<Self> {
-        let (runner, shape) = scan_of::<C, R>(&inputs, settings);
+        let (runner, shape, dtype) = scan_of::<R, F>(&inputs, settings);
         let (cell, dims) = (&runner.compiled().cell, &settings.dims);
         let (batch, time, heads) = (shape.batch, shape.time, shape.heads);
         let (client, device) = (inputs.client.clone(), inputs.device.clone());
@@ -305,8 +305,8 @@ where
             grad_initial_states: columns::<R>(&client, batch * heads, &states, bytes),
         };
         runner
-            .backward::<F, R>(&client, &shape, settings.schedule, &buffers)
-            .unwrap_or_else(|error| panic!("fused {} backward: {error}", C::NAME));
+            .backward(dtype, &client, &shape, settings.schedule, &buffers)
+            .unwrap_or_else(|error| panic!("fused {} backward: {error}", settings.cell.name()));
         let pack_f = |arrays: &[DeviceArray], packing: &Packing, leading: &[usize]| {
             pack::<R, F>(&client, &device, arrays, packing, leading)
         };
@@ -318,11 +318,12 @@ where
     }
 }
 
-/// Cell `C`'s runner and the shape of a scan over packed inputs `[B, T, H, _]`.
-fn scan_of<C: CellKernels, R: CubeRuntime>(
+/// The kernels of the cell of `settings`, the shape of a scan over packed inputs
+/// `[B, T, H, _]`, and the kernels' element type for burn's `F`.
+fn scan_of<R: CubeRuntime + ScanRuntime, F: FloatElement>(
     inputs: &CubeTensor<R>,
     settings: &FusedSettings,
-) -> (CellRunner<C>, ScanShape) {
+) -> (Box<dyn ScanKernels<R>>, ScanShape, Dtype) {
     let [batch, time, heads, _] = inputs.meta.shape().dims::<4>();
     let shape = ScanShape {
         batch,
@@ -330,7 +331,14 @@ fn scan_of<C: CellKernels, R: CubeRuntime>(
         heads,
         dims: settings.dims.clone(),
     };
-    (CellRunner::<C>::new(), shape)
+    let dtype = Dtype::from_burn(F::dtype()).unwrap_or_else(|| {
+        panic!(
+            "fused {}: the kernels take f32, f16 or bf16 tensors, not {:?}",
+            settings.cell.name(),
+            F::dtype()
+        )
+    });
+    (settings.cell.kernels::<R>(), shape, dtype)
 }
 
 /// One new array per slot of `packing`, `rows` rows each, of elements of `bytes`.

@@ -3,7 +3,6 @@
 //! backend when the stream reaches it; so are the chunked path's kernels.
 
 use super::{BlockScores, FusedCellBackend, FusedForward, FusedGradients, FusedSettings, SumOver};
-use crate::kernels::CellKernels;
 use crate::packing::Packing;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, Shape};
@@ -15,17 +14,15 @@ use std::marker::PhantomData;
 /// The forward scan as a stream operation: inputs, parameters (and initial states) in;
 /// outputs, final states (and checkpoints) out.
 #[derive(Debug)]
-struct ForwardScan<B, C> {
+struct ForwardScan<B> {
     description: CustomOpIr,
     settings: FusedSettings,
     has_initial: bool,
     checkpoints: bool,
-    backend: PhantomData<(B, C)>,
+    backend: PhantomData<B>,
 }
 
-impl<B: FusionBackend + FusedCellBackend, C: CellKernels> Operation<B::FusionRuntime>
-    for ForwardScan<B, C>
-{
+impl<B: FusionBackend + FusedCellBackend> Operation<B::FusionRuntime> for ForwardScan<B> {
     fn execute(
         &self,
         handles: &mut HandleContainer<<B::FusionRuntime as FusionRuntime>::FusionHandle>,
@@ -37,7 +34,7 @@ impl<B: FusionBackend + FusedCellBackend, C: CellKernels> Operation<B::FusionRun
             .has_initial
             .then(|| handles.get_float_tensor::<B>(&operands[2]));
         let forward =
-            B::fused_cell_forward::<C>(inputs, params, initial, &self.settings, self.checkpoints);
+            B::fused_cell_forward(inputs, params, initial, &self.settings, self.checkpoints);
         let results = &self.description.outputs;
         handles.register_float_tensor::<B>(&results[0].id, forward.outputs);
         handles.register_float_tensor::<B>(&results[1].id, forward.final_states);
@@ -50,22 +47,20 @@ impl<B: FusionBackend + FusedCellBackend, C: CellKernels> Operation<B::FusionRun
 /// The backward scan as a stream operation: inputs, parameters, checkpoints and output
 /// gradients in; input, parameter and initial-state gradients out.
 #[derive(Debug)]
-struct BackwardScan<B, C> {
+struct BackwardScan<B> {
     description: CustomOpIr,
     settings: FusedSettings,
-    backend: PhantomData<(B, C)>,
+    backend: PhantomData<B>,
 }
 
-impl<B: FusionBackend + FusedCellBackend, C: CellKernels> Operation<B::FusionRuntime>
-    for BackwardScan<B, C>
-{
+impl<B: FusionBackend + FusedCellBackend> Operation<B::FusionRuntime> for BackwardScan<B> {
     fn execute(
         &self,
         handles: &mut HandleContainer<<B::FusionRuntime as FusionRuntime>::FusionHandle>,
     ) {
         let ([inputs, params, checkpoints, grad_outputs], [grad_inputs, grad_params, grad_initial]) =
             self.description.as_fixed();
-        let gradients = B::fused_cell_backward::<C>(
+        let gradients = B::fused_cell_backward(
             handles.get_float_tensor::<B>(inputs),
             handles.get_float_tensor::<B>(params),
             handles.get_float_tensor::<B>(checkpoints),
@@ -175,14 +170,14 @@ fn register_custom<B: FusionBackend, O: Operation<B::FusionRuntime> + 'static>(
 }
 
 impl<B: FusionBackend + FusedCellBackend> FusedCellBackend for Fusion<B> {
-    fn fused_cell_forward<C: CellKernels>(
+    fn fused_cell_forward(
         inputs: FloatTensor<Self>,
         params: FloatTensor<Self>,
         initial_states: Option<FloatTensor<Self>>,
         settings: &FusedSettings,
         checkpoints: bool,
     ) -> FusedForward<Self> {
-        let cell = C::compile().cell;
+        let cell = settings.cell.compile().cell;
         let client = inputs.client.clone();
         let dtype = inputs.dtype;
         let [batch, time, heads, _] = inputs.shape.dims::<4>();
@@ -213,7 +208,7 @@ impl<B: FusionBackend + FusedCellBackend> FusedCellBackend for Fusion<B> {
         operands.extend(initial_states);
         let mut results =
             register_custom::<B, _>("rak_forward_scan", operands, results, |description| {
-                ForwardScan::<B, C> {
+                ForwardScan::<B> {
                     description,
                     settings: settings.clone(),
                     has_initial,
@@ -322,7 +317,7 @@ impl<B: FusionBackend + FusedCellBackend> FusedCellBackend for Fusion<B> {
         .expect("the scores' backward registers three results")
     }
 
-    fn fused_cell_backward<C: CellKernels>(
+    fn fused_cell_backward(
         inputs: FloatTensor<Self>,
         params: FloatTensor<Self>,
         checkpoints: FloatTensor<Self>,
@@ -342,7 +337,7 @@ impl<B: FusionBackend + FusedCellBackend> FusedCellBackend for Fusion<B> {
                 params.dtype,
             ),
             {
-                let cell = C::compile().cell;
+                let cell = settings.cell.compile().cell;
                 let [batch, _, heads, _] = inputs.shape.dims::<4>();
                 let states = Packing::states(&cell, &settings.dims).width;
                 TensorIr::uninit(
@@ -356,7 +351,7 @@ impl<B: FusionBackend + FusedCellBackend> FusedCellBackend for Fusion<B> {
             "rak_backward_scan",
             vec![inputs, params, checkpoints, grad_outputs],
             results,
-            |description| BackwardScan::<B, C> {
+            |description| BackwardScan::<B> {
                 description,
                 settings: settings.clone(),
                 backend: PhantomData,

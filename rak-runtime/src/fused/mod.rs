@@ -25,14 +25,15 @@ pub use cube::chunked_kernel_source;
 pub use cube::{ChunkedKernel, ChunkedSizes};
 
 use crate::codegen::schedule::Schedule;
-use crate::kernels::CellKernels;
+use crate::kernels::CellRef;
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{Tensor, TensorPrimitive};
 
-/// The sizes and schedule of a fused scan (batch, time and heads come from the tensors).
+/// The cell, sizes and schedule of a fused scan (batch, time and heads come from the tensors).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FusedSettings {
+    pub cell: CellRef,
     /// The size of each dim of the cell, in declaration order.
     pub dims: Vec<usize>,
     pub schedule: Schedule,
@@ -110,7 +111,7 @@ impl SumOver {
 /// Backends that run a cell's generated kernels.
 pub trait FusedCellBackend: Backend {
     /// The forward scan; writes checkpoints if `checkpoints` is true.
-    fn fused_cell_forward<C: CellKernels>(
+    fn fused_cell_forward(
         inputs: FloatTensor<Self>,
         params: FloatTensor<Self>,
         initial_states: Option<FloatTensor<Self>>,
@@ -122,13 +123,13 @@ pub trait FusedCellBackend: Backend {
     /// states `[B, H, Σ state sizes]` → outputs `[B, 1, H, Σ output widths]` and the new
     /// states (no gradient). By default the forward scan over one step; the cubecl backends
     /// run the cell's single-step kernel.
-    fn fused_cell_step<C: CellKernels>(
+    fn fused_cell_step(
         inputs: FloatTensor<Self>,
         params: FloatTensor<Self>,
         states: FloatTensor<Self>,
         settings: &FusedSettings,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        let forward = Self::fused_cell_forward::<C>(inputs, params, Some(states), settings, false);
+        let forward = Self::fused_cell_forward(inputs, params, Some(states), settings, false);
         (forward.outputs, forward.final_states)
     }
 
@@ -178,7 +179,7 @@ pub trait FusedCellBackend: Backend {
     ) -> [FloatTensor<Self>; 3];
 
     /// The backward scan from the output gradient (the final-state gradient is zero).
-    fn fused_cell_backward<C: CellKernels>(
+    fn fused_cell_backward(
         inputs: FloatTensor<Self>,
         params: FloatTensor<Self>,
         checkpoints: FloatTensor<Self>,
@@ -187,11 +188,11 @@ pub trait FusedCellBackend: Backend {
     ) -> FusedGradients<Self>;
 }
 
-/// Runs cell `C` over packed inputs `[B, T, H, Σ input widths]` (before activation), parameters
+/// Runs the cell of `settings` over packed inputs `[B, T, H, Σ input widths]` (before activation), parameters
 /// `[H, Σ parameter sizes]` and optional initial states `[B, H, Σ state sizes]`; returns the
 /// outputs `[B, T, H, Σ output widths]` (differentiable on an autodiff backend) and the final
 /// states (detached). One step from given states runs [`FusedCellBackend::fused_cell_step`].
-pub fn fused_cell<B: FusedCellBackend, C: CellKernels>(
+pub fn fused_cell<B: FusedCellBackend>(
     inputs: Tensor<B, 4>,
     params: Tensor<B, 2>,
     initial_states: Option<Tensor<B, 3>>,
@@ -199,7 +200,7 @@ pub fn fused_cell<B: FusedCellBackend, C: CellKernels>(
 ) -> (Tensor<B, 4>, Tensor<B, 3>) {
     // One step from given states: the single-step kernel (streaming inference).
     if let (1, Some(states)) = (inputs.dims()[1], &initial_states) {
-        let (outputs, states) = B::fused_cell_step::<C>(
+        let (outputs, states) = B::fused_cell_step(
             inputs.into_primitive().tensor(),
             params.into_primitive().tensor(),
             states.clone().into_primitive().tensor(),
@@ -210,7 +211,7 @@ pub fn fused_cell<B: FusedCellBackend, C: CellKernels>(
             Tensor::from_primitive(TensorPrimitive::Float(states)),
         );
     }
-    let forward = B::fused_cell_forward::<C>(
+    let forward = B::fused_cell_forward(
         inputs.into_primitive().tensor(),
         params.into_primitive().tensor(),
         initial_states.map(|s| s.into_primitive().tensor()),
