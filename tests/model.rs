@@ -777,7 +777,7 @@ fn cells_without_a_chunked_form_are_refused_with_the_reason() {
 use burn::module::{Module, ModuleVisitor, Param};
 use rak::runtime::data::{DataConfig, Rng, Split};
 use rak::runtime::model::{ModelConfig, Projection, Strategy};
-use rak::runtime::train::{OptimizerConfig, RunOptions, TrainConfig, train};
+use rak::runtime::train::{OptimizerConfig, RunOptions, RunSummary, TrainConfig, train};
 
 /// Every float parameter's gradient, in the model's visiting order.
 struct CollectGradients<'g, B: AutodiffBackend> {
@@ -791,6 +791,11 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for CollectGradients<'_, B> {
         let grad = param.val().grad(self.grads).map(values).unwrap_or_default();
         self.found.push((shape, grad));
     }
+}
+
+/// Trains SimpleRNN on the default backend.
+fn train_simple_rnn(config: &TrainConfig, options: &RunOptions) -> Result<RunSummary, String> {
+    train::<Fused>(simple_rnn(), config, options, &Default::default())
 }
 
 fn model_config(strategy: Strategy) -> ModelConfig {
@@ -954,13 +959,7 @@ fn training_learns_recall_resumes_exactly_and_refuses_bad_checkpoints() {
     setup();
     let config = recall_config();
     let dir = run_dir("recall");
-    let full = train::<Fused>(
-        simple_rnn(),
-        &config,
-        &options(&dir, false, None),
-        &Default::default(),
-    )
-    .expect("training");
+    let full = train_simple_rnn(&config, &options(&dir, false, None)).expect("training");
     let test = full.test.expect("test metrics");
     assert!(
         test.accuracy >= 2.0 * full.chance_accuracy,
@@ -1013,28 +1012,12 @@ fn training_learns_recall_resumes_exactly_and_refuses_bad_checkpoints() {
         ..config.clone()
     };
     let resumed_dir = run_dir("resume");
-    let straight = train::<Fused>(
-        simple_rnn(),
-        &short,
-        &options(&resumed_dir, false, None),
-        &Default::default(),
-    )
-    .expect("straight run");
+    let straight =
+        train_simple_rnn(&short, &options(&resumed_dir, false, None)).expect("straight run");
     std::fs::remove_dir_all(&resumed_dir).ok();
-    train::<Fused>(
-        simple_rnn(),
-        &short,
-        &options(&resumed_dir, false, Some(50)),
-        &Default::default(),
-    )
-    .expect("first half");
-    let resumed = train::<Fused>(
-        simple_rnn(),
-        &short,
-        &options(&resumed_dir, true, None),
-        &Default::default(),
-    )
-    .expect("resumed half");
+    train_simple_rnn(&short, &options(&resumed_dir, false, Some(50))).expect("first half");
+    let resumed =
+        train_simple_rnn(&short, &options(&resumed_dir, true, None)).expect("resumed half");
     assert_eq!(resumed.losses.first().map(|l| l.0), Some(51));
     assert_eq!(resumed.losses, straight.losses[50..].to_vec());
 
@@ -1046,13 +1029,7 @@ fn training_learns_recall_resumes_exactly_and_refuses_bad_checkpoints() {
         },
         ..short.clone()
     };
-    let error = train::<Fused>(
-        simple_rnn(),
-        &wider,
-        &options(&resumed_dir, true, None),
-        &Default::default(),
-    )
-    .unwrap_err();
+    let error = train_simple_rnn(&wider, &options(&resumed_dir, true, None)).unwrap_err();
     assert!(
         error.contains("refused")
             && error.contains("model.d_model = 32 in the checkpoint, 48 in this run"),
@@ -1068,13 +1045,7 @@ fn training_learns_recall_resumes_exactly_and_refuses_bad_checkpoints() {
     let middle = bytes.len() / 2;
     bytes[middle] ^= 0xff;
     std::fs::write(&model_file, &bytes).unwrap();
-    let error = train::<Fused>(
-        simple_rnn(),
-        &short,
-        &options(&resumed_dir, true, None),
-        &Default::default(),
-    )
-    .unwrap_err();
+    let error = train_simple_rnn(&short, &options(&resumed_dir, true, None)).unwrap_err();
     assert!(error.contains("model.mpk is damaged"), "{error}");
     std::fs::remove_dir_all(&dir).ok();
     std::fs::remove_dir_all(&resumed_dir).ok();
@@ -1096,13 +1067,7 @@ fn a_diverging_loss_stops_the_run_with_its_step() {
         ..recall_config()
     };
     let dir = run_dir("nan");
-    let error = train::<Fused>(
-        simple_rnn(),
-        &config,
-        &options(&dir, false, None),
-        &Default::default(),
-    )
-    .unwrap_err();
+    let error = train_simple_rnn(&config, &options(&dir, false, None)).unwrap_err();
     assert!(
         error.starts_with("step ") && error.contains("the training loss is"),
         "{error}"

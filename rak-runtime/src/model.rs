@@ -85,8 +85,8 @@ pub struct CellScan {
     pub heads: usize,
 }
 
-/// One scan of the cell of `settings`: packed inputs, parameters, optional initial states → outputs, final
-/// states (see [`crate::packing`]).
+/// One scan of the cell of `settings`: packed inputs, parameters, optional initial states →
+/// outputs, final states (see [`crate::packing`]).
 fn run_scan<B: FusedCellBackend>(
     strategy: Strategy,
     inputs: Tensor<B, 4>,

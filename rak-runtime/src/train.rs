@@ -504,9 +504,9 @@ pub fn trained_model<B: FusedCellBackend>(
 }
 
 /// Tests the latest checkpoint of `options.run_dir` (a model of `cell` configured as
-/// `config.model`; another is refused) on `config.test_batches` batches of the test split, without training;
-/// writes the test's configuration to `test-config.json` and appends the metrics to the run's
-/// `metrics.jsonl`.
+/// `config.model`; another is refused) on `config.test_batches` batches of the test split,
+/// without training; writes the test's configuration to `test-config.json` and appends the
+/// metrics to the run's `metrics.jsonl`.
 pub fn test_checkpoint<B>(
     cell: CellRef,
     config: &TrainConfig,

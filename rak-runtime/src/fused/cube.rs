@@ -1,8 +1,8 @@
 //! The fused cell on burn's cubecl backends (`CubeBackend`, what `Cuda` and `Wgpu` wrap): the
-//! packed tensors are split into one array per value, the generated kernels run through
-//! the cell's [`ScanKernels`], and the results are packed again. The chunked path's recurrence across
-//! chunks runs [`linear_scan_kernel`], its running sums of log decays [`running_sum_kernel`],
-//! its scores within sub-chunks [`decayed_scores_kernel`]
+//! packed tensors are split into one array per value, the generated kernels run through the
+//! cell's [`ScanKernels`] (from [`FusedSettings::cell`]), and the results are packed again.
+//! The chunked path's recurrence across chunks runs [`linear_scan_kernel`], its running sums of
+//! log decays [`running_sum_kernel`], its scores within sub-chunks [`decayed_scores_kernel`]
 //! and [`decayed_scores_backward_kernel`], and across sub-chunks
 //! [`scores_across_sub_chunks_kernel`] and [`scores_across_sub_chunks_backward_kernel`].
 

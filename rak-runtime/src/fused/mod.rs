@@ -188,10 +188,11 @@ pub trait FusedCellBackend: Backend {
     ) -> FusedGradients<Self>;
 }
 
-/// Runs the cell of `settings` over packed inputs `[B, T, H, Σ input widths]` (before activation), parameters
-/// `[H, Σ parameter sizes]` and optional initial states `[B, H, Σ state sizes]`; returns the
-/// outputs `[B, T, H, Σ output widths]` (differentiable on an autodiff backend) and the final
-/// states (detached). One step from given states runs [`FusedCellBackend::fused_cell_step`].
+/// Runs the cell of `settings` over packed inputs `[B, T, H, Σ input widths]` (before
+/// activation), parameters `[H, Σ parameter sizes]` and optional initial states
+/// `[B, H, Σ state sizes]`; returns the outputs `[B, T, H, Σ output widths]` (differentiable on
+/// an autodiff backend) and the final states (detached). One step from given states runs
+/// [`FusedCellBackend::fused_cell_step`].
 pub fn fused_cell<B: FusedCellBackend>(
     inputs: Tensor<B, 4>,
     params: Tensor<B, 2>,
