@@ -485,6 +485,26 @@ fn states_not_updated_in_place() {
     check_scan_then_step(&coupled, &client, 2, 5, 2, 5, 401);
 }
 
+/// A cell is compiled once per thread (the fused operation asks for it at every launch): every
+/// runner and `CellRef` of one cell shares that compiled cell, which is what compiling the cell
+/// again gives, and another cell has its own.
+#[test]
+fn a_cell_is_compiled_once_per_thread() {
+    let first = CellRunner::<Coupled>::new();
+    let second = CellRunner::<Coupled>::new();
+    assert!(std::ptr::eq(first.compiled(), second.compiled()));
+    let cell = rak::kernels::CellRef::of::<Coupled>();
+    assert!(std::ptr::eq(first.compiled(), &*cell.compiled()));
+    let printed = |compiled: &rak::CompiledCell| {
+        use rak::codegen::display::{backward_to_string, cell_to_string};
+        cell_to_string(&compiled.cell) + &backward_to_string(&compiled.backward)
+    };
+    assert_eq!(printed(first.compiled()), printed(&Coupled::compile()));
+    let other = rak::cells::Builtin::find("simple_rnn").expect("a built-in cell");
+    assert!(!std::ptr::eq(first.compiled(), &*other.cell.compiled()));
+    assert_eq!(other.cell.compiled().cell.name, "SimpleRnn");
+}
+
 #[test]
 fn one_launch_and_many_launches_agree() {
     let client = client();

@@ -182,7 +182,7 @@ fn check<B: AutodiffBackend + FusedCellBackend>(
 ) where
     B::InnerBackend: FusedCellBackend,
 {
-    let compiled = cell.compile();
+    let compiled = cell.compiled();
     let problem = Problem::for_cell(&compiled.cell, shape, dim, 11);
     let settings = FusedSettings {
         cell,

@@ -13,7 +13,11 @@ use crate::codegen::{CompiledCell, ScanShape};
 use cubecl::prelude::KernelDefinition;
 use cubecl::prelude::*;
 use cubecl::server::Handle;
+use std::any::TypeId;
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::fmt;
+use std::rc::Rc;
 
 /// A device buffer of `len` elements (its handle may be larger: allocations are padded).
 #[derive(Clone, Debug)]
@@ -165,9 +169,28 @@ pub fn step_schedule(split: Option<&SplitPlan>, dims: &[usize], schedule: Schedu
     }
 }
 
+thread_local! {
+    /// [`compiled_cell`]'s cells, per thread: a `CompiledCell` keeps the source's spans for its
+    /// messages, which cannot be shared between threads.
+    static COMPILED: RefCell<HashMap<TypeId, Rc<CompiledCell>>> = RefCell::default();
+}
+
+/// Cell `C`, compiled the first time this thread asks for it and kept: the fused operation asks
+/// for it at every launch (the forward and backward scans of every layer of every step), and
+/// compiling a cell (parse, check, autodiff: 0.1–0.2 ms for the built-in cells) costs far more
+/// than the lookup.
+pub fn compiled_cell<C: CellDefinition + 'static>() -> Rc<CompiledCell> {
+    COMPILED.with_borrow_mut(|compiled| {
+        compiled
+            .entry(TypeId::of::<C>())
+            .or_insert_with(|| Rc::new(C::compile()))
+            .clone()
+    })
+}
+
 /// A cell's kernels with the metadata needed to check buffers against a shape.
 pub struct CellRunner<C: CellKernels> {
-    compiled: CompiledCell,
+    compiled: Rc<CompiledCell>,
     /// The axis the scans split along, as the emitted kernels do.
     split: Option<SplitPlan>,
     cell: std::marker::PhantomData<C>,
@@ -235,7 +258,7 @@ impl Expect<'_> {
 
 impl<C: CellKernels> CellRunner<C> {
     pub fn new() -> Self {
-        let compiled = C::compile();
+        let compiled = compiled_cell::<C>();
         CellRunner {
             split: crate::codegen::schedule::split_plan(&compiled.backward),
             compiled,
@@ -686,8 +709,8 @@ impl<C: CellKernels, R: Runtime> ScanKernels<R> for CellRunner<C> {
 #[derive(Clone, Copy)]
 pub struct CellRef {
     name: &'static str,
-    type_id: std::any::TypeId,
-    compile: fn() -> CompiledCell,
+    type_id: TypeId,
+    compiled: fn() -> Rc<CompiledCell>,
     #[cfg(feature = "wgpu")]
     wgpu: fn() -> Box<dyn ScanKernels<cubecl::wgpu::WgpuRuntime>>,
     #[cfg(feature = "cuda")]
@@ -699,8 +722,8 @@ impl CellRef {
     pub fn of<C: CellKernels>() -> Self {
         CellRef {
             name: C::NAME,
-            type_id: std::any::TypeId::of::<C>(),
-            compile: C::compile,
+            type_id: TypeId::of::<C>(),
+            compiled: compiled_cell::<C>,
             #[cfg(feature = "wgpu")]
             wgpu: kernels_of::<C, cubecl::wgpu::WgpuRuntime>,
             #[cfg(feature = "cuda")]
@@ -713,9 +736,9 @@ impl CellRef {
         self.name
     }
 
-    /// Compiles the cell ([`crate::CellDefinition::compile`]).
-    pub fn compile(&self) -> CompiledCell {
-        (self.compile)()
+    /// The compiled cell ([`compiled_cell`]: compiled once per thread).
+    pub fn compiled(&self) -> Rc<CompiledCell> {
+        (self.compiled)()
     }
 
     /// The cell's kernels on runtime `R`.
@@ -967,7 +990,7 @@ pub fn kernel_source<C: CellKernels>(
         shared_memory_bytes: 48 * 1024,
         min_cubes: 1,
     };
-    let compiled = C::compile();
+    let compiled = compiled_cell::<C>();
     let (schedule, pass) = match kernel {
         Kernel::Forward => (schedule, Pass::Forward),
         Kernel::Backward => (schedule, Pass::Backward),

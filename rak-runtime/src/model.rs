@@ -97,7 +97,7 @@ fn run_scan<B: FusedCellBackend>(
     match strategy {
         Strategy::Fused => fused_cell::<B>(inputs, params, initial, settings),
         Strategy::Chunked | Strategy::Auto => {
-            let compiled = settings.cell.compile();
+            let compiled = settings.cell.compiled();
             let form = chunk_form(&compiled.cell);
             let chunk = settings.schedule.chunk;
             let kind = match (&form, strategy) {
@@ -122,7 +122,7 @@ fn run_scan<B: FusedCellBackend>(
             }
         }
         Strategy::Unfused => {
-            let compiled = settings.cell.compile();
+            let compiled = settings.cell.compiled();
             let scan = UnfusedScan {
                 cell: &compiled.cell,
                 dims: &settings.dims,
@@ -206,8 +206,8 @@ pub struct ModelOutput<B: Backend> {
 
 impl ModelConfig {
     /// Checks the configuration against `cell`; the error names the offending key.
-    pub fn validate(&self, cell: CellRef) -> Result<crate::CompiledCell, String> {
-        let compiled = cell.compile();
+    pub fn validate(&self, cell: CellRef) -> Result<std::rc::Rc<crate::CompiledCell>, String> {
+        let compiled = cell.compiled();
         let cell = &compiled.cell;
         if self.dims.len() != cell.dims.len() {
             let names: Vec<&str> = cell.dims.iter().map(|d| d.name.as_str()).collect();

@@ -177,12 +177,13 @@ impl<B: FusionBackend + FusedCellBackend> FusedCellBackend for Fusion<B> {
         settings: &FusedSettings,
         checkpoints: bool,
     ) -> FusedForward<Self> {
-        let cell = settings.cell.compile().cell;
+        let compiled = settings.cell.compiled();
+        let cell = &compiled.cell;
         let client = inputs.client.clone();
         let dtype = inputs.dtype;
         let [batch, time, heads, _] = inputs.shape.dims::<4>();
-        let states = Packing::states(&cell, &settings.dims).width;
-        let outputs = Packing::outputs(&cell, &settings.dims).width;
+        let states = Packing::states(cell, &settings.dims).width;
+        let outputs = Packing::outputs(cell, &settings.dims).width;
         let chunks = time.div_ceil(settings.schedule.chunk);
         let mut results = vec![
             TensorIr::uninit(
@@ -337,9 +338,10 @@ impl<B: FusionBackend + FusedCellBackend> FusedCellBackend for Fusion<B> {
                 params.dtype,
             ),
             {
-                let cell = settings.cell.compile().cell;
+                let compiled = settings.cell.compiled();
+                let cell = &compiled.cell;
                 let [batch, _, heads, _] = inputs.shape.dims::<4>();
-                let states = Packing::states(&cell, &settings.dims).width;
+                let states = Packing::states(cell, &settings.dims).width;
                 TensorIr::uninit(
                     client.create_empty_handle(),
                     Shape::new([batch, heads, states]),

@@ -1,6 +1,11 @@
 //! The front end as users meet it: cells declared with `rak::cell!` (the expansion compiles,
 //! carries the cell's source, and compiles to the same IR as the `.rak` file it mirrors), and the
-//! `rak` command line on `.rak` files.
+//! `rak` command line on `.rak` files; in its modules, what needs no device: parsing the command
+//! line, layered job configurations, sampling and prompts.
+
+mod command_line;
+mod configs;
+mod sampling;
 
 use rak::CellDefinition;
 use rak::codegen::display::{backward_to_string, cell_to_string};
