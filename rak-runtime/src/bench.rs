@@ -13,7 +13,6 @@
 use crate::chunked::{ChunkedScan, SUB_CHUNK};
 use crate::codegen::ScanShape;
 use crate::codegen::chunkwise::GateAxis;
-use crate::codegen::chunkwise::chunk_form;
 use crate::codegen::ir::IndexId;
 use crate::codegen::ir::{InputId, OutputId, ParamId, StateId};
 use crate::codegen::schedule::Schedule;
@@ -223,7 +222,7 @@ pub fn time_cell<C: CellKernels, F: Float + CubeElement, R: Runtime>(
 #[derive(Clone, Copy)]
 pub struct ChunkedBench<'a> {
     /// The cell, which must have a chunked form.
-    pub cell: &'a crate::codegen::ir::Cell,
+    pub compiled: &'a crate::CompiledCell,
     pub shape: &'a ScanShape,
     /// The element type of the scan's inputs, parameters and outputs. The scan runs in f32
     /// whatever it is (its decays, states and products: the half types would round the
@@ -261,7 +260,7 @@ where
     B::InnerBackend: FusedCellBackend,
 {
     let ChunkedBench {
-        cell,
+        compiled,
         shape,
         dtype,
         schedule,
@@ -269,7 +268,8 @@ where
         repetitions,
         parts,
     } = *bench;
-    let form = chunk_form(cell).map_err(|e| e.to_string())?;
+    let cell = &compiled.cell;
+    let form = compiled.chunk_form.as_ref().map_err(|e| e.to_string())?;
     let dims = &shape.dims;
     let [batch, time, heads] = [shape.batch, shape.time, shape.heads];
     // Inputs, parameters and outputs in `dtype`, the scan in f32.
@@ -283,7 +283,7 @@ where
     let packed = Packing::outputs(cell, dims).width;
     let weights = random_tensor::<B, 4>([batch, time, heads, packed], 3, range, device).cast(dtype);
     let scan = ChunkedScan {
-        form: &form,
+        form,
         dims,
         chunk: schedule.chunk,
         sub_chunk: SUB_CHUNK,

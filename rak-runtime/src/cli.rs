@@ -106,7 +106,7 @@ impl crate::cells::CellVisitor for BenchRequest {
                 let client = $client;
                 let (fusion, parts) = (self.fusion, self.parts);
                 let chunked = crate::bench::ChunkedBench {
-                    cell: &compiled.cell,
+                    compiled: &compiled,
                     shape: &shape,
                     dtype: self.dtype,
                     schedule,
@@ -1132,10 +1132,8 @@ pub fn run(cli: Cli) -> ExitCode {
                 }
                 if chunked {
                     println!();
-                    match rak_codegen::chunkwise::chunk_form(&compiled.cell) {
-                        Ok(form) => {
-                            print_output(&rak_codegen::display::chunk_form_to_string(&form))
-                        }
+                    match &compiled.chunk_form {
+                        Ok(form) => print_output(&rak_codegen::display::chunk_form_to_string(form)),
                         Err(reason) => println!("{reason}"),
                     }
                 }

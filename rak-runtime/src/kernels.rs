@@ -8,7 +8,7 @@
 
 use crate::CellDefinition;
 use crate::codegen::ir::{Grad, InputId, OutputId, ParamId, StateId};
-use crate::codegen::schedule::{DeviceLimits, Pass, Schedule, SplitPlan, WorkspaceLayout};
+use crate::codegen::schedule::{DeviceLimits, Pass, Schedule, SplitPlan};
 use crate::codegen::{CompiledCell, ScanShape};
 use cubecl::prelude::KernelDefinition;
 use cubecl::prelude::*;
@@ -177,8 +177,8 @@ thread_local! {
 
 /// Cell `C`, compiled the first time this thread asks for it and kept: the fused operation asks
 /// for it at every launch (the forward and backward scans of every layer of every step), and
-/// compiling a cell (parse, check, autodiff: 0.1–0.2 ms for the built-in cells) costs far more
-/// than the lookup.
+/// compiling a cell (parse, check, autodiff, chunked form, scan plan: 0.1–0.4 ms for the
+/// built-in cells, BENCHMARKS.md) costs far more than the lookup.
 pub fn compiled_cell<C: CellDefinition + 'static>() -> Rc<CompiledCell> {
     COMPILED.with_borrow_mut(|compiled| {
         compiled
@@ -191,8 +191,6 @@ pub fn compiled_cell<C: CellDefinition + 'static>() -> Rc<CompiledCell> {
 /// A cell's kernels with the metadata needed to check buffers against a shape.
 pub struct CellRunner<C: CellKernels> {
     compiled: Rc<CompiledCell>,
-    /// The axis the scans split along, as the emitted kernels do.
-    split: Option<SplitPlan>,
     cell: std::marker::PhantomData<C>,
 }
 
@@ -258,10 +256,8 @@ impl Expect<'_> {
 
 impl<C: CellKernels> CellRunner<C> {
     pub fn new() -> Self {
-        let compiled = compiled_cell::<C>();
         CellRunner {
-            split: crate::codegen::schedule::split_plan(&compiled.backward),
-            compiled,
+            compiled: compiled_cell::<C>(),
             cell: std::marker::PhantomData,
         }
     }
@@ -379,7 +375,7 @@ impl<C: CellKernels> CellRunner<C> {
     ) -> Result<Schedule, KernelError> {
         schedule
             .resolve(
-                &self.compiled.backward,
+                &self.compiled,
                 pass,
                 &shape.dims,
                 shape.batch * shape.heads,
@@ -391,7 +387,7 @@ impl<C: CellKernels> CellRunner<C> {
     /// Cubes per sequence under a resolved schedule, and the dims inside one cube.
     fn tiles(&self, shape: &ScanShape, schedule: Schedule) -> (usize, Vec<usize>) {
         let mut dims = shape.dims.clone();
-        match (&self.split, schedule.tile) {
+        match (&self.compiled.plan.split, schedule.tile) {
             (Some(plan), Some(tile)) => {
                 let size = dims[plan.dim.0];
                 dims[plan.dim.0] = tile;
@@ -408,7 +404,7 @@ impl<C: CellKernels> CellRunner<C> {
         schedule: Schedule,
         pass: Pass,
     ) -> DeviceArray {
-        let layout = WorkspaceLayout::new(&self.compiled.backward, pass);
+        let layout = self.compiled.plan.layout(pass);
         let (tiles, dims) = self.tiles(shape, schedule);
         let per_cube = layout.size(&self.compiled.backward.cell, &dims, &schedule);
         let len = shape.batch * shape.heads * tiles * per_cube;
@@ -496,7 +492,7 @@ impl<C: CellKernels> CellRunner<C> {
             .check(&buffers.states)?;
         self.outputs(shape, "output", bytes)
             .check(&buffers.outputs)?;
-        let whole = step_schedule(self.split.as_ref(), &shape.dims, schedule);
+        let whole = step_schedule(self.compiled.plan.split.as_ref(), &shape.dims, schedule);
         let schedule = self.resolve(client, shape, whole, Pass::Forward)?;
         let workspace = self.workspace(client, shape, schedule, Pass::Forward);
         C::launch_step::<F, R>(client, shape, schedule, buffers, &workspace);
@@ -559,7 +555,9 @@ impl<C: CellKernels> CellRunner<C> {
             .collect();
         // Gradients held as per-tile parts go to f32 buffers of `tiles` blocks, summed after.
         let is_partial = |grad| {
-            self.split
+            self.compiled
+                .plan
+                .split
                 .as_ref()
                 .is_some_and(|plan| plan.is_partial(grad))
         };
@@ -994,13 +992,13 @@ pub fn kernel_source<C: CellKernels>(
     let (schedule, pass) = match kernel {
         Kernel::Forward => (schedule, Pass::Forward),
         Kernel::Backward => (schedule, Pass::Backward),
-        Kernel::Step => {
-            let split = crate::codegen::schedule::split_plan(&compiled.backward);
-            (step_schedule(split.as_ref(), dims, schedule), Pass::Forward)
-        }
+        Kernel::Step => (
+            step_schedule(compiled.plan.split.as_ref(), dims, schedule),
+            Pass::Forward,
+        ),
     };
     let schedule = schedule
-        .resolve(&compiled.backward, pass, dims, heads, limits)
+        .resolve(&compiled, pass, dims, heads, limits)
         .map_err(KernelError)?;
     fn definition<C: CellKernels, F: Float + CubeElement>(
         client: &ComputeClient<Wgpu>,

@@ -11,7 +11,6 @@
 //! in a loop over time, [`crate::unfused`]).
 
 use crate::chunked::{ChunkedScan, SUB_CHUNK};
-use crate::codegen::chunkwise::chunk_form;
 use crate::codegen::ir::ParamInit;
 use crate::codegen::schedule::{ScanKind, Schedule, pick_scan};
 use crate::fused::{FusedCellBackend, FusedSettings, fused_cell};
@@ -98,9 +97,9 @@ fn run_scan<B: FusedCellBackend>(
         Strategy::Fused => fused_cell::<B>(inputs, params, initial, settings),
         Strategy::Chunked | Strategy::Auto => {
             let compiled = settings.cell.compiled();
-            let form = chunk_form(&compiled.cell);
+            let form = &compiled.chunk_form;
             let chunk = settings.schedule.chunk;
-            let kind = match (&form, strategy) {
+            let kind = match (form, strategy) {
                 (Ok(_), Strategy::Chunked) => ScanKind::Chunked,
                 (Err(error), Strategy::Chunked) => panic!("{error}"),
                 (form, _) => pick_scan(form.is_ok(), inputs.dims()[1], chunk),
@@ -108,7 +107,7 @@ fn run_scan<B: FusedCellBackend>(
             match (kind, form) {
                 (ScanKind::Chunked, Ok(form)) => {
                     let scan = ChunkedScan {
-                        form: &form,
+                        form,
                         dims: &settings.dims,
                         chunk,
                         sub_chunk: SUB_CHUNK,
@@ -234,7 +233,7 @@ impl ModelConfig {
             }
         }
         if self.strategy == Strategy::Chunked
-            && let Err(error) = chunk_form(cell)
+            && let Err(error) = &compiled.chunk_form
         {
             return Err(format!(
                 "model.strategy: \"chunked\" does not fit: {error} (use \"fused\", or \"auto\" \

@@ -222,13 +222,18 @@ fn backward_phases_follow_every_dependency() {
 #[test]
 fn resolving_chooses_tile_and_placement() {
     let compiled = compile_cell("simple_rnn");
-    let step = &compiled.backward;
     let open = Schedule::default();
     // K = V = 128, 64 sequences: S alone (updated in place) is 128 × 128 × 4 = 64 KiB; at tile
     // 64: 8 staged steps of inputs (3 × 128 + 64) + 128 × 64 + 64 floats of the sum + 64
     // partial sums = 46.5 KiB.
     let resolved = open
-        .resolve(step, Pass::Forward, &[128, 128], 64, limits(48 * 1024, 1))
+        .resolve(
+            &compiled,
+            Pass::Forward,
+            &[128, 128],
+            64,
+            limits(48 * 1024, 1),
+        )
         .unwrap();
     assert_eq!(resolved.tile, Some(64));
     // The backward workspace holds more per step (S_{t−1}, S_t, their gradients: 4 × 128 ×
@@ -237,31 +242,89 @@ fn resolving_chooses_tile_and_placement() {
     // forward's 128 units and split sums, 39 744 bytes.
     let resolved = open
         .same_for_both_passes()
-        .resolve(step, Pass::Backward, &[128, 128], 64, limits(48 * 1024, 1))
+        .resolve(
+            &compiled,
+            Pass::Backward,
+            &[128, 128],
+            64,
+            limits(48 * 1024, 1),
+        )
         .unwrap();
     assert_eq!(resolved.tile, Some(16));
     assert_eq!(resolved.placement, Placement::Shared);
     // The backward's own schedule by default: 64 units, unsplit sums.
     let resolved = open
-        .resolve(step, Pass::Backward, &[128, 128], 64, limits(48 * 1024, 1))
+        .resolve(
+            &compiled,
+            Pass::Backward,
+            &[128, 128],
+            64,
+            limits(48 * 1024, 1),
+        )
         .unwrap();
     assert_eq!((resolved.cube_dim, resolved.sum_parts), (64, 1));
     assert_eq!(resolved.tile, Some(16));
     assert_eq!(resolved.placement, Placement::Shared);
     // More cubes wanted: smaller tiles.
     let resolved = open
-        .resolve(step, Pass::Forward, &[128, 128], 64, limits(48 * 1024, 512))
+        .resolve(
+            &compiled,
+            Pass::Forward,
+            &[128, 128],
+            64,
+            limits(48 * 1024, 512),
+        )
         .unwrap();
     assert_eq!(resolved.tile, Some(16));
     // Elman has no split axis: no tile; too large for shared memory: global.
     let elman = compile_cell("elman");
     let resolved = open
-        .resolve(&elman.backward, Pass::Backward, &[4096], 1, limits(1024, 1))
+        .resolve(&elman, Pass::Backward, &[4096], 1, limits(1024, 1))
         .unwrap();
     assert_eq!(
         (resolved.tile, resolved.placement),
         (None, Placement::Global)
     );
+}
+
+/// Every reference cell resolves in both passes from the plan kept in its compiled cell, and
+/// the placement chosen agrees with the shared-memory size of a workspace laid out afresh from
+/// the backward step: shared where it fits, global where it does not.
+#[test]
+fn every_cell_resolves_from_its_kept_plan() {
+    let limit = 48 * 1024;
+    let mut placements = BTreeSet::new();
+    for name in CELL_NAMES {
+        let compiled = compile_cell(name);
+        let step = &compiled.backward;
+        assert_eq!(compiled.plan.split, split_plan(step), "{name}");
+        for dim in [16, 128, 512] {
+            let dims = vec![dim; compiled.cell.dims.len()];
+            for pass in [Pass::Forward, Pass::Backward] {
+                let resolved = Schedule::default()
+                    .resolve(&compiled, pass, &dims, 8, limits(limit, 16))
+                    .unwrap_or_else(|error| panic!("{name} {pass:?} at {dim}: {error}"));
+                let mut tiled = dims.clone();
+                if let (Some(plan), Some(tile)) = (&compiled.plan.split, resolved.tile) {
+                    tiled[plan.dim.0] = tile;
+                }
+                let layout = WorkspaceLayout::new(step, pass);
+                assert_eq!(layout.buffers, compiled.plan.layout(pass).buffers, "{name}");
+                let bytes = layout.step_size(&step.cell, &tiled, &resolved) * 4;
+                let expected = match bytes <= limit {
+                    true => Placement::Shared,
+                    false => Placement::Global,
+                };
+                assert_eq!(
+                    resolved.placement, expected,
+                    "{name} {pass:?} at {dim}: {bytes} bytes"
+                );
+                placements.insert(format!("{:?}", resolved.placement));
+            }
+        }
+    }
+    // Both outcomes occur among these shapes.
+    assert_eq!(placements.len(), 2, "{placements:?}");
 }
 
 /// Shared memory asked for and not enough: refused with the sizes.
@@ -277,7 +340,7 @@ fn shared_memory_too_small_is_refused() {
     };
     let error = schedule
         .resolve(
-            &compiled.backward,
+            &compiled,
             Pass::Forward,
             &[128, 128],
             1,
