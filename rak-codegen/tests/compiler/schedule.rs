@@ -222,59 +222,33 @@ fn backward_phases_follow_every_dependency() {
 #[test]
 fn resolving_chooses_tile_and_placement() {
     let compiled = compile_cell("simple_rnn");
+    // What `schedule` resolves to for `pass` at K = V = 128, 64 sequences, 48 KiB of shared
+    // memory and at least `min_cubes` cubes.
+    let simple_rnn = |schedule: Schedule, pass, min_cubes| {
+        let limits = limits(48 * 1024, min_cubes);
+        schedule
+            .resolve(&compiled, pass, &[128, 128], 64, limits)
+            .unwrap()
+    };
     let open = Schedule::default();
-    // K = V = 128, 64 sequences: S alone (updated in place) is 128 × 128 × 4 = 64 KiB; at tile
-    // 64: 8 staged steps of inputs (3 × 128 + 64) + 128 × 64 + 64 floats of the sum + 64
-    // partial sums = 46.5 KiB.
-    let resolved = open
-        .resolve(
-            &compiled,
-            Pass::Forward,
-            &[128, 128],
-            64,
-            limits(48 * 1024, 1),
-        )
-        .unwrap();
+    // S alone (updated in place) is 128 × 128 × 4 = 64 KiB; at tile 64: 8 staged steps of
+    // inputs (3 × 128 + 64) + 128 × 64 + 64 floats of the sum + 64 partial sums = 46.5 KiB.
+    let resolved = simple_rnn(open, Pass::Forward, 1);
     assert_eq!(resolved.tile, Some(64));
     // The backward workspace holds more per step (S_{t−1}, S_t, their gradients: 4 × 128 ×
     // 16 floats at tile 16; q, k, g activated and their gradients; no input before activation,
     // since σ' = σ(1 − σ) reads the result; dS_{t−1} over dS_from_next): tile 16 under the
     // forward's 128 units and split sums, 39 744 bytes.
-    let resolved = open
-        .same_for_both_passes()
-        .resolve(
-            &compiled,
-            Pass::Backward,
-            &[128, 128],
-            64,
-            limits(48 * 1024, 1),
-        )
-        .unwrap();
+    let resolved = simple_rnn(open.same_for_both_passes(), Pass::Backward, 1);
     assert_eq!(resolved.tile, Some(16));
     assert_eq!(resolved.placement, Placement::Shared);
     // The backward's own schedule by default: 64 units, unsplit sums.
-    let resolved = open
-        .resolve(
-            &compiled,
-            Pass::Backward,
-            &[128, 128],
-            64,
-            limits(48 * 1024, 1),
-        )
-        .unwrap();
+    let resolved = simple_rnn(open, Pass::Backward, 1);
     assert_eq!((resolved.cube_dim, resolved.sum_parts), (64, 1));
     assert_eq!(resolved.tile, Some(16));
     assert_eq!(resolved.placement, Placement::Shared);
     // More cubes wanted: smaller tiles.
-    let resolved = open
-        .resolve(
-            &compiled,
-            Pass::Forward,
-            &[128, 128],
-            64,
-            limits(48 * 1024, 512),
-        )
-        .unwrap();
+    let resolved = simple_rnn(open, Pass::Forward, 512);
     assert_eq!(resolved.tile, Some(16));
     // Elman has no split axis: no tile; too large for shared memory: global.
     let elman = compile_cell("elman");
