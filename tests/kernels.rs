@@ -314,15 +314,15 @@ fn split_tiles_and_workspace_placements() {
             ..schedule
         };
         assert_eq!(
-            resolved.holds_states_in_registers(&simple_rnn.backward, &[dim, dim]),
+            resolved.holds_states_in_registers(&simple_rnn, &[dim, dim]),
             registers
         );
         assert_eq!(
-            resolved.recomputes_in_registers(&simple_rnn.backward, &[dim, dim]),
+            resolved.recomputes_in_registers(&simple_rnn, &[dim, dim]),
             registers
         );
         assert_eq!(
-            resolved.walks_in_registers(&simple_rnn.backward, &[dim, dim]),
+            resolved.walks_in_registers(&simple_rnn, &[dim, dim]),
             registers
         );
         for_each_cell(|kernels| {

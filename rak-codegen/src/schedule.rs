@@ -182,10 +182,7 @@ impl Schedule {
         let layout = compiled.plan.layout(pass);
         let split = &compiled.plan.split;
         let shared_bytes = |tile: Option<usize>| {
-            let mut dims = dims.to_vec();
-            if let (Some(plan), Some(tile)) = (split, tile) {
-                dims[plan.dim.0] = tile;
-            }
+            let (_, dims) = compiled.plan.tiling(dims, tile);
             layout.step_size(cell, &dims, &self) * 4
         };
         let fits = |tile| shared_bytes(tile) <= limits.shared_memory_bytes;
@@ -301,6 +298,22 @@ impl ScanPlan {
         match pass {
             Pass::Forward => &self.forward,
             Pass::Backward => &self.backward,
+        }
+    }
+
+    /// How each sequence's scan is cut into cubes at these dim sizes when the split axis (if
+    /// the cell has one) is tiled by `tile` (clamped to the axis; `None`: not tiled): the cubes
+    /// per sequence, and the dim sizes inside one cube (the split axis's size set to the tile).
+    pub fn tiling(&self, dims: &[usize], tile: Option<usize>) -> (usize, Vec<usize>) {
+        let mut in_cube = dims.to_vec();
+        match (&self.split, tile) {
+            (Some(plan), Some(tile)) => {
+                let size = dims[plan.dim.0];
+                let tile = tile.min(size).max(1);
+                in_cube[plan.dim.0] = tile;
+                (size.div_ceil(tile), in_cube)
+            }
+            _ => (1, in_cube),
         }
     }
 }
@@ -859,43 +872,44 @@ pub fn split_sum_parts(cube_dim: usize, sum_parts: usize, terms: usize, elements
 impl Schedule {
     /// Whether the forward scan, launched with this schedule (resolved: its tile set) at these
     /// dim sizes, holds the states that allow it in registers ([`register_states`]).
-    pub fn holds_states_in_registers(&self, step: &BackwardStep, dims: &[usize]) -> bool {
-        let held = register_states(&step.cell);
-        self.registers && self.fits_registers(step, dims, &held, self.sum_parts)
+    pub fn holds_states_in_registers(
+        &self,
+        compiled: &crate::CompiledCell,
+        dims: &[usize],
+    ) -> bool {
+        let held = register_states(&compiled.backward.cell);
+        self.registers && self.fits_registers(compiled, dims, &held, self.sum_parts)
     }
 
     /// Whether the backward scan's recomputation, launched with this schedule (resolved for
     /// the backward scan) at these dim sizes, holds the states that allow it in registers
     /// ([`recomputed_register_states`]).
-    pub fn recomputes_in_registers(&self, step: &BackwardStep, dims: &[usize]) -> bool {
-        let held = recomputed_register_states(&step.cell);
+    pub fn recomputes_in_registers(&self, compiled: &crate::CompiledCell, dims: &[usize]) -> bool {
+        let held = recomputed_register_states(&compiled.backward.cell);
         let units = self.cube_dim as usize;
-        self.recompute_registers && self.fits_registers(step, dims, &held, units)
+        self.recompute_registers && self.fits_registers(compiled, dims, &held, units)
     }
 
     /// Whether the backward scan's walk, launched with this schedule (resolved for the backward
     /// scan) at these dim sizes, carries the state gradients that allow it in registers
     /// ([`carried_register_grads`]).
-    pub fn walks_in_registers(&self, step: &BackwardStep, dims: &[usize]) -> bool {
-        let held = carried_register_grads(step);
+    pub fn walks_in_registers(&self, compiled: &crate::CompiledCell, dims: &[usize]) -> bool {
+        let held = carried_register_grads(&compiled.backward);
         let units = self.cube_dim as usize;
-        self.walk_registers && self.fits_registers(step, dims, &held, units)
+        self.walk_registers && self.fits_registers(compiled, dims, &held, units)
     }
 
     /// Whether `held` is not empty and each of its states has at least one unit per position
     /// along its first axis ([`split_sum_parts`] under `sum_parts`) at these dim sizes.
     fn fits_registers(
         &self,
-        step: &BackwardStep,
+        compiled: &crate::CompiledCell,
         dims: &[usize],
         held: &std::collections::BTreeSet<StateId>,
         sum_parts: usize,
     ) -> bool {
-        let cell = &step.cell;
-        let mut local = dims.to_vec();
-        if let (Some(plan), Some(tile)) = (split_plan(step), self.tile) {
-            local[plan.dim.0] = tile.min(dims[plan.dim.0]);
-        }
+        let cell = &compiled.backward.cell;
+        let (_, local) = compiled.plan.tiling(dims, self.tile);
         !held.is_empty()
             && held.iter().all(|state| {
                 let shape = &cell.states[state.0].shape;

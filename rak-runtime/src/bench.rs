@@ -206,13 +206,13 @@ pub fn time_cell<C: CellKernels, F: Float + CubeElement, R: Runtime>(
         backward_schedule: backward.schedule(),
         forward_in_registers: forward
             .schedule()
-            .holds_states_in_registers(&runner.compiled().backward, &shape.dims),
+            .holds_states_in_registers(runner.compiled(), &shape.dims),
         recomputed_in_registers: backward
             .schedule()
-            .recomputes_in_registers(&runner.compiled().backward, &shape.dims),
+            .recomputes_in_registers(runner.compiled(), &shape.dims),
         walked_in_registers: backward
             .schedule()
-            .walks_in_registers(&runner.compiled().backward, &shape.dims),
+            .walks_in_registers(runner.compiled(), &shape.dims),
         parts: Vec::new(),
     })
 }

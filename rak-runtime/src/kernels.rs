@@ -386,15 +386,7 @@ impl<C: CellKernels> CellRunner<C> {
 
     /// Cubes per sequence under a resolved schedule, and the dims inside one cube.
     fn tiles(&self, shape: &ScanShape, schedule: Schedule) -> (usize, Vec<usize>) {
-        let mut dims = shape.dims.clone();
-        match (&self.compiled.plan.split, schedule.tile) {
-            (Some(plan), Some(tile)) => {
-                let size = dims[plan.dim.0];
-                dims[plan.dim.0] = tile;
-                (size.div_ceil(tile), dims)
-            }
-            _ => (1, dims),
-        }
+        self.compiled.plan.tiling(&shape.dims, schedule.tile)
     }
 
     fn workspace<R: Runtime>(
@@ -1018,12 +1010,12 @@ pub fn kernel_source<C: CellKernels>(
     let source = compile_definition(definition, target)
         .map_err(|error| KernelError(format!("cannot compile {} {kernel:?}: {error}", C::NAME)))?;
     let states_in_registers = match kernel {
-        Kernel::Forward => schedule.holds_states_in_registers(&compiled.backward, dims),
-        Kernel::Backward => schedule.recomputes_in_registers(&compiled.backward, dims),
+        Kernel::Forward => schedule.holds_states_in_registers(&compiled, dims),
+        Kernel::Backward => schedule.recomputes_in_registers(&compiled, dims),
         Kernel::Step => false,
     };
     let gradients_in_registers =
-        kernel == Kernel::Backward && schedule.walks_in_registers(&compiled.backward, dims);
+        kernel == Kernel::Backward && schedule.walks_in_registers(&compiled, dims);
     Ok(KernelSource {
         text: source,
         schedule,

@@ -279,9 +279,16 @@ fn every_cell_resolves_from_its_kept_plan() {
                     .resolve(&compiled, pass, &dims, 8, limits(limit, 16))
                     .unwrap_or_else(|error| panic!("{name} {pass:?} at {dim}: {error}"));
                 let mut tiled = dims.clone();
+                let mut cubes = 1;
                 if let (Some(plan), Some(tile)) = (&compiled.plan.split, resolved.tile) {
                     tiled[plan.dim.0] = tile;
+                    cubes = dim.div_ceil(tile);
                 }
+                assert_eq!(
+                    compiled.plan.tiling(&dims, resolved.tile),
+                    (cubes, tiled.clone()),
+                    "{name} {pass:?} at {dim}"
+                );
                 let layout = WorkspaceLayout::new(step, pass);
                 assert_eq!(layout.buffers, compiled.plan.layout(pass).buffers, "{name}");
                 let bytes = layout.step_size(&step.cell, &tiled, &resolved) * 4;
@@ -299,6 +306,21 @@ fn every_cell_resolves_from_its_kept_plan() {
     }
     // Both outcomes occur among these shapes.
     assert_eq!(placements.len(), 2, "{placements:?}");
+}
+
+/// Cutting a sequence into cubes: the split axis (SimpleRNN's V, the second dim) tiled, the
+/// last tile partial, a tile past the axis clamped to it; no tile, or no split axis (Elman):
+/// one cube with every dim whole.
+#[test]
+fn tiling_cuts_the_split_axis_only() {
+    let simple_rnn = compile_cell("simple_rnn");
+    let plan = &simple_rnn.plan;
+    assert_eq!(plan.tiling(&[128, 100], Some(32)), (4, vec![128, 32]));
+    assert_eq!(plan.tiling(&[128, 100], Some(48)), (3, vec![128, 48]));
+    assert_eq!(plan.tiling(&[128, 100], Some(512)), (1, vec![128, 100]));
+    assert_eq!(plan.tiling(&[128, 100], None), (1, vec![128, 100]));
+    let elman = compile_cell("elman");
+    assert_eq!(elman.plan.tiling(&[64], Some(8)), (1, vec![64]));
 }
 
 /// Shared memory asked for and not enough: refused with the sizes.
@@ -608,8 +630,7 @@ fn launches_holding_states_in_registers() {
         ..Schedule::default()
     };
     let holds = |cube_dim: u32, tile: usize, registers: bool| {
-        schedule(cube_dim, tile, registers)
-            .holds_states_in_registers(&compiled.backward, &[128, 128])
+        schedule(cube_dim, tile, registers).holds_states_in_registers(&compiled, &[128, 128])
     };
     assert!(holds(256, 64, true));
     assert!(holds(64, 64, true));
@@ -618,7 +639,7 @@ fn launches_holding_states_in_registers() {
     // The recomputation: as many units per position along K as the cube has for it, so at
     // least one wherever the tile fits the units; on unless switched off.
     let recomputes = |cube_dim: u32, tile: usize, registers: bool| {
-        schedule(cube_dim, tile, registers).recomputes_in_registers(&compiled.backward, &[128, 128])
+        schedule(cube_dim, tile, registers).recomputes_in_registers(&compiled, &[128, 128])
     };
     assert!(recomputes(64, 16, true));
     assert!(recomputes(64, 64, true));
