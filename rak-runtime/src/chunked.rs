@@ -33,7 +33,7 @@
 //! exponential, so they add no infinities to the gradients either.
 //!
 //! Every exponent that is not measured from the chunk's start (`b_t − b_s`, `b_C − b_s`) is
-//! summed over the steps between its ends ([`segment_sums`], [`running_sum`] over the steps
+//! summed over the steps between its ends (`segment_sums`, [`running_sum`] over the steps
 //! after each, [`SumOver::After`]), never taken as the
 //! difference of two sums from the start: with saturated gates those sums reach −1000 within a
 //! chunk, where f32 keeps only about 1e-4 of absolute precision, and a difference would carry

@@ -1,9 +1,9 @@
 //! The fused cell under burn's autodiff: the forward scan writes checkpoints when any operand
 //! needs a gradient, and the operation's backward runs the generated backward scan. The
 //! chunked path's recurrence across chunks ([`super::linear_scan`]) is differentiated by the
-//! same recurrence walked the other way ([`LinearScanBackward`]), its running sums by the
-//! running sums the other way ([`RunningSumBackward`]), and its scores of pairs of steps by
-//! their backward kernels ([`BlockScoresBackward`]).
+//! same recurrence walked the other way (`LinearScanBackward`), its running sums by the
+//! running sums the other way (`RunningSumBackward`), and its scores of pairs of steps by
+//! their backward kernels (`BlockScoresBackward`).
 
 use super::{BlockScores, FusedCellBackend, FusedForward, FusedGradients, FusedSettings, SumOver};
 use burn::backend::Autodiff;

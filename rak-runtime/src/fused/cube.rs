@@ -1,10 +1,10 @@
 //! The fused cell on burn's cubecl backends (`CubeBackend`, what `Cuda` and `Wgpu` wrap): the
 //! packed tensors are split into one array per value, the generated kernels run through the
 //! cell's [`ScanKernels`] (from [`FusedSettings::cell`]), and the results are packed again.
-//! The chunked path's recurrence across chunks runs [`linear_scan_kernel`], its running sums of
-//! log decays [`running_sum_kernel`], its scores within sub-chunks [`decayed_scores_kernel`]
-//! and [`decayed_scores_backward_kernel`], and across sub-chunks
-//! [`scores_across_sub_chunks_kernel`] and [`scores_across_sub_chunks_backward_kernel`].
+//! The chunked path's recurrence across chunks runs `linear_scan_kernel`, its running sums of
+//! log decays `running_sum_kernel`, its scores within sub-chunks `decayed_scores_kernel`
+//! and `decayed_scores_backward_kernel`, and across sub-chunks
+//! `scores_across_sub_chunks_kernel` and `scores_across_sub_chunks_backward_kernel`.
 
 use super::{BlockScores, FusedCellBackend, FusedForward, FusedGradients, FusedSettings, SumOver};
 use crate::codegen::ScanShape;
@@ -369,8 +369,9 @@ fn grid(len: usize) -> (CubeCount, CubeDim) {
 const GRID_UNITS: u32 = 256;
 
 /// Units per cube of the scores' kernels over blocks of `steps` steps:
-/// [`decayed_scores_kernel`] has [`score_lanes`] per step, [`scores_across_sub_chunks_kernel`]
-/// one per pair of steps of two sub-chunks.
+/// [`decayed_scores_kernel`](fn@decayed_scores_kernel) has [`score_lanes`] per step,
+/// [`scores_across_sub_chunks_kernel`](fn@scores_across_sub_chunks_kernel) one per pair of
+/// steps of two sub-chunks.
 fn block_scores_units(form: BlockScores, steps: usize) -> CubeDim {
     match form {
         BlockScores::WithinSubChunk => CubeDim::new_1d((steps * score_lanes(steps)) as u32),
@@ -380,13 +381,15 @@ fn block_scores_units(form: BlockScores, steps: usize) -> CubeDim {
     }
 }
 
-/// The units of [`decayed_scores_kernel`] that share the keys of one step of a sub-chunk of
-/// `steps` steps: 16, or as many as the steps (its last phase takes one unit per pair).
+/// The units of [`decayed_scores_kernel`](fn@decayed_scores_kernel) that share the keys of one
+/// step of a sub-chunk of `steps` steps: 16, or as many as the steps (its last phase takes one
+/// unit per pair).
 fn score_lanes(steps: usize) -> usize {
     steps.max(16)
 }
 
-/// Keys staged in shared memory at a time by [`scores_across_sub_chunks_kernel`].
+/// Keys staged in shared memory at a time by
+/// [`scores_across_sub_chunks_kernel`](fn@scores_across_sub_chunks_kernel).
 const KEY_TILE: usize = 32;
 
 /// Units per cube of the scores' backward kernels: one per key, at most 256 (which loop over
@@ -681,13 +684,13 @@ fn decayed_scores_kernel<E: Float>(
     }
 }
 
-/// The gradients of [`decayed_scores_kernel`]'s operands from the scores' gradient `grad`:
-/// one cube per sub-chunk, which first shares `grad`'s `[steps, steps]` block, then one unit
-/// per key i (looping over the keys past the cube) reads its key's queries and log decays of
-/// the sub-chunk once and walks the pairs: for each s, the steps t ≥ s with the exponent built
-/// up one step at a time, giving ∂q_t and ∂k_s; the log decay of step u takes the pair's
-/// contribution `grad · q_t · k_s · e^{…}` of every pair with s < u ≤ t, by suffix sums over
-/// t. The walks over t are unrolled, so that the per-step values and sums stay in registers.
+/// The gradients of [`decayed_scores_kernel`](fn@decayed_scores_kernel)'s operands from the scores'
+/// gradient `grad`: one cube per sub-chunk, which first shares `grad`'s `[steps, steps]` block,
+/// then one unit per key i (looping over the keys past the cube) reads its key's queries and log
+/// decays of the sub-chunk once and walks the pairs: for each s, the steps t ≥ s with the exponent
+/// built up one step at a time, giving ∂q_t and ∂k_s; the log decay of step u takes the pair's
+/// contribution `grad · q_t · k_s · e^{…}` of every pair with s < u ≤ t, by suffix sums over t. The
+/// walks over t are unrolled, so that the per-step values and sums stay in registers.
 #[cube(launch)]
 fn decayed_scores_backward_kernel<E: Float>(
     query: &Array<E>,
@@ -845,15 +848,15 @@ fn scores_across_sub_chunks_kernel<E: Float>(
     }
 }
 
-/// The gradients of [`scores_across_sub_chunks_kernel`]'s operands from the scores' gradient
-/// `grad`: one cube per chunk, one unit per key i (looping over the keys past the cube),
-/// all reading the same gradient at a time. With `G_ts` the gradient of the
-/// score of the pair (t, s), for t in sub-chunk I and s in an earlier sub-chunk J:
-/// `∂q_t = Σ_J g_IJ Σ_s G_ts k_s` and `∂g_IJ = Σ_t q_t Σ_s G_ts k_s`, walked reading
-/// sub-chunk after reading sub-chunk; then `∂k_s = Σ_I g_IJ Σ_t G_ts q_t`, walked writing
-/// sub-chunk after writing sub-chunk. The gates of pairs J ≥ I get 0. Within a pair of
-/// sub-chunks the walks are unrolled over their steps, so that the unit's queries, keys and
-/// sums of two sub-chunks stay in registers.
+/// The gradients of [`scores_across_sub_chunks_kernel`](fn@scores_across_sub_chunks_kernel)'s
+/// operands from the scores' gradient `grad`: one cube per chunk, one unit per key i (looping over
+/// the keys past the cube), all reading the same gradient at a time. With `G_ts` the gradient of
+/// the score of the pair (t, s), for t in sub-chunk I and s in an earlier sub-chunk J:
+/// `∂q_t = Σ_J g_IJ Σ_s G_ts k_s` and `∂g_IJ = Σ_t q_t Σ_s G_ts k_s`, walked reading sub-chunk
+/// after reading sub-chunk; then `∂k_s = Σ_I g_IJ Σ_t G_ts q_t`, walked writing sub-chunk
+/// after writing sub-chunk. The gates of pairs J ≥ I get 0. Within a pair of sub-chunks the
+/// walks are unrolled over their steps, so that the unit's queries, keys and sums of two
+/// sub-chunks stay in registers.
 #[cube(launch)]
 fn scores_across_sub_chunks_backward_kernel<E: Float>(
     query: &Array<E>,
@@ -957,19 +960,19 @@ fn scores_across_sub_chunks_backward_kernel<E: Float>(
 /// `scripts/cuda-compile.sh`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ChunkedKernel {
-    /// [`linear_scan_kernel`] forward: the recurrence across chunks.
+    /// `linear_scan_kernel` forward: the recurrence across chunks.
     LinearScan,
-    /// [`linear_scan_kernel`] in reverse: its backward.
+    /// `linear_scan_kernel` in reverse: its backward.
     LinearScanReverse,
-    /// [`running_sum_kernel`], inclusive from the first step (the cumulative log decays).
+    /// `running_sum_kernel`, inclusive from the first step (the cumulative log decays).
     RunningSum,
-    /// [`decayed_scores_kernel`]: the scores within a sub-chunk.
+    /// `decayed_scores_kernel`: the scores within a sub-chunk.
     DecayedScores,
-    /// [`decayed_scores_backward_kernel`].
+    /// `decayed_scores_backward_kernel`.
     DecayedScoresBackward,
-    /// [`scores_across_sub_chunks_kernel`]: the scores between a chunk's sub-chunks.
+    /// `scores_across_sub_chunks_kernel`: the scores between a chunk's sub-chunks.
     ScoresAcrossSubChunks,
-    /// [`scores_across_sub_chunks_backward_kernel`].
+    /// `scores_across_sub_chunks_backward_kernel`.
     ScoresAcrossSubChunksBackward,
 }
 
