@@ -26,7 +26,7 @@
 //! [`Schedule::resolve`] fills in what a launch left open (tile, placement) from the shape and
 //! the device's limits, reading the split axis and workspace layouts that the cell's
 //! [`ScanPlan`] worked out once, when it was compiled; the kernel emitter ([`crate::emit`]) and
-//! the host both derive buffer offsets and sizes from the same [`WorkspaceLayout`] and
+//! the host both derive buffer offsets and sizes from that same plan's [`WorkspaceLayout`]s and
 //! [`SplitPlan`].
 
 use crate::ir::*;
@@ -277,6 +277,7 @@ impl SplitPlan {
 /// workspace layouts of both scans. Building it takes 28–225 µs for the built-in cells, which
 /// every launch (one per scan, layer and training step) would otherwise pay again; resolving
 /// both scans from it takes 2–18 µs (`cargo bench -p rak-codegen --bench launch_planning`).
+/// The kernel emitter reads the same plan ([`crate::emit::emit_kernels`]).
 #[derive(Clone, Debug)]
 pub struct ScanPlan {
     pub split: Option<SplitPlan>,

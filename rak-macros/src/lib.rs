@@ -55,7 +55,7 @@ fn expand(input: proc_macro2::TokenStream) -> Result<proc_macro2::TokenStream, D
     let docs = &syntax.docs;
     let module = quote::format_ident!("{}_kernels", snake_case(&name_text));
     let module_doc = format!("The kernels `rak::cell!` generated for [`{name_text}`].");
-    let kernels = rak_codegen::emit::emit_kernels(&compiled.backward);
+    let kernels = rak_codegen::emit::emit_kernels(&compiled);
     let cubecl = quote!(::rak::cubecl::prelude);
     let array = quote!(::rak::kernels::DeviceArray);
     Ok(quote! {

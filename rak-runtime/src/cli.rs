@@ -615,7 +615,7 @@ fn emit(cell: &str, target: Target, options: EmitOptions) -> Result<String, Stri
             Some(builtin) => compile_str(builtin.source).map_err(|e| e.to_string())?,
             None => compile_file(Path::new(cell))?,
         };
-        return Ok(rak_codegen::emit::kernels_source(&compiled.backward));
+        return Ok(rak_codegen::emit::kernels_source(&compiled));
     }
     let Some(builtin) = builtin else {
         let names: Vec<&str> = crate::cells::all().iter().map(|b| b.file).collect();

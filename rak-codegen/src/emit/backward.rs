@@ -394,7 +394,7 @@ impl Emitter<'_> {
             ));
         }
         // One row per sequence and tile: `[B, tiles, H, numel]` (`[B, H, numel]` unsplit).
-        let param_row = match &self.split {
+        let param_row = match &self.plan.split {
             Some(_) => quote!(((batch_index * tiles + tile_index) * heads + head)),
             None => quote!(sequence),
         };

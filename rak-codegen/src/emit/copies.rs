@@ -129,7 +129,7 @@ impl Emitter<'_> {
             Transfer::Store => quote!(#element = F::cast_from(#buffer);),
             Transfer::StoreF32 => quote!(#element = #buffer;),
         };
-        let replicated = self.split.is_some() && !shape.iter().any(|&d| self.is_split(d));
+        let replicated = self.plan.split.is_some() && !shape.iter().any(|&d| self.is_split(d));
         let body = match replicated {
             true => quote!(if tile_index == 0 { #store }),
             false => store,
@@ -181,7 +181,7 @@ impl Emitter<'_> {
     ) -> Vec<GatheredCopy> {
         let mut copies = Vec::new();
         // The backward's workspace holds an input before activation only where it reads it.
-        let pre_activations = WorkspaceLayout::new(self.step, Pass::Backward).buffers;
+        let pre_activations = &self.plan.backward.buffers;
         for (id, input) in self.cell.inputs.iter().enumerate() {
             let arg = self.input_arg(id);
             let numel = self.shape_numel(&input.shape);

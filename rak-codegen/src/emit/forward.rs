@@ -153,7 +153,8 @@ impl Emitter<'_> {
             let numel = self.shape_numel(&output.shape);
             let global = self.global_index(&output.indices);
             // Outputs without the split axis are the same in every tile: the first stores them.
-            let replicated = self.split.is_some() && self.split_guard(&output.indices).is_none();
+            let replicated =
+                self.plan.split.is_some() && self.split_guard(&output.indices).is_none();
             outputs_code.extend(self.statement(
                 &mut ready,
                 &output.indices,

@@ -23,7 +23,7 @@ impl Emitter<'_> {
         dim_args.push(quote!(schedule.chunk));
         // The split axis' tile (resolved by the host; the whole axis if unset) and the number
         // of cubes per sequence.
-        match &self.split {
+        match &self.plan.split {
             Some(plan) => {
                 let dim = self.dim(plan.dim);
                 dims.push(quote! {

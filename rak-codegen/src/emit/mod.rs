@@ -36,8 +36,9 @@
 //! holds the `Emitter` and what every part uses: dims, buffers, workspace offsets, the
 //! kernel prelude.
 
+use crate::CompiledCell;
 use crate::ir::*;
-use crate::schedule::{Buffer, GradSplit, Pass, SplitPlan, WorkspaceLayout};
+use crate::schedule::{Buffer, GradSplit, Pass, ScanPlan, WorkspaceLayout};
 use proc_macro2::{Ident, Literal, Span, TokenStream};
 use quote::{format_ident, quote};
 use std::collections::{BTreeSet, HashMap, HashSet};
@@ -59,10 +60,11 @@ use registers::{HeldInRegisters, choose_registers, registers_or_workspace};
 use statements::SumStatement;
 
 /// The kernels and launchers of a cell, as items for a module that has
-/// `use cubecl::prelude::*;` in scope.
-pub fn emit_kernels(step: &BackwardStep) -> TokenStream {
-    let forward_pass = Emitter::new(step, Pass::Forward);
-    let backward_pass = Emitter::new(step, Pass::Backward);
+/// `use cubecl::prelude::*;` in scope. The split axis and the workspace layouts come from the
+/// cell's [`ScanPlan`] (`compiled.plan`), the same the host reads at every launch.
+pub fn emit_kernels(compiled: &CompiledCell) -> TokenStream {
+    let forward_pass = Emitter::new(compiled, Pass::Forward);
+    let backward_pass = Emitter::new(compiled, Pass::Backward);
     let forward = forward_pass.forward_kernel();
     let backward = backward_pass.backward_kernel();
     let step = forward_pass.step_kernel();
@@ -76,8 +78,8 @@ pub fn emit_kernels(step: &BackwardStep) -> TokenStream {
 }
 
 /// The kernels as formatted Rust source (what `rak emit --target rust` prints).
-pub fn kernels_source(step: &BackwardStep) -> String {
-    let tokens = emit_kernels(step);
+pub fn kernels_source(compiled: &CompiledCell) -> String {
+    let tokens = emit_kernels(compiled);
     match syn::parse2::<syn::File>(tokens.clone()) {
         Ok(file) => prettyplease::unparse(&file),
         Err(_) => tokens.to_string(),
@@ -90,9 +92,9 @@ struct Emitter<'a> {
     cell: &'a Cell,
     /// Each materialised sum's class representative (see [`crate::schedule::sum_classes`]).
     sum_classes: HashMap<ExprId, ExprId>,
-    /// The axis split across cubes, if any: inside a cube it has `tile` values, from
-    /// `tile_start`.
-    split: Option<SplitPlan>,
+    /// The cell's split axis and workspace layouts. The axis split across cubes, if any, has
+    /// `tile` values inside a cube, from `tile_start`.
+    plan: &'a ScanPlan,
     /// The states whose new values overwrite the old ones in place, in the forward pass (see
     /// [`crate::schedule::in_place_states`]): there, `NewState` is `State`.
     in_place: BTreeSet<StateId>,
@@ -149,12 +151,13 @@ fn float(value: f64) -> TokenStream {
 
 impl<'a> Emitter<'a> {
     /// The emitter of the kernels of one pass (forward: the forward and step kernels).
-    fn new(step: &'a BackwardStep, pass: Pass) -> Self {
+    fn new(compiled: &'a CompiledCell, pass: Pass) -> Self {
+        let step = &compiled.backward;
         Emitter {
             step,
             cell: &step.cell,
             sum_classes: crate::schedule::sum_classes(step),
-            split: crate::schedule::split_plan(step),
+            plan: &compiled.plan,
             in_place: match pass {
                 Pass::Forward => crate::schedule::in_place_states(&step.cell),
                 Pass::Backward => BTreeSet::new(),
@@ -179,7 +182,7 @@ impl<'a> Emitter<'a> {
     }
 
     fn is_split(&self, dim: DimId) -> bool {
-        self.split.as_ref().is_some_and(|plan| plan.dim == dim)
+        self.plan.split.as_ref().is_some_and(|plan| plan.dim == dim)
     }
 
     /// The values of a dim inside one cube: `tile` for the split axis, else the dim.
@@ -213,7 +216,8 @@ impl<'a> Emitter<'a> {
 
     /// How a gradient is held across tiles (`Local` when nothing is split).
     fn grad_split(&self, grad: Grad) -> GradSplit {
-        self.split
+        self.plan
+            .split
             .as_ref()
             .map_or(GradSplit::Local, |plan| plan.grad(grad))
     }
@@ -314,7 +318,7 @@ impl<'a> Emitter<'a> {
 
     /// `let at_x = comptime![...];` for every buffer, and `workspace_size`.
     fn workspace_offsets(&self, pass: Pass) -> TokenStream {
-        let layout = WorkspaceLayout::new(self.step, pass);
+        let layout = self.plan.layout(pass);
         let mut tokens = TokenStream::new();
         let mut previous: Option<(Ident, TokenStream)> = None;
         for &buffer in &layout.buffers {
@@ -352,7 +356,7 @@ impl<'a> Emitter<'a> {
 
     fn kernel_prelude(&self, pass: Pass) -> TokenStream {
         let offsets = self.workspace_offsets(pass);
-        let tiles = match &self.split {
+        let tiles = match &self.plan.split {
             None => quote!(let sequence = cube;),
             Some(plan) => {
                 let dim = self.dim(plan.dim);
@@ -437,6 +441,7 @@ impl<'a> Emitter<'a> {
             .iter()
             .map(|d| format_ident!("dim_{}", d.name));
         let tile = self
+            .plan
             .split
             .as_ref()
             .map(|_| quote!(#[comptime] tile: usize,));

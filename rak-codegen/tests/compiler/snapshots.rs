@@ -23,7 +23,7 @@ fn ir_and_backward_step_of_every_cell() {
 fn generated_kernels_of_every_cell() {
     for name in CELL_NAMES {
         let compiled = compile_cell(name);
-        let source = rak_codegen::emit::kernels_source(&compiled.backward);
+        let source = rak_codegen::emit::kernels_source(&compiled);
         insta::assert_snapshot!(format!("{name}_kernels"), source);
     }
 }
