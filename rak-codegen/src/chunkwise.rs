@@ -28,8 +28,10 @@
 //! ```
 //!
 //! (the state read back along β and written back along the same κ as the write, up to scalar
-//! factors, which go with β; found through DeltaNet's `error` let, which the pass expands); the
-//! runtime evaluates it chunk by chunk in its WY/UT form ([`ChunkForm::delta`]).
+//! factors: those only the read-back has go with β, those only the write has with ν; factors
+//! are compared by structure, up to the names of their `sum`s' indices; found through
+//! DeltaNet's `error` let, which the pass expands, or written inline); the runtime evaluates it
+//! chunk by chunk in its WY/UT form ([`ChunkForm::delta`]).
 //!
 //! The decay is carried in log space: `log γ` is derived symbolically ([`log_of`]), so that
 //! `sigmoid(x)` becomes `logsigmoid(x)` (of the input before its activation) and `exp(x)`
@@ -361,13 +363,16 @@ impl Recognizer<'_> {
             ],
             Some(delta) => {
                 // The write must run along the vector the read-back is written along, up to
-                // scalars (a decay applied to the read-back too), which go with β: then
+                // scalars: the factors both share are the key κ; a scalar only the read-back
+                // has (a decay applied to the read-back too) goes with β, one only the write
+                // has goes with the value ν. Then
                 // S_t = γ_t · S_{t−1} + κ_t · (ν_t − Σ_l β_t[l] · S_{t−1}[l, ·]).
                 let (along, along_factors) = delta.along.clone();
-                let written = &sides[delta.axis];
-                let extra = without(&self.cell, &along_factors, written);
+                let (shared, read_only, write_only) =
+                    shared_factors(&self.cell, &along_factors, &sides[delta.axis]);
                 let scalar = |f: &ExprId| self.cell.free_indices(*f).is_empty();
-                if extra.is_none() || !extra.iter().flatten().all(scalar) || along == 0.0 {
+                let scalars_only = read_only.iter().chain(&write_only).all(scalar);
+                if !scalars_only || along == 0.0 {
                     return self.refuse(format!(
                         "the update of {name} reads it back along {} but writes {}; the delta \
                          rule's chunked form needs the write along the same vector",
@@ -375,12 +380,16 @@ impl Recognizer<'_> {
                         self.term_text(coefficient, &factors)
                     ));
                 }
-                let extra = extra.unwrap_or_default();
-                delta.read = product(&mut self.cell, 1.0, &[&extra[..], &[delta.read]].concat());
+                delta.read = product(
+                    &mut self.cell,
+                    1.0,
+                    &[&read_only[..], &[delta.read]].concat(),
+                );
+                let value_factors = [&sides[1 - delta.axis][..], &write_only[..]].concat();
                 let mut write = [ExprId(0); 2];
-                write[delta.axis] = product(&mut self.cell, along, written);
+                write[delta.axis] = product(&mut self.cell, along, &shared);
                 write[1 - delta.axis] =
-                    product(&mut self.cell, coefficient / along, &sides[1 - delta.axis]);
+                    product(&mut self.cell, coefficient / along, &value_factors);
                 write
             }
         };
@@ -747,34 +756,74 @@ fn inline_let(cell: &mut Cell, l: LetId, indices: &[IndexId]) -> ExprId {
     rename_indices(&mut cell.exprs, expr, &from, indices)
 }
 
-/// The factors of `all` left after taking out each of `part` once (factors compared by their
-/// structure, not their place in the source), or `None` when `part` is not among them.
-fn without(cell: &Cell, all: &[ExprId], part: &[ExprId]) -> Option<Vec<ExprId>> {
-    let mut left = all.to_vec();
-    for &factor in part {
-        let position = left
-            .iter()
-            .position(|&f| same_structure(&cell.exprs, f, factor))?;
-        left.remove(position);
+/// The factors `a` and `b` have in common (each matched once, compared by their structure,
+/// not their place in the source), then those only `a` has, then those only `b` has.
+fn shared_factors(
+    cell: &Cell,
+    a: &[ExprId],
+    b: &[ExprId],
+) -> (Vec<ExprId>, Vec<ExprId>, Vec<ExprId>) {
+    let (mut shared, mut only_b) = (Vec::new(), Vec::new());
+    let mut only_a = a.to_vec();
+    for &factor in b {
+        match (only_a.iter()).position(|&f| same_structure(&cell.exprs, f, factor)) {
+            Some(position) => shared.push(only_a.remove(position)),
+            None => only_b.push(factor),
+        }
     }
-    Some(left)
+    (shared, only_a, only_b)
 }
 
 /// Whether two expressions are the same tree of operations, constants and loads, wherever
-/// their nodes come from (the user's source or derived).
+/// their nodes come from (the user's source or derived), and whatever the indices their `sum`s
+/// bind: `sum(l) k[l] * k[l]` written twice binds two index variables, the same sum.
 fn same_structure(exprs: &ExprArena, a: ExprId, b: ExprId) -> bool {
-    if a == b {
+    same_up_to_bound_indices(exprs, a, b, &mut Vec::new())
+}
+
+/// [`same_structure`] under `bound`: the pairs of indices bound by the enclosing `sum`s of `a`
+/// and of `b`, innermost last.
+fn same_up_to_bound_indices(
+    exprs: &ExprArena,
+    a: ExprId,
+    b: ExprId,
+    bound: &mut Vec<(IndexId, IndexId)>,
+) -> bool {
+    if a == b && bound.iter().all(|(x, y)| x == y) {
         return true;
     }
+    let same =
+        |x: ExprId, y: ExprId, bound: &mut Vec<_>| same_up_to_bound_indices(exprs, x, y, bound);
     match (exprs.get(a), exprs.get(b)) {
         (Expr::Const(x), Expr::Const(y)) => x == y,
-        (Expr::Load { .. }, Expr::Load { .. }) => exprs.get(a) == exprs.get(b),
-        (Expr::Unary(f, x), Expr::Unary(g, y)) => f == g && same_structure(exprs, *x, *y),
+        (
+            Expr::Load { value, indices },
+            Expr::Load {
+                value: other,
+                indices: other_indices,
+            },
+        ) => {
+            let same_index = |(&i, &j): (&IndexId, &IndexId)| match bound
+                .iter()
+                .rev()
+                .find(|(x, y)| *x == i || *y == j)
+            {
+                Some(&(x, y)) => x == i && y == j,
+                None => i == j,
+            };
+            value == other
+                && indices.len() == other_indices.len()
+                && indices.iter().zip(other_indices).all(same_index)
+        }
+        (Expr::Unary(f, x), Expr::Unary(g, y)) => f == g && same(*x, *y, bound),
         (Expr::Binary(f, x1, x2), Expr::Binary(g, y1, y2)) => {
-            f == g && same_structure(exprs, *x1, *y1) && same_structure(exprs, *x2, *y2)
+            f == g && same(*x1, *y1, bound) && same(*x2, *y2, bound)
         }
         (Expr::Sum { index: i, body: x }, Expr::Sum { index: j, body: y }) => {
-            i == j && same_structure(exprs, *x, *y)
+            bound.push((*i, *j));
+            let same_bodies = same(*x, *y, bound);
+            bound.pop();
+            same_bodies
         }
         _ => false,
     }

@@ -37,6 +37,26 @@ const CARRY_DECAY_DELTA: &str = "cell CarryDecayDelta {
     update S[i, j] = g * S[i, j] - beta * k[i] * error[j];
     output o[j] = sum(i) q[i] * S[i, j];
 }";
+/// DeltaNet with its normalised key written out three times: the sums in each copy bind indices
+/// of their own, and the pass compares the copies up to those names.
+const INLINE_DELTA: &str = "cell InlineDelta {
+    dims K, V;
+    input q[K], k[K], v[V], beta = sigmoid;
+    state S[K, V];
+    update S[i, j] = S[i, j]
+        - beta * k[i] / sqrt(sum(l) k[l] * k[l] + 1e-6)
+            * sum(m) k[m] / sqrt(sum(l) k[l] * k[l] + 1e-6) * S[m, j]
+        + beta * k[i] / sqrt(sum(l) k[l] * k[l] + 1e-6) * v[j];
+    output o[j] = sum(i) q[i] * S[i, j];
+}";
+/// The delta rule with a scalar on the write only (β goes with the value).
+const WRITE_SCALED_DELTA: &str = "cell WriteScaledDelta {
+    dims K, V;
+    input q[K], k[K] = sigmoid, v[V], beta = sigmoid;
+    state S[K, V];
+    update S[i, j] = S[i, j] - k[i] * sum(l) k[l] * S[l, j] + beta * k[i] * v[j];
+    output o[j] = sum(i) q[i] * S[i, j];
+}";
 const KEY_GATED_DELTA: &str = "cell KeyGatedDelta {
     dims K, V;
     input q[K], k[K], v[V], beta = sigmoid, g[K] = sigmoid;
@@ -114,6 +134,16 @@ fn linear_cells() -> Vec<(String, Cell, GateAxis)> {
         compile_source(CARRY_DECAY_DELTA),
         GateAxis::Scalar,
     ));
+    cells.push((
+        "inline_delta".into(),
+        compile_source(INLINE_DELTA),
+        GateAxis::Scalar,
+    ));
+    cells.push((
+        "write_scaled_delta".into(),
+        compile_source(WRITE_SCALED_DELTA),
+        GateAxis::Scalar,
+    ));
     cells
 }
 
@@ -132,30 +162,36 @@ fn linear_cells_have_a_chunked_form() {
 fn canonical_cells_equal_the_original_cells_step_by_step() {
     let mut rng = Rng::new(11);
     for (name, cell, _) in linear_cells() {
-        let canonical = chunk_form(&cell).unwrap().canonical_cell();
-        for _ in 0..3 {
-            let shape = random_shape(&cell, &mut rng, 2, 9, 2, &[1, 3, 4]);
-            let mut inputs = random_inputs(&cell, &shape, &mut rng);
-            // Wide pre-activations: gates near 0 and 1, where log-space forms differ most.
-            for input in &mut inputs.inputs {
-                for x in &mut input.data {
-                    *x *= 8.0;
-                }
+        assert_canonical_cell_equals(&name, &cell, &mut rng);
+    }
+}
+
+/// The canonical cell of `cell`'s chunked form gives the same outputs and final states as
+/// `cell`, on 3 random shapes (pre-activations widened to 8 times: gates near 0 and 1, where
+/// log-space forms differ most), to 1e-9 relative.
+pub(crate) fn assert_canonical_cell_equals(name: &str, cell: &Cell, rng: &mut Rng) {
+    let canonical = chunk_form(cell).unwrap().canonical_cell();
+    for _ in 0..3 {
+        let shape = random_shape(cell, rng, 2, 9, 2, &[1, 3, 4]);
+        let mut inputs = random_inputs(cell, &shape, rng);
+        for input in &mut inputs.inputs {
+            for x in &mut input.data {
+                *x *= 8.0;
             }
-            let expected = forward(&cell, &shape, &inputs).unwrap();
-            let got = forward(&canonical, &shape, &inputs).unwrap();
-            let pairs = expected
-                .outputs
-                .iter()
-                .zip(&got.outputs)
-                .chain(expected.final_states.iter().zip(&got.final_states));
-            for (e, g) in pairs {
-                for (a, b) in e.data.iter().zip(&g.data) {
-                    assert!(
-                        (a - b).abs() <= 1e-9 * (1.0 + a.abs()),
-                        "{name}: the canonical cell gives {b}, the cell {a}"
-                    );
-                }
+        }
+        let expected = forward(cell, &shape, &inputs).unwrap();
+        let got = forward(&canonical, &shape, &inputs).unwrap();
+        let pairs = expected
+            .outputs
+            .iter()
+            .zip(&got.outputs)
+            .chain(expected.final_states.iter().zip(&got.final_states));
+        for (e, g) in pairs {
+            for (a, b) in e.data.iter().zip(&g.data) {
+                assert!(
+                    (a - b).abs() <= 1e-9 * (1.0 + a.abs()),
+                    "{name}: the canonical cell gives {b}, the cell {a}"
+                );
             }
         }
     }

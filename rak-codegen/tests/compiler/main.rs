@@ -7,6 +7,7 @@ mod common;
 mod errors;
 mod fuzz;
 mod gradients;
+mod random_cells;
 mod reference;
 mod schedule;
 mod snapshots;
