@@ -485,6 +485,35 @@ fn states_not_updated_in_place() {
     check_scan_then_step(&coupled, &client, 2, 5, 2, 5, 401);
 }
 
+rak::cell! {
+    /// A gate that sums the state along its row, reduced from a cell of the random-cell
+    /// generator (`rak-codegen/tests/compiler/random_cells.rs`, seed 0).
+    pub cell RowGate {
+        dims K, V;
+        input x_k[K], x_v[V], x1[K] = sigmoid;
+        state S[K, V];
+        update S[i, j] = sigmoid(sum(l) S[i, l] * x_v[l]) * S[i, j] + tanh(x1[i]);
+        output o[j] = sum(i) S[i, j];
+    }
+}
+
+/// KNOWN BUG, not fixed yet (found 2026-12-07): the backward scan of `RowGate` with 16 units
+/// per cube at K = 33, V = 34 gives wrong gradients (of the initial state, of `x_v`, of `x1`;
+/// at the largest element of the initial state's gradient 1.0e-5 where the interpreter gives
+/// −2.89), with or without registers, in shared or global memory; with 32 or 64 units, or at
+/// K = 5, it matches. Run it with `-- --ignored` to reproduce.
+#[test]
+#[ignore = "known bug: the backward scan of a row-summing gate with 16 units at K = 33"]
+fn row_gate_backward_with_16_units() {
+    let client = client();
+    let runner = CellRunner::<RowGate>::new();
+    let schedule = Schedule {
+        backward_cube_dim: Some(16),
+        ..cpu_schedule()
+    };
+    compare(&runner, &client, (2, CHUNK + 5, 1), 33, schedule, 602);
+}
+
 /// A cell is compiled once per thread (the fused operation asks for it at every launch): every
 /// runner and `CellRef` of one cell shares that compiled cell, which is what compiling the cell
 /// again gives, and another cell has its own.
