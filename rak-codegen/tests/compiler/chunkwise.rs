@@ -92,13 +92,7 @@ const NOT_OUTER: &str = "cell NotOuter {
 fn test_cell(name: &str) -> Cell {
     let path = format!("{}/../tests/cells/{name}.rak", env!("CARGO_MANIFEST_DIR"));
     let source = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-    compile_source(&source)
-}
-
-fn compile_source(source: &str) -> Cell {
-    rak_codegen::compile_str(source)
-        .unwrap_or_else(|errors| panic!("{}", errors.render(source, "test cell")))
-        .cell
+    compile_source(&source).cell
 }
 
 /// The linear cells: the built-in ones and the test cells, with the gate axis each must get.
@@ -131,17 +125,17 @@ fn linear_cells() -> Vec<(String, Cell, GateAxis)> {
     ));
     cells.push((
         "carry_decay_delta".into(),
-        compile_source(CARRY_DECAY_DELTA),
+        compile_source(CARRY_DECAY_DELTA).cell,
         GateAxis::Scalar,
     ));
     cells.push((
         "inline_delta".into(),
-        compile_source(INLINE_DELTA),
+        compile_source(INLINE_DELTA).cell,
         GateAxis::Scalar,
     ));
     cells.push((
         "write_scaled_delta".into(),
-        compile_source(WRITE_SCALED_DELTA),
+        compile_source(WRITE_SCALED_DELTA).cell,
         GateAxis::Scalar,
     ));
     cells
@@ -212,7 +206,7 @@ fn cells_without_a_chunked_form_say_why() {
                 DELTA_OTHER_WRITE,
                 SQUARED,
             ]
-            .map(compile_source),
+            .map(|source| compile_source(source).cell),
         );
     for cell in cells {
         let error = chunk_form(&cell).expect_err(&cell.name);

@@ -32,6 +32,16 @@ pub fn compile_cell(name: &str) -> CompiledCell {
     compile_str(&source).unwrap_or_else(|errors| panic!("{}", errors.render(&source, name)))
 }
 
+/// Compiles a cell written in a test, panicking with its source and the rendered errors.
+pub fn compile_source(source: &str) -> CompiledCell {
+    compile_str(source).unwrap_or_else(|errors| {
+        panic!(
+            "a test cell was refused:\n{source}\n{}",
+            errors.render(source, "test.rak")
+        )
+    })
+}
+
 /// SplitMix64: small, seeded, good enough for test data.
 pub struct Rng(u64);
 

@@ -17,7 +17,6 @@
 use crate::common::*;
 use crate::gradients::check_cell;
 use rak_codegen::chunkwise::{GateAxis, chunk_form};
-use rak_codegen::{CompiledCell, compile_str};
 
 /// How many random cells each test writes (its seeds: 0, 1, …). Each seed of the first test
 /// takes about 0.1 s, of the second 0.01 s; a thousand of each passed when these were written.
@@ -406,21 +405,12 @@ fn random_linear_cell(seed: u64) -> (String, Update) {
     (cell_source(&format!("Linear{seed}"), &lines), update)
 }
 
-fn compile(source: &str) -> CompiledCell {
-    compile_str(source).unwrap_or_else(|errors| {
-        panic!(
-            "a well-formed random cell was refused:\n{source}\n{}",
-            errors.render(source, "random.rak")
-        )
-    })
-}
-
 #[test]
 fn random_cells_compile_and_their_gradients_match_finite_differences() {
     let mut chunkable = 0;
     for seed in 0..RANDOM_CELLS {
         let source = random_cell(seed);
-        let compiled = compile(&source);
+        let compiled = compile_source(&source);
         let tokens = rak_codegen::emit::emit_kernels(&compiled);
         if let Err(error) = syn::parse2::<syn::File>(tokens) {
             panic!("the kernels of this cell are not valid Rust ({error}):\n{source}");
@@ -444,7 +434,7 @@ fn random_linear_cells_have_a_chunked_form_equal_to_them_step_by_step() {
     let mut rng = Rng::new(77);
     for seed in 0..RANDOM_LINEAR_CELLS {
         let (source, update) = random_linear_cell(seed);
-        let compiled = compile(&source);
+        let compiled = compile_source(&source);
         let form = chunk_form(&compiled.cell)
             .unwrap_or_else(|reason| panic!("no chunked form for\n{source}\n{reason}"));
         let axis = match update {
