@@ -247,7 +247,8 @@ fn differences(name: &str, got: &Results, expected: &Results) -> Vec<String> {
     found
 }
 
-/// One launch per chunk on the software adapter (Mesa caps loops at 65,535 iterations).
+/// One launch per chunk on the software adapter (Mesa allows an invocation 65,535 loop
+/// iterations in all).
 fn schedule() -> Schedule {
     Schedule {
         chunk: 4,

@@ -62,8 +62,11 @@ fn choose() -> (Selected, Choice, Schedule) {
         let selected = Selected {
             name: format!("wgpu, {adapter}"),
         };
-        // Mesa's software adapter caps every loop at 65,535 iterations per invocation: one
-        // launch per chunk keeps every scan under it (a small cost on real GPUs).
+        // Mesa's software adapter allows one invocation 65,535 loop iterations in total, over
+        // all its loops, and past that ends every loop silently: one launch per chunk bounds
+        // what one launch runs by the chunk (a small cost on real GPUs). The configs' chunk of
+        // 16 keeps every built-in cell under it at K = V = 128; chunks of 64 do not for DeltaNet
+        // or Elman there (`docs/compiler.md`, "Time loop inside the kernel").
         let schedule = Schedule {
             chunks_per_launch: Some(1),
             ..Schedule::default()

@@ -399,8 +399,13 @@ impl<C: CellKernels> CellRunner<C> {
         let layout = self.compiled.plan.layout(pass);
         let (tiles, dims) = self.tiles(shape, schedule);
         let per_cube = layout.size(&self.compiled.backward.cell, &dims, &schedule);
-        let len = shape.batch * shape.heads * tiles * per_cube;
-        DeviceArray::new(client.empty(len.max(1) * 4), len)
+        // And one element more, last: the kernels' loop-budget mark ([`check_loop_budget`]).
+        let len = shape.batch * shape.heads * tiles * per_cube + 1;
+        if checks_loop_budget::<R>() {
+            DeviceArray::zeros(client, len, 4)
+        } else {
+            DeviceArray::new(client.empty(len * 4), len)
+        }
     }
 
     /// Runs the forward scan.
@@ -411,9 +416,9 @@ impl<C: CellKernels> CellRunner<C> {
         schedule: Schedule,
         buffers: &ForwardBuffers,
     ) -> Result<(), KernelError> {
-        self.prepare_forward::<F, R>(client, shape, schedule, buffers)?
-            .run::<F, R>(client);
-        Ok(())
+        let launch = self.prepare_forward::<F, R>(client, shape, schedule, buffers)?;
+        launch.run::<F, R>(client);
+        check_loop_budget(client, &launch.workspace, launch.schedule, "forward scan")
     }
 
     /// Validates the buffers and allocates the workspace of a forward scan, which can then be
@@ -488,7 +493,7 @@ impl<C: CellKernels> CellRunner<C> {
         let schedule = self.resolve(client, shape, whole, Pass::Forward)?;
         let workspace = self.workspace(client, shape, schedule, Pass::Forward);
         C::launch_step::<F, R>(client, shape, schedule, buffers, &workspace);
-        Ok(())
+        check_loop_budget(client, &workspace, schedule, "step")
     }
 
     /// Runs the backward scan, then sums the parameter gradients over the batch.
@@ -499,9 +504,9 @@ impl<C: CellKernels> CellRunner<C> {
         schedule: Schedule,
         buffers: &BackwardBuffers,
     ) -> Result<(), KernelError> {
-        self.prepare_backward::<F, R>(client, shape, schedule, buffers)?
-            .run::<F, R>(client);
-        Ok(())
+        let launch = self.prepare_backward::<F, R>(client, shape, schedule, buffers)?;
+        launch.run::<F, R>(client);
+        check_loop_budget(client, &launch.workspace, launch.schedule, "backward scan")
     }
 
     /// Validates the buffers and allocates the workspace of a backward scan.
@@ -582,6 +587,51 @@ impl<C: CellKernels> CellRunner<C> {
             cell: std::marker::PhantomData,
         })
     }
+}
+
+/// Whether launches on runtime `R` check the loop budget of Mesa's software Vulkan driver
+/// (the CPU adapter of the tests and CI), which allows one invocation 65,535 loop iterations
+/// over all its loops and past that ends them silently: on wgpu. The kernels mark the
+/// workspace's last element where a unit ran out of it (`loop_budget_check` in
+/// `rak-codegen`'s emitter). A GPU behind wgpu never marks it; the check costs it one read of
+/// the workspace per scan. CUDA has no budget and skips the read.
+fn checks_loop_budget<R: Runtime>() -> bool {
+    #[cfg(feature = "wgpu")]
+    {
+        TypeId::of::<R>() == TypeId::of::<cubecl::wgpu::WgpuRuntime>()
+    }
+    #[cfg(not(feature = "wgpu"))]
+    {
+        false
+    }
+}
+
+/// An error where a scan that used `workspace` (launched under `schedule`) ran out of the
+/// software driver's loop budget ([`checks_loop_budget`]): its results are wrong.
+fn check_loop_budget<R: Runtime>(
+    client: &ComputeClient<R>,
+    workspace: &DeviceArray,
+    schedule: Schedule,
+    what: &str,
+) -> Result<(), KernelError> {
+    if !checks_loop_budget::<R>() {
+        return Ok(());
+    }
+    let bytes = client
+        .read_one(workspace.handle.clone())
+        .map_err(|error| KernelError(format!("reading the {what}'s workspace: {error:?}")))?;
+    let last = (workspace.len - 1) * 4;
+    let mark = f32::from_le_bytes(bytes[last..last + 4].try_into().expect("4 bytes"));
+    if mark == 0.0 {
+        return Ok(());
+    }
+    Err(KernelError(format!(
+        "the {what} ran past the 65,535 loop iterations that Mesa's software Vulkan driver \
+         allows one invocation (over all its loops), which cuts the loops short: its results \
+         are wrong. Use shorter chunks (the schedule's chunk is {}; `model.chunk` in the \
+         configs) or more units per cube (cube_dim {}, backward_cube_dim {:?}), or a GPU",
+        schedule.chunk, schedule.cube_dim, schedule.backward_cube_dim
+    )))
 }
 
 /// `$body` with `$F` the element type of `$dtype` (f32, f16 or bf16).

@@ -33,6 +33,7 @@ impl Emitter<'_> {
         let comptime_dims = self.comptime_dim_params();
         let prelude = self.kernel_prelude(Pass::Backward);
         let barrier = self.barrier();
+        let loop_budget_check = self.loop_budget_check();
         let carried: Vec<Buffer> = (0..cell.states.len())
             .map(|s| Buffer::Grad(Grad::StateFromNext(StateId(s))))
             .chain((0..cell.params.len()).map(|p| Buffer::ParamGradSum(ParamId(p))))
@@ -246,6 +247,7 @@ impl Emitter<'_> {
                 }
                 #save
                 #finish
+                #loop_budget_check
             }
         }
     }

@@ -19,6 +19,7 @@ impl Emitter<'_> {
         let comptime_dims = self.comptime_dim_params();
         let prelude = self.kernel_prelude(Pass::Forward);
         let barrier = self.barrier();
+        let loop_budget_check = self.loop_budget_check();
         let states: Vec<Buffer> = (0..cell.states.len())
             .map(|s| Buffer::State(StateId(s)))
             .collect();
@@ -137,6 +138,7 @@ impl Emitter<'_> {
                 #store_registers
                 #save
                 #finals_code
+                #loop_budget_check
             }
         }
     }
@@ -194,6 +196,7 @@ impl Emitter<'_> {
         let comptime_dims = self.comptime_dim_params();
         let prelude = self.kernel_prelude(Pass::Forward);
         let barrier = self.barrier();
+        let loop_budget_check = self.loop_budget_check();
         let mut load_states = TokenStream::new();
         let mut store_states = TokenStream::new();
         for (id, state) in cell.states.iter().enumerate() {
@@ -240,6 +243,7 @@ impl Emitter<'_> {
                 #barrier
                 #step
                 #store_states
+                #loop_budget_check
             }
         }
     }

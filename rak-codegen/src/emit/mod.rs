@@ -244,6 +244,26 @@ impl<'a> Emitter<'a> {
         }
     }
 
+    /// Last in every kernel: the check of the loop budget of Mesa's software Vulkan driver,
+    /// which allows one invocation 65,535 loop iterations over all its loops and past that
+    /// ends every loop after its current pass, silently. A loop of two passes, its count hidden
+    /// from the compiler (a `select` on the workspace's runtime length, so that it is not
+    /// unrolled), completes only while the budget lasts; where it did not, the unit marks the
+    /// workspace's last element, which the host reserves and, on wgpu, reads back
+    /// (`rak_runtime::kernels`). Elsewhere it costs two loop passes.
+    fn loop_budget_check(&self) -> TokenStream {
+        quote! {
+            let budget_passes = select(workspace.len() < 2usize, workspace.len(), 2usize);
+            let mut passes = 0usize;
+            for _ in 0..budget_passes {
+                passes += 1usize;
+            }
+            if passes < budget_passes {
+                workspace[workspace.len() - 1] = 1f32;
+            }
+        }
+    }
+
     /// A barrier that makes the cube's writes to its workspace visible to its units.
     fn barrier(&self) -> TokenStream {
         quote! {
