@@ -842,10 +842,8 @@ fn f16_inputs_and_outputs_where_the_adapter_offers_them() {
 rak::cell! {
     /// Seeds 0 and 4 of the random-cell generator (`rak-codegen/tests/compiler/
     /// random_cells.rs`), copied as it wrote them: lets that read the states, sums in gates,
-    /// writes and outputs, a parameter, second states of two shapes, a scalar output. (Seed 13
-    /// is left out: at K = 33 its state grows to sums of about 400 that feed saturating gates,
-    /// and the gradient of `x_v` is so ill-conditioned that f32 rounding alone moves it by
-    /// 1e-3 relative: 1.3e-3 and 2.8e-3 from two builds of the same kernels.)
+    /// writes and outputs, a parameter, second states of two shapes, a scalar output. Seed 13
+    /// (`Random13`, below) has a known bug.
     pub cell Random0 {
         dims K, V;
         input x_k[K], x_v[V], x0 = sigmoid, x1[K] = sigmoid;
@@ -870,6 +868,35 @@ rak::cell! {
         output o0 = (sum(l3, l4) S[l3, l4]) * x1 * (sum(l5) x_v[l5] * (sum(l6) h0[l6] * (-0.25)));
         output o1[i] = (sum(l7) S[i, l7]) * x_k[i] * (log(2 + tanh(softplus((sum(l8) p0[l8])))) / (1.5 + sigmoid(sqrt(1 + ((sum(l9) h0[l9]) + (sum(l10) S[i, l10])) * ((sum(l9) h0[l9]) + (sum(l10) S[i, l10]))))));
     }
+}
+
+rak::cell! {
+    /// Seed 13 of the random-cell generator, as it wrote it.
+    pub cell Random13 {
+        dims K, V;
+        input x_k[K], x_v[V], x0, x1[K] = softplus;
+        param p0[K, V] = uniform(-0.5, 0.5), p1 = uniform(-0.5, 0.5);
+        state S[K, V], n[K, V];
+        let h0[i] = x1[i] * (sqrt(1 + x0 * x0) + (((sum(l0) S[i, l0]) * (sum(l1) x_v[l1])) / (1.5 + sigmoid((sum(l2) x_v[l2])))));
+        let h1[j] = x_v[j] * (exp(tanh((sum(l3) x_v[l3] * x_v[l3]))) / (1.5 + sigmoid((0.5 / (1.5 + sigmoid(x0))))));
+        update S[i, j] = sigmoid((h1[j] / (1.5 + sigmoid((sum(l4) p0[i, l4] * S[i, l4]))))) * S[i, j] + tanh(sqrt(1 + n[i, j] * n[i, j]));
+        update n[i, j] = sigmoid(((-h0[i]) / (1.5 + sigmoid((n[i, j] + x1[i]))))) * n[i, j] + tanh(n[i, j]);
+        output o0[i] = (sum(l5) S[i, l5]) * x1[i] * (-((x0 / (1.5 + sigmoid(h0[i]))) * p1));
+    }
+}
+
+/// KNOWN BUG, not fixed yet (found 2026-12-07): at K = 33, V = 34, B = 1, T = 17, H = 3 under
+/// the CPU schedule, the gradient of `Random13`'s `x_v` differs from the interpreter's by
+/// 1.3e-3 to 2.8e-3 (relative to its largest element), and by a different amount from run to
+/// run of the same binary: a race between units or a read of memory not yet written, in
+/// these kernels (the loop-budget check does not fire). At K = 5 it matches. Run it with
+/// `-- --ignored` to reproduce.
+#[test]
+#[ignore = "known bug: Random13's gradient of x_v at K = 33 varies from run to run"]
+fn random13_gradient_of_x_v_at_k_33() {
+    let client = client();
+    let runner = CellRunner::<Random13>::new();
+    compare(&runner, &client, (1, CHUNK + 1, 3), 33, cpu_schedule(), 721);
 }
 
 /// Cells the generator wrote, through the macro, on the kernels against the interpreter: at
