@@ -502,7 +502,7 @@ rak::cell! {
 /// and walks 71 of its elements per statement, in loops too long to unroll. Chunks of 8 steps
 /// keep one launch within the loop budget of Mesa's software driver (65,535 loop iterations per
 /// invocation, over all its loops: past it, Mesa ends every loop silently); with chunks of 16
-/// this cell exceeds it there and the gradients come back wrong (a GPU has no such budget).
+/// this cell exceeds it there, which the next test shows is refused (a GPU has no budget).
 #[test]
 fn row_gate_backward_with_16_units() {
     let client = client();
