@@ -166,7 +166,10 @@ impl Emitter<'_> {
     ) -> TokenStream {
         let (parts, lanes, slots) = (&names.parts, &names.lanes, &names.slots);
         let var = self.index_var(sum.index);
+        // A slot past the end of the split axis (in the last tile) holds no element: its
+        // registers and workspace were never written.
         let terms = |add_term: TokenStream| {
+            let add_term = self.guarded(&[sum.index], add_term);
             quote! {
                 #[unroll]
                 for slot in 0..#slots {
