@@ -871,7 +871,9 @@ rak::cell! {
 }
 
 rak::cell! {
-    /// Seed 13 of the random-cell generator, as it wrote it.
+    /// Seed 13 of the random-cell generator, as it wrote it. Its `n` doubles small values at
+    /// each step, which takes a `tanh` accurate in relative terms near 0 (docs/compiler.md,
+    /// "Functions written out") and a sum over the split axis guarded in its last tile.
     pub cell Random13 {
         dims K, V;
         input x_k[K], x_v[V], x0, x1[K] = softplus;

@@ -177,7 +177,22 @@ impl<'e, 'a> ExprEmitter<'e, 'a> {
             UnaryOp::Sigmoid => quote!(1f32 / (1f32 + (-#a).exp())),
             // log σ(x) = min(x, 0) − log(1 + e^(−|x|))
             UnaryOp::LogSigmoid => quote!(min(#a, 0f32) - (1f32 + (-#a.abs()).exp()).ln()),
-            UnaryOp::Tanh => quote!(#a.tanh()),
+            // Below |x| = 1/8, its Taylor series to x⁹ (truncation under 1e-11 relative), since
+            // a backend's tanh need only be accurate in absolute terms near 0: Vulkan's bound
+            // comes from (e^x − e^−x)/(e^x + e^−x), and Mesa's software driver is off by ~1e-7
+            // absolute there, 1e-4 relative at x = 1e-3. A cell that amplifies a small state
+            // (n ← σ(·)·n + tanh n doubles it) turns that into a wrong answer. Above it, the
+            // backend's tanh.
+            UnaryOp::Tanh => {
+                let square = self.fresh();
+                self.push(quote!(let #square = #a * #a;));
+                quote!(select(
+                    #a.abs() < 0.125f32,
+                    #a + #a * #square * (-0.33333334f32 + #square * (0.13333334f32
+                        + #square * (-0.053968254f32 + #square * 0.021869488f32))),
+                    #a.tanh(),
+                ))
+            }
             // softplus(x) = max(x, 0) + log(1 + e^(−|x|))
             UnaryOp::Softplus => quote!(max(#a, 0f32) + (1f32 + (-#a.abs()).exp()).ln()),
             UnaryOp::Silu => quote!(#a / (1f32 + (-#a).exp())),
