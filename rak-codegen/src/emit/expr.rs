@@ -177,12 +177,11 @@ impl<'e, 'a> ExprEmitter<'e, 'a> {
             UnaryOp::Sigmoid => quote!(1f32 / (1f32 + (-#a).exp())),
             // log σ(x) = min(x, 0) − log(1 + e^(−|x|))
             UnaryOp::LogSigmoid => quote!(min(#a, 0f32) - (1f32 + (-#a.abs()).exp()).ln()),
-            // Below |x| = 1/8, its Taylor series to x⁹ (truncation under 1e-11 relative), since
-            // a backend's tanh need only be accurate in absolute terms near 0: Vulkan's bound
-            // comes from (e^x − e^−x)/(e^x + e^−x), and Mesa's software driver is off by ~1e-7
-            // absolute there, 1e-4 relative at x = 1e-3. A cell that amplifies a small state
-            // (n ← σ(·)·n + tanh n doubles it) turns that into a wrong answer. Above it, the
-            // backend's tanh.
+            // Below |x| = 1/8, its Taylor series to x⁹ (truncation under 1e-11 relative); above
+            // it, the backend's tanh. A tanh computed through exp, as (e^2x − 1)/(e^2x + 1), is
+            // accurate near 0 only in absolute terms, and a cell that amplifies a small state
+            // (n ← σ(·)·n + tanh n doubles it) turns that into a wrong answer: Random13 on
+            // Mesa's software driver (docs/compiler.md, "Functions written out").
             UnaryOp::Tanh => {
                 let square = self.fresh();
                 self.push(quote!(let #square = #a * #a;));
