@@ -345,9 +345,24 @@ step_no_fusion() {
     cat "$res/chunked-no-fusion.md"
 }
 
+# `tanh` and `log1p` as series near 0 (`Schedule::series_near_zero`: on for wgpu, off for CUDA
+# by default) or CUDA's own `tanhf` and `log1pf`: with the series, Elman's backward at dims 128
+# spilled 24 bytes with 5 local accesses in its time loop (BENCHMARKS.md, "tanh as a series near
+# 0"); GLA's gate goes through log-sigmoid, and with CUDA's `log1pf` ptxas gives its forward
+# 51 more time-loop instructions, and its bf16 forward 149 registers (3 cubes per SM) instead of
+# 128 and a 20-byte spill (BENCHMARKS.md, "The series as a flag").
+step_series() {
+    for cell in elman gla; do
+        within 40 "$rak" bench --device cuda --cell "$cell" --repetitions 5 --warmup 1 \
+            --shape 8,2048,8,128 --series-near-zero false,true --json "$res/series.jsonl"
+    done > "$res/series.md" 2>&1
+    echo "series: exit $?" >> "$res/series.md"
+    cat "$res/series.md"
+}
+
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(warm rak chunked chunked-bf16 peers lm generate done \
-    backward-sums tiles checkpoints profile sweep no-fusion)
+    backward-sums tiles checkpoints profile sweep no-fusion series)
 echo "steps: ${steps[*]}" >> "$res/device.txt"
 for name in "${steps[@]}"; do
     if [ "$name" = done ]; then

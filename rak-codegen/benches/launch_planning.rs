@@ -51,6 +51,7 @@ fn main() {
     let limits = DeviceLimits {
         shared_memory_bytes: 48 * 1024,
         min_cubes: 264,
+        precise_near_zero: true,
     };
     println!(
         "| cell | compile (µs) | both scans resolved from the kept plan (µs) | plan built afresh, then resolved (µs) |"

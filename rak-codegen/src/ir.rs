@@ -325,6 +325,19 @@ impl ExprArena {
         id
     }
 
+    /// The value of `id` where it is made of constants only (functions of them included),
+    /// evaluated in f64 as the interpreter evaluates it; `None` where it reads a value or sums.
+    pub fn constant_value(&self, id: ExprId) -> Option<f64> {
+        match self.get(id) {
+            Expr::Const(Constant(c)) => Some(*c),
+            Expr::Unary(op, a) => Some(op.apply(self.constant_value(*a)?)),
+            Expr::Binary(op, a, b) => {
+                Some(op.apply(self.constant_value(*a)?, self.constant_value(*b)?))
+            }
+            Expr::Load { .. } | Expr::Sum { .. } => None,
+        }
+    }
+
     fn constant(&self, id: ExprId) -> Option<f64> {
         match self.get(id) {
             Expr::Const(Constant(c)) => Some(*c),

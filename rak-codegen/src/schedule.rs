@@ -91,6 +91,13 @@ pub struct Schedule {
     /// `sum_parts` of the backward scan, where it differs from the forward's (`None`:
     /// `sum_parts`).
     pub backward_sum_parts: Option<usize>,
+    /// Whether the kernels write `tanh`, and `log(1 + x)` in softplus and log-sigmoid, as
+    /// their Taylor series near 0, for a backend that computes them accurately there only in
+    /// absolute terms (Vulkan, on wgpu: docs/compiler.md, "Functions written out"); `None`:
+    /// where the device needs it ([`DeviceLimits::precise_near_zero`]), decided at
+    /// [`Schedule::resolve`] (and the series if a launch gets it unresolved). CUDA's `tanhf`
+    /// and `log1pf` are accurate in relative terms, and the series cost registers there.
+    pub series_near_zero: Option<bool>,
 }
 
 impl Default for Schedule {
@@ -112,6 +119,7 @@ impl Default for Schedule {
             // sums (3.50 ms at 64 units, 3.84 at 128).
             backward_cube_dim: Some(64),
             backward_sum_parts: Some(1),
+            series_near_zero: None,
         }
     }
 }
@@ -156,12 +164,17 @@ pub struct DeviceLimits {
     pub shared_memory_bytes: usize,
     /// Cubes the grid should have to keep the device busy (tiles are halved until it has).
     pub min_cubes: usize,
+    /// Whether the backend's `tanh` and `log1p` are accurate in relative terms near 0, as
+    /// CUDA's are; where they are not (Vulkan's `tanh` and `log`, on wgpu, are bounded only in
+    /// absolute terms there), the kernels write them as series ([`Schedule::series_near_zero`]).
+    pub precise_near_zero: bool,
 }
 
 impl Schedule {
     /// The schedule of one scan at these sizes: for the backward pass, its own units and sum
     /// parts ([`Schedule::for_backward`]); the tile of the split axis (if the cell has one) and
-    /// the placement of the workspace, chosen where left open. `sequences` is batch × heads.
+    /// the placement of the workspace and whether to write functions as series near 0,
+    /// chosen where left open. `sequences` is batch × heads.
     /// Errors if shared memory is asked for and the workspace does not fit. Reads the cell's
     /// [`ScanPlan`] (`compiled.plan`), so a launch works out nothing about the cell again.
     pub fn resolve(
@@ -223,6 +236,7 @@ impl Schedule {
         Ok(Schedule {
             tile,
             placement,
+            series_near_zero: Some(self.series_near_zero.unwrap_or(!limits.precise_near_zero)),
             ..self
         })
     }

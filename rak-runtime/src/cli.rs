@@ -239,6 +239,7 @@ fn bench(
                 "sum_parts": schedule.sum_parts, "registers": schedule.registers,
                 "recompute_registers": schedule.recompute_registers,
                 "walk_registers": schedule.walk_registers,
+                "series_near_zero": timing.backward_schedule.series_near_zero,
                 "backward_cube_dim": schedule.backward_cube_dim,
                 "backward_sum_parts": schedule.backward_sum_parts,
                 "forward_in_registers": timing.forward_in_registers,
@@ -558,6 +559,10 @@ pub enum Command {
         /// ways.
         #[arg(long, value_delimiter = ',', default_value = "true")]
         walk_registers: Vec<bool>,
+        /// Whether the kernels write `tanh` and `log1p` as series near 0; `false,true` times
+        /// each shape both ways (default: as the device needs, on wgpu but not on CUDA).
+        #[arg(long, value_delimiter = ',')]
+        series_near_zero: Vec<bool>,
         /// Append one JSON object per shape to this file.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -728,8 +733,12 @@ fn describe_schedule(schedule: Schedule, in_registers: Option<&str>) -> String {
     let tile = schedule.tile.map_or("none".to_string(), |t| t.to_string());
     let placement = format!("{:?}", schedule.placement).to_lowercase();
     let registers = in_registers.map_or(String::new(), |held| format!(", {held} in registers"));
+    let series = match schedule.series_near_zero {
+        Some(true) => ", series near 0",
+        _ => "",
+    };
     format!(
-        "cube_dim {}, tile {tile}, {placement} workspace, sum_parts {}{registers}",
+        "cube_dim {}, tile {tile}, {placement} workspace, sum_parts {}{registers}{series}",
         schedule.cube_dim, schedule.sum_parts
     )
 }
@@ -1067,6 +1076,7 @@ pub fn run(cli: Cli) -> ExitCode {
             registers,
             recompute_registers,
             walk_registers,
+            series_near_zero,
             backward_cube_dim,
             backward_sum_parts,
             json,
@@ -1092,6 +1102,11 @@ pub fn run(cli: Cli) -> ExitCode {
                 s.recompute_registers = v
             });
             let schedules = every(schedules, &walk_registers, |s, v| s.walk_registers = v);
+            let series_near_zero: Vec<Option<bool>> = match series_near_zero.is_empty() {
+                true => vec![None],
+                false => series_near_zero.into_iter().map(Some).collect(),
+            };
+            let schedules = every(schedules, &series_near_zero, |s, v| s.series_near_zero = v);
             let schedules = every(schedules, &tiles, |s, v| s.tile = v);
             let schedules = every(schedules, &backward_cube_dim, |s, v| {
                 s.backward_cube_dim = v

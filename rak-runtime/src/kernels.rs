@@ -195,8 +195,10 @@ pub struct CellRunner<C: CellKernels> {
 }
 
 /// What the device allows a cube: its shared memory (at most 48 KiB, what CUDA gives a kernel
-/// without opting in to more), and twice its multiprocessors (or CPU cores) as the cubes a grid
-/// should have.
+/// without opting in to more), twice its multiprocessors (or CPU cores) as the cubes a grid
+/// should have, and whether its `tanh` and `log1p` are accurate near 0 in relative terms (not
+/// on wgpu: Vulkan bounds them only in absolute terms there, and Mesa's software driver is about
+/// 1e-7 off, so the kernels write them as series; CUDA's are).
 pub fn device_limits<R: Runtime>(client: &ComputeClient<R>) -> DeviceLimits {
     let hardware = &client.properties().hardware;
     let processors = hardware
@@ -206,6 +208,7 @@ pub fn device_limits<R: Runtime>(client: &ComputeClient<R>) -> DeviceLimits {
     DeviceLimits {
         shared_memory_bytes: hardware.max_shared_memory_size.min(48 * 1024),
         min_cubes: 2 * processors,
+        precise_near_zero: !on_wgpu::<R>(),
     }
 }
 
@@ -596,6 +599,11 @@ impl<C: CellKernels> CellRunner<C> {
 /// `rak-codegen`'s emitter). A GPU behind wgpu never marks it; the check costs it one read of
 /// the workspace per scan. CUDA has no budget and skips the read.
 fn checks_loop_budget<R: Runtime>() -> bool {
+    on_wgpu::<R>()
+}
+
+/// Whether `R` is wgpu's runtime.
+fn on_wgpu<R: Runtime>() -> bool {
     #[cfg(feature = "wgpu")]
     {
         TypeId::of::<R>() == TypeId::of::<cubecl::wgpu::WgpuRuntime>()
@@ -1025,10 +1033,12 @@ pub fn kernel_source<C: CellKernels>(
 ) -> Result<KernelSource, KernelError> {
     type Wgpu = cubecl::wgpu::WgpuRuntime;
     let client = source_client();
-    // Printed as it would run on a CUDA device (48 KiB of shared memory), at batch 1.
+    // Printed as it would run on a CUDA device (48 KiB of shared memory), at batch 1, with
+    // the functions as the target's backend needs them.
     let limits = DeviceLimits {
         shared_memory_bytes: 48 * 1024,
         min_cubes: 1,
+        precise_near_zero: target == SourceTarget::Cuda,
     };
     let compiled = compiled_cell::<C>();
     let (schedule, pass) = match kernel {

@@ -94,24 +94,28 @@ impl<'e, 'a> ExprEmitter<'e, 'a> {
             return known;
         }
         let emitter = self.emitter;
-        let value = match emitter.cell.exprs.get(expr).clone() {
-            Expr::Const(Constant(c)) => {
+        let constant = emitter.cell.exprs.constant_value(expr);
+        let value = match (emitter.cell.exprs.get(expr).clone(), constant) {
+            // Constants, and functions of constants (`tanh(0.25 * 0.5)`) evaluated here in f64:
+            // cubecl evaluates a literal's `let` at expansion, as a plain f32, and the two forms
+            // of a function under a comptime flag (`apply_unary`) would not have one type.
+            (Expr::Const(Constant(c)), _) | (_, Some(c)) => {
                 let name = self.fresh();
                 let literal = float(c);
                 self.push(quote!(let #name = #literal;));
                 name
             }
-            Expr::Load { value, indices } => {
+            (Expr::Load { value, indices }, _) => {
                 let name = self.fresh();
                 let load = self.load(value, &indices);
                 self.push(quote!(let #name = #load;));
                 name
             }
-            Expr::Unary(op, a) => {
+            (Expr::Unary(op, a), _) => {
                 let a = self.emit(a);
                 self.apply_unary(op, &a)
             }
-            Expr::Binary(op, a, b) => {
+            (Expr::Binary(op, a, b), _) => {
                 let (a, b) = (self.emit(a), self.emit(b));
                 let name = self.fresh();
                 let value = match op {
@@ -126,7 +130,7 @@ impl<'e, 'a> ExprEmitter<'e, 'a> {
                 self.push(quote!(let #name = #value;));
                 name
             }
-            Expr::Sum { .. } if self.materialized.contains(&emitter.sum_class(expr)) => {
+            (Expr::Sum { .. }, _) if self.materialized.contains(&emitter.sum_class(expr)) => {
                 let name = self.fresh();
                 let free: Vec<IndexId> = emitter.cell.free_indices(expr).into_iter().collect();
                 let flat = emitter.flat_index(&free);
@@ -135,7 +139,7 @@ impl<'e, 'a> ExprEmitter<'e, 'a> {
                 self.push(quote!(let #name = #read;));
                 name
             }
-            Expr::Sum { index, body } => {
+            (Expr::Sum { index, body }, _) => {
                 let name = self.fresh();
                 let var = emitter.index_var(index);
                 let extent = emitter.extent(emitter.cell.index_dim(index));
@@ -176,24 +180,34 @@ impl<'e, 'a> ExprEmitter<'e, 'a> {
             UnaryOp::Log => quote!(#a.ln()),
             UnaryOp::Sigmoid => quote!(1f32 / (1f32 + (-#a).exp())),
             // log σ(x) = min(x, 0) − log(1 + e^(−|x|))
-            UnaryOp::LogSigmoid => quote!(min(#a, 0f32) - (1f32 + (-#a.abs()).exp()).ln()),
-            // Below |x| = 1/8, its Taylor series to x⁹ (truncation under 1e-11 relative); above
-            // it, the backend's tanh. A tanh computed through exp, as (e^2x − 1)/(e^2x + 1), is
-            // accurate near 0 only in absolute terms, and a cell that amplifies a small state
-            // (n ← σ(·)·n + tanh n doubles it) turns that into a wrong answer: Random13 on
-            // Mesa's software driver (docs/compiler.md, "Functions written out").
-            UnaryOp::Tanh => {
-                let square = self.fresh();
-                self.push(quote!(let #square = #a * #a;));
-                quote!(select(
-                    #a.abs() < 0.125f32,
-                    #a + #a * #square * (-0.33333334f32 + #square * (0.13333334f32
-                        + #square * (-0.053968254f32 + #square * 0.021869488f32))),
-                    #a.tanh(),
-                ))
+            UnaryOp::LogSigmoid => {
+                let log_1p = self.log_1p(quote!((-#a.abs()).exp()));
+                quote!(min(#a, 0f32) - #log_1p)
             }
+            // Under `series_near_zero`, below |x| = 1/8, its Taylor series to x⁹ (truncation
+            // under 1e-11 relative), and the backend's tanh above. A tanh computed through exp,
+            // as (e^2x − 1)/(e^2x + 1), is accurate near 0 only in absolute terms, and a cell
+            // that amplifies a small state (n ← σ(·)·n + tanh n doubles it) turns that into a
+            // wrong answer: Random13 on Mesa's software driver (docs/compiler.md, "Functions
+            // written out").
+            UnaryOp::Tanh => quote! {
+                if comptime![series_near_zero] {
+                    let square = #a * #a;
+                    select(
+                        #a.abs() < 0.125f32,
+                        #a + #a * square * (-0.33333334f32 + square * (0.13333334f32
+                            + square * (-0.053968254f32 + square * 0.021869488f32))),
+                        #a.tanh(),
+                    )
+                } else {
+                    #a.tanh()
+                }
+            },
             // softplus(x) = max(x, 0) + log(1 + e^(−|x|))
-            UnaryOp::Softplus => quote!(max(#a, 0f32) + (1f32 + (-#a.abs()).exp()).ln()),
+            UnaryOp::Softplus => {
+                let log_1p = self.log_1p(quote!((-#a.abs()).exp()));
+                quote!(max(#a, 0f32) + #log_1p)
+            }
             UnaryOp::Silu => quote!(#a / (1f32 + (-#a).exp())),
             UnaryOp::Relu => quote!(max(#a, 0f32)),
             UnaryOp::Abs => quote!(#a.abs()),
@@ -202,6 +216,32 @@ impl<'e, 'a> ExprEmitter<'e, 'a> {
             UnaryOp::Sign => quote!(select(#a > 0f32, 1f32, select(#a < 0f32, -1f32, 0f32))),
         };
         self.push(quote!(let #name = #value;));
+        name
+    }
+
+    /// `log(1 + u)` for `u` in [0, 1] (`let` bound, its variable returned): the backend's
+    /// `log1p`, or under `series_near_zero` its Taylor series to u⁸ below u = 1/8 (truncation
+    /// under 1e-8 relative) and `ln(1 + u)` above, since Vulkan's `log` (and wgpu's `log1p`,
+    /// which is `log(1 + u)`) is accurate near 1 only in absolute terms: softplus of a very
+    /// negative value, or log-sigmoid of a large one, would come out 0 instead of ±e^(−|x|).
+    fn log_1p(&mut self, u: TokenStream) -> Ident {
+        let u_name = self.fresh();
+        self.push(quote!(let #u_name = #u;));
+        let u = u_name;
+        let name = self.fresh();
+        self.push(quote! {
+            let #name = if comptime![series_near_zero] {
+                select(
+                    #u < 0.125f32,
+                    #u * (1f32 - #u * (0.5f32 - #u * (0.33333334f32 - #u * (0.25f32
+                        - #u * (0.2f32 - #u * (0.16666667f32 - #u * (0.14285715f32
+                            - #u * 0.125f32))))))),
+                    (1f32 + #u).ln(),
+                )
+            } else {
+                #u.log1p()
+            };
+        });
         name
     }
 

@@ -37,8 +37,10 @@ impl Emitter<'_> {
         dims.push(quote! {
             let shared_workspace =
                 schedule.placement == ::rak::codegen::schedule::Placement::Shared;
+            let series_near_zero = schedule.series_near_zero.unwrap_or(true);
         });
         dim_args.push(quote!(shared_workspace));
+        dim_args.push(quote!(series_near_zero));
         dim_args.push(quote!(schedule.cube_dim as usize));
         dim_args.push(quote!(schedule.sum_parts));
         // `element` views a buffer as an array of F, `single` as an array of f32.

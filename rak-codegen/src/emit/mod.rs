@@ -20,7 +20,9 @@
 //! `tile` long along it and global arrays are addressed with `tile_start + index`; values past
 //! the end of the axis (the last tile of an axis that `tile` does not divide) are skipped.
 //! Workspace accesses go to `shared` or to the cube's part of `workspace` depending on the
-//! comptime flag `shared_workspace`.
+//! comptime flag `shared_workspace`. The comptime flag `series_near_zero` writes `tanh` and
+//! `log(1 + x)` as their series near 0, for backends (Vulkan) that are accurate there only in
+//! absolute terms (`expr`).
 //!
 //! Kernels are generic over the element type `F` of inputs, parameters and outputs; states,
 //! intermediates and accumulations are f32. Every sub-expression becomes one `let`; a `sum`
@@ -471,6 +473,7 @@ impl<'a> Emitter<'a> {
             #[comptime] chunk: usize,
             #tile
             #[comptime] shared_workspace: bool,
+            #[comptime] series_near_zero: bool,
             #[comptime] cube_dim: usize,
             #[comptime] sum_parts: usize
         }

@@ -91,6 +91,7 @@ fn limits(shared_memory_bytes: usize, min_cubes: usize) -> DeviceLimits {
     DeviceLimits {
         shared_memory_bytes,
         min_cubes,
+        precise_near_zero: true,
     }
 }
 
