@@ -402,13 +402,20 @@ impl<C: CellKernels> CellRunner<C> {
         let layout = self.compiled.plan.layout(pass);
         let (tiles, dims) = self.tiles(shape, schedule);
         let per_cube = layout.size(&self.compiled.backward.cell, &dims, &schedule);
-        // And one element more, last: the kernels' loop-budget mark ([`check_loop_budget`]).
+        // And one element more, last: the kernels' loop-budget mark ([`check_loop_budget`]),
+        // cleared where it is read. The rest is left as the allocator gives it: the kernels
+        // write every workspace value before they read it.
         let len = shape.batch * shape.heads * tiles * per_cube + 1;
+        let workspace = DeviceArray::new(client.empty(len * 4), len);
         if checks_loop_budget::<R>() {
-            DeviceArray::zeros(client, len, 4)
-        } else {
-            DeviceArray::new(client.empty(len * 4), len)
+            clear_loop_budget_mark::launch::<R>(
+                client,
+                CubeCount::Static(1, 1, 1),
+                CubeDim::new_1d(1),
+                unsafe { ArrayArg::from_raw_parts(workspace.handle.clone(), len) },
+            );
         }
+        workspace
     }
 
     /// Runs the forward scan.
@@ -596,8 +603,8 @@ impl<C: CellKernels> CellRunner<C> {
 /// (the CPU adapter of the tests and CI), which allows one invocation 65,535 loop iterations
 /// over all its loops and past that ends them silently: on wgpu. The kernels mark the
 /// workspace's last element where a unit ran out of it (`loop_budget_check` in
-/// `rak-codegen`'s emitter). A GPU behind wgpu never marks it; the check costs it one read of
-/// the workspace per scan. CUDA has no budget and skips the read.
+/// `rak-codegen`'s emitter). A GPU behind wgpu never marks it; the check costs it a one-unit
+/// launch and a read of 4 bytes per scan. CUDA has no budget and skips both.
 fn checks_loop_budget<R: Runtime>() -> bool {
     on_wgpu::<R>()
 }
@@ -625,11 +632,12 @@ fn check_loop_budget<R: Runtime>(
     if !checks_loop_budget::<R>() {
         return Ok(());
     }
+    // The mark alone: the workspace's last 4 bytes.
+    let last = ((workspace.len - 1) * 4) as u64;
     let bytes = client
-        .read_one(workspace.handle.clone())
+        .read_one(workspace.handle.clone().offset_start(last))
         .map_err(|error| KernelError(format!("reading the {what}'s workspace: {error:?}")))?;
-    let last = (workspace.len - 1) * 4;
-    let mark = f32::from_le_bytes(bytes[last..last + 4].try_into().expect("4 bytes"));
+    let mark = f32::from_le_bytes(bytes[..4].try_into().expect("4 bytes"));
     if mark == 0.0 {
         return Ok(());
     }
@@ -1181,6 +1189,14 @@ impl crate::cells::CellVisitor for SourceOf<'_> {
             "printing the kernels of {} needs rak built with the `wgpu` feature",
             C::NAME
         )))
+    }
+}
+
+/// Zeroes the workspace's last element, the loop-budget mark ([`check_loop_budget`]).
+#[cube(launch)]
+fn clear_loop_budget_mark(workspace: &mut Array<f32>) {
+    if ABSOLUTE_POS == 0 {
+        workspace[workspace.len() - 1] = 0f32;
     }
 }
 
