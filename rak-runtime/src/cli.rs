@@ -763,6 +763,16 @@ pub fn every<T: Copy>(
         .collect()
 }
 
+/// The values of an optional knob given as a list, or unset (`None`, decided at launch) where
+/// the list is empty.
+fn given_or_unset<T>(values: Vec<T>) -> Vec<Option<T>> {
+    if values.is_empty() {
+        vec![None]
+    } else {
+        values.into_iter().map(Some).collect()
+    }
+}
+
 /// A knob of the backward scan: a number, or `same` (the forward's).
 fn parse_backward_knob<T: std::str::FromStr>(text: &str) -> Result<Option<T>, String> {
     match text {
@@ -1084,10 +1094,7 @@ pub fn run(cli: Cli) -> ExitCode {
             fusion,
         } => {
             // Every combination of the knobs given as lists.
-            let tiles: Vec<Option<usize>> = match tile.is_empty() {
-                true => vec![None],
-                false => tile.into_iter().map(Some).collect(),
-            };
+            let tiles = given_or_unset(tile);
             let schedules = vec![Schedule {
                 chunks_per_launch,
                 stage,
@@ -1102,10 +1109,7 @@ pub fn run(cli: Cli) -> ExitCode {
                 s.recompute_registers = v
             });
             let schedules = every(schedules, &walk_registers, |s, v| s.walk_registers = v);
-            let series_near_zero: Vec<Option<bool>> = match series_near_zero.is_empty() {
-                true => vec![None],
-                false => series_near_zero.into_iter().map(Some).collect(),
-            };
+            let series_near_zero = given_or_unset(series_near_zero);
             let schedules = every(schedules, &series_near_zero, |s, v| s.series_near_zero = v);
             let schedules = every(schedules, &tiles, |s, v| s.tile = v);
             let schedules = every(schedules, &backward_cube_dim, |s, v| {

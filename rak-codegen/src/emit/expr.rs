@@ -224,10 +224,9 @@ impl<'e, 'a> ExprEmitter<'e, 'a> {
     /// under 1e-8 relative) and `ln(1 + u)` above, since Vulkan's `log` (and wgpu's `log1p`,
     /// which is `log(1 + u)`) is accurate near 1 only in absolute terms: softplus of a very
     /// negative value, or log-sigmoid of a large one, would come out 0 instead of ±e^(−|x|).
-    fn log_1p(&mut self, u: TokenStream) -> Ident {
-        let u_name = self.fresh();
-        self.push(quote!(let #u_name = #u;));
-        let u = u_name;
+    fn log_1p(&mut self, value: TokenStream) -> Ident {
+        let u = self.fresh();
+        self.push(quote!(let #u = #value;));
         let name = self.fresh();
         self.push(quote! {
             let #name = if comptime![series_near_zero] {
