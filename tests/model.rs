@@ -597,6 +597,87 @@ fn linear_scan_matches_a_loop_for_every_decay_axis_and_direction() {
     assert!(found.is_empty(), "{}", found.join("\n"));
 }
 
+/// On the software driver the chunked path's own kernels refuse a launch whose units would
+/// make more loop passes than it allows one invocation (65,535 over all its loops; past them
+/// it cuts the loops short, silently), before they launch: `linear_scan` and `running_sum`
+/// over 65,534 steps (65,535 passes: the walk's and the grid-stride loop's one) run and match
+/// loops in f64; over 65,535 steps they are refused, naming the kernel and the walk. (Measured
+/// with the check off: both are still right over 65,535 steps, whose one pass too many is the
+/// grid-stride loop's last, which ends there anyway; over 65,536 they are wrong from step
+/// 65,535 on, by up to 1.4 and 21. On CUDA there is no such budget: not built with
+/// `--features cuda`.)
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn chunked_kernels_past_the_software_drivers_loop_budget_are_refused() {
+    setup();
+    type B = burn_cubecl_backend::Backend;
+    // One state element decaying by e^(−1/64) a step (exact in f32), writes of ±0.6.
+    let writes =
+        |steps: usize| -> Vec<f32> { (0..steps).map(|n| ((n % 13) as f32 - 6.0) / 10.0).collect() };
+    let linear_scan = |steps: usize| {
+        values(Tensor::<B, 5>::from_primitive(TensorPrimitive::Float(
+            B::linear_scan(
+                tensor::<B, 5>(vec![-1.0 / 64.0; steps], [1, 1, steps, 1, 1])
+                    .into_primitive()
+                    .tensor(),
+                tensor::<B, 5>(writes(steps), [1, 1, steps, 1, 1])
+                    .into_primitive()
+                    .tensor(),
+                tensor::<B, 4>(vec![1.0], [1, 1, 1, 1])
+                    .into_primitive()
+                    .tensor(),
+                SumOver::UpTo,
+            ),
+        )))
+    };
+    // Integers whose running sums stay within ±21: exact in f32.
+    let running_sum = |steps: usize| {
+        let x: Vec<f32> = (0..steps).map(|n| (n % 13) as f32 - 6.0).collect();
+        values(rak::runtime::fused::running_sum(
+            tensor::<B, 3>(x, [1, steps, 1]),
+            1,
+            SumOver::UpTo,
+        ))
+    };
+    let steps = 65_534;
+    let (mut state, mut sum) = (1f64, 0f64);
+    let (mut expected_states, mut expected_sums) = (Vec::new(), Vec::new());
+    for (n, write) in writes(steps).into_iter().enumerate() {
+        state = (-1f64 / 64.0).exp() * state + f64::from(write);
+        sum += (n % 13) as f64 - 6.0;
+        expected_states.push(state);
+        expected_sums.push(sum);
+    }
+    let scale = expected_states.iter().fold(0f64, |m, s| m.max(s.abs()));
+    let error = max_error(&linear_scan(steps), &expected_states) / scale;
+    // (The decay's rounding in f32 is amplified up to 64 times by the sum it weighs.)
+    assert!(
+        error <= f64::from(TOLERANCE),
+        "linear_scan over {steps} steps: error {error:.2e}"
+    );
+    assert_eq!(max_error(&running_sum(steps), &expected_sums), 0.0);
+    for (kernel, refused) in [
+        (
+            "linear_scan",
+            std::panic::catch_unwind(|| linear_scan(steps + 1)),
+        ),
+        (
+            "running_sum",
+            std::panic::catch_unwind(|| running_sum(steps + 1)),
+        ),
+    ] {
+        let payload = refused.expect_err("a walk over 65,535 steps is refused");
+        let message = payload
+            .downcast_ref::<String>()
+            .expect("a formatted message");
+        let named = format!("the chunked path's {kernel} kernel would make 65536 loop passes");
+        assert!(
+            message.contains(&named) && message.contains("over 65535 steps"),
+            "{message}"
+        );
+    }
+}
+
 /// The largest absolute difference between `got` and the f64 reference `expected`.
 fn max_error(got: &[f32], expected: &[f64]) -> f64 {
     got.iter()

@@ -604,10 +604,16 @@ impl<C: CellKernels> CellRunner<C> {
 /// over all its loops and past that ends them silently: on wgpu. The kernels mark the
 /// workspace's last element where a unit ran out of it (`loop_budget_check` in
 /// `rak-codegen`'s emitter). A GPU behind wgpu never marks it; the check costs it a one-unit
-/// launch and a read of 4 bytes per scan. CUDA has no budget and skips both.
-fn checks_loop_budget<R: Runtime>() -> bool {
+/// launch and a read of 4 bytes per scan. CUDA has no budget and skips both. (The chunked
+/// path's own kernels, whose loop passes follow from their sizes alone, are checked before
+/// they launch: `fused::cube`.)
+pub(crate) fn checks_loop_budget<R: Runtime>() -> bool {
     on_wgpu::<R>()
 }
+
+/// The loop passes that Mesa's software Vulkan driver allows one invocation, over all its
+/// loops ([`checks_loop_budget`]): 65,535.
+pub(crate) const LOOP_BUDGET: usize = 65_535;
 
 /// Whether `R` is wgpu's runtime.
 fn on_wgpu<R: Runtime>() -> bool {

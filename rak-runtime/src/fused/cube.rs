@@ -9,7 +9,8 @@
 use super::{BlockScores, FusedCellBackend, FusedForward, FusedGradients, FusedSettings, SumOver};
 use crate::codegen::ScanShape;
 use crate::kernels::{
-    BackwardBuffers, DeviceArray, Dtype, ForwardBuffers, ScanKernels, ScanRuntime, StepBuffers,
+    BackwardBuffers, DeviceArray, Dtype, ForwardBuffers, LOOP_BUDGET, ScanKernels, ScanRuntime,
+    StepBuffers, checks_loop_budget,
 };
 use crate::packing::Packing;
 use burn::tensor::Shape;
@@ -130,7 +131,16 @@ where
         let [log_decay, writes, initial] = [log_decay, writes, initial].map(into_contiguous);
         let (client, device) = (writes.client.clone(), writes.device.clone());
         let after = dense::<R, F>(&client, &device, writes.meta.shape().clone());
-        let (cubes, units) = grid(batch * heads * keys * values);
+        let elements = batch * heads * keys * values;
+        let kernel = if over.reverse() {
+            ChunkedKernel::LinearScanReverse
+        } else {
+            ChunkedKernel::LinearScan
+        };
+        assert_within_loop_budget::<R>(kernel, walk_passes(elements, steps), || {
+            format!("a walk over {steps} steps for each of {elements} state elements")
+        });
+        let (cubes, units) = grid(elements);
         linear_scan_kernel::launch::<F, R>(
             &client,
             cubes,
@@ -155,7 +165,12 @@ where
         let x = into_contiguous(x);
         let (client, device) = (x.client.clone(), x.device.clone());
         let sums = dense::<R, F>(&client, &device, x.meta.shape().clone());
-        let (cubes, units) = grid(lines * across);
+        let walks = lines * across;
+        let passes = walk_passes(walks, steps);
+        assert_within_loop_budget::<R>(ChunkedKernel::RunningSum, passes, || {
+            format!("{walks} walks over {steps} steps")
+        });
+        let (cubes, units) = grid(walks);
         running_sum_kernel::launch::<F, R>(
             &client,
             cubes,
@@ -180,6 +195,10 @@ where
         let [query, key, factors] = [query, key, factors].map(into_contiguous);
         let (client, device) = (query.client.clone(), query.device.clone());
         let scores = dense::<R, F>(&client, &device, Shape::new([blocks, steps, steps]));
+        let passes = block_scores_passes(form, blocks, steps, keys);
+        assert_within_loop_budget::<R>(scores_kernel(form, false), passes, || {
+            format!("{blocks} blocks of {steps} steps, {keys} keys")
+        });
         let [query, key, factors, scores_arg] = [&query, &key, &factors, &scores].map(whole);
         let (cubes, blocks, keys) = (one_cube_per_block(blocks), blocks as u32, keys as u32);
         match form {
@@ -227,6 +246,10 @@ where
         let (client, device) = (operands[0].client.clone(), operands[0].device.clone());
         let gradients = [&operands[0], &operands[1], &operands[2]]
             .map(|operand| dense::<R, F>(&client, &device, operand.meta.shape().clone()));
+        let passes = block_scores_backward_passes(form, blocks, steps, keys);
+        assert_within_loop_budget::<R>(scores_kernel(form, true), passes, || {
+            format!("{blocks} blocks of {steps} steps, {keys} keys")
+        });
         let [query, key, factors, grad] = operands.each_ref().map(whole);
         let [grad_query, grad_key, grad_factors] = gradients.each_ref().map(whole);
         let (cubes, units) = (
@@ -358,12 +381,19 @@ fn columns<R: CubeRuntime>(
         .collect()
 }
 
-/// Cubes and units for a grid-stride loop over `len` elements (at most 65,535 cubes: wgpu's
-/// limit per grid dimension).
+/// Cubes and units for a grid-stride loop over `len` elements (at most [`MAX_CUBES`]).
 fn grid(len: usize) -> (CubeCount, CubeDim) {
-    let cubes = len.div_ceil(GRID_UNITS as usize).clamp(1, 65_535) as u32;
+    let cubes = grid_cubes(len) as u32;
     (CubeCount::Static(cubes, 1, 1), CubeDim::new_1d(GRID_UNITS))
 }
+
+/// The cubes of [`grid`] over `len` elements.
+fn grid_cubes(len: usize) -> usize {
+    len.div_ceil(GRID_UNITS as usize).clamp(1, MAX_CUBES)
+}
+
+/// Cubes per launch along the one grid dimension the kernels here use: wgpu's limit.
+const MAX_CUBES: usize = 65_535;
 
 /// Units per cube of a grid-stride loop.
 const GRID_UNITS: u32 = 256;
@@ -404,10 +434,117 @@ fn whole<R: CubeRuntime>(tensor: &CubeTensor<R>) -> ArrayArg<R> {
     unsafe { ArrayArg::from_raw_parts(tensor.handle.clone(), len) }
 }
 
-/// One cube per block of `blocks` (cubes past wgpu's 65,535 per grid dimension loop over the
-/// rest).
+/// One cube per block of `blocks` (cubes past [`MAX_CUBES`] loop over the rest).
 fn one_cube_per_block(blocks: usize) -> CubeCount {
-    CubeCount::Static(blocks.clamp(1, 65_535) as u32, 1, 1)
+    CubeCount::Static(blocks.clamp(1, MAX_CUBES) as u32, 1, 1)
+}
+
+/// Panics, on wgpu, where one unit of the chunked path's `kernel` would make more loop passes
+/// (`passes`, over all its loops) than Mesa's software Vulkan driver allows one invocation
+/// ([`LOOP_BUDGET`]): past it the driver ends every loop after one more pass, silently, and
+/// the results would be wrong. These kernels' loop passes follow from their sizes alone (the
+/// functions below count them), so the check is made before the launch and costs the device
+/// nothing; `extent` says what the passes come from. (The generated scan kernels, whose
+/// loops a cell's sums shape, check themselves: `rak_runtime::kernels`.)
+fn assert_within_loop_budget<R: Runtime>(
+    kernel: ChunkedKernel,
+    passes: usize,
+    extent: impl FnOnce() -> String,
+) {
+    if passes <= LOOP_BUDGET || !checks_loop_budget::<R>() {
+        return;
+    }
+    let remedy = match kernel {
+        ChunkedKernel::LinearScan | ChunkedKernel::LinearScanReverse => {
+            "longer chunks (`model.chunk` in the configs: the walk is over the chunks)"
+        }
+        ChunkedKernel::RunningSum => {
+            "shorter sums (the chunked path's run along a chunk: `model.chunk` in the configs)"
+        }
+        _ => "fewer keys, a smaller batch or shorter sequences",
+    };
+    panic!(
+        "the chunked path's {} kernel would make {passes} loop passes in one invocation ({}), \
+         past the 65,535 that Mesa's software Vulkan driver allows (over all its loops), which \
+         cuts the loops short: its results would be wrong. Use {remedy}, or a GPU",
+        kernel.name(),
+        extent()
+    );
+}
+
+/// The scores' kernel of `form`, or its backward.
+fn scores_kernel(form: BlockScores, backward: bool) -> ChunkedKernel {
+    match (form, backward) {
+        (BlockScores::WithinSubChunk, false) => ChunkedKernel::DecayedScores,
+        (BlockScores::WithinSubChunk, true) => ChunkedKernel::DecayedScoresBackward,
+        (BlockScores::AcrossSubChunks { .. }, false) => ChunkedKernel::ScoresAcrossSubChunks,
+        (BlockScores::AcrossSubChunks { .. }, true) => ChunkedKernel::ScoresAcrossSubChunksBackward,
+    }
+}
+
+// The loop passes of one unit of each of the chunked path's kernels, over all its loops: each
+// function follows its kernel's loops (those that cubecl unrolls, `#[unroll]`, do not count;
+// a loop over a comptime range without it does), at the unit that makes the most passes.
+
+/// Passes of a grid-stride loop over `len` elements on the grid of [`grid`].
+fn grid_passes(len: usize) -> usize {
+    len.div_ceil(grid_cubes(len) * GRID_UNITS as usize)
+}
+
+/// Passes of the loop over `blocks` blocks of [`one_cube_per_block`].
+fn block_passes(blocks: usize) -> usize {
+    blocks.div_ceil(blocks.clamp(1, MAX_CUBES))
+}
+
+/// [`linear_scan_kernel`](fn@linear_scan_kernel) and
+/// [`running_sum_kernel`](fn@running_sum_kernel): a grid-stride loop over `walks` walks, each
+/// pass of which walks `steps` steps.
+fn walk_passes(walks: usize, steps: usize) -> usize {
+    grid_passes(walks) * (1 + steps)
+}
+
+/// The scores' kernel of `form` over `blocks` blocks of `steps` steps and `keys` keys.
+fn block_scores_passes(form: BlockScores, blocks: usize, steps: usize, keys: usize) -> usize {
+    let per_block = match form {
+        // The keys split among the lanes, then the sum over the lanes.
+        BlockScores::WithinSubChunk => {
+            let lanes = score_lanes(steps);
+            1 + keys.div_ceil(lanes) + lanes
+        }
+        // Every pair of sub-chunks; for those that score, tiles of keys, each staged by the
+        // cube and then summed over.
+        BlockScores::AcrossSubChunks { sub_chunk } => {
+            let (subs, units) = (steps / sub_chunk, sub_chunk * sub_chunk);
+            let scoring = subs * subs.saturating_sub(1) / 2;
+            let per_tile = 1 + (sub_chunk * KEY_TILE).div_ceil(units) + KEY_TILE;
+            1 + subs + subs * subs + scoring * keys.div_ceil(KEY_TILE) * per_tile
+        }
+    };
+    block_passes(blocks) * per_block
+}
+
+/// The scores' backward kernel of `form` over `blocks` blocks of `steps` steps and `keys` keys.
+fn block_scores_backward_passes(
+    form: BlockScores,
+    blocks: usize,
+    steps: usize,
+    keys: usize,
+) -> usize {
+    let units = block_scores_backward_units(keys).num_elems() as usize;
+    let per_block = match form {
+        // The shared gradient block, then per key the walk over s.
+        BlockScores::WithinSubChunk => {
+            1 + (steps * steps).div_ceil(units) + keys.div_ceil(units) * (1 + steps)
+        }
+        // Per key: the reading sub-chunks and the writing ones of each, then the writing ones
+        // and the later reading ones of each.
+        BlockScores::AcrossSubChunks { sub_chunk } => {
+            let subs = steps / sub_chunk;
+            let scoring = subs * subs.saturating_sub(1) / 2;
+            1 + keys.div_ceil(units) * (1 + subs + subs * subs + subs + scoring)
+        }
+    };
+    block_passes(blocks) * per_block
 }
 
 /// The columns of each slot of a packed tensor (rows × `packing.width`), as arrays.
