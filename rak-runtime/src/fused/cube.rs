@@ -195,10 +195,7 @@ where
         let [query, key, factors] = [query, key, factors].map(into_contiguous);
         let (client, device) = (query.client.clone(), query.device.clone());
         let scores = dense::<R, F>(&client, &device, Shape::new([blocks, steps, steps]));
-        let passes = block_scores_passes(form, blocks, steps, keys);
-        assert_within_loop_budget::<R>(scores_kernel(form, false), passes, || {
-            format!("{blocks} blocks of {steps} steps, {keys} keys")
-        });
+        assert_scores_within_loop_budget::<R>(form, false, blocks, steps, keys);
         let [query, key, factors, scores_arg] = [&query, &key, &factors, &scores].map(whole);
         let (cubes, blocks, keys) = (one_cube_per_block(blocks), blocks as u32, keys as u32);
         match form {
@@ -246,10 +243,7 @@ where
         let (client, device) = (operands[0].client.clone(), operands[0].device.clone());
         let gradients = [&operands[0], &operands[1], &operands[2]]
             .map(|operand| dense::<R, F>(&client, &device, operand.meta.shape().clone()));
-        let passes = block_scores_backward_passes(form, blocks, steps, keys);
-        assert_within_loop_budget::<R>(scores_kernel(form, true), passes, || {
-            format!("{blocks} blocks of {steps} steps, {keys} keys")
-        });
+        assert_scores_within_loop_budget::<R>(form, true, blocks, steps, keys);
         let [query, key, factors, grad] = operands.each_ref().map(whole);
         let [grad_query, grad_key, grad_factors] = gradients.each_ref().map(whole);
         let (cubes, units) = (
@@ -472,14 +466,29 @@ fn assert_within_loop_budget<R: Runtime>(
     );
 }
 
-/// The scores' kernel of `form`, or its backward.
-fn scores_kernel(form: BlockScores, backward: bool) -> ChunkedKernel {
-    match (form, backward) {
+/// [`assert_within_loop_budget`] for the scores' kernel of `form`, or its backward, over
+/// `blocks` blocks of `steps` steps and `keys` keys.
+fn assert_scores_within_loop_budget<R: Runtime>(
+    form: BlockScores,
+    backward: bool,
+    blocks: usize,
+    steps: usize,
+    keys: usize,
+) {
+    let passes = if backward {
+        block_scores_backward_passes(form, blocks, steps, keys)
+    } else {
+        block_scores_passes(form, blocks, steps, keys)
+    };
+    let kernel = match (form, backward) {
         (BlockScores::WithinSubChunk, false) => ChunkedKernel::DecayedScores,
         (BlockScores::WithinSubChunk, true) => ChunkedKernel::DecayedScoresBackward,
         (BlockScores::AcrossSubChunks { .. }, false) => ChunkedKernel::ScoresAcrossSubChunks,
         (BlockScores::AcrossSubChunks { .. }, true) => ChunkedKernel::ScoresAcrossSubChunksBackward,
-    }
+    };
+    assert_within_loop_budget::<R>(kernel, passes, || {
+        format!("{blocks} blocks of {steps} steps, {keys} keys")
+    });
 }
 
 // The loop passes of one unit of each of the chunked path's kernels, over all its loops: each
@@ -514,7 +523,8 @@ fn block_scores_passes(form: BlockScores, blocks: usize, steps: usize, keys: usi
         // Every pair of sub-chunks; for those that score, tiles of keys, each staged by the
         // cube and then summed over.
         BlockScores::AcrossSubChunks { sub_chunk } => {
-            let (subs, units) = (steps / sub_chunk, sub_chunk * sub_chunk);
+            let subs = steps / sub_chunk;
+            let units = block_scores_units(form, steps).num_elems() as usize;
             let scoring = subs * subs.saturating_sub(1) / 2;
             let per_tile = 1 + (sub_chunk * KEY_TILE).div_ceil(units) + KEY_TILE;
             1 + subs + subs * subs + scoring * keys.div_ceil(KEY_TILE) * per_tile
