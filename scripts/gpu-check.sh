@@ -49,6 +49,16 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
 } > "$bundle/commit.txt" || true
 
 du -sh "$bundle"/*
+# A device call sends the working tree (what git does not ignore) and the carried bundle: 64 MiB
+# in all, or the call is refused. Say so here rather than there.
+limit=$((64 * 1024 * 1024))
+tree=$(git ls-files -z --cached --others --exclude-standard | { du -cb --files0-from=- 2>/dev/null || true; } | tail -1 | cut -f1)
+carried=$(du -sb "$bundle" | cut -f1)
+echo "travels: working tree $((tree / 1024)) KiB + $bundle $((carried / 1024)) KiB = $(((tree + carried) / 1024)) KiB of $((limit / 1024)) KiB"
+if ((tree + carried > limit)); then
+    echo "too large for a device call (64 MiB in all): make the bundle or the tree smaller" >&2
+    exit 1
+fi
 cat <<'TXT'
 Ready. Make one device call:
   command:   bash scripts/gpu-run.sh   (arguments pick steps: see the header of gpu-run.sh)

@@ -599,16 +599,29 @@ fn linear_scan_matches_a_loop_for_every_decay_axis_and_direction() {
 
 /// On the software driver the chunked path's own kernels refuse a launch whose units would
 /// make more loop passes than it allows one invocation (65,535 over all its loops; past them
-/// it cuts the loops short, silently), before they launch: `linear_scan` and `running_sum`
-/// over 65,534 steps (65,535 passes: the walk's and the grid-stride loop's one) run and match
-/// loops in f64; over 65,535 steps they are refused, naming the kernel and the walk. (Measured
-/// with the check off: both are still right over 65,535 steps, whose one pass too many is the
-/// grid-stride loop's last, which ends there anyway; over 65,536 they are wrong from step
-/// 65,535 on, by up to 1.4 and 21. On CUDA there is no such budget: not built with
+/// it cuts the loops short, silently), before they launch. `linear_scan` and `running_sum`
+/// over 65,531 steps (65,535 passes by the count) run and match loops in f64; over 65,532
+/// they are refused, naming the kernel and the walk (measured with the check off: both are
+/// right to 65,535 steps and wrong from 65,536, from step 65,535 on, by up to 1.4 and 21). The
+/// scores' backward kernels, whose units take the keys one after another, each key's
+/// gradients from its column alone, at the most keys accepted: the last keys' gradients equal
+/// those of a launch over those keys alone (past the budget they differ), and one key more is
+/// refused. At 16 steps `decayed_scores_backward` is accepted to 3,640 keys per unit, where
+/// it was measured right with the check off, and wrong from 3,641; before the count took a
+/// loop's last pass it accepted 3,854. (On CUDA there is no such budget: not built with
 /// `--features cuda`.)
 #[cfg(not(feature = "cuda"))]
 #[test]
 fn chunked_kernels_past_the_software_drivers_loop_budget_are_refused() {
+    use rak::runtime::fused::BlockScores;
+    /// The message of a launch refused with a panic.
+    fn refusal<T>(result: std::thread::Result<T>) -> String {
+        let payload = result.err().expect("the launch is refused");
+        payload
+            .downcast_ref::<String>()
+            .expect("a formatted message")
+            .clone()
+    }
     setup();
     type B = burn_cubecl_backend::Backend;
     // One state element decaying by e^(−1/64) a step (exact in f32), writes of ±0.6.
@@ -639,7 +652,7 @@ fn chunked_kernels_past_the_software_drivers_loop_budget_are_refused() {
             SumOver::UpTo,
         ))
     };
-    let steps = 65_534;
+    let steps = 65_531;
     let (mut state, mut sum) = (1f64, 0f64);
     let (mut expected_states, mut expected_sums) = (Vec::new(), Vec::new());
     for (n, write) in writes(steps).into_iter().enumerate() {
@@ -666,13 +679,104 @@ fn chunked_kernels_past_the_software_drivers_loop_budget_are_refused() {
             std::panic::catch_unwind(|| running_sum(steps + 1)),
         ),
     ] {
-        let payload = refused.expect_err("a walk over 65,535 steps is refused");
-        let message = payload
-            .downcast_ref::<String>()
-            .expect("a formatted message");
+        let message = refusal(refused);
         let named = format!("the chunked path's {kernel} kernel would make 65536 loop passes");
         assert!(
-            message.contains(&named) && message.contains("over 65535 steps"),
+            message.contains(&named) && message.contains("over 65532 steps"),
+            "{message}"
+        );
+    }
+
+    // The scores' backward kernels: queries, keys, factors (log decays, or gates between
+    // sub-chunks) and the scores' gradient, `keys` wide; the three gradients.
+    type Operands = [Vec<f32>; 4];
+    let backward = |form: BlockScores, steps: usize, subs: usize, [q, k, f, g]: &Operands| {
+        let keys = q.len() / steps;
+        let operand = |x: &[f32]| {
+            tensor::<B, 3>(x.to_vec(), [1, steps, keys])
+                .into_primitive()
+                .tensor()
+        };
+        let factors = match form {
+            BlockScores::WithinSubChunk => operand(f),
+            BlockScores::AcrossSubChunks { .. } => tensor::<B, 4>(f.clone(), [1, subs, subs, keys])
+                .into_primitive()
+                .tensor(),
+        };
+        let grad = tensor::<B, 3>(g.clone(), [1, steps, steps])
+            .into_primitive()
+            .tensor();
+        B::block_scores_backward(form, operand(q), operand(k), factors, grad).map(|x| {
+            let shape = x.meta.shape().clone();
+            let flat = Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(x))
+                .reshape([shape.num_elements()]);
+            values(flat)
+        })
+    };
+    for (form, kernel, steps, subs, units_keys) in [
+        (
+            BlockScores::WithinSubChunk,
+            "decayed_scores_backward",
+            16,
+            1,
+            3_640,
+        ),
+        (
+            BlockScores::AcrossSubChunks { sub_chunk: 16 },
+            "scores_across_sub_chunks_backward",
+            64,
+            4,
+            1_523,
+        ),
+    ] {
+        // 256 units, each taking `units_keys` keys.
+        let keys = 256 * units_keys;
+        let operands = |keys: usize| -> Operands {
+            let factors = match form {
+                BlockScores::WithinSubChunk => random(13, steps * keys, 0.5)
+                    .into_iter()
+                    .map(|x| -x.abs())
+                    .collect(),
+                BlockScores::AcrossSubChunks { .. } => random(13, subs * subs * keys, 1.0)
+                    .into_iter()
+                    .map(f32::abs)
+                    .collect(),
+            };
+            let [q, k] = [11, 12].map(|seed| random(seed, steps * keys, 1.0));
+            [q, k, factors, random(14, steps * steps, 1.0)]
+        };
+        let all = operands(keys);
+        // Columns `from..` of a `[rows, keys]` array.
+        let last = |x: &[f32], from: usize| -> Vec<f32> {
+            x.chunks(keys)
+                .flat_map(|row| row[from..].to_vec())
+                .collect()
+        };
+        let from = keys - 512;
+        let [q, k, f, g] = &all;
+        let alone = backward(
+            form,
+            steps,
+            subs,
+            &[last(q, from), last(k, from), last(f, from), g.clone()],
+        );
+        for (what, (got, expected)) in ["∂query", "∂key", "∂factors"]
+            .iter()
+            .zip(backward(form, steps, subs, &all).iter().zip(&alone))
+        {
+            assert!(
+                last(got, from) == *expected,
+                "{kernel} over {keys} keys: {what} of the last 512 keys differs from a launch \
+                 over them alone"
+            );
+        }
+        let more = operands(keys + 1);
+        let message = refusal(std::panic::catch_unwind(|| {
+            backward(form, steps, subs, &more)
+        }));
+        let named = format!("the chunked path's {kernel} kernel would make");
+        assert!(
+            message.contains(&named) && message.contains(&format!("{} keys", keys + 1)),
             "{message}"
         );
     }

@@ -492,24 +492,41 @@ fn assert_scores_within_loop_budget<R: Runtime>(
 }
 
 // The loop passes of one unit of each of the chunked path's kernels, over all its loops: each
-// function follows its kernel's loops (those that cubecl unrolls, `#[unroll]`, do not count;
-// a loop over a comptime range without it does), at the unit that makes the most passes.
+// function follows its kernel's loops (those that cubecl unrolls, `#[unroll]`, do not count; a
+// loop over a comptime range without it does, though Mesa may unroll it), at the unit that
+// makes the most passes. A loop costs its iterations and one pass more, which finds it done,
+// and one more again where its body holds loops ([`loop_passes`]): a rule that fits every
+// boundary measured with the check off on Mesa 22.3's lavapipe (`linear_scan` and
+// `running_sum` right to 65,535 steps; `decayed_scores_backward_kernel` right to 3,640 keys
+// per unit and wrong from 3,641, 18 passes a key; `scores_across_sub_chunks_backward_kernel`,
+// 43 a key at 4 sub-chunks and 129 at 8, where counting the loops' iterations alone gave 31
+// and 109), read from its behaviour, not from its source.
 
-/// Passes of a grid-stride loop over `len` elements on the grid of [`grid`].
+/// Passes of a loop of `iterations` iterations whose body's loops make `nested` passes in each
+/// (`None`: a body without loops; `Some(0)`: one whose loops are counted apart): the
+/// iterations, the pass that finds the loop done, and one more where the body holds loops.
+fn loop_passes(iterations: usize, nested: Option<usize>) -> usize {
+    match nested {
+        None => iterations + 1,
+        Some(nested) => iterations * (1 + nested) + 2,
+    }
+}
+
+/// Iterations of a grid-stride loop over `len` elements on the grid of [`grid`].
 fn grid_passes(len: usize) -> usize {
     len.div_ceil(grid_cubes(len) * GRID_UNITS as usize)
 }
 
-/// Passes of the loop over `blocks` blocks of [`one_cube_per_block`].
+/// Iterations of the loop over `blocks` blocks of [`one_cube_per_block`].
 fn block_passes(blocks: usize) -> usize {
     blocks.div_ceil(blocks.clamp(1, MAX_CUBES))
 }
 
 /// [`linear_scan_kernel`](fn@linear_scan_kernel) and
 /// [`running_sum_kernel`](fn@running_sum_kernel): a grid-stride loop over `walks` walks, each
-/// pass of which walks `steps` steps.
+/// iteration of which walks `steps` steps.
 fn walk_passes(walks: usize, steps: usize) -> usize {
-    grid_passes(walks) * (1 + steps)
+    loop_passes(grid_passes(walks), Some(loop_passes(steps, None)))
 }
 
 /// The scores' kernel of `form` over `blocks` blocks of `steps` steps and `keys` keys.
@@ -518,19 +535,21 @@ fn block_scores_passes(form: BlockScores, blocks: usize, steps: usize, keys: usi
         // The keys split among the lanes, then the sum over the lanes.
         BlockScores::WithinSubChunk => {
             let lanes = score_lanes(steps);
-            1 + keys.div_ceil(lanes) + lanes
+            loop_passes(keys.div_ceil(lanes), None) + loop_passes(lanes, None)
         }
-        // Every pair of sub-chunks; for those that score, tiles of keys, each staged by the
-        // cube and then summed over.
+        // The reading sub-chunks, each with its loop over the writing ones; the pairs that
+        // score walk the tiles of keys, each staged by the cube and then summed over.
         BlockScores::AcrossSubChunks { sub_chunk } => {
             let subs = steps / sub_chunk;
             let units = block_scores_units(form, steps).num_elems() as usize;
             let scoring = subs * subs.saturating_sub(1) / 2;
-            let per_tile = 1 + (sub_chunk * KEY_TILE).div_ceil(units) + KEY_TILE;
-            1 + subs + subs * subs + scoring * keys.div_ceil(KEY_TILE) * per_tile
+            let per_tile = loop_passes((sub_chunk * KEY_TILE).div_ceil(units), None)
+                + loop_passes(KEY_TILE, None);
+            let tiles = loop_passes(keys.div_ceil(KEY_TILE), Some(per_tile));
+            loop_passes(subs, Some(loop_passes(subs, Some(0)))) + scoring * tiles
         }
     };
-    block_passes(blocks) * per_block
+    loop_passes(block_passes(blocks), Some(per_block))
 }
 
 /// The scores' backward kernel of `form` over `blocks` blocks of `steps` steps and `keys` keys.
@@ -541,20 +560,25 @@ fn block_scores_backward_passes(
     keys: usize,
 ) -> usize {
     let units = block_scores_backward_units(keys).num_elems() as usize;
-    let per_block = match form {
-        // The shared gradient block, then per key the walk over s.
-        BlockScores::WithinSubChunk => {
-            1 + (steps * steps).div_ceil(units) + keys.div_ceil(units) * (1 + steps)
-        }
-        // Per key: the reading sub-chunks and the writing ones of each, then the writing ones
-        // and the later reading ones of each.
+    let per_key = match form {
+        // The walk over s.
+        BlockScores::WithinSubChunk => loop_passes(steps, None),
+        // The reading sub-chunks and the writing ones of each, then the writing ones and the
+        // later reading ones of each (subs − 1 − J of writing sub-chunk J, and the exit pass).
         BlockScores::AcrossSubChunks { sub_chunk } => {
             let subs = steps / sub_chunk;
-            let scoring = subs * subs.saturating_sub(1) / 2;
-            1 + keys.div_ceil(units) * (1 + subs + subs * subs + subs + scoring)
+            let later_readers: usize = (0..subs).map(|writer| subs - writer).sum();
+            loop_passes(subs, Some(loop_passes(subs, None)))
+                + loop_passes(subs, Some(0))
+                + later_readers
         }
     };
-    block_passes(blocks) * per_block
+    let per_block = match form {
+        // The shared gradient block first.
+        BlockScores::WithinSubChunk => loop_passes((steps * steps).div_ceil(units), None),
+        BlockScores::AcrossSubChunks { .. } => 0,
+    } + loop_passes(keys.div_ceil(units), Some(per_key));
+    loop_passes(block_passes(blocks), Some(per_block))
 }
 
 /// The columns of each slot of a packed tensor (rows × `packing.width`), as arrays.
