@@ -560,24 +560,26 @@ fn block_scores_backward_passes(
     keys: usize,
 ) -> usize {
     let units = block_scores_backward_units(keys).num_elems() as usize;
-    let per_key = match form {
-        // The walk over s.
-        BlockScores::WithinSubChunk => loop_passes(steps, None),
-        // The reading sub-chunks and the writing ones of each, then the writing ones and the
-        // later reading ones of each (subs − 1 − J of writing sub-chunk J, and the exit pass).
+    // The passes before the loop over the keys, and those of each key.
+    let (before_keys, per_key) = match form {
+        // The shared gradient block; per key, the walk over s.
+        BlockScores::WithinSubChunk => (
+            loop_passes((steps * steps).div_ceil(units), None),
+            loop_passes(steps, None),
+        ),
+        // Per key: the reading sub-chunks and the writing ones of each, then the writing ones
+        // and the later reading ones of each (subs − 1 − J of writing sub-chunk J, and the exit
+        // pass).
         BlockScores::AcrossSubChunks { sub_chunk } => {
             let subs = steps / sub_chunk;
             let later_readers: usize = (0..subs).map(|writer| subs - writer).sum();
-            loop_passes(subs, Some(loop_passes(subs, None)))
+            let per_key = loop_passes(subs, Some(loop_passes(subs, None)))
                 + loop_passes(subs, Some(0))
-                + later_readers
+                + later_readers;
+            (0, per_key)
         }
     };
-    let per_block = match form {
-        // The shared gradient block first.
-        BlockScores::WithinSubChunk => loop_passes((steps * steps).div_ceil(units), None),
-        BlockScores::AcrossSubChunks { .. } => 0,
-    } + loop_passes(keys.div_ceil(units), Some(per_key));
+    let per_block = before_keys + loop_passes(keys.div_ceil(units), Some(per_key));
     loop_passes(block_passes(blocks), Some(per_block))
 }
 
