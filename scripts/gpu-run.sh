@@ -18,7 +18,7 @@
 # only have made rak slower; fla autotunes alone, in the peers step.)
 #
 # It writes into a results folder: device.txt (GPU, date, the bundle's commit, CUDA libraries
-# found, the steps asked for), kernel-tests*.log, warm-*.log, fla-compile-*.log,
+# found, the steps asked for), kernel-tests*.log, model-tests*.log, warm-*.log, fla-compile-*.log,
 # rak-bench.md/.jsonl, chunked.md, rak-chunked.jsonl, chunked-bf16.md, peers.jsonl,
 # peers.log, table.md, lm.log, lm-table.md, lm-d512.md, generate.md, tiles.md/.jsonl,
 # checkpoints.md/.jsonl, backward-sums.md/.jsonl, kernel-profile.md/.log, sweep.md/.jsonl, chunked-no-fusion.md, rak-chunked-no-fusion.jsonl,
@@ -206,13 +206,20 @@ step_profile() {
     cat "$res/kernel-profile.md"
 }
 
-# The model tests that run on CUDA: the chunked path's own kernels against loops, and the
-# LM's fused and chunked strategies against the unfused one (loss and every gradient).
+# The model tests that run on CUDA: the chunked path's own kernels against loops, and the LM's
+# fused and chunked strategies against the unfused one (loss and every gradient); beside them,
+# in a process of its own (so that neither cuts the other short), the fused operation and the
+# chunked scan on operands laid out as views (pitched rows among them, as CUDA's allocator
+# makes them) against dense ones.
 step_model_tests() {
+    within "${1:-240}" gpu-bundle/model-cuda --test-threads 1 --nocapture operands_given_as_views \
+        > "$res/model-tests-views.log" 2>&1 &
     within "${1:-240}" gpu-bundle/model-cuda --test-threads 1 --nocapture linear_scan_matches decayed_scores \
         scores_across_sub_chunks language_model_fused_chunked_and_unfused_agree \
         > "$res/model-tests.log" 2>&1
     echo "model tests: exit $?" | tee -a "$res/model-tests.log"
+    wait
+    grep -H "^test result" "$res/model-tests-views.log"
 }
 
 # The checks of the chunked form on CUDA alone, side by side: the model tests above and the
@@ -223,7 +230,8 @@ step_chunked_checks() {
     within 110 gpu-bundle/model-cuda --test-threads 1 --nocapture chunked_form:: \
         > "$res/kernel-tests-chunked.log" 2>&1 &
     wait
-    grep -H "^test \|test result\|exit" "$res/model-tests.log" "$res/kernel-tests-chunked.log"
+    grep -H "^test \|test result\|exit" "$res/model-tests.log" "$res/model-tests-views.log" \
+        "$res/kernel-tests-chunked.log"
 }
 
 # Kernel tests of every cell on CUDA against the f64 interpreter (same tolerances as on wgpu),

@@ -216,26 +216,27 @@ fn compare(name: &str, got: &Results, expected: &Results) {
     assert!(found.is_empty(), "{}", found.join("\n"));
 }
 
+impl Results {
+    /// Each tensor of `self` beside the same one of `other`, with its name.
+    fn beside<'a>(&'a self, other: &'a Results) -> [(&'static str, &'a [f32], &'a [f32]); 5] {
+        [
+            ("outputs", &self.outputs, &other.outputs),
+            ("final states", &self.final_states, &other.final_states),
+            ("input gradient", &self.grad_inputs, &other.grad_inputs),
+            ("parameter gradient", &self.grad_params, &other.grad_params),
+            (
+                "initial-state gradient",
+                &self.grad_initial,
+                &other.grad_initial,
+            ),
+        ]
+    }
+}
+
 /// What differs between `got` and `expected` by more than [`TOLERANCE`], one line each.
 fn differences(name: &str, got: &Results, expected: &Results) -> Vec<String> {
-    let (fused, unfused) = (got, expected);
-    let pairs = [
-        ("outputs", &fused.outputs, &unfused.outputs),
-        ("final states", &fused.final_states, &unfused.final_states),
-        ("input gradient", &fused.grad_inputs, &unfused.grad_inputs),
-        (
-            "parameter gradient",
-            &fused.grad_params,
-            &unfused.grad_params,
-        ),
-        (
-            "initial-state gradient",
-            &fused.grad_initial,
-            &unfused.grad_initial,
-        ),
-    ];
     let mut found = Vec::new();
-    for (what, got, expected) in pairs {
+    for (what, got, expected) in got.beside(expected) {
         if expected.is_empty() {
             continue;
         }
@@ -391,6 +392,133 @@ fn chunked_scan_matches_the_unfused_path_for_every_linear_cell() {
         found.extend(check_chunked::<Fused>(cell, [1, 70, 1], 4, 16, 4, 12.0));
     }
     assert!(found.is_empty(), "{}", found.join("\n"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Operands laid out as views.
+
+/// How far the chunked scan on views may differ from it on dense operands, relative: its burn
+/// operations go through burn's fusion compiler, which fuses and vectorises them according to
+/// their operands' layout. Seen: 8.3e-8 (SimpleRNN's outputs, operands at an offset, on the
+/// fusion wrapper; 63 of 264 elements differ in their last bits; the same scan on dense operands
+/// twice gives the same bits). A view read wrongly gives errors of order 1, or NaN from the
+/// padding.
+const ROUNDING: f32 = 1e-6;
+
+/// One scan over packed operands (inputs, parameters, initial states): outputs and final states.
+type Scan<'a, B> =
+    &'a dyn Fn(Tensor<B, 4>, Tensor<B, 2>, Tensor<B, 3>) -> (Tensor<B, 4>, Tensor<B, 3>);
+
+/// Elements that pad each row of a [`pitched`] view: 256 bytes of f32, so that burn slices
+/// the wider tensor into a view (a slice whose ends are not aligned is copied instead).
+const ROW_PADDING: usize = 64;
+
+/// `x` as a view whose rows are [`ROW_PADDING`] elements longer than its last axis, as CUDA's
+/// allocator pitches rows, cut from a wider tensor whose padding holds NaN: a kernel that read
+/// the view as dense rows would read NaNs and misplaced elements.
+fn pitched<B: burn::tensor::backend::Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    let mut dims = x.dims();
+    let width = dims[D - 1];
+    dims[D - 1] = ROW_PADDING;
+    let padding = Tensor::full(dims, f32::NAN, &x.device());
+    Tensor::cat(vec![x, padding], D - 1).narrow(D - 1, 0, width)
+}
+
+/// `x` as a dense view that starts [`ROW_PADDING`] elements into a larger buffer, after NaNs.
+fn offset<B: burn::tensor::backend::Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    let (dims, device) = (x.dims(), x.device());
+    let len = dims.iter().product();
+    let before = Tensor::full([ROW_PADDING], f32::NAN, &device);
+    let flat = Tensor::cat(vec![before, x.reshape([len])], 0);
+    flat.narrow(0, ROW_PADDING, len).reshape(dims)
+}
+
+/// `x` as a view of a copy laid out with its first two axes swapped.
+fn transposed<B: burn::tensor::backend::Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    x.swap_dims(0, 1).mul_scalar(1.0).swap_dims(0, 1)
+}
+
+/// The fused operation and the chunked scan given their operands as views (starting inside a
+/// buffer; rows padded as CUDA pitches them; copies laid out transposed) give what they give on
+/// dense operands, bit for bit for the fused operation (rak's kernels alone) and within
+/// [`ROUNDING`] for the chunked scan: outputs, final states and every gradient, on the fusion
+/// wrapper and on the cubecl backend alone. wgpu pitches no allocation, so this is what CI sees
+/// of CUDA's layouts; `scripts/gpu-run.sh` runs it on CUDA too.
+#[test]
+fn operands_given_as_views_give_what_dense_ones_give() {
+    setup();
+    let mut found = views_against_dense::<Fused>();
+    found.extend(views_against_dense::<Plain>());
+    assert!(found.is_empty(), "{}", found.join("\n"));
+}
+
+/// SimpleRNN (no cell parameters, a per-key decay) and Mamba2 (parameters, a scalar decay)
+/// through both paths on backend `B`, each on dense operands and on views of them: what differs.
+fn views_against_dense<B: AutodiffBackend + FusedCellBackend>() -> Vec<String>
+where
+    B::InnerBackend: FusedCellBackend,
+{
+    let backend = match std::any::type_name::<B>().contains("Fusion") {
+        true => "fusion",
+        false => "cubecl",
+    };
+    let mut found = Vec::new();
+    for cell in [builtin("simple_rnn"), builtin("mamba2")] {
+        let compiled = cell.compiled();
+        let problem = Problem::for_cell(&compiled.cell, [2, 11, 2], 5, 17);
+        let settings = FusedSettings {
+            cell,
+            dims: problem.dims.clone(),
+            schedule: schedule(),
+        };
+        let form = chunk_form(&compiled.cell).unwrap_or_else(|error| panic!("{error}"));
+        let fused: Scan<B> =
+            &|inputs, params, initial| fused_cell::<B>(inputs, params, Some(initial), &settings);
+        let chunked: Scan<B> = &|inputs, params, initial| {
+            chunked_scan(&form, &problem.dims, (4, 2), inputs, params, initial)
+        };
+        for (path, scan) in [("fused", fused), ("chunked", chunked)] {
+            let dense = problem.run::<B>(scan);
+            let layouts: [(&str, Scan<B>); 3] = [
+                ("at an offset", &|inputs, params, initial| {
+                    scan(offset(inputs), offset(params), offset(initial))
+                }),
+                ("rows pitched", &|inputs, params, initial| {
+                    scan(pitched(inputs), pitched(params), pitched(initial))
+                }),
+                ("transposed, rows pitched", &|inputs, params, initial| {
+                    scan(
+                        pitched(transposed(inputs)),
+                        transposed(params),
+                        pitched(transposed(initial)),
+                    )
+                }),
+            ];
+            for (layout, on_views) in layouts {
+                let viewed = problem.run::<B>(on_views);
+                for (what, got, expected) in viewed.beside(&dense) {
+                    assert_eq!(got.len(), expected.len(), "{what}");
+                    let pairs = got.iter().zip(expected);
+                    let unequal = pairs.filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+                    let not_finite = got.iter().filter(|x| !x.is_finite()).count();
+                    let rounding = path == "chunked"
+                        && not_finite == 0
+                        && relative_error(got, expected) <= ROUNDING;
+                    if unequal > 0 && !rounding {
+                        found.push(format!(
+                            "{} {path} on {backend}, operands {layout}: {what}: {unequal} of {} \
+                             elements differ from dense operands' ({not_finite} not finite; the \
+                             finite ones by {:e} relative at most)",
+                            cell.name(),
+                            got.len(),
+                            relative_error(got, expected)
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    found
 }
 
 /// `B::linear_scan` over `over` on seeded tensors (log decays `[2, 3, 5, dk, dv]`, writes and
