@@ -306,10 +306,7 @@ fn check_chunked<B: AutodiffBackend + FusedCellBackend>(
         )
     });
     let unfused = run_unfused::<B>(&problem, cell);
-    let backend = match std::any::type_name::<B>().contains("Fusion") {
-        true => "fusion",
-        false => "cubecl",
-    };
+    let backend = backend_name::<B>();
     let what = format!(
         "{} on {backend} (T = {}, C = {chunk}, c = {sub_chunk}, inputs ×{input_scale})",
         cell.name, shape[1]
@@ -326,6 +323,14 @@ fn check_chunked<B: AutodiffBackend + FusedCellBackend>(
         found.push(format!("{what}: not finite"));
     }
     found
+}
+
+/// "fusion" for a backend inside burn's fusion wrapper, else "cubecl" (the cubecl backend alone).
+fn backend_name<B>() -> &'static str {
+    match std::any::type_name::<B>().contains("Fusion") {
+        true => "fusion",
+        false => "cubecl",
+    }
 }
 
 /// The chunked scan of `form` at `dims` (chunks of `chunk` steps in sub-chunks of `sub_chunk`)
@@ -458,10 +463,7 @@ fn views_against_dense<B: AutodiffBackend + FusedCellBackend>() -> Vec<String>
 where
     B::InnerBackend: FusedCellBackend,
 {
-    let backend = match std::any::type_name::<B>().contains("Fusion") {
-        true => "fusion",
-        false => "cubecl",
-    };
+    let backend = backend_name::<B>();
     let mut found = Vec::new();
     for cell in [builtin("simple_rnn"), builtin("mamba2")] {
         let compiled = cell.compiled();
