@@ -503,17 +503,15 @@ where
                     let pairs = got.iter().zip(expected);
                     let unequal = pairs.filter(|(a, b)| a.to_bits() != b.to_bits()).count();
                     let not_finite = got.iter().filter(|x| !x.is_finite()).count();
-                    let rounding = path == "chunked"
-                        && not_finite == 0
-                        && relative_error(got, expected) <= ROUNDING;
+                    let error = relative_error(got, expected);
+                    let rounding = path == "chunked" && not_finite == 0 && error <= ROUNDING;
                     if unequal > 0 && !rounding {
                         found.push(format!(
                             "{} {path} on {backend}, operands {layout}: {what}: {unequal} of {} \
                              elements differ from dense operands' ({not_finite} not finite; the \
-                             finite ones by {:e} relative at most)",
+                             finite ones by {error:e} relative at most)",
                             cell.name(),
                             got.len(),
-                            relative_error(got, expected)
                         ));
                     }
                 }

@@ -568,11 +568,12 @@ fn block_scores_backward_passes(
             loop_passes(steps, None),
         ),
         // Per key: the reading sub-chunks and the writing ones of each, then the writing ones
-        // and the later reading ones of each (subs − 1 − J of writing sub-chunk J, and the exit
-        // pass).
+        // and the later reading ones of each (subs − 1 − J of writing sub-chunk J).
         BlockScores::AcrossSubChunks { sub_chunk } => {
             let subs = steps / sub_chunk;
-            let later_readers: usize = (0..subs).map(|writer| subs - writer).sum();
+            let later_readers: usize = (0..subs)
+                .map(|writer| loop_passes(subs - 1 - writer, None))
+                .sum();
             let per_key = loop_passes(subs, Some(loop_passes(subs, None)))
                 + loop_passes(subs, Some(0))
                 + later_readers;
