@@ -22,7 +22,7 @@ use rak::runtime::burn;
 use rak::runtime::chunked::ChunkedScan;
 use rak::runtime::fused::{FusedCellBackend, FusedSettings, SumOver, fused_cell};
 use rak::runtime::packing::Packing;
-use rak::runtime::unfused::UnfusedScan;
+use rak::runtime::unfused::{UnfusedScan, dense_copy, reshapable};
 
 use burn::backend::Autodiff;
 use burn::tensor::backend::AutodiffBackend;
@@ -440,7 +440,7 @@ fn offset<B: burn::tensor::backend::Backend, const D: usize>(x: Tensor<B, D>) ->
 
 /// `x` as a view of a copy laid out with its first two axes swapped.
 fn transposed<B: burn::tensor::backend::Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
-    x.swap_dims(0, 1).mul_scalar(1.0).swap_dims(0, 1)
+    dense_copy(&x.swap_dims(0, 1)).swap_dims(0, 1)
 }
 
 /// The fused operation and the chunked scan given their operands as views (starting inside a
@@ -519,6 +519,83 @@ where
         }
     }
     found
+}
+
+/// burn 0.21 reshapes a strided view with an axis of size 1 to a higher rank with wrong strides
+/// (see `reshapable`): here a `[2, 3, 1]` slice (the first or the last column of a `[2, 3, 65]`
+/// tensor: views on any device whose buffers align to at most 256 bytes) reshaped to
+/// `[2, 3, 1, 1, 1, 1]` on burn's cubecl backend reads other elements than the slice's. Through
+/// `reshapable` (which copies them) these views, views without a unit axis (kept as views) and
+/// a slice its own buffer holds alone give their elements on both backends. If burn stops
+/// misreading, the first check says so, and the copies in `reshapable` can go.
+#[test]
+fn views_with_a_unit_axis_are_copied_before_burn_reshapes_them() {
+    setup();
+    let read_right: Vec<String> = [0, 64]
+        .into_iter()
+        .filter_map(|column| {
+            let whole = counting::<Plain, 3>([2, 3, 65]);
+            let view = whole.clone().slice([0..2, 0..3, column..column + 1]);
+            let got = values(view.reshape([2, 3, 1, 1, 1, 1]));
+            let expected = slice_of_counting([2, 3, 65], column..column + 1);
+            (got == expected).then(|| format!("column {column}"))
+        })
+        .collect();
+    assert!(
+        read_right.is_empty(),
+        "burn now reshapes these views with a unit axis right ({}): the copies of `reshapable` \
+         can go",
+        read_right.join(", ")
+    );
+    let mut wrong = reshapable_views::<Fused>();
+    wrong.extend(reshapable_views::<Plain>());
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
+
+/// `[0, 1, 2, …]` as a tensor of `shape`.
+fn counting<B: burn::tensor::backend::Backend, const D: usize>(shape: [usize; D]) -> Tensor<B, D> {
+    let len = shape.iter().product::<usize>();
+    tensor::<B, D>((0..len).map(|i| i as f32).collect(), shape)
+}
+
+/// The elements of `counting([rows.., width])` in `columns`, row by row.
+fn slice_of_counting(shape: [usize; 3], columns: std::ops::Range<usize>) -> Vec<f32> {
+    let [batch, heads, width] = shape;
+    (0..batch * heads)
+        .flat_map(|row| columns.clone().map(move |c| (row * width + c) as f32))
+        .collect()
+}
+
+/// Views of `counting` tensors through `reshapable` and reshaped to a higher rank on backend
+/// `B`: those whose elements are not the view's.
+fn reshapable_views<B: burn::tensor::backend::Backend>() -> Vec<String> {
+    let backend = backend_name::<B>();
+    let shape = [2, 3, 65];
+    let mut wrong = Vec::new();
+    for (columns, whole_kept) in [(0..1, true), (64..65, true), (0..64, true), (0..1, false)] {
+        let whole = counting::<B, 3>(shape);
+        let kept = whole_kept.then(|| whole.clone());
+        // Without `kept`, the slice holds its buffer alone.
+        let view = whole.slice([0..2, 0..3, columns.clone()]);
+        let width = columns.len();
+        let got = values(
+            reshapable(view)
+                .reshape([2, 3, width, 1, 1, 1])
+                .mul_scalar(2.0),
+        );
+        drop(kept);
+        let expected: Vec<f32> = slice_of_counting(shape, columns.clone())
+            .into_iter()
+            .map(|x| 2.0 * x)
+            .collect();
+        if got != expected {
+            wrong.push(format!(
+                "{backend}: columns {columns:?} of {shape:?} (whole tensor kept: {whole_kept}) \
+                 reshaped to [2, 3, {width}, 1, 1, 1]: {got:?}, expected {expected:?}"
+            ));
+        }
+    }
+    wrong
 }
 
 /// `B::linear_scan` over `over` on seeded tensors (log decays `[2, 3, 5, dk, dv]`, writes and

@@ -45,7 +45,7 @@ use crate::codegen::ir::{ExprId, IndexId};
 use crate::fused::{
     FusedCellBackend, SumOver, decayed_scores, linear_scan, running_sum, scores_across_sub_chunks,
 };
-use crate::unfused::{ScanResult, UnfusedScan, materialize};
+use crate::unfused::{ScanResult, UnfusedScan, reshapable};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 
@@ -247,7 +247,7 @@ impl ChunkedScan<'_> {
         let [batch, heads, chunks, chunk, width] = parts.decay.dims();
         let [keys, values] = [parts.key.dims()[4], parts.value.dims()[4]];
         // The decay over a whole chunk, b_C, and each step's decay from its write to the end.
-        let total = materialize(parts.decay.clone().slice([
+        let total = reshapable(parts.decay.clone().slice([
             0..batch,
             0..heads,
             0..chunks,
@@ -276,7 +276,7 @@ impl ChunkedScan<'_> {
         let entering = linear_scan(total.clone(), writes.clone(), initial, SumOver::Before);
         let last_chunk = |x: Tensor<B, 5>| -> Tensor<B, 4> {
             let [_, _, _, rows, columns] = x.dims();
-            materialize(x.narrow(2, chunks - 1, 1)).reshape([batch, heads, rows, columns])
+            reshapable(x.narrow(2, chunks - 1, 1)).reshape([batch, heads, rows, columns])
         };
         let last = last_chunk(total).exp() * last_chunk(entering.clone()) + last_chunk(writes);
         (entering, last)
@@ -364,7 +364,7 @@ impl ChunkedScan<'_> {
                 + match self.form.gate_axis {
                     GateAxis::Value => {
                         // The decays multiply the values: expanded per reading sub-chunk.
-                        let between = materialize(
+                        let between = reshapable(
                             between
                                 .unsqueeze_dim::<7>(5)
                                 .expand([batch, heads, chunks, subs, subs, sub_chunk, width]),
@@ -435,7 +435,7 @@ fn entering_and_last<B: Backend>(
     initial: Tensor<B, 5>,
 ) -> (Tensor<B, 5>, Tensor<B, 4>) {
     let [batch, heads, chunks, keys, values] = after.dims();
-    let last = materialize(after.clone().slice([
+    let last = reshapable(after.clone().slice([
         0..batch,
         0..heads,
         chunks - 1..chunks,
@@ -492,12 +492,12 @@ fn delta_chunk_states<B: FusedCellBackend>(
     // X = (I + L)⁻¹ [N, diag(e^{b_{t−1}}) B].
     let right = Tensor::cat(vec![parts.value.clone(), read_back * to_previous], 4);
     let solved = unit_lower_inverse(coupling).matmul(right);
-    let pseudo = materialize(solved.clone().narrow(4, 0, values));
-    let pseudo_keys = materialize(solved.narrow(4, values, keys));
+    let pseudo = reshapable(solved.clone().narrow(4, 0, values));
+    let pseudo_keys = reshapable(solved.narrow(4, values, keys));
     // Chunk n maps S to G_n S + H_n; after round r, element n holds the composition of the
     // maps of chunks n − 2^r + 1 ..= n (the identity padding the first chunks).
     let identity = Tensor::<B, 2>::eye(keys, &device).reshape([1, 1, 1, keys, keys]);
-    let whole_chunk = materialize(parts.decay.clone().narrow(3, chunk - 1, 1)).exp();
+    let whole_chunk = reshapable(parts.decay.clone().narrow(3, chunk - 1, 1)).exp();
     let key_t =
         (key * running_sum(parts.log_decay.clone(), 3, SumOver::After).exp()).swap_dims(3, 4);
     let mut map = identity.clone() * whole_chunk - key_t.clone().matmul(pseudo_keys.clone());
@@ -544,7 +544,7 @@ fn unit_lower_inverse<B: Backend>(lower: Tensor<B, 5>) -> Tensor<B, 5> {
         let pairs = padded / (2 * size);
         // The diagonal blocks of size 2·size of L, `[…, pairs, 2·size, 2·size]`: of the
         // `[pairs, pairs]` grid of blocks, those at p·(pairs + 1).
-        let grid = materialize(
+        let grid = reshapable(
             lower
                 .clone()
                 .reshape([batch, heads, chunks, pairs, 2 * size, pairs, 2 * size])
@@ -553,14 +553,14 @@ fn unit_lower_inverse<B: Backend>(lower: Tensor<B, 5>) -> Tensor<B, 5> {
         .reshape([batch, heads, chunks, pairs * pairs, 2 * size, 2 * size]);
         let diagonal: Vec<i64> = (0..pairs).map(|p| (p * (pairs + 1)) as i64).collect();
         let diagonal = Tensor::<B, 1, Int>::from_data(TensorData::new(diagonal, [pairs]), &device);
-        let coupling = materialize(
+        let coupling = reshapable(
             grid.select(3, diagonal)
                 .narrow(4, size, size)
                 .narrow(5, 0, size),
         );
         let halves = inverses.reshape([batch, heads, chunks, pairs, 2 * size, size]);
-        let first = materialize(halves.clone().narrow(4, 0, size));
-        let second = materialize(halves.narrow(4, size, size));
+        let first = reshapable(halves.clone().narrow(4, 0, size));
+        let second = reshapable(halves.narrow(4, size, size));
         let below = -second.clone().matmul(coupling).matmul(first.clone());
         let zeros = Tensor::zeros([batch, heads, chunks, pairs, size, size], &device);
         inverses = Tensor::cat(
@@ -574,7 +574,7 @@ fn unit_lower_inverse<B: Backend>(lower: Tensor<B, 5>) -> Tensor<B, 5> {
     }
     let inverse = inverses.reshape([batch, heads, chunks, padded, padded]);
     if padded > chunk {
-        materialize(inverse.narrow(3, 0, chunk).narrow(4, 0, chunk))
+        reshapable(inverse.narrow(3, 0, chunk).narrow(4, 0, chunk))
     } else {
         inverse
     }
@@ -602,7 +602,7 @@ fn one_step_later<B: Backend>(x: Tensor<B, 5>) -> Tensor<B, 5> {
     if chunk == 1 {
         return first;
     }
-    Tensor::cat(vec![first, materialize(x.narrow(3, 0, chunk - 1))], 3)
+    Tensor::cat(vec![first, reshapable(x.narrow(3, 0, chunk - 1))], 3)
 }
 
 /// `e^x` where `mask` is 1, 0 where it is 0; the masked entries are zeroed before the

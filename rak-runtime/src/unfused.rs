@@ -62,7 +62,7 @@ impl UnfusedScan<'_> {
             .map(|s| {
                 let (offset, width) = state_packing.slots[s];
                 let state = match &initial {
-                    Some(initial) => materialize(initial.clone().slice([
+                    Some(initial) => reshapable(initial.clone().slice([
                         0..batch,
                         0..heads,
                         offset..offset + width,
@@ -75,7 +75,7 @@ impl UnfusedScan<'_> {
         let input_packing = Packing::inputs(cell, self.dims);
         let mut outputs = Vec::with_capacity(time);
         for t in 0..time {
-            let step_inputs = materialize(inputs.clone().slice([
+            let step_inputs = reshapable(inputs.clone().slice([
                 0..batch,
                 t..t + 1,
                 0..heads,
@@ -150,9 +150,9 @@ impl UnfusedScan<'_> {
             .map(|&(expr, indices)| {
                 let value = step.eval(expr)?;
                 let numel: usize = indices.iter().map(|&i| self.size(i)).product();
-                // No slice reaches here uncopied (the inputs and parameters are copied where
-                // they are sliced, see `materialize`); a value that varies with neither batch
-                // nor time (a parameter's) is a broadcast view, which the reshape copies.
+                // A reshape to a lower rank, which burn gets right for any view (see
+                // `reshapable`): it copies what strides cannot express, such as a value that
+                // varies with neither batch nor time (a parameter's), a broadcast view.
                 Ok(step
                     .store(value, indices)
                     .reshape([batch, time, heads, numel]))
@@ -166,7 +166,7 @@ impl UnfusedScan<'_> {
         (0..self.cell.params.len())
             .map(|p| {
                 let (offset, width) = param_packing.slots[p];
-                let param = materialize(params.clone().slice([0..heads, offset..offset + width]));
+                let param = reshapable(params.clone().slice([0..heads, offset..offset + width]));
                 self.declared(param.reshape([1, heads, width]), &self.cell.params[p].shape)
             })
             .collect()
@@ -226,7 +226,7 @@ impl<'s, 'a, B: Backend> Step<'s, 'a, B> {
                 let input = packed
                     .clone()
                     .slice([0..batch, 0..heads, offset..offset + width]);
-                scan.declared(materialize(input), &cell.inputs[i].shape)
+                scan.declared(reshapable(input), &cell.inputs[i].shape)
             })
             .collect();
         let inputs = pre_activation
@@ -470,11 +470,34 @@ impl<'s, 'a, B: Backend> Step<'s, 'a, B> {
     }
 }
 
-/// A copy of a sliced view. burn 0.21's cubecl backends can misread a slice along the last axis
-/// once it is reshaped (seen with a batch of 2: the second row read the wrong elements), so
-/// every slice is materialised by an element-wise operation before any reshape.
-pub(crate) fn materialize<B: Backend, const D: usize>(view: Tensor<B, D>) -> Tensor<B, D> {
-    view.mul_scalar(1.0)
+/// `view` in a form burn 0.21 reshapes correctly: the view itself, or a copy of it when one of
+/// its axes has size 1.
+///
+/// burn 0.21 reshapes a strided view (a slice, a narrow) to a higher rank by working out new
+/// strides (burn-std's `split_strides`), and that walk never steps past an axis of size 1 of the
+/// view: every axis left of it takes the strides of the axes right of it. A `[2, 3, 1]` slice of
+/// a `[2, 3, 9]` tensor reshaped to `[2, 3, 1, 1, 1, 1]` reads element (b, h) at `3·b + h`
+/// instead of `27·b + 9·h` (`views_with_a_unit_axis_are_copied_before_burn_reshapes_them`,
+/// tests/model.rs, shows it; inside burn's fusion wrapper it happens where the reshape is not
+/// fused into a kernel that reads the view through its own strides). Reshapes to a lower or equal rank, and views
+/// without an axis of size 1, burn gets right (it copies where strides cannot express the new
+/// shape), so only views with a unit axis are copied here: the scalar slots of the packed
+/// inputs and parameters, one chunk or one step taken out of a sequence, copied by
+/// [`dense_copy`].
+pub fn reshapable<B: Backend, const D: usize>(view: Tensor<B, D>) -> Tensor<B, D> {
+    if view.dims().contains(&1) {
+        dense_copy(&view)
+    } else {
+        view
+    }
+}
+
+/// A copy of `x` in a buffer of its own, dense in `x`'s axis order. An element-wise operation
+/// whose input no other tensor shares writes into that input's buffer and keeps its strides
+/// (burn's cubecl backend and its fusion wrapper both do), so the copy is made while the
+/// caller's `x` still holds the buffer.
+pub fn dense_copy<B: Backend, const D: usize>(x: &Tensor<B, D>) -> Tensor<B, D> {
+    x.clone().mul_scalar(1.0)
 }
 
 fn unary<B: Backend>(op: UnaryOp, x: Tensor<B, RANK>) -> Tensor<B, RANK> {
