@@ -479,11 +479,11 @@ impl<'s, 'a, B: Backend> Step<'s, 'a, B> {
 /// a `[2, 3, 9]` tensor reshaped to `[2, 3, 1, 1, 1, 1]` reads element (b, h) at `3·b + h`
 /// instead of `27·b + 9·h` (`views_with_a_unit_axis_are_copied_before_burn_reshapes_them`,
 /// tests/model.rs, shows it; inside burn's fusion wrapper it happens where the reshape is not
-/// fused into a kernel that reads the view through its own strides). Reshapes to a lower or equal rank, and views
-/// without an axis of size 1, burn gets right (it copies where strides cannot express the new
-/// shape), so only views with a unit axis are copied here: the scalar slots of the packed
-/// inputs and parameters, one chunk or one step taken out of a sequence, copied by
-/// [`dense_copy`].
+/// fused into a kernel that reads the view through its own strides). Reshapes to a lower or
+/// equal rank, and views without an axis of size 1, burn gets right (it copies where strides
+/// cannot express the new shape), so only views with a unit axis are copied here: the scalar
+/// slots of the packed inputs and parameters, one chunk or one step taken out of a sequence,
+/// copied by [`dense_copy`].
 pub fn reshapable<B: Backend, const D: usize>(view: Tensor<B, D>) -> Tensor<B, D> {
     if view.dims().contains(&1) {
         dense_copy(&view)
@@ -492,7 +492,8 @@ pub fn reshapable<B: Backend, const D: usize>(view: Tensor<B, D>) -> Tensor<B, D
     }
 }
 
-/// A copy of `x` in a buffer of its own, dense in `x`'s axis order. An element-wise operation
+/// A copy of `x` in a buffer of its own (dense in `x`'s axis order on burn's cubecl backend; the
+/// fusion wrapper picks its output's layout itself). An element-wise operation
 /// whose input no other tensor shares writes into that input's buffer and keeps its strides
 /// (burn's cubecl backend and its fusion wrapper both do), so the copy is made while the
 /// caller's `x` still holds the buffer.
